@@ -1,0 +1,170 @@
+"""The one callback set every stage shares: metrics (jsonl + TensorBoard), a rich progress bar.
+
+Stages hand these to their HF/TRL trainer, so every stage logs the same fields
+to the same files: `<run>/metrics.jsonl` (one JSON object per logged step) and
+`<run>/tensorboard/`. Throughput is measured on optimizer steps only (evaluation
+and checkpoint time excluded), so tokens/s and MFU describe training itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus the attention scores (PaLM, appendix B).
+
+    Causal attention does QK^T and AV over `seq_len` keys: 2 * 2 * layers * seq * hidden
+    forward, times 3 for forward + backward = 12 * layers * hidden * seq.
+    """
+    return 6 * n_params + 12 * num_layers * hidden_size * seq_len
+
+
+class MetricsCallback(TrainerCallback):
+    """Enriches every log with tokens seen, tokens/s, TFLOP/s and MFU, then writes jsonl + TensorBoard.
+
+    It must run before the HF integrations (wandb, trackio) so they see the same
+    enriched dict: `attach_callbacks` puts it first.
+    """
+
+    def __init__(self, run_dir: str | Path, tokens_per_step: int, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, stage: str = "train", tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops  # whole-job peak FLOP/s (all devices), for MFU
+        self.stage = stage
+        self.tensorboard = tensorboard
+        self._writer = None
+        self._step_started = 0.0
+        self._train_seconds = 0.0
+        self._interval_seconds = 0.0
+        self._interval_steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            except ImportError:  # tensorboard not installed: jsonl still has everything
+                self._writer = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.perf_counter() - self._step_started
+        self._train_seconds += elapsed
+        self._interval_seconds += elapsed
+        self._interval_steps += 1
+
+    def enrich(self, logs: dict[str, Any], step: int) -> None:
+        logs["tokens_seen"] = step * self.tokens_per_step
+        if self._interval_steps and self._interval_seconds > 0 and "loss" in logs:
+            tokens_per_s = self._interval_steps * self.tokens_per_step / self._interval_seconds
+            logs["tokens_per_s"] = round(tokens_per_s, 1)
+            if self.flops_per_token:
+                achieved = tokens_per_s * self.flops_per_token
+                logs["tflops"] = round(achieved / 1e12, 4)
+                if self.peak_flops:
+                    logs["mfu"] = round(achieved / self.peak_flops, 4)
+            self._interval_seconds, self._interval_steps = 0.0, 0
+        if "loss" in logs and isinstance(logs["loss"], float) and logs["loss"] < 50:
+            logs["ppl"] = round(math.exp(logs["loss"]), 3)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not state.is_world_process_zero:
+            return
+        self.enrich(logs, state.global_step)
+        record = {"stage": self.stage, "step": state.global_step, "time": round(time.time(), 3), **logs}
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in logs.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{self.stage}/{key}", value, state.global_step)
+            self._writer.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    @property
+    def train_seconds(self) -> float:
+        return self._train_seconds
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar with loss, tokens/s and ETA, plus one log line per logged step."""
+
+    def __init__(self, description: str = "train"):
+        self.description = description
+        self._progress = None
+        self._task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.description, total=state.max_steps, completed=state.global_step,
+                                             loss="-", tps="-")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.update(self._task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._progress is None or not logs:
+            return
+        fields = {}
+        if "loss" in logs:
+            fields["loss"] = f"{logs['loss']:.4f}"
+        if "tokens_per_s" in logs:
+            fields["tps"] = f"{logs['tokens_per_s']:,.0f}"
+        self._progress.update(self._task, **fields)
+        self._progress.console.log(format_log_line(state.global_step, state.max_steps, logs))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def format_log_line(step: int, max_steps: int, logs: dict[str, Any]) -> str:
+    """One nanoGPT-style line: step, loss, lr, grad norm, tokens/s, MFU, validation loss."""
+    parts = [f"step {step}/{max_steps}"]
+    for key, label, fmt in (("loss", "loss", ".4f"), ("eval_loss", "val", ".4f"), ("learning_rate", "lr", ".2e"),
+                            ("grad_norm", "gnorm", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%")):
+        value = logs.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {value:{fmt}}")
+    return " | ".join(parts)
+
+
+def attach_callbacks(trainer, callbacks: list[TrainerCallback]) -> None:
+    """Replace HF's tqdm/printer output with ours and run ours first, so integrations see enriched logs."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    for callback in reversed(callbacks):
+        trainer.callback_handler.callbacks.insert(0, callback)

@@ -1,0 +1,45 @@
+"""Pack tokenised documents into fixed-length rows with intra-document attention.
+
+Each document ends with EOS and rows are cut at exactly `seq_len` tokens, so no
+compute is spent on padding. Position ids restart at 0 at every document start;
+transformers turns restarting position ids (with no attention mask) into a
+block-diagonal causal mask, so a token never attends to another document in the
+same row, with sdpa, eager and flash attention alike. The first token of each
+document is not a training target: predicting it from the previous document's
+EOS would teach the model to guess across unrelated texts.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+IGNORE_INDEX = -100  # the label transformers' loss skips
+
+
+def pack_token_lists(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> Iterator[dict[str, list[int]]]:
+    """Rows of `input_ids`, `position_ids` and `labels`, each exactly `seq_len` long.
+
+    A document that does not fit continues in the next row (at position 0 there,
+    since a row is processed alone). The incomplete tail is dropped.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    labels: list[int] = []
+    for doc in docs:
+        tokens = list(doc) + [eos_id]
+        for i, tok in enumerate(tokens):
+            if len(ids) == seq_len:
+                yield {"input_ids": ids, "position_ids": pos, "labels": labels}
+                ids, pos, labels = [], [], []
+            start = not pos or i == 0
+            pos.append(0 if start else pos[-1] + 1)
+            ids.append(tok)
+            labels.append(IGNORE_INDEX if i == 0 else tok)
+    if len(ids) == seq_len:
+        yield {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def pack_batch(batch: dict[str, list], seq_len: int, eos_id: int) -> dict[str, list]:
+    """`datasets.map(batched=True)` adapter: a batch of `input_ids` lists in, packed rows out."""
+    rows = list(pack_token_lists(batch["input_ids"], seq_len, eos_id))
+    return {key: [row[key] for row in rows] for key in ("input_ids", "position_ids", "labels")}

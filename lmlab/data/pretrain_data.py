@@ -1,0 +1,88 @@
+"""From a recipe's data block to packed train and validation datasets.
+
+Sources are loaded, mixed by weight, split train/validation by a stable hash of
+each document's id (so the split is the same streamed or not, in any order),
+shuffled by seed, tokenised and packed. Map-style datasets are cached by
+`datasets`, so a second run or a resume does not tokenise again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lmlab.data.packing import pack_batch
+from lmlab.errors import LmlabError
+from lmlab.recipe import DataConfig, SourceSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class PackedData:
+    train: Any  # datasets.Dataset or IterableDataset of packed rows
+    validation: Any  # always a map-style Dataset (it is small and re-read at every evaluation)
+    train_rows: int | None  # None when streaming: the size is unknown until read
+    seq_len: int
+
+    @property
+    def train_tokens(self) -> int | None:
+        return None if self.train_rows is None else self.train_rows * self.seq_len
+
+
+def load_documents(specs: list[SourceSpec], streaming: bool, seed: int):
+    """One dataset of `text` documents mixed from several sources by weight."""
+    from lmlab.data.sources import load_source, mix_sources
+
+    loaded = [load_source(spec, streaming=streaming, seed=seed) for spec in specs]
+    return mix_sources(loaded, [spec.weight for spec in specs], seed=seed)
+
+
+def tokenize_and_pack(docs, tokenizer: "PreTrainedTokenizerBase", seq_len: int):
+    """Tokenise `text` without special tokens (EOS separators are added when packing) and pack."""
+    if tokenizer.eos_token_id is None:
+        raise LmlabError("the tokenizer has no EOS token, which packing needs to separate documents")
+    eos = tokenizer.eos_token_id
+    columns = docs.column_names or ["text", "doc_id"]
+
+    def tokenize(batch):
+        return {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+
+    tokens = docs.map(tokenize, batched=True, remove_columns=columns)
+    return tokens.map(pack_batch, batched=True, batch_size=1000, remove_columns=["input_ids"],
+                      fn_kwargs={"seq_len": seq_len, "eos_id": eos})
+
+
+def build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", seed: int,
+                      max_validation_rows: int) -> PackedData:
+    from lmlab.data.sources import shuffle_documents, split_validation
+
+    docs = load_documents(data.train, data.streaming, seed)
+    if data.validation is not None:
+        train_docs, val_docs = docs, load_documents(data.validation, False, seed)
+    else:
+        train_docs, val_docs = split_validation(docs, data.validation_fraction)
+        if data.streaming:
+            from datasets import Dataset
+
+            val_docs = Dataset.from_list(list(val_docs.take(max_validation_rows * 8)))
+    train_docs = shuffle_documents(train_docs, seed, data.shuffle_buffer)
+    train = tokenize_and_pack(train_docs, tokenizer, data.seq_len)
+    validation = tokenize_and_pack(val_docs, tokenizer, data.seq_len) if len(val_docs) else None
+    if validation is not None:
+        validation = validation.select(range(min(len(validation), max_validation_rows)))
+        if len(validation) == 0:
+            validation = None
+    rows = None
+    if not data.streaming:
+        rows = len(train)
+        if rows == 0:
+            raise LmlabError(f"the training data has fewer than seq_len={data.seq_len} tokens",
+                             field="data.train", hint="add data or lower data.seq_len")
+        train = train.with_format("torch")
+    else:
+        train = train.with_format("torch")
+    if validation is not None:
+        validation = validation.with_format("torch")
+    return PackedData(train=train, validation=validation, train_rows=rows, seq_len=data.seq_len)

@@ -1,0 +1,237 @@
+"""Load any data source into a `datasets` object with `text` and `doc_id` columns.
+
+Every source, whatever its format, becomes documents with a stable id, so that
+the train/validation split (a hash of the id) is identical streamed or not and in
+any order. Bad input (a malformed jsonl line, a missing column, an empty source,
+an unreachable hub) is an LmlabError naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import SourceSpec
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".csv", ""}
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """`(line_number, record)` for each non-blank line; a bad line is an error naming file and line."""
+    opener = open
+    if str(path).endswith(".gz"):
+        import gzip
+
+        opener = gzip.open  # type: ignore[assignment]
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LmlabError(f"malformed JSON ({exc.msg} at column {exc.colno})", file=str(path),
+                                 line=number) from None
+            if not isinstance(record, dict):
+                raise LmlabError("each line must be a JSON object", file=str(path), line=number)
+            yield number, record
+
+
+def _local_files(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+
+
+def _text_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    for path in _local_files(spec.path):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LmlabError("not UTF-8 text", file=str(path), field="path") from None
+        if text.strip():
+            yield {"text": text, "doc_id": str(path)}
+
+
+def _jsonl_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    for path in _local_files(spec.path):
+        for number, record in read_jsonl(path):
+            if spec.field not in record:
+                raise LmlabError(f"missing field '{spec.field}'", file=str(path), line=number, field=spec.field)
+            value = record[spec.field]
+            row = {"doc_id": f"{path}:{number}"}
+            if isinstance(value, str):
+                row["text"] = value
+            else:  # records (chat messages, prompt/answer) keep their structure
+                row["text"] = ""
+                row[spec.field] = value
+            yield row
+
+
+def _general_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    from lmlab.data.general import general_documents
+
+    for doc_id, text in general_documents():
+        yield {"text": text, "doc_id": doc_id}
+
+
+def _math_rows(spec: SourceSpec, seed: int) -> Iterator[dict[str, Any]]:
+    from lmlab.data.mathgen import as_text, math_problems
+
+    split = "id" if spec.split == "train" else spec.split
+    seed = spec.seed if spec.seed is not None else seed
+    for i, problem in enumerate(math_problems(split, spec.num_examples, seed)):
+        row: dict[str, Any] = {"doc_id": f"math-{split}-{seed}-{i}", "text": as_text(problem)}
+        if spec.format == "chat":
+            from lmlab.data.mathgen import as_chat
+
+            row["messages"] = as_chat(problem)["messages"]
+        elif spec.format == "prompt":
+            row.update(prompt=problem.prompt, answer=problem.answer)
+        yield row
+
+
+def _limited(rows: Iterator[dict], limit: int | None) -> Iterator[dict]:
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit:
+            return
+        yield row
+
+
+def _from_generator(make_rows, spec: SourceSpec, streaming: bool, **kwargs):
+    """A Dataset or IterableDataset over a row generator; map-style ones are checked for emptiness."""
+    from datasets import Dataset, IterableDataset
+
+    def gen(**_):
+        yield from _limited(make_rows(spec, **kwargs), spec.limit)
+
+    if streaming:
+        first = next(gen(), None)
+        if first is None:
+            raise LmlabError(f"the {spec.kind} source has no documents", file=spec.path, field="data")
+        return IterableDataset.from_generator(gen, gen_kwargs={"_key": json.dumps(spec.model_dump(), sort_keys=True)})
+    rows = list(gen())
+    if not rows:
+        raise LmlabError(f"the {spec.kind} source has no documents", file=spec.path, field="data")
+    return Dataset.from_list(rows)
+
+
+def _arrow_source(spec: SourceSpec, streaming: bool):
+    """Parquet files or a `save_to_disk` directory, with `text` and `doc_id` columns added."""
+    import datasets
+
+    if spec.kind == "parquet":
+        files = [str(p) for p in _local_files(spec.path)]
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+        where = files[0]
+    else:
+        loaded = datasets.load_from_disk(spec.path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if spec.split not in loaded:
+                raise LmlabError(f"no split '{spec.split}' (has {', '.join(loaded)})", file=spec.path, field="split")
+            loaded = loaded[spec.split]
+        ds = loaded.to_iterable_dataset() if streaming else loaded
+        where = spec.path
+    columns = ds.column_names or list(ds.features or {})
+    if spec.field not in columns:
+        raise LmlabError(f"missing column '{spec.field}' (has {', '.join(columns)})", file=where, field=spec.field)
+    if spec.limit is not None:
+        ds = ds.take(spec.limit) if streaming else ds.select(range(min(spec.limit, len(ds))))
+    prefix = spec.path
+
+    def add_ids(batch, indices):
+        out = {"doc_id": [f"{prefix}#{i}" for i in indices]}
+        if spec.field != "text":
+            out["text"] = [v if isinstance(v, str) else "" for v in batch[spec.field]]
+        return out
+
+    ds = ds.map(add_ids, batched=True, with_indices=True)
+    if not streaming and len(ds) == 0:
+        raise LmlabError("the source has no documents", file=where, field="data")
+    return ds
+
+
+def _hub_source(spec: SourceSpec, streaming: bool):
+    import datasets
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        raise LmlabError(f"the hub is unreachable (offline mode), cannot load '{spec.path}'", field="data",
+                         hint="download it elsewhere and point to a local jsonl, parquet or save_to_disk directory")
+    try:
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=streaming)
+    except Exception as exc:  # connection errors come in many types; all mean the same to the user
+        raise LmlabError(f"cannot load hub dataset '{spec.path}': {type(exc).__name__}: {exc}"[:400], field="data",
+                         hint="check the name and the network, or use a local copy") from None
+    if spec.field not in (ds.column_names or []):
+        raise LmlabError(f"hub dataset '{spec.path}' has no column '{spec.field}'", field=spec.field)
+    if spec.limit is not None:
+        ds = ds.take(spec.limit) if streaming else ds.select(range(min(spec.limit, len(ds))))
+    return ds.map(lambda b, idx: {"doc_id": [f"{spec.path}#{i}" for i in idx],
+                                  "text": b[spec.field]}, batched=True, with_indices=True)
+
+
+def load_source(spec: SourceSpec, *, streaming: bool = False, seed: int = 0):
+    """A `datasets.Dataset` (or `IterableDataset` when streaming) with `text` and `doc_id` columns."""
+    if spec.kind == "general":
+        return _from_generator(_general_rows, spec, streaming)
+    if spec.kind == "math":
+        return _from_generator(_math_rows, spec, streaming, seed=seed)
+    if spec.kind == "text":
+        return _from_generator(_text_rows, spec, streaming)
+    if spec.kind == "jsonl":
+        if streaming:  # validate lazily while streaming; errors still name file and line
+            return _from_generator(_jsonl_rows, spec, streaming)
+        return _from_generator(_jsonl_rows, spec, False)
+    if spec.kind in ("parquet", "disk"):
+        return _arrow_source(spec, streaming)
+    return _hub_source(spec, streaming)
+
+
+def doc_hash(doc_id: str) -> float:
+    """A stable number in [0, 1) from a document id (blake2b, independent of PYTHONHASHSEED)."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64
+
+
+def split_validation(ds, fraction: float):
+    """Train and validation parts chosen by the hash of each `doc_id`: order- and streaming-independent."""
+    from datasets import Dataset
+
+    if fraction <= 0:
+        return ds, ds.select([]) if isinstance(ds, Dataset) else ds.take(0)
+    is_val = lambda row: doc_hash(row["doc_id"]) < fraction  # noqa: E731
+    train, val = ds.filter(lambda r: not is_val(r)), ds.filter(is_val)
+    if isinstance(ds, Dataset) and len(val) == 0 and len(ds) > 1:
+        hashes = [doc_hash(i) for i in ds["doc_id"]]
+        smallest = min(range(len(hashes)), key=hashes.__getitem__)
+        val = ds.select([smallest])
+        train = ds.select([i for i in range(len(ds)) if i != smallest])
+    return train, val
+
+
+def shuffle_documents(ds, seed: int, buffer_size: int = 10_000):
+    from datasets import Dataset
+
+    return ds.shuffle(seed=seed) if isinstance(ds, Dataset) else ds.shuffle(seed=seed, buffer_size=buffer_size)
+
+
+def mix_sources(loaded: list, weights: list[float], seed: int):
+    """One source as is; several interleaved with probabilities proportional to their weights."""
+    if len(loaded) == 1:
+        return loaded[0]
+    from datasets import interleave_datasets
+
+    keep = [ds.select_columns(["text", "doc_id"]) for ds in loaded]
+    total = sum(weights)
+    return interleave_datasets(keep, probabilities=[w / total for w in weights], seed=seed,
+                               stopping_strategy="all_exhausted")

@@ -1,0 +1,123 @@
+"""Build a transformers causal LM from a recipe's model block, or load a local checkpoint.
+
+lmlab never defines its own architecture: every model is a stock transformers class,
+so a checkpoint it saves loads unchanged in transformers, vLLM and lm-eval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def _config_kwargs(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase") -> dict[str, Any]:
+    """Keys every decoder config shares; names follow transformers."""
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        hidden_act="silu",  # SwiGLU MLP (playbook default)
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+def build_config(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase") -> "PretrainedConfig":
+    """A transformers config for `cfg.arch`, with the vocabulary taken from the tokenizer."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen3Config, Qwen3MoeConfig
+
+    kwargs = _config_kwargs(cfg, tokenizer)
+    moe_ffn = cfg.moe_intermediate_size or cfg.intermediate_size
+    if cfg.arch == "llama":
+        config = LlamaConfig(**kwargs)
+    elif cfg.arch == "qwen3":  # Qwen3 adds QK-norm
+        config = Qwen3Config(**kwargs)
+    elif cfg.arch == "qwen3_moe":
+        config = Qwen3MoeConfig(**kwargs, num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                                moe_intermediate_size=moe_ffn, norm_topk_prob=True, output_router_logits=True)
+    else:  # mixtral
+        config = MixtralConfig(**kwargs, num_local_experts=cfg.num_experts,
+                               num_experts_per_tok=cfg.num_experts_per_tok, output_router_logits=True)
+        config.intermediate_size = moe_ffn
+    for key, value in cfg.overrides.items():
+        if not hasattr(config, key):
+            raise LmlabError(f"{type(config).__name__} has no attribute '{key}'", field=f"model.overrides.{key}")
+        setattr(config, key, value)
+    return config
+
+
+def build_model(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase", seed: int = 0) -> "PreTrainedModel":
+    """A freshly initialised model (seeded), or the local checkpoint `cfg.from_pretrained`."""
+    if cfg.from_pretrained:
+        model = load_model(cfg.from_pretrained, trust_remote_code=cfg.trust_remote_code,
+                           attn_implementation=cfg.attn_implementation)
+        check_vocab(model, tokenizer, cfg.from_pretrained)
+        return model
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = build_config(cfg, tokenizer)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+               dtype: Any = None) -> "PreTrainedModel":
+    """Load a local HF checkpoint; only safetensors weights are accepted (no pickles)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LmlabError("not a HF checkpoint: config.json is missing", file=str(path))
+    if not any(path.glob("*.safetensors")):
+        raise LmlabError("no *.safetensors weights (lmlab loads only safetensors, never pickled .bin files)",
+                         file=str(path), hint="convert the checkpoint with `save_pretrained(safe_serialization=True)`")
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                attn_implementation=attn_implementation, dtype=dtype)
+
+
+def check_vocab(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", where: str = "model") -> None:
+    """A tokenizer with ids the embedding table lacks would index out of range mid-training."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise LmlabError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} rows",
+                         file=where, hint="use the tokenizer saved with the checkpoint, or resize the model")
+
+
+def count_parameters(model: "PreTrainedModel", trainable_only: bool = False) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def active_parameters(model: "PreTrainedModel") -> int:
+    """Parameters a token passes through: for MoE only top-k of the routed experts count."""
+    config = model.config
+    total = count_parameters(model)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not experts or not top_k:
+        return total
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or n.endswith(".experts"))
+    return total - expert_params + expert_params * top_k // experts

@@ -1,0 +1,329 @@
+"""Pydantic models of a recipe, and loading YAML with errors that name file, line and key.
+
+One recipe drives one run: which model, which tokenizer, which data, how to
+optimise, how long to train and where to write. Every block has defaults, so a
+recipe only states what differs. Unknown keys are errors (a typo must never be
+silently ignored), and every error names the YAML file, the line and the key path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmlab.errors import LmlabError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SourceKind = Literal["general", "math", "text", "jsonl", "parquet", "disk", "hub"]
+LOCAL_KINDS = ("text", "jsonl", "parquet", "disk")
+
+
+def infer_source_kind(path: str) -> SourceKind:
+    """Guess a source's kind from a shorthand string, as a user would write it."""
+    if path in ("general", "math"):
+        return path  # type: ignore[return-value]
+    if path.startswith("hub:"):
+        return "hub"
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".json", ".jsonl.gz")):
+        return "jsonl"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    p = Path(path)
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+                       or (p / "state.json").exists()):
+        return "disk"
+    if p.exists():
+        return "text"
+    return "hub"
+
+
+class SourceSpec(Strict):
+    """One data source. A bare string is shorthand: `general`, `math`, a path, or `hub:NAME`."""
+
+    kind: SourceKind
+    path: str | None = None  # file, directory or glob for local kinds; dataset name for hub
+    field: str = "text"  # column that holds the text (pretraining) or records (SFT)
+    name: str | None = None  # hub dataset config name
+    split: str = "train"  # hub / disk split; for math: "id" or "ood"
+    weight: float = Field(1.0, gt=0)  # relative share when several sources are mixed
+    limit: int | None = Field(None, gt=0)  # keep at most this many documents
+    # math generator only
+    format: Literal["text", "chat", "prompt"] = "text"
+    num_examples: int = Field(20000, gt=0)
+    seed: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            kind = infer_source_kind(value)
+            if kind in ("general", "math"):
+                return {"kind": kind}
+            return {"kind": kind, "path": value.removeprefix("hub:")}
+        return value
+
+    @model_validator(mode="after")
+    def _check_path(self) -> "SourceSpec":
+        if self.kind in LOCAL_KINDS + ("hub",) and not self.path:
+            raise ValueError(f"a '{self.kind}' source needs a path")
+        if self.kind in LOCAL_KINDS:
+            import glob
+
+            if not (Path(self.path).exists() or glob.glob(self.path)):
+                raise ValueError(f"file not found: {self.path}")
+        if self.kind == "math" and self.split not in ("id", "ood", "train"):
+            raise ValueError("math split must be 'id' or 'ood'")
+        return self
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, (str, dict)) else value
+
+
+class ModelConfig(Strict):
+    """A transformers causal LM built from a config, or a local HF checkpoint."""
+
+    arch: Literal["llama", "qwen3", "qwen3_moe", "mixtral"] = "llama"
+    from_pretrained: str | None = None  # local HF directory (safetensors only)
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)  # GQA (playbook: groups of 2-8)
+    head_dim: int | None = None
+    intermediate_size: int = Field(384, gt=0)
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = Field(2048, gt=0)
+    # MoE (qwen3_moe, mixtral)
+    num_experts: int = Field(4, gt=0)
+    num_experts_per_tok: int = Field(2, gt=0)
+    moe_intermediate_size: int | None = None
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config
+
+    @field_validator("from_pretrained")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"checkpoint directory not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class TokenizerConfig(Strict):
+    """Use an existing HF tokenizer directory, or train a byte-level BPE on the data."""
+
+    path: str | None = None
+    vocab_size: int = Field(4096, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    train_sources: list[SourceSpec] | None = None  # default: the recipe's training data
+    max_train_bytes: int = Field(20_000_000, gt=0)
+
+    _list = field_validator("train_sources", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"tokenizer directory not found: {value}")
+        return value
+
+
+class DataConfig(Strict):
+    train: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="general")])
+    validation: list[SourceSpec] | None = None  # default: a held-out fraction of train
+    validation_fraction: float = Field(0.01, ge=0, lt=0.5)
+    seq_len: int = Field(256, gt=1)
+    streaming: bool = False  # for sources larger than memory
+    shuffle_buffer: int = Field(10_000, gt=0)  # streaming shuffle window
+
+    _list = field_validator("train", "validation", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+
+
+class OptimConfig(Strict):
+    optimizer: str = "adamw_torch"  # any HF Trainer `optim` name
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)  # never applied to embeddings, norms or biases
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # RECIPES.md: warm up over 5-10% of steps
+    decay_ratio: float = Field(0.2, gt=0, le=1)  # wsd: fraction of steps spent decaying
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)  # RECIPES.md: clip grad norm at 1.0
+    z_loss: float = Field(0.0, ge=0)  # coefficient of the logsumexp^2 penalty (PaLM); 0 = off
+
+
+class TrainConfig(Strict):
+    tokens: int | None = Field(None, gt=0)  # training budget in tokens...
+    tokens_per_param: float | None = Field(None, gt=0)  # ...or as a multiple of parameters
+    max_steps: int | None = Field(None, gt=0)  # ...or in optimizer steps
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a capable GPU
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(20, gt=0)
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(200, gt=0)
+    keep_last: int = Field(2, gt=0)
+    num_workers: int = Field(0, ge=0)
+    peak_tflops: float | None = Field(None, gt=0)  # device peak for MFU; default from the GPU name
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        given = [k for k in ("tokens", "tokens_per_param", "max_steps") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one training budget, not {' and '.join(given)}")
+        return self
+
+
+class OutputConfig(Strict):
+    dir: str = "runs"  # the run directory is <dir>/<recipe name>
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])  # + metrics.jsonl always
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    stage: Literal["pretrain"] = "pretrain"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _seq_fits(self) -> "Recipe":
+        if self.model.from_pretrained is None and self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
+                             f"({self.model.max_position_embeddings})")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise LmlabError(f"override '{assignment}' must look like key.path=value", field="--set")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise LmlabError(f"'{part}' is not a block, cannot set '{key}'", field="--set")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of the deepest YAML node along a pydantic error location."""
+    node, line = root, None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+            if node is None:
+                # the key is absent or unknown: report the key itself when it exists
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+    else:
+        if node is not None:
+            line = node.start_mark.line + 1
+    return line
+
+
+def _key_line(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Like _line_of, but for an unknown key: the line where that key is written."""
+    node = root
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                return None
+            if key == loc[-1]:
+                return match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return None
+    return None
+
+
+def validate_recipe(tree: dict, file: str = "<recipe>", root: yaml.Node | None = None) -> Recipe:
+    """Validate a recipe tree; the first problem becomes one LmlabError with file, line and key path."""
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = ".".join(str(p) for p in loc) or "<top>"
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key '{loc[-1]}'"
+            line = _key_line(root, loc)
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            line = _line_of(root, loc)
+        more = len(exc.errors()) - 1
+        hint = f"and {more} more problem{'s' if more > 1 else ''}" if more else None
+        raise LmlabError(message, file=file, line=line, field=field, hint=hint) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise LmlabError("recipe file not found", file=path)
+    text = Path(path).read_text()
+    try:
+        root = yaml.compose(text)
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise LmlabError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=path,
+                         line=mark.line + 1 if mark else None) from None
+    if not isinstance(tree, dict):
+        raise LmlabError("a recipe must be a mapping of blocks (model, data, optim, train, output)", file=path)
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    tree.setdefault("name", Path(path).stem)
+    return validate_recipe(tree, file=path, root=root)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, written next to every artifact."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,318 @@
+"""Pretraining (and the shared machinery for any causal-LM stage) on the HF Trainer.
+
+The HF Trainer is used as is, so accelerate, FSDP2 and DeepSpeed work through
+`accelerate launch` / `torchrun` unchanged. lmlab adds the data (packed with
+intra-document masking), the budget arithmetic, the schedule choice, the shared
+callbacks, atomic checkpoints and the final artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import Recipe, dump_recipe
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def resolve_tokenizer(recipe: Recipe, run_dir: Path):
+    """The recipe's tokenizer: a given directory, the checkpoint's own, or one trained (and saved) for this run."""
+    from lmlab.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    if recipe.tokenizer.path:
+        return load_tokenizer(recipe.tokenizer.path)
+    if recipe.model.from_pretrained:
+        return load_tokenizer(recipe.model.from_pretrained)
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").is_file():  # trained by an earlier (interrupted) run of this recipe
+        return load_tokenizer(saved)
+    from lmlab.data.pretrain_data import load_documents
+
+    specs = recipe.tokenizer.train_sources or recipe.data.train
+    docs = load_documents(specs, streaming=True, seed=recipe.seed)
+    texts = (row["text"] for row in docs)
+    tokenizer = train_tokenizer(texts, vocab_size=recipe.tokenizer.vocab_size,
+                                min_frequency=recipe.tokenizer.min_frequency,
+                                max_bytes=recipe.tokenizer.max_train_bytes)
+    save_tokenizer(tokenizer, saved)
+    return load_tokenizer(saved)
+
+
+def check_checkpoint_fits(recipe: Recipe, tokenizer) -> None:
+    """Vocabulary and context checks against a local checkpoint's config, before its weights are read."""
+    if not recipe.model.from_pretrained:
+        return
+    config_path = Path(recipe.model.from_pretrained) / "config.json"
+    if not config_path.is_file():
+        raise LmlabError("not a HF checkpoint: config.json is missing", file=recipe.model.from_pretrained,
+                         field="model.from_pretrained")
+    config = json.loads(config_path.read_text())
+    config = config.get("text_config", config)
+    vocab = config.get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        raise LmlabError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}",
+                         file=str(config_path), field="vocab_size",
+                         hint="use the tokenizer saved with the checkpoint")
+    max_pos = config.get("max_position_embeddings")
+    if max_pos is not None and recipe.data.seq_len > max_pos:
+        raise LmlabError(f"data.seq_len ({recipe.data.seq_len}) exceeds the model's maximum ({max_pos})",
+                         file=str(config_path), field="max_position_embeddings")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory unless the user says resume or overwrite."""
+    from lmlab.trainers import last_checkpoint, remove_staging
+
+    checkpoints = run_dir / "checkpoints"
+    if overwrite:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif not resume and (last_checkpoint(checkpoints) or (run_dir / "final").exists()):
+        raise LmlabError("this run directory already holds a run", file=str(run_dir),
+                         hint="pass --resume to continue it, --overwrite to start again, or change `name`")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_staging(checkpoints)
+
+
+# ----------------------------------------------------------------------------- budget and arguments
+
+
+@dataclass
+class Budget:
+    max_steps: int
+    tokens_per_step: int
+    tokens: int
+    epochs: float | None  # passes over the unique training tokens the budget implies
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_budget(recipe: Recipe, n_params: int, train_tokens: int | None) -> Budget:
+    """Optimizer steps from a budget in tokens, tokens per parameter, or steps (default: one epoch)."""
+    t = recipe.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len
+    if t.max_steps:
+        steps = t.max_steps
+    elif t.tokens:
+        steps = math.ceil(t.tokens / tokens_per_step)
+    elif t.tokens_per_param:
+        steps = math.ceil(t.tokens_per_param * n_params / tokens_per_step)
+    elif train_tokens is not None:
+        steps = max(1, train_tokens // tokens_per_step)
+    else:
+        raise LmlabError("a streamed dataset has no known size: give a budget", field="train.tokens",
+                         hint="set train.tokens, train.tokens_per_param or train.max_steps")
+    tokens = steps * tokens_per_step
+    epochs = tokens / train_tokens if train_tokens else None
+    return Budget(steps, tokens_per_step, tokens, epochs)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def use_bf16(precision: str) -> bool:
+    import torch
+
+    if precision == "bf16":
+        return True
+    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def scheduler_settings(recipe: Recipe, max_steps: int) -> tuple[str, dict[str, Any]]:
+    """HF scheduler name and kwargs; every schedule decays fully by the last step (EvoLM)."""
+    o = recipe.optim
+    if o.schedule == "cosine":
+        return "cosine_with_min_lr", {"min_lr_rate": o.min_lr_ratio}
+    if o.schedule == "wsd":
+        return "warmup_stable_decay", {"num_decay_steps": max(1, int(o.decay_ratio * max_steps)),
+                                       "min_lr_ratio": o.min_lr_ratio}
+    if o.schedule == "linear":
+        return "linear", {}
+    return "constant_with_warmup", {}
+
+
+def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_validation: bool, **extra: Any):
+    from transformers import TrainingArguments
+
+    o, t = recipe.optim, recipe.train
+    scheduler, scheduler_kwargs = scheduler_settings(recipe, max_steps)
+    bf16 = use_bf16(t.precision)
+    report_to = [r for r in recipe.output.report_to if r != "tensorboard"] or "none"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_epsilon=o.eps,
+        optim=o.optimizer,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_steps=int(o.warmup_ratio * max_steps),
+        max_grad_norm=o.grad_clip if o.grad_clip > 0 else None,
+        bf16=bf16,
+        fp16=t.precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,
+        dataloader_pin_memory=_cuda_available(),
+        logging_steps=t.log_every,
+        logging_first_step=True,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=t.eval_every,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=t.keep_last,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        dataloader_num_workers=t.num_workers,
+        report_to=report_to,
+        run_name=recipe.name,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=False,
+        **extra,
+    )
+
+
+def z_loss_function(z_coef: float, vocab_size: int, aux_coef: float = 0.0):
+    """Cross-entropy plus z-loss (PaLM): z_coef * mean(logsumexp(logits)^2) over target tokens.
+
+    The penalty keeps the softmax normaliser near 1, which stabilises large-LR training.
+    """
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    def loss_fn(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits
+        loss = ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch)
+        shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        mask = shift != -100
+        z = torch.logsumexp(logits.float(), dim=-1)[mask]
+        denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        loss = loss + z_coef * (z.pow(2).sum() / denom)
+        if getattr(outputs, "aux_loss", None) is not None:  # MoE load balancing, as the model would add it
+            loss = loss + aux_coef * outputs.aux_loss.to(loss.device)
+        return loss
+
+    return loss_fn
+
+
+def device_peak_flops() -> float | None:
+    """Dense bf16 peak of the visible accelerators, for MFU; None on CPU or unknown GPUs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from lmlab.plan.hardware import lookup_gpu
+
+        gpu = lookup_gpu(torch.cuda.get_device_name(0))
+    except Exception:  # an unknown GPU: MFU is left out rather than guessed
+        return None
+    return gpu.bf16_tflops * 1e12 * world_size()
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class PretrainJob:
+    """Everything a pretraining run needs, built and checked, before the first step."""
+
+    recipe: Recipe
+    trainer: Any
+    tokenizer: Any
+    data: Any
+    budget: Budget
+    n_params: int
+    n_active: int
+
+
+def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> PretrainJob:
+    """Tokenizer, data, model and trainer; every input check happens here, before compute."""
+    from rich.console import Console
+    from transformers import default_data_collator
+
+    from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks, flops_per_token
+    from lmlab.data.pretrain_data import build_packed_data
+    from lmlab.models.build import active_parameters, build_model, count_parameters
+    from lmlab.trainers import LmlabTrainer
+
+    console = Console()
+    run_dir = recipe.run_dir
+    prepare_run_dir(run_dir, resume, overwrite)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+
+    tokenizer = resolve_tokenizer(recipe, run_dir)
+    check_checkpoint_fits(recipe, tokenizer)
+    max_val_rows = recipe.train.eval_batches * recipe.train.micro_batch_size
+    data = build_packed_data(recipe.data, tokenizer, recipe.seed, max_val_rows)
+
+    model = build_model(recipe.model, tokenizer, seed=recipe.seed)
+    n_params, n_active = count_parameters(model), active_parameters(model)
+    budget = training_budget(recipe, n_params, data.train_tokens)
+    console.print(f"[bold]{recipe.name}[/]: {type(model).__name__} with {n_params:,} parameters"
+                  + (f" ({n_active:,} active)" if n_active != n_params else "")
+                  + f", vocab {len(tokenizer):,}, seq_len {recipe.data.seq_len}")
+    console.print(f"budget: {budget.max_steps:,} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens"
+                  f" ({budget.tokens / n_params:.1f} tokens/param)"
+                  + (f", {budget.epochs:.2f} epochs of {data.train_tokens:,} unique tokens" if budget.epochs else ""))
+
+    args = training_arguments(recipe, run_dir / "checkpoints", budget.max_steps, data.validation is not None)
+    compute_loss = (z_loss_function(recipe.optim.z_loss, model.config.vocab_size,
+                                    getattr(model.config, "router_aux_loss_coef", 0.0))
+                    if recipe.optim.z_loss else None)
+    trainer = LmlabTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
+                           data_collator=default_data_collator, processing_class=tokenizer,
+                           compute_loss_func=compute_loss)
+    metrics = MetricsCallback(run_dir, budget.tokens_per_step,
+                              flops_per_token(n_active, model.config.num_hidden_layers, model.config.hidden_size,
+                                              recipe.data.seq_len),
+                              peak_flops=(recipe.train.peak_tflops * 1e12 * world_size()
+                                          if recipe.train.peak_tflops else device_peak_flops()),
+                              stage=recipe.stage, tensorboard="tensorboard" in recipe.output.report_to)
+    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name)])
+    return PretrainJob(recipe, trainer, tokenizer, data, budget, n_params, n_active)
+
+
+def run_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Pretrain (or continue pretraining) as the recipe says; returns the final artifact directory."""
+    from rich.console import Console
+
+    from lmlab.artifacts import save_artifact
+    from lmlab.trainers import last_checkpoint
+
+    job = prepare_pretrain(recipe, resume, overwrite)
+    console, trainer, run_dir = Console(), job.trainer, recipe.run_dir
+    start = last_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume:
+        console.print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
+    trainer.train(resume_from_checkpoint=str(start) if start else None)
+
+    final_metrics = trainer.evaluate() if job.data.validation is not None else {}
+    manifest = {
+        "stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
+        "input_artifact": recipe.model.from_pretrained, "parameters": job.n_params,
+        "active_parameters": job.n_active, "steps": job.budget.max_steps, "tokens": job.budget.tokens,
+        "epochs": job.budget.epochs, "unique_train_tokens": job.data.train_tokens, "metrics": final_metrics,
+    }
+    final = save_artifact(trainer.model, job.tokenizer, run_dir / "final", manifest)
+    if "eval_loss" in final_metrics:
+        console.print(f"validation loss {final_metrics['eval_loss']:.4f}")
+    console.print(f"[bold green]HF checkpoint:[/] {final}")
+    return final

@@ -1,0 +1,228 @@
+"""The pretraining stage end to end on tiny models: artifacts, metrics, resume, architectures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import validate_recipe
+
+
+def tiny_recipe(tmp_path, tokenizer_dir=None, **blocks):
+    tree = {
+        "name": "tiny", "seed": 0,
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 64, "max_position_embeddings": 256},
+        "tokenizer": {"path": str(tokenizer_dir)} if tokenizer_dir else {"vocab_size": 400, "max_train_bytes": 300_000},
+        "data": {"train": {"kind": "general", "limit": 150}, "seq_len": 64, "validation_fraction": 0.05},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.1},
+        "train": {"max_steps": 12, "micro_batch_size": 4, "log_every": 1, "eval_every": 6, "eval_batches": 2,
+                  "save_every": 4, "keep_last": 2},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    for block, values in blocks.items():
+        if isinstance(values, dict):
+            tree.setdefault(block, {}).update(values)
+        else:
+            tree[block] = values
+    return validate_recipe(tree)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, tiny_tokenizer):
+    from lmlab.data.tokenizer import save_tokenizer
+
+    out = tmp_path_factory.mktemp("tokdir")
+    save_tokenizer(tiny_tokenizer, out)
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_writes_hf_artifact_metrics_and_falling_validation_loss(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": 30, "eval_every": 10})
+    final = run_pretrain(recipe)
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    assert json.loads((final / "lmlab.json").read_text())["stage"] == "pretrain"
+    logs = read_metrics(recipe.run_dir)
+    train = [r for r in logs if "loss" in r]
+    assert {"loss", "learning_rate", "grad_norm", "tokens_seen", "tokens_per_s"} <= set(train[-1])
+    evals = [r["eval_loss"] for r in logs if "eval_loss" in r]
+    assert len(evals) >= 3 and evals[-1] < evals[0]
+    assert any((recipe.run_dir / "tensorboard").iterdir())
+    # two checkpoints kept, written whole
+    kept = sorted(p.name for p in (recipe.run_dir / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-28", "checkpoint-30"] or len(kept) == 2
+    assert not (recipe.run_dir / "checkpoints" / ".staging").exists()
+
+
+def test_checkpoint_loads_and_generates_in_plain_transformers(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    final = run_pretrain(tiny_recipe(tmp_path, tok_dir, train={"max_steps": 3}))
+    code = (
+        "import sys; sys.modules['lmlab'] = None\n"  # prove lmlab is not needed to load it
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"tok = AutoTokenizer.from_pretrained({str(final)!r})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
+        "ids = tok('def main(', return_tensors='pt')\n"
+        "out = model.generate(**ids, max_new_tokens=5, do_sample=False)\n"
+        "assert out.shape[1] == ids['input_ids'].shape[1] + 5, out.shape\n"
+        "print(tok.decode(out[0]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_weight_decay_skips_embeddings_norms_and_biases(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import prepare_pretrain
+
+    job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir))
+    decayed = set(job.trainer.get_decay_parameter_names(job.trainer.model))
+    assert "model.embed_tokens.weight" not in decayed
+    assert not any("norm" in name for name in decayed)
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed
+
+
+def test_training_runs_with_kv_cache_off_so_packed_masks_apply(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import prepare_pretrain
+
+    job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir))
+    assert job.trainer.model.config.use_cache is False
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "mixtral"])
+def test_other_architectures_train(tmp_path, tok_dir, arch):
+    from lmlab.stages.pretrain import run_pretrain
+
+    model = {"arch": arch, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    recipe = tiny_recipe(tmp_path, tok_dir, model=model, train={"max_steps": 8, "eval_every": 100})
+    final = run_pretrain(recipe)
+    losses = [r["loss"] for r in read_metrics(recipe.run_dir) if "loss" in r]
+    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    config = json.loads((final / "config.json").read_text())
+    assert config["model_type"] == arch
+
+
+def test_z_loss_adds_a_positive_penalty(tmp_path, tok_dir):
+    import torch
+
+    from lmlab.stages.pretrain import prepare_pretrain, z_loss_function
+
+    job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir))
+    batch = {k: v.unsqueeze(0) for k, v in job.data.train[0].items()}
+    model = job.trainer.model
+    outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    plain = z_loss_function(0.0, model.config.vocab_size)(outputs, batch["labels"])
+    with_z = z_loss_function(1e-2, model.config.vocab_size)(outputs, batch["labels"])
+    reference = model(**batch).loss
+    assert torch.allclose(plain, reference, atol=1e-5)
+    assert with_z > plain
+
+
+def test_budget_from_tokens_per_param(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import training_budget
+
+    recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": None, "tokens_per_param": 2.0})
+    budget = training_budget(recipe, n_params=10_000, train_tokens=100_000)
+    assert budget.tokens_per_step == 4 * 64
+    assert budget.max_steps == -(-20_000 // 256) and budget.epochs == pytest.approx(budget.tokens / 100_000)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": 2})
+    run_pretrain(recipe)
+    with pytest.raises(LmlabError, match="--resume"):
+        run_pretrain(recipe)
+    run_pretrain(recipe, overwrite=True)
+
+
+def test_vocab_mismatch_with_checkpoint_fails_before_loading(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10,
+                                                  "max_position_embeddings": 256}))
+    recipe = tiny_recipe(tmp_path, tok_dir, model={"from_pretrained": str(ckpt)})
+    with pytest.raises(LmlabError, match="vocabulary has 10"):
+        run_pretrain(recipe)
+
+
+def test_seq_len_above_checkpoint_maximum_fails(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 100_000,
+                                                  "max_position_embeddings": 32}))
+    with pytest.raises(LmlabError, match="exceeds the model's maximum"):
+        run_pretrain(tiny_recipe(tmp_path, tok_dir, model={"from_pretrained": str(ckpt)}))
+
+
+def test_a_failed_save_leaves_no_checkpoint_behind(tmp_path, tok_dir, monkeypatch):
+    import lmlab.trainers as trainers
+    from lmlab.stages.pretrain import prepare_pretrain
+
+    def crash(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainers, "_fsync_tree", crash)
+    job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir, train={"max_steps": 4, "save_every": 2}))
+    with pytest.raises(OSError):
+        job.trainer.train()
+    checkpoints = job.recipe.run_dir / "checkpoints"
+    assert trainers.last_checkpoint(checkpoints) is None
+    assert not list(checkpoints.glob("checkpoint-*"))
+
+
+def _cli(recipe_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe_path), *extra]
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tok_dir):
+    import yaml
+
+    def write(name):
+        recipe = tiny_recipe(tmp_path, tok_dir, name=name,
+                             train={"max_steps": 24, "save_every": 4, "eval_every": 100, "keep_last": 3})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+        return recipe, path
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full, full_path = write("full")
+    subprocess.run(_cli(full_path), check=True, env=env, capture_output=True, timeout=600)
+
+    killed, killed_path = write("killed")
+    proc = subprocess.Popen(_cli(killed_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = killed.run_dir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoints / "checkpoint-8").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed.run_dir / "final").exists(), "the run was killed before it finished"
+    subprocess.run(_cli(killed_path, "--resume"), check=True, env=env, capture_output=True, timeout=600)
+
+    def losses(recipe):
+        return {r["step"]: r["loss"] for r in read_metrics(recipe.run_dir) if "loss" in r}
+
+    reference, resumed = losses(full), losses(killed)
+    assert set(range(9, 25)) <= set(resumed)
+    for step in range(9, 25):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
