@@ -141,7 +141,15 @@ class RichProgressCallback(TrainerCallback):
         if "tokens_per_s" in logs:
             fields["tps"] = f"{logs['tokens_per_s']:,.0f}"
         self._progress.update(self._task, **fields)
-        self._progress.console.log(format_log_line(state.global_step, state.max_steps, logs))
+        if "train_runtime" in logs:  # the Trainer's closing summary
+            self._progress.console.print(f"trained {state.global_step} steps in {logs['train_runtime']:.0f}s, "
+                                         f"mean train loss {logs.get('train_loss', float('nan')):.4f}")
+            return
+        self._progress.console.print(format_log_line(state.global_step, state.max_steps, logs, self._eta()))
+
+    def _eta(self) -> float | None:
+        task = self._progress.tasks[0] if self._progress and self._progress.tasks else None
+        return task.time_remaining if task is not None else None
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._progress is not None:
@@ -149,14 +157,16 @@ class RichProgressCallback(TrainerCallback):
             self._progress = None
 
 
-def format_log_line(step: int, max_steps: int, logs: dict[str, Any]) -> str:
-    """One nanoGPT-style line: step, loss, lr, grad norm, tokens/s, MFU, validation loss."""
+def format_log_line(step: int, max_steps: int, logs: dict[str, Any], eta_seconds: float | None = None) -> str:
+    """One nanoGPT-style line: step, loss, lr, grad norm, tokens/s, MFU, validation loss, ETA."""
     parts = [f"step {step}/{max_steps}"]
     for key, label, fmt in (("loss", "loss", ".4f"), ("eval_loss", "val", ".4f"), ("learning_rate", "lr", ".2e"),
                             ("grad_norm", "gnorm", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%")):
         value = logs.get(key)
         if isinstance(value, (int, float)):
             parts.append(f"{label} {value:{fmt}}")
+    if eta_seconds is not None:
+        parts.append(f"eta {int(eta_seconds) // 60}m{int(eta_seconds) % 60:02d}s")
     return " | ".join(parts)
 
 

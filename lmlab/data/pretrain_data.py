@@ -56,6 +56,17 @@ def tokenize_and_pack(docs, tokenizer: "PreTrainedTokenizerBase", seq_len: int):
 
 def build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", seed: int,
                       max_validation_rows: int) -> PackedData:
+    """Packed train and validation sets, behind one status line instead of per-map progress bars."""
+    import datasets
+    from rich.console import Console
+
+    datasets.disable_progress_bars()
+    with Console(stderr=True).status("loading, tokenising and packing the data"):
+        return _build_packed_data(data, tokenizer, seed, max_validation_rows)
+
+
+def _build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", seed: int,
+                       max_validation_rows: int) -> PackedData:
     from lmlab.data.sources import shuffle_documents, split_validation
 
     docs = load_documents(data.train, data.streaming, seed)

@@ -39,9 +39,12 @@ def resolve_tokenizer(recipe: Recipe, run_dir: Path):
     specs = recipe.tokenizer.train_sources or recipe.data.train
     docs = load_documents(specs, streaming=True, seed=recipe.seed)
     texts = (row["text"] for row in docs)
-    tokenizer = train_tokenizer(texts, vocab_size=recipe.tokenizer.vocab_size,
-                                min_frequency=recipe.tokenizer.min_frequency,
-                                max_bytes=recipe.tokenizer.max_train_bytes)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"training a byte-level BPE tokenizer ({recipe.tokenizer.vocab_size} tokens)"):
+        tokenizer = train_tokenizer(texts, vocab_size=recipe.tokenizer.vocab_size,
+                                    min_frequency=recipe.tokenizer.min_frequency,
+                                    max_bytes=recipe.tokenizer.max_train_bytes)
     save_tokenizer(tokenizer, saved)
     return load_tokenizer(saved)
 

@@ -1,0 +1,47 @@
+"""The math generator: seeded, correct, and with out-of-domain items never seen in-domain."""
+
+import re
+
+from lmlab.data.mathgen import as_chat, as_prompt_record, as_text, is_ood, math_problems
+
+
+def test_same_seed_same_problems_other_seed_different():
+    assert math_problems("id", 200, seed=1) == math_problems("id", 200, seed=1)
+    assert math_problems("id", 200, seed=1) != math_problems("id", 200, seed=2)
+
+
+def test_answers_are_correct():
+    for problem in math_problems("id", 500) + math_problems("ood", 500):
+        steps = re.findall(r"(\(?-?\d+ [-+*] -?\d+\)?(?: [-+*] -?\d+)?) = (-?\d+)", problem.solution)
+        assert steps, problem
+        for expression, value in steps:
+            assert eval(expression) == int(value), problem  # noqa: S307 - our own generated arithmetic
+        assert problem.solution.endswith(f"The answer is {problem.answer}.")
+
+
+def test_no_ood_prompt_appears_in_id_and_every_ood_item_is_ood():
+    id_prompts = {p.prompt for p in math_problems("id", 3000)}
+    ood = math_problems("ood", 3000)
+    assert not id_prompts & {p.prompt for p in ood}
+    assert all(is_ood(p.prompt) for p in ood)
+    assert not any(is_ood(prompt) for prompt in id_prompts)
+
+
+def test_id_operands_stay_small_ood_uses_new_forms():
+    for problem in math_problems("id", 1000):
+        assert all(len(n) <= 2 for n in re.findall(r"\d+", problem.prompt))
+    ood = math_problems("ood", 1000)
+    assert any("(" in p.prompt for p in ood) and any(re.search(r"\d{3}", p.prompt) for p in ood)
+
+
+def test_prompts_are_distinct_within_a_split():
+    problems = math_problems("id", 2000)
+    assert len({p.prompt for p in problems}) == 2000
+
+
+def test_renderings():
+    problem = math_problems("id", 1)[0]
+    assert as_text(problem).startswith("Question: ") and problem.solution in as_text(problem)
+    roles = [m["role"] for m in as_chat(problem)["messages"]]
+    assert roles == ["system", "user", "assistant"]
+    assert as_prompt_record(problem) == {"prompt": problem.prompt, "answer": problem.answer}
