@@ -5,8 +5,8 @@ Both train the same model (same config and seed), on the same packed batches
 step count, AdamW settings, cosine schedule and gradient clipping. The lmlab side
 is the real stage (`prepare_pretrain` then `trainer.train()`: HF Trainer,
 callbacks, progress bar, logging, final checkpoint) with evaluation turned off;
-the bare side is the loop nanoGPT would write. They alternate A B A B so drift in
-machine speed hits both, and the ratio of medians is the headline.
+the bare side is the loop nanoGPT would write. They alternate A B, B A so drift in
+machine speed hits both; the headline is the median of the pair-by-pair ratios.
 
     python benchmarks/pretrain_throughput.py            # ~2M-parameter model, CPU
     python benchmarks/pretrain_throughput.py --steps 40 --rounds 3
@@ -47,6 +47,8 @@ def time_lmlab(workdir: Path, steps: int, seq_len: int, micro: int, name: str) -
     start = time.perf_counter()
     job.trainer.train()
     elapsed = time.perf_counter() - start
+    step_seconds = job.trainer.callback_handler.callbacks[0].train_seconds
+    print(f"lmlab: {elapsed:.2f}s in train(), {step_seconds:.2f}s inside optimizer steps", flush=True)
     return steps * job.budget.tokens_per_step / elapsed
 
 
@@ -98,7 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
 
     import torch
@@ -114,10 +116,14 @@ def main() -> None:
                        workdir / "tokenizer")
         time_bare(workdir, 3, args.seq_len, args.micro_batch)  # warm-up: caches the packed data, JIT paths
         lmlab_tps, bare_tps = [], []
-        for round_ in range(args.rounds):
-            lmlab_tps.append(time_lmlab(workdir, args.steps, args.seq_len, args.micro_batch, f"bench{round_}"))
-            bare_tps.append(time_bare(workdir, args.steps, args.seq_len, args.micro_batch))
+        for round_ in range(args.rounds):  # A B, then B A: neither side always runs first
+            run_lmlab = lambda: lmlab_tps.append(time_lmlab(workdir, args.steps, args.seq_len,  # noqa: E731
+                                                            args.micro_batch, f"bench{round_}"))
+            run_bare = lambda: bare_tps.append(time_bare(workdir, args.steps, args.seq_len, args.micro_batch))  # noqa: E731
+            for run in ((run_lmlab, run_bare) if round_ % 2 == 0 else (run_bare, run_lmlab)):
+                run()
         lm, bare = statistics.median(lmlab_tps), statistics.median(bare_tps)
+        pair_ratios = [a / b for a, b in zip(lmlab_tps, bare_tps)]
         print(f"device: cpu x {torch.get_num_threads()} threads")
         print(f"steps: {args.steps}")
         print(f"tokens_per_step: {args.micro_batch * args.seq_len}")
@@ -125,7 +131,9 @@ def main() -> None:
         print(f"bare_tokens_per_s_runs: {', '.join(f'{x:.0f}' for x in bare_tps)}")
         print(f"lmlab_tokens_per_s: {lm:.0f}")
         print(f"bare_tokens_per_s: {bare:.0f}")
-        print(f"ratio: {lm / bare:.3f}")
+        print(f"pair_ratios: {', '.join(f'{x:.3f}' for x in pair_ratios)}")
+        print(f"ratio_of_medians: {lm / bare:.3f}")
+        print(f"ratio: {statistics.median(pair_ratios):.3f}")
 
 
 if __name__ == "__main__":
