@@ -24,9 +24,6 @@ def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any
     """Write model + tokenizer + manifest atomically; returns the artifact directory."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one tiny bar per shard is noise under our own progress display
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True  # training turns the KV cache off; generation wants it on
     model.save_pretrained(tmp, safe_serialization=True)

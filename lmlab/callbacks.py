@@ -17,15 +17,6 @@ from typing import Any
 from transformers import TrainerCallback
 
 
-def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus the attention scores (PaLM, appendix B).
-
-    Causal attention does QK^T and AV over `seq_len` keys: 2 * 2 * layers * seq * hidden
-    forward, times 3 for forward + backward = 12 * layers * hidden * seq.
-    """
-    return 6 * n_params + 12 * num_layers * hidden_size * seq_len
-
-
 class MetricsCallback(TrainerCallback):
     """Enriches every log with tokens seen, tokens/s, TFLOP/s and MFU, then writes jsonl + TensorBoard.
 

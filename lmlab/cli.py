@@ -37,6 +37,11 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+from lmlab.plan.command import plan as _plan  # noqa: E402 - light: typer and the stdlib only
+
+app.command("plan")(user_errors(_plan))
+
+
 @app.command()
 @user_errors
 def pretrain(

@@ -226,3 +226,20 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tok_dir):
     assert set(range(9, 25)) <= set(resumed)
     for step in range(9, 25):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_streaming_data_trains_with_a_token_budget(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    recipe = tiny_recipe(tmp_path, tok_dir, data={"streaming": True, "shuffle_buffer": 50},
+                         train={"max_steps": None, "tokens": 4 * 64 * 5})
+    final = run_pretrain(recipe)
+    assert json.loads((final / "lmlab.json").read_text())["steps"] == 5
+
+
+def test_streaming_without_a_budget_is_an_error(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    recipe = tiny_recipe(tmp_path, tok_dir, data={"streaming": True}, train={"max_steps": None})
+    with pytest.raises(LmlabError, match="give a budget"):
+        run_pretrain(recipe)

@@ -251,11 +251,16 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     from rich.console import Console
     from transformers import default_data_collator
 
-    from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks, flops_per_token
+    from transformers.utils import logging as hf_logging
+
+    from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
     from lmlab.data.pretrain_data import build_packed_data
     from lmlab.models.build import active_parameters, build_model, count_parameters
+    from lmlab.plan.compute import flops_per_token
+    from lmlab.plan.params import shape_from_config
     from lmlab.trainers import LmlabTrainer
 
+    hf_logging.disable_progress_bar()  # per-shard save bars are noise under our own progress display
     console = Console()
     run_dir = recipe.run_dir
     prepare_run_dir(run_dir, resume, overwrite)
@@ -284,7 +289,7 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
                            data_collator=default_data_collator, processing_class=tokenizer,
                            compute_loss_func=compute_loss)
     metrics = MetricsCallback(run_dir, budget.tokens_per_step,
-                              flops_per_token(n_active, model.config.num_hidden_layers, model.config.hidden_size,
+                              flops_per_token(n_active, shape_from_config(model.config.to_dict()),
                                               recipe.data.seq_len),
                               peak_flops=(recipe.train.peak_tflops * 1e12 * world_size()
                                           if recipe.train.peak_tflops else device_peak_flops()),

@@ -1,0 +1,65 @@
+"""A catalogue of accelerators: memory and dense bf16 tensor throughput (vendor datasheets)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from lmlab.errors import LmlabError
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    memory_gb: float  # usable device memory, GB (1e9 bytes) as vendors state it
+    bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak with fp32 accumulate
+    interconnect: str  # what links several of them in one box
+
+
+CATALOGUE = {
+    "rtx3090": Accelerator("RTX 3090", 24, 71, "PCIe 4.0"),
+    "rtx4090": Accelerator("RTX 4090", 24, 165.2, "PCIe 4.0 (no NVLink)"),
+    "rtx5090": Accelerator("RTX 5090", 32, 209.5, "PCIe 5.0 (no NVLink)"),
+    "a10g": Accelerator("A10G", 24, 70, "PCIe 4.0"),  # AWS variant of the A10; vendor figure as reported by AWS
+    "l4": Accelerator("L4", 24, 121, "PCIe 4.0"),
+    "l40s": Accelerator("L40S", 48, 362, "PCIe 4.0"),
+    "a100-40gb": Accelerator("A100 40GB", 40, 312, "NVLink 600 GB/s"),
+    "a100-80gb": Accelerator("A100 80GB", 80, 312, "NVLink 600 GB/s"),
+    "h100": Accelerator("H100 SXM 80GB", 80, 989, "NVLink 900 GB/s"),
+    "h100-pcie": Accelerator("H100 PCIe 80GB", 80, 756, "PCIe 5.0"),
+    "h200": Accelerator("H200 141GB", 141, 989, "NVLink 900 GB/s"),
+    "b200": Accelerator("B200 180GB", 180, 2250, "NVLink 1.8 TB/s"),
+    "cpu": Accelerator("CPU (laptop, 2-8 cores)", 16, 0.1, "none"),  # order of magnitude, for tiny demos only
+}
+ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "5090": "rtx5090", "a100": "a100-80gb", "a10": "a10g",
+           "h100-sxm": "h100", "a100-80": "a100-80gb", "a100-40": "a100-40gb"}
+
+
+def _key(name: str) -> str:
+    key = re.sub(r"^(nvidia|geforce)[\s-]*", "", name.strip().lower())
+    key = re.sub(r"^(nvidia|geforce)[\s-]*", "", key)
+    key = key.replace(" ", "").replace("_", "-").replace("sxm5", "sxm").replace("80gbhbm3", "")
+    return ALIASES.get(key, key)
+
+
+def lookup_gpu(name: str) -> Accelerator:
+    """An accelerator by a loose name ("4090", "RTX 4090", "NVIDIA H100 80GB HBM3", "a100-40gb")."""
+    key = _key(name)
+    if key in CATALOGUE:
+        return CATALOGUE[key]
+    for known in sorted(CATALOGUE, key=len, reverse=True):  # device names such as "NVIDIA H100 80GB HBM3"
+        if known in key or known.replace("rtx", "") in key:
+            return CATALOGUE[known]
+    close = difflib.get_close_matches(key, list(CATALOGUE) + list(ALIASES), n=3, cutoff=0.3)
+    raise LmlabError(f"unknown GPU '{name}'", field="--gpus",
+                     hint=f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(CATALOGUE)}")
+
+
+def parse_gpus(spec: str) -> tuple[int, Accelerator]:
+    """'8x4090', '4 x H100', 'h100' -> (count, accelerator)."""
+    match = re.fullmatch(r"\s*(?:(\d+)\s*[x×*]\s*)?(.+?)\s*", spec)
+    count = int(match.group(1)) if match and match.group(1) else 1
+    if count < 1 or count > 4096:
+        raise LmlabError(f"GPU count must be between 1 and 4096, not {count}", field="--gpus")
+    return count, lookup_gpu(match.group(2) if match else spec)

@@ -1,0 +1,174 @@
+"""Memory per GPU for training, as a breakdown, and the KV cache for inference.
+
+Static memory per parameter (RECIPES.md 4: ~16-20 bytes/param for mixed-precision AdamW):
+  bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam moments 4 + 4 = 16 bytes.
+  8-bit Adam keeps the moments in 1 byte each (10 bytes); Adafactor keeps no first
+  moment and factored second moments (rows + cols per matrix, negligible): 8 bytes.
+Sharding over N GPUs (ZeRO, Rajbhandari et al. 2020; FSDP2 = ZeRO-3):
+  ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights;
+  offload moves optimizer state (and, with ZeRO-3, weights) to CPU memory.
+LoRA freezes the base (bf16, no gradients, no optimizer state) and trains the
+adapters in fp32 with AdamW (16 bytes each). QLoRA stores the base linear weights
+in NF4: 4 bits plus one fp32 absmax per 64 weights, itself quantised to 8 bits per
+block with one fp32 constant per 256 blocks (double quantisation, Dettmers et al. 2023):
+0.5 + 1/64 + 4/(64*256) bytes per weight; its paged optimizer lets the adapter states
+page out to CPU (the QLoRA paper's 65B-on-48GB setting).
+
+Activations were counted from the tensors HF Llama saves for backward (sdpa or
+flash attention), per layer and token: 8h + 2*kv_dim + 4*ffn + heads + 2 elements;
+eager attention also keeps the softmax, heads*seq per token. Outside the layers:
+3h elements plus the logits, kept in fp32 for the loss. With gradient
+checkpointing a layer keeps only its input (h) and one layer is recomputed at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmlab.plan.params import ModelShape, count_params
+
+GB = 1e9
+Method = Literal["full", "lora", "qlora"]
+Optimizer = Literal["adamw", "adamw_8bit", "adafactor"]
+Sharding = Literal["ddp", "zero1", "zero2", "zero3"]
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+OPTIMIZER_BYTES = {"adamw": 12.0, "adamw_8bit": 6.0, "adafactor": 4.0}  # fp32 master + states, per trained param
+LORA_TARGETS = {
+    "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
+    "attention": ("q", "k", "v", "o"),
+    "qv": ("q", "v"),
+}
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    method: Method = "full"
+    optimizer: Optimizer = "adamw"
+    sharding: Sharding = "ddp"
+    num_gpus: int = 1
+    offload: bool = False
+    micro_batch: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "flash", "eager"] = "flash"
+    precision_bytes: int = 2  # bf16 weights and activations; 4 for fp32 training
+    lora_rank: int = 16
+    lora_targets: str = "all-linear"
+    paged_optimizer: bool = True  # QLoRA: bitsandbytes' paged AdamW pages its states to CPU under pressure
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes per GPU."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    trainable_params: int
+    cpu_offloaded: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def as_gb(self) -> dict[str, float]:
+        return {k: round(getattr(self, k) / GB, 3)
+                for k in ("weights", "gradients", "optimizer", "activations", "total", "cpu_offloaded")}
+
+
+def lora_params(shape: ModelShape, rank: int, targets: str = "all-linear") -> int:
+    """Adapter parameters: r * (d_in + d_out) for every targeted matrix (experts included for MoE)."""
+    h, q, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    names = LORA_TARGETS.get(targets, tuple(t.strip().removesuffix("_proj") for t in targets.split(",")))
+    dims = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h)}
+    per_layer = sum(rank * sum(dims[n]) for n in names if n in dims)
+    mlp = [n for n in names if n in ("gate", "up", "down")]
+    dense_layers = shape.num_layers - shape.moe_layers
+    total = shape.num_layers * per_layer + dense_layers * len(mlp) * rank * (h + shape.intermediate_size)
+    if shape.is_moe:
+        total += shape.moe_layers * shape.num_experts * len(mlp) * rank * (h + shape.moe_intermediate_size)
+    return total
+
+
+def lora_matrix_params(d_in: int, d_out: int, rank: int) -> int:
+    """LoRA on one d_in x d_out matrix: A is r x d_in, B is d_out x r (RECIPES.md: 4096^2 at r=16 -> 131,072)."""
+    return rank * (d_in + d_out)
+
+
+def activation_elements_per_token(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
+    """Elements saved for backward per token: kept through the step, recomputed per layer, outside the layers."""
+    h, q_dim = shape.hidden_size, shape.num_heads * shape.head_dim
+    kv_dim = shape.num_kv_heads * shape.head_dim
+    ffn = shape.intermediate_size
+    if shape.is_moe:  # each token's activations pass through top-k experts
+        ffn = shape.experts_per_token * shape.moe_intermediate_size + shape.shared_expert_intermediate_size
+    per_layer = 7 * h + q_dim + 2 * kv_dim + 4 * ffn + shape.num_heads + 2
+    if shape.qk_norm:  # RMSNorm on q and k keeps its input and its output
+        per_layer += 2 * (q_dim + kv_dim)
+    if setup.attention == "eager":
+        per_layer += shape.num_heads * setup.seq_len + 2 * (q_dim - kv_dim)
+    if setup.gradient_checkpointing:
+        return {"kept": shape.num_layers * h, "recompute": per_layer, "outside": 3 * h}
+    return {"kept": shape.num_layers * per_layer, "recompute": 0, "outside": 3 * h}
+
+
+def activation_bytes(shape: ModelShape, setup: TrainSetup, include_recompute: bool = True) -> float:
+    """Peak activation bytes; without the recompute term, only what the forward pass keeps."""
+    tokens = setup.micro_batch * setup.seq_len
+    parts = activation_elements_per_token(shape, setup)
+    elements = parts["kept"] + parts["outside"] + (parts["recompute"] if include_recompute else 0)
+    logits = shape.vocab_size * 4  # fp32 log-softmax kept for the loss
+    return tokens * (elements * setup.precision_bytes + logits)
+
+
+def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
+    counts = count_params(shape)
+    n, e = counts.total, setup.precision_bytes
+    shards = setup.num_gpus
+    notes: list[str] = []
+    if setup.method == "full":
+        trainable = n
+        weights, grads = n * e, n * e
+        master_and_states = n * (OPTIMIZER_BYTES[setup.optimizer] if e == 2 else OPTIMIZER_BYTES[setup.optimizer] - 4)
+    else:
+        trainable = lora_params(shape, setup.lora_rank, setup.lora_targets)
+        if setup.method == "qlora":
+            linear = n - counts.embedding - shape.hidden_size * (2 * shape.num_layers + 1)
+            weights = linear * NF4_BYTES + (n - linear) * 2 + trainable * 4
+            notes.append("QLoRA: NF4 base with double quantisation, bf16 compute; needs CUDA (bitsandbytes)")
+        else:
+            weights = n * e + trainable * 4
+        grads = trainable * 4
+        master_and_states = trainable * 8  # fp32 adapters: Adam moments only (the adapter is its own master)
+    optimizer = master_and_states
+    offloaded = 0.0
+    if setup.sharding in ("zero1", "zero2", "zero3"):
+        optimizer /= shards
+    if setup.sharding in ("zero2", "zero3"):
+        grads /= shards
+    if setup.sharding == "zero3":
+        largest_layer = counts.per_layer_attention + counts.per_layer_mlp_total
+        gathered = 2 * largest_layer * e  # one layer gathered for compute, the next prefetched
+        weights = weights / shards + gathered
+    if setup.method == "qlora" and setup.paged_optimizer and not setup.offload:
+        offloaded += optimizer
+        optimizer = 0.0
+        notes.append("paged AdamW: adapter optimizer states page to CPU memory when the GPU runs short")
+    if setup.offload:
+        offloaded += optimizer * shards if setup.sharding != "ddp" else optimizer
+        optimizer = 0.0
+        if setup.sharding == "zero3":
+            offloaded += weights * shards
+            weights = 2 * (counts.per_layer_attention + counts.per_layer_mlp_total) * e
+        notes.append("CPU offload: optimizer step on CPU, expect 2-5x slower steps")
+    return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer,
+                           activations=activation_bytes(shape, setup), trainable_params=trainable,
+                           cpu_offloaded=offloaded, notes=notes)
+
+
+def kv_cache_bytes(shape: ModelShape, seq_len: int, batch: int = 1, bytes_per_value: int = 2) -> float:
+    """RECIPES.md 3: 2 (K and V) * bytes * seq * layers * kv_heads * head_dim, per sequence."""
+    return 2 * bytes_per_value * seq_len * shape.num_layers * shape.num_kv_heads * shape.head_dim * batch

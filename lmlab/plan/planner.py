@@ -1,0 +1,229 @@
+"""Combine counts, memory, compute and rules into a plan for a goal, and render or emit it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.plan import rules
+from lmlab.plan.compute import DEFAULT_MFU, flops_per_token, human_duration, training_seconds
+from lmlab.plan.hardware import Accelerator
+from lmlab.plan.memory import GB, kv_cache_bytes
+from lmlab.plan.params import ModelShape, ParamCount, count_params
+from lmlab.plan.strategy import Choice, choose_strategy, what_would_fit
+
+GOALS = ("pretrain", "cpt", "sft", "domain-expert", "general-reasoning")
+SFT_TOKENS_PER_EXAMPLE = 512  # assumed mean length of an SFT example when only a count is given
+MAX_TOKENS = 1e15
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    tokens: float
+    strategy: Choice | None
+    seconds: float | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    cannot_fit: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    model: ModelShape
+    params: ParamCount
+    gpu: Accelerator
+    num_gpus: int
+    seq_len: int
+    mfu: float
+    goal: str
+    stages: list[StagePlan]
+    advice: list[rules.Advice]
+    kv_cache_gb_per_sequence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        def stage(s: StagePlan) -> dict[str, Any]:
+            out = {"stage": s.stage, "tokens": s.tokens, "seconds": s.seconds, "settings": s.settings,
+                   "cannot_fit": s.cannot_fit}
+            if s.strategy:
+                out["strategy"] = {"name": s.strategy.name, "micro_batch": s.strategy.setup.micro_batch,
+                                   "grad_accum": s.strategy.grad_accum, "global_batch": s.strategy.global_batch,
+                                   "gradient_checkpointing": s.strategy.setup.gradient_checkpointing,
+                                   "method": s.strategy.setup.method,
+                                   "memory_gb": s.strategy.memory.as_gb()}
+            return out
+
+        return {"model": asdict(self.model), "params": {"total": self.params.total, "active": self.params.active,
+                                                        "embedding": self.params.embedding},
+                "gpu": asdict(self.gpu), "num_gpus": self.num_gpus, "seq_len": self.seq_len, "mfu": self.mfu,
+                "goal": self.goal, "stages": [stage(s) for s in self.stages],
+                "advice": [asdict(a) for a in self.advice],
+                "kv_cache_gb_per_sequence": self.kv_cache_gb_per_sequence}
+
+
+def _check_budget(name: str, value: float | None) -> None:
+    if value is not None and not (0 < value < MAX_TOKENS):
+        raise LmlabError(f"{name} must be positive and below {MAX_TOKENS:.0e}, not {value:g}", field=f"--{name}")
+
+
+def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
+              tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
+              sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
+              mfu: float = DEFAULT_MFU, method: str | None = None) -> Plan:
+    if goal not in GOALS:
+        raise LmlabError(f"unknown goal '{goal}'", field="--goal", hint=f"one of {', '.join(GOALS)}")
+    for name, value in (("tokens", tokens), ("domain-tokens", domain_tokens), ("unique-tokens", unique_tokens)):
+        _check_budget(name, value)
+    if not 0 < mfu <= 1:
+        raise LmlabError(f"MFU must be in (0, 1], not {mfu}", field="--mfu")
+    if seq_len < 16 or (shape.max_position_embeddings and seq_len > shape.max_position_embeddings):
+        raise LmlabError(f"sequence length {seq_len} is outside 16..{shape.max_position_embeddings}", field="--seq-len")
+    params = count_params(shape)
+    fpt = flops_per_token(params.active, shape, seq_len)
+    advice: list[rules.Advice] = []
+    stages: list[StagePlan] = []
+
+    def add_stage(stage: str, stage_tokens: float, allow_adapters: bool, batch_tokens: float,
+                  settings: dict[str, Any]) -> StagePlan:
+        batch = global_batch or max(1, int(batch_tokens // seq_len))
+        choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, method=method)
+        seconds = training_seconds(stage_tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) if choice else None
+        if choice and choice.setup.offload:
+            seconds = seconds * 3 if seconds else None  # CPU optimizer steps: see memory notes
+        plan = StagePlan(stage, stage_tokens, choice, seconds, settings,
+                         [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len))
+        stages.append(plan)
+        return plan
+
+    if goal == "pretrain":
+        pt_tokens = tokens or 100 * params.total
+        advice.append(rules.pretraining_tokens(params.total, tokens))
+        advice += rules.data_constrained(unique_tokens, pt_tokens)
+        add_stage("pretrain", pt_tokens, False, 1e6, {"lr": 3e-4 if params.total > 1e9 else 1e-3,
+                                                       "schedule": "wsd", "weight_decay": 0.1})
+    if goal in ("cpt", "domain-expert") and (domain_tokens or tokens):
+        domain = domain_tokens or tokens
+        replay = domain * rules.CPT_REPLAY / (1 - rules.CPT_REPLAY)
+        advice += rules.cpt_replay(domain, params.total)
+        advice += rules.data_constrained(unique_tokens, domain)
+        add_stage("cpt", domain + replay, False, 1e6, {"domain_tokens": domain, "replay_tokens": replay,
+                                                        "replay_ratio": rules.CPT_REPLAY,
+                                                        "lr": 1e-4 if params.total > 1e9 else 3e-4,
+                                                        "schedule": "cosine (re-warm, decay fully)"})
+    elif goal == "cpt":
+        raise LmlabError("the cpt goal needs --domain-tokens (or --tokens)", field="--domain-tokens")
+    if goal in ("sft", "domain-expert", "general-reasoning"):
+        sft_advice = rules.sft_epochs(sft_examples)
+        advice.append(sft_advice)
+        epochs = 1 if goal == "general-reasoning" else 3
+        examples = sft_examples or 50_000
+        sft_method = method or "full"
+        lr_advice = rules.learning_rate(params.total, sft_method)
+        advice.append(lr_advice)
+        sft_lr = 2e-5 if sft_method == "full" else 2e-4
+        plan = add_stage("sft", examples * epochs * SFT_TOKENS_PER_EXAMPLE, True, 128 * seq_len,
+                         {"epochs": epochs, "examples": examples, "lr": sft_lr, "validation_fraction": 0.1,
+                          "early_stopping_patience": 3})
+        if plan.strategy and plan.strategy.setup.method != "full":
+            plan.settings["lr"] = 2e-4
+            advice.append(rules.learning_rate(params.total, plan.strategy.setup.method))
+        advice.append(rules.preference_optimisation(plan.settings["lr"]))
+        gpu_hours = sum((s.seconds or 0) for s in stages) * num_gpus / 3600
+        advice += rules.post_training_split(goal, gpu_hours)
+        if goal == "general-reasoning" or gpu_hours >= 100:
+            add_stage("rl", 0.1 * plan.tokens, True, 64 * seq_len, {"algorithm": "grpo", "group_size": 8,
+                                                                    "beta": 0.0, "lr": plan.settings["lr"] / 10})
+    advice.append(rules.stability())
+    return Plan(shape, params, gpu, num_gpus, seq_len, mfu, goal, stages, advice,
+                kv_cache_bytes(shape, seq_len) / GB)
+
+
+def plan_to_recipe(plan: Plan, name: str = "planned", data: str | None = None,
+                   checkpoint: str | None = None) -> dict[str, Any]:
+    """A recipe `lmlab pretrain` runs: the plan's first (pre)training stage with budget, LR, batch and model.
+
+    CPT becomes a pretrain-stage recipe that continues `checkpoint` on the domain data mixed
+    with 16% general replay (by weight).
+    """
+    stage = next((s for s in plan.stages if s.stage in ("pretrain", "cpt")), None)
+    if stage is None:
+        raise LmlabError("only pretraining and CPT plans can be emitted as a runnable recipe for now",
+                         field="--emit", hint="use --goal pretrain or --goal cpt")
+    if stage.strategy is None:
+        raise LmlabError("the plan does not fit on these GPUs, so there is nothing to emit", field="--emit")
+    shape = plan.model
+    arch = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}.get(shape.model_type, "llama")
+    model: dict[str, Any] = {"from_pretrained": checkpoint} if checkpoint else {
+        "arch": arch, "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
+        "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+        "intermediate_size": shape.intermediate_size, "tie_embeddings": shape.tie_embeddings,
+        "max_position_embeddings": max(plan.seq_len, shape.max_position_embeddings or plan.seq_len)}
+    if shape.is_moe and not checkpoint:
+        model.update(num_experts=shape.num_experts, num_experts_per_tok=shape.experts_per_token,
+                     moe_intermediate_size=shape.moe_intermediate_size)
+    domain = data or "general"
+    train_sources: Any = domain
+    if stage.stage == "cpt":  # EvoLM: 16% general replay, by weight
+        train_sources = [{**_source_dict(domain), "weight": round(1 - rules.CPT_REPLAY, 4)},
+                         {"kind": "general", "weight": rules.CPT_REPLAY}]
+    choice = stage.strategy
+    return {
+        "name": name,
+        "model": model,
+        "tokenizer": {} if checkpoint else {"vocab_size": shape.vocab_size},
+        "data": {"train": train_sources, "seq_len": plan.seq_len},
+        "optim": {"lr": stage.settings["lr"], "schedule": "wsd" if stage.stage == "pretrain" else "cosine",
+                  "weight_decay": stage.settings.get("weight_decay", 0.1)},
+        "train": {"tokens": int(stage.tokens), "micro_batch_size": choice.setup.micro_batch,
+                  "grad_accum": choice.grad_accum, "gradient_checkpointing": choice.setup.gradient_checkpointing,
+                  "precision": "auto"},
+    }
+
+
+def _source_dict(path: str) -> dict[str, Any]:
+    from lmlab.recipe import infer_source_kind
+
+    kind = infer_source_kind(path)
+    return {"kind": kind} if kind in ("general", "math") else {"kind": kind, "path": path.removeprefix("hub:")}
+
+
+def render(plan: Plan, console) -> None:
+    """Rich tables for people: the model, each stage's strategy, memory and time, then the advice."""
+    from rich.table import Table
+
+    p, shape = plan.params, plan.model
+    head = f"[bold]{shape.name}[/]: {p.total / 1e9:.3f}B parameters"
+    if p.active != p.total:
+        head += f" ({p.active / 1e9:.3f}B active, {shape.num_experts} experts, top-{shape.experts_per_token})"
+    console.print(head + f", on {plan.num_gpus} x {plan.gpu.name} ({plan.gpu.memory_gb:g} GB, "
+                  f"{plan.gpu.bf16_tflops:g} bf16 TFLOPS), seq {plan.seq_len}, assuming MFU {plan.mfu:.0%}")
+    table = Table(title=f"plan for goal '{plan.goal}'")
+    for col in ("stage", "tokens", "strategy", "micro x accum x GPUs", "ckpt", "weights", "grads", "optim",
+                "activ.", "total/GPU", "time"):
+        table.add_column(col, justify="right" if col not in ("stage", "strategy") else "left")
+    for s in plan.stages:
+        if s.strategy is None:
+            table.add_row(s.stage, f"{s.tokens:.3g}", "[red]does not fit[/]", "-", "-", "-", "-", "-", "-", "-", "-")
+            continue
+        m, c = s.strategy.memory, s.strategy
+        table.add_row(s.stage, f"{s.tokens:.3g}", c.name,
+                      f"{c.setup.micro_batch} x {c.grad_accum} x {plan.num_gpus}",
+                      "yes" if c.setup.gradient_checkpointing else "no",
+                      *(f"{v / GB:.1f} GB" for v in (m.weights, m.gradients, m.optimizer, m.activations, m.total)),
+                      human_duration(s.seconds) if s.seconds else "-")
+    console.print(table)
+    for s in plan.stages:
+        for line in s.cannot_fit:
+            console.print(f"[red]{s.stage} does not fit[/]: {line}")
+        if s.strategy:
+            for note in s.strategy.memory.notes:
+                console.print(f"[yellow]{s.stage}[/]: {note}")
+    console.print(f"KV cache for inference: {plan.kv_cache_gb_per_sequence:.3f} GB per sequence of {plan.seq_len} "
+                  "tokens (bf16)")
+    advice = Table(title="rules applied", show_lines=False)
+    for col in ("rule", "advice", "why", "source"):
+        advice.add_column(col)
+    for a in plan.advice:
+        style = "yellow" if a.level == "warn" else ""
+        advice.add_row(a.rule, f"[{style}]{a.message}[/]" if style else a.message, a.reason, a.source)
+    console.print(advice)

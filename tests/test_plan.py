@@ -1,0 +1,214 @@
+"""The planner: exact parameter counts, the RECIPES.md worked examples, strategies, rules and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lmlab.errors import LmlabError
+from lmlab.plan.hardware import lookup_gpu, parse_gpus
+from lmlab.plan.memory import GB, TrainSetup, kv_cache_bytes, lora_matrix_params, training_memory
+from lmlab.plan.params import count_params, load_preset, preset_names, resolve_shape, shape_from_config
+from lmlab.plan.planner import make_plan, plan_to_recipe
+
+
+def _meta_model(config: dict):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**kwargs))
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_counts_equal_transformers_on_the_meta_device(name):
+    config = load_preset(name)
+    counts = count_params(shape_from_config(config))
+    model = _meta_model(config)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    if experts:
+        shape = shape_from_config(config)
+        expert_params = sum(p.numel() for p in experts)
+        active = counts.total - expert_params + expert_params * shape.experts_per_token // shape.num_experts
+        assert counts.active == active < counts.total
+    else:
+        assert counts.active == counts.total
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("llama-3.1-8b", 8.03e9, None), ("llama-3.2-1b", 1.24e9, None), ("qwen3-30b-a3b", 30.5e9, 3.3e9),
+    ("mixtral-8x7b", 46.7e9, 12.9e9), ("llama-3.1-70b", 70.6e9, None),
+])
+def test_presets_match_published_sizes(name, total, active):
+    counts = count_params(shape_from_config(load_preset(name)))
+    assert counts.total == pytest.approx(total, rel=0.01)
+    if active:
+        assert counts.active == pytest.approx(active, rel=0.02)
+
+
+def test_tied_embeddings_are_counted_once():
+    config = load_preset("qwen3-0.6b")
+    untied = {**config, "tie_word_embeddings": False}
+    diff = count_params(shape_from_config(untied)).total - count_params(shape_from_config(config)).total
+    assert diff == config["vocab_size"] * config["hidden_size"]
+
+
+def test_recipe_model_block_counts_like_the_built_model(tmp_path):
+    import torch
+
+    from lmlab.models.build import build_config
+    from lmlab.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text("name: r\nmodel:\n  arch: qwen3_moe\n  num_experts: 4\n"
+                                     "  moe_intermediate_size: 64\ntokenizer:\n  vocab_size: 1000\n")
+    shape = resolve_shape(str(tmp_path / "r.yaml"))
+
+    class Tok:  # build_config reads only the vocabulary size and special ids
+        bos_token_id = eos_token_id = pad_token_id = 0
+
+        def __len__(self):
+            return 1000
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(build_config(load_recipe(tmp_path / "r.yaml").model, Tok()))
+    assert count_params(shape).total == sum(p.numel() for p in model.parameters())
+
+
+def test_config_missing_fields_names_the_field(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2}))
+    with pytest.raises(LmlabError, match="vocab_size"):
+        resolve_shape(str(path))
+
+
+def test_unknown_preset_suggests_close_names():
+    with pytest.raises(LmlabError, match="qwen3-1.7b"):
+        resolve_shape("qwen3-1.8b")
+
+
+def test_seven_billion_full_adamw_needs_112_gb_static():
+    shape = shape_from_config({"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
+                               "num_attention_heads": 32, "intermediate_size": 11008})  # Llama-2-7B
+    mem = training_memory(shape, TrainSetup(micro_batch=1, seq_len=512))
+    static = mem.weights + mem.gradients + mem.optimizer
+    assert static / count_params(shape).total == pytest.approx(16)
+    assert static / GB == pytest.approx(108, rel=0.05)  # 6.74B params x 16 B; "7B -> 112 GB" at exactly 7B
+    zero3 = training_memory(shape, TrainSetup(micro_batch=1, seq_len=512, sharding="zero3", num_gpus=8))
+    assert zero3.optimizer == pytest.approx(mem.optimizer / 8) and zero3.gradients == pytest.approx(mem.gradients / 8)
+
+
+def test_lora_on_a_4096_square_matrix_at_rank_16():
+    assert lora_matrix_params(4096, 4096, 16) == 131_072
+
+
+def test_65b_qlora_fits_in_48_gb():
+    llama_65b = shape_from_config({"vocab_size": 32000, "hidden_size": 8192, "num_hidden_layers": 80,
+                                   "num_attention_heads": 64, "intermediate_size": 22016})
+    mem = training_memory(llama_65b, TrainSetup(method="qlora", micro_batch=1, seq_len=512,
+                                                gradient_checkpointing=True, lora_rank=64))
+    assert mem.total / GB < 48
+    full = training_memory(llama_65b, TrainSetup(micro_batch=1, seq_len=512, gradient_checkpointing=True))
+    assert full.total / GB > 1000
+
+
+def test_kv_cache_formula():
+    shape = shape_from_config(load_preset("llama-3.1-8b"))
+    assert kv_cache_bytes(shape, seq_len=8192) == 2 * 2 * 8192 * 32 * 8 * 128
+
+
+def test_gpu_catalogue_lookup_and_errors():
+    assert lookup_gpu("NVIDIA GeForce RTX 4090").memory_gb == 24
+    assert lookup_gpu("NVIDIA H100 80GB HBM3").bf16_tflops == 989
+    assert parse_gpus("8x4090")[0] == 8
+    with pytest.raises(LmlabError, match="unknown GPU"):
+        lookup_gpu("voodoo5")
+
+
+def test_small_model_on_many_gpus_uses_plain_ddp():
+    plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9, seq_len=2048)
+    assert plan.stages[0].strategy.name == "DDP"
+
+
+def test_1_7b_full_training_on_4090s_needs_sharding():
+    plan = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, goal="cpt", domain_tokens=20e9)
+    choice = plan.stages[0].strategy
+    assert choice.name.startswith("ZeRO") and choice.memory.total <= 24 * GB * 0.7
+    assert choice.global_batch == choice.setup.micro_batch * choice.grad_accum * 8
+
+
+def test_70b_sft_on_one_4090_falls_back_to_qlora_or_says_what_would_fit():
+    plan = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000)
+    sft = plan.stages[0]
+    assert sft.strategy is None or sft.strategy.setup.method == "qlora"
+    if sft.strategy is None:
+        assert sft.cannot_fit
+
+
+def test_pretraining_budget_rule_warns_below_80x():
+    plan = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("h100"), 8, tokens=20e9)
+    budget = next(a for a in plan.advice if a.rule == "pt-budget")
+    assert budget.level == "warn" and "below 80x" in budget.message
+
+
+def test_data_constrained_detection_recommends_regularisation_and_ensembles():
+    plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9, unique_tokens=5e9)
+    rules = {a.rule for a in plan.advice}
+    assert {"data-constrained", "regularise", "ensemble"} <= rules
+    assert any("5.17x" in a.reason for a in plan.advice)
+
+
+def test_cpt_plan_accounts_for_replay_tokens():
+    plan = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("h100"), 8, goal="cpt", domain_tokens=20e9)
+    cpt = plan.stages[0]
+    assert cpt.settings["replay_tokens"] / cpt.tokens == pytest.approx(0.16)
+
+
+def test_bad_budgets_are_errors():
+    with pytest.raises(LmlabError, match="positive"):
+        make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 1, tokens=-5)
+    with pytest.raises(LmlabError, match="goal"):
+        make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 1, goal="world-domination")
+
+
+def test_emitted_recipe_validates():
+    from lmlab.recipe import validate_recipe
+
+    plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9)
+    recipe = validate_recipe(plan_to_recipe(plan, name="p"))
+    assert recipe.model.arch == "qwen3" and recipe.train.tokens == int(plan.stages[0].tokens)
+    cpt = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, goal="cpt", domain_tokens=1e9)
+    weights = [s.weight for s in validate_recipe(plan_to_recipe(cpt, name="c", data="math")).data.train]
+    assert weights == [pytest.approx(0.84), pytest.approx(0.16)]
+
+
+def _cli():
+    from lmlab.cli import app
+
+    return CliRunner(), app
+
+
+def test_cli_answers_the_headline_question(tmp_path):
+    runner, app = _cli()
+    out = tmp_path / "plan.yaml"
+    result = runner.invoke(app, ["plan", "--gpus", "8x4090", "--model", "qwen3-1.7b", "--domain-tokens", "20B",
+                                 "--goal", "domain-expert", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [s["stage"] for s in data["stages"]][:2] == ["cpt", "sft"]
+    result = runner.invoke(app, ["plan", "--gpus", "8x4090", "--model", "qwen3-1.7b", "--tokens", "20B",
+                                 "--emit", str(out)])
+    assert result.exit_code == 0, result.output and out.is_file()
+
+
+def test_cli_bad_input_exits_2_without_traceback():
+    runner, app = _cli()
+    result = runner.invoke(app, ["plan", "--gpus", "8xvoodoo", "--model", "qwen3-1.7b"])
+    assert result.exit_code == 2 and "unknown GPU" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["plan", "--model", "qwen3-1.7b", "--tokens", "lots"])
+    assert result.exit_code == 2 and "--tokens" in result.output
