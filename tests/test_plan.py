@@ -182,6 +182,9 @@ def test_emitted_recipe_validates():
     plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9)
     recipe = validate_recipe(plan_to_recipe(plan, name="p"))
     assert recipe.model.arch == "qwen3" and recipe.train.tokens == int(plan.stages[0].tokens)
+    assert recipe.train.distributed == "ddp"
+    sharded = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, tokens=20e9)
+    assert validate_recipe(plan_to_recipe(sharded, name="s")).train.distributed in ("zero2", "zero3")
     cpt = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, goal="cpt", domain_tokens=1e9)
     weights = [s.weight for s in validate_recipe(plan_to_recipe(cpt, name="c", data="math")).data.train]
     assert weights == [pytest.approx(0.84), pytest.approx(0.16)]

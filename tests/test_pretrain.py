@@ -243,3 +243,47 @@ def test_streaming_without_a_budget_is_an_error(tmp_path, tok_dir):
     recipe = tiny_recipe(tmp_path, tok_dir, data={"streaming": True}, train={"max_steps": None})
     with pytest.raises(LmlabError, match="give a budget"):
         run_pretrain(recipe)
+
+
+def test_cpu_runs_log_mfu_against_a_measured_matmul_peak(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": 4})
+    run_pretrain(recipe)
+    mfu = [r["mfu"] for r in read_metrics(recipe.run_dir) if "mfu" in r]
+    assert mfu and all(0 < m < 1.5 for m in mfu)
+
+
+def test_wsd_schedule_warms_up_holds_then_decays(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    recipe = tiny_recipe(tmp_path, tok_dir, optim={"schedule": "wsd", "warmup_ratio": 0.2, "decay_ratio": 0.3,
+                                                   "min_lr_ratio": 0.0, "lr": 1e-2},
+                         train={"max_steps": 20})
+    run_pretrain(recipe)
+    lr = {r["step"]: r["learning_rate"] for r in read_metrics(recipe.run_dir) if "learning_rate" in r}
+    # logged values are the LR each step used: warm-up over steps 1-4, stable, cosine decay over the last 6
+    assert lr[1] < lr[2] < lr[4] < lr[5] == pytest.approx(1e-2)
+    assert lr[8] == lr[14] == pytest.approx(1e-2)
+    assert 1e-2 > lr[16] > lr[18] > lr[20] > 0
+
+
+def test_training_continues_from_a_local_checkpoint(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import run_pretrain
+
+    first = run_pretrain(tiny_recipe(tmp_path, tok_dir, name="first", train={"max_steps": 20}))
+    second = tiny_recipe(tmp_path, tok_dir, name="second", tokenizer={"path": None},
+                         model={"from_pretrained": str(first)}, train={"max_steps": 2, "eval_every": 1})
+    run_pretrain(second)
+    first_loss = json.loads((first / "lmlab.json").read_text())["metrics"]["eval_loss"]
+    start_loss = next(r["eval_loss"] for r in read_metrics(second.run_dir) if "eval_loss" in r)
+    assert start_loss == pytest.approx(first_loss, rel=0.1)  # not a fresh model (that would be ~ln(vocab))
+
+
+def test_sharding_without_gpus_is_a_clear_error(tmp_path, tok_dir):
+    from lmlab.stages.pretrain import distributed_arguments
+
+    recipe = tiny_recipe(tmp_path, tok_dir, train={"distributed": "zero3"})
+    with pytest.raises(LmlabError, match="none is visible"):
+        distributed_arguments(recipe, "LlamaDecoderLayer")
+    assert distributed_arguments(tiny_recipe(tmp_path, tok_dir, train={"distributed": "ddp"}), None) == {}

@@ -16,6 +16,8 @@ from lmlab.plan.strategy import Choice, choose_strategy, what_would_fit
 GOALS = ("pretrain", "cpt", "sft", "domain-expert", "general-reasoning")
 SFT_TOKENS_PER_EXAMPLE = 512  # assumed mean length of an SFT example when only a count is given
 MAX_TOKENS = 1e15
+DISTRIBUTED = {"DDP": "ddp", "ZeRO-2": "zero2", "ZeRO-3 / FSDP2": "zero3", "ZeRO-3 + CPU offload": "zero3_offload",
+               "LoRA": "ddp", "QLoRA": "ddp"}  # strategy name -> recipe train.distributed
 
 
 @dataclass
@@ -176,7 +178,7 @@ def plan_to_recipe(plan: Plan, name: str = "planned", data: str | None = None,
                   "weight_decay": stage.settings.get("weight_decay", 0.1)},
         "train": {"tokens": int(stage.tokens), "micro_batch_size": choice.setup.micro_batch,
                   "grad_accum": choice.grad_accum, "gradient_checkpointing": choice.setup.gradient_checkpointing,
-                  "precision": "auto"},
+                  "precision": "auto", "distributed": DISTRIBUTED[choice.name]},
     }
 
 

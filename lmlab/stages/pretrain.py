@@ -146,7 +146,26 @@ def scheduler_settings(recipe: Recipe, max_steps: int) -> tuple[str, dict[str, A
     return "constant_with_warmup", {}
 
 
-def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_validation: bool, **extra: Any):
+FSDP_MODES = {"zero2": "shard_grad_op auto_wrap", "zero3": "full_shard auto_wrap",
+              "zero3_offload": "full_shard auto_wrap offload"}
+
+
+def distributed_arguments(recipe: Recipe, layer_class: str | None) -> dict[str, Any]:
+    """FSDP2 settings for the Trainer; `auto` and `ddp` leave it to accelerate's launch config."""
+    mode = recipe.train.distributed
+    if mode in ("auto", "ddp"):
+        return {}
+    if not _cuda_available():
+        raise LmlabError(f"train.distributed={mode} shards over GPUs, and none is visible", field="train.distributed",
+                         hint="use ddp (or auto) on CPU; on GPUs launch with `accelerate launch` or `torchrun`")
+    config: dict[str, Any] = {"version": 2}
+    if layer_class:
+        config["transformer_layer_cls_to_wrap"] = [layer_class]
+    return {"fsdp": FSDP_MODES[mode], "fsdp_config": config}
+
+
+def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_validation: bool,
+                       layer_class: str | None = None, **extra: Any):
     from transformers import TrainingArguments
 
     o, t = recipe.optim, recipe.train
@@ -188,6 +207,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         disable_tqdm=True,
         remove_unused_columns=False,
         use_cpu=False,
+        **distributed_arguments(recipe, layer_class),
         **extra,
     )
 
@@ -216,18 +236,34 @@ def z_loss_function(z_coef: float, vocab_size: int, aux_coef: float = 0.0):
 
 
 def device_peak_flops() -> float | None:
-    """Dense bf16 peak of the visible accelerators, for MFU; None on CPU or unknown GPUs."""
+    """Peak FLOP/s for MFU: the catalogue's dense bf16 figure on a known GPU; on CPU, the best dense
+    fp32 matmul rate measured here (a CPU has no datasheet figure the model could reach)."""
     import torch
 
     if not torch.cuda.is_available():
-        return None
+        return measured_cpu_matmul_flops() * world_size()
     try:
         from lmlab.plan.hardware import lookup_gpu
 
         gpu = lookup_gpu(torch.cuda.get_device_name(0))
-    except Exception:  # an unknown GPU: MFU is left out rather than guessed
+    except LmlabError:  # an unknown GPU: MFU is left out rather than guessed
         return None
     return gpu.bf16_tflops * 1e12 * world_size()
+
+
+def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Best of a few fp32 square matmuls: the attainable dense rate of this CPU with torch's threads."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -281,7 +317,9 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
                   f" ({budget.tokens / n_params:.1f} tokens/param)"
                   + (f", {budget.epochs:.2f} epochs of {data.train_tokens:,} unique tokens" if budget.epochs else ""))
 
-    args = training_arguments(recipe, run_dir / "checkpoints", budget.max_steps, data.validation is not None)
+    layer_class = next(iter(getattr(model, "_no_split_modules", None) or []), None)
+    args = training_arguments(recipe, run_dir / "checkpoints", budget.max_steps, data.validation is not None,
+                              layer_class=layer_class)
     compute_loss = (z_loss_function(recipe.optim.z_loss, model.config.vocab_size,
                                     getattr(model.config, "router_aux_loss_coef", 0.0))
                     if recipe.optim.z_loss else None)
