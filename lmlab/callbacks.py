@@ -37,8 +37,10 @@ class MetricsCallback(TrainerCallback):
         self._train_seconds = 0.0
         self._interval_seconds = 0.0
         self._interval_steps = 0
+        self._tokens_at_last_log = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._tokens_at_last_log = self.tokens_seen(state)  # a resumed run starts counting where it stopped
         if not state.is_world_process_zero:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,10 +61,16 @@ class MetricsCallback(TrainerCallback):
         self._interval_seconds += elapsed
         self._interval_steps += 1
 
-    def enrich(self, logs: dict[str, Any], step: int) -> None:
-        logs["tokens_seen"] = step * self.tokens_per_step
+    def tokens_seen(self, state) -> int:
+        """Real tokens when the trainer counts them (SFT: padding excluded), else steps x tokens per step."""
+        counted = getattr(state, "num_input_tokens_seen", 0) or 0
+        return int(counted) if counted else state.global_step * self.tokens_per_step
+
+    def enrich(self, logs: dict[str, Any], state) -> None:
+        seen = self.tokens_seen(state)
+        logs["tokens_seen"] = seen
         if self._interval_steps and self._interval_seconds > 0 and "loss" in logs:
-            tokens_per_s = self._interval_steps * self.tokens_per_step / self._interval_seconds
+            tokens_per_s = (seen - self._tokens_at_last_log) / self._interval_seconds
             logs["tokens_per_s"] = round(tokens_per_s, 1)
             if self.flops_per_token:
                 achieved = tokens_per_s * self.flops_per_token
@@ -70,13 +78,14 @@ class MetricsCallback(TrainerCallback):
                 if self.peak_flops:
                     logs["mfu"] = round(achieved / self.peak_flops, 4)
             self._interval_seconds, self._interval_steps = 0.0, 0
+            self._tokens_at_last_log = seen
         if "loss" in logs and isinstance(logs["loss"], float) and logs["loss"] < 50:
             logs["ppl"] = round(math.exp(logs["loss"]), 3)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not state.is_world_process_zero:
             return
-        self.enrich(logs, state.global_step)
+        self.enrich(logs, state)
         record = {"stage": self.stage, "step": state.global_step, "time": round(time.time(), 3), **logs}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -42,19 +42,56 @@ from lmlab.plan.command import plan as _plan  # noqa: E402 - light: typer and th
 app.command("plan")(user_errors(_plan))
 
 
+ResumeOption = typer.Option(False, "--resume", help="Continue from the last complete checkpoint.")
+OverwriteOption = typer.Option(False, "--overwrite", help="Delete an existing run directory first.")
+
+
+def _run_stage(stage: str, recipe: Path, overrides: Optional[List[str]], resume: bool, overwrite: bool) -> None:
+    from lmlab.recipe import load_recipe
+
+    loaded = load_recipe(recipe, [*(overrides or []), f"stage={stage}"])
+    if stage == "sft":
+        from lmlab.stages.sft import run_sft
+
+        run_sft(loaded, resume=resume, overwrite=overwrite)
+    else:
+        from lmlab.stages.pretrain import run_pretrain
+
+        run_pretrain(loaded, resume=resume, overwrite=overwrite)
+
+
 @app.command()
 @user_errors
-def pretrain(
-    recipe: Path = typer.Argument(..., help="YAML recipe."),
-    set_: Optional[List[str]] = SetOption,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run directory first."),
-) -> None:
+def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe."), set_: Optional[List[str]] = SetOption,
+             resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
     """Pretrain a model from a recipe; prints where the HF checkpoint is."""
-    from lmlab.recipe import load_recipe
-    from lmlab.stages.pretrain import run_pretrain
+    _run_stage("pretrain", recipe, set_, resume, overwrite)
 
-    run_pretrain(load_recipe(recipe, set_), resume=resume, overwrite=overwrite)
+
+@app.command()
+@user_errors
+def cpt(recipe: Path = typer.Argument(..., help="YAML recipe with model.from_pretrained and data.replay."),
+        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+    """Continue pretraining on domain data with an exact share of general replay (default 16%)."""
+    _run_stage("cpt", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def sft(recipe: Path = typer.Argument(..., help="YAML recipe with model.from_pretrained and chat data."),
+        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+    """Supervised fine-tuning (full, LoRA or QLoRA) on chat records, loss on assistant tokens only."""
+    _run_stage("sft", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def export(adapter: Path = typer.Argument(..., help="A LoRA adapter directory written by `lmlab sft`."),
+           out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged HF checkpoint.")) -> None:
+    """Merge a LoRA adapter into its base model, with the tokenizer and chat template."""
+    from lmlab.stages.sft import export_adapter
+
+    typer.echo(f"merged checkpoint: {export_adapter(adapter, out)}")
 
 
 @tokenizer_app.command("train")

@@ -149,12 +149,16 @@ class TokenizerConfig(Strict):
 class DataConfig(Strict):
     train: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="general")])
     validation: list[SourceSpec] | None = None  # default: a held-out fraction of train
+    # CPT: general data replayed into the domain data, as an exact share of training tokens (EvoLM: 16%).
+    # Its held-out part is also evaluated, so forgetting shows as `eval_replay_loss`.
+    replay: list[SourceSpec] | None = None
+    replay_ratio: float = Field(0.16, ge=0, lt=1)
     validation_fraction: float = Field(0.01, ge=0, lt=0.5)
     seq_len: int = Field(256, gt=1)
     streaming: bool = False  # for sources larger than memory
     shuffle_buffer: int = Field(10_000, gt=0)  # streaming shuffle window
 
-    _list = field_validator("train", "validation", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+    _list = field_validator("train", "validation", "replay", mode="before")(classmethod(lambda cls, v: _as_list(v)))
 
 
 class OptimConfig(Strict):
@@ -175,7 +179,8 @@ class OptimConfig(Strict):
 class TrainConfig(Strict):
     tokens: int | None = Field(None, gt=0)  # training budget in tokens...
     tokens_per_param: float | None = Field(None, gt=0)  # ...or as a multiple of parameters
-    max_steps: int | None = Field(None, gt=0)  # ...or in optimizer steps
+    max_steps: int | None = Field(None, gt=0)  # ...or in optimizer steps...
+    epochs: float | None = Field(None, gt=0)  # ...or in passes over the data (SFT default: RECIPES.md rule)
     micro_batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a capable GPU
@@ -193,10 +198,35 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
-        given = [k for k in ("tokens", "tokens_per_param", "max_steps") if getattr(self, k) is not None]
+        given = [k for k in ("tokens", "tokens_per_param", "max_steps", "epochs") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one training budget, not {' and '.join(given)}")
         return self
+
+
+class SFTConfig(Strict):
+    """Supervised fine-tuning on chat records, through TRL's SFTTrainer."""
+
+    layout: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto"  # how records are written
+    chat_template: Literal["tokenizer", "chatml", "chatml_think"] = "chatml"  # lmlab's carry generation markers
+    enable_thinking: bool | None = None  # chatml_think: None leaves the choice to each record
+    assistant_only_loss: bool = True
+    packing: bool = False  # padding-free packing; faster, but hurts small or diverse sets (playbook)
+    overlong: Literal["truncate", "drop"] = "truncate"  # samples longer than data.seq_len, always counted
+    validation_fraction: float = Field(0.1, ge=0, lt=0.5)
+    early_stopping_patience: int | None = Field(3, gt=0)
+    eval_math: int = Field(200, ge=0)  # after training, greedy accuracy on this many ID and OOD math problems
+
+
+class LoRAConfig(Strict):
+    """LoRA through peft; QLoRA adds an NF4 double-quantised base through bitsandbytes (CUDA only)."""
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    quantize: Literal["none", "nf4"] = "none"
 
 
 class OutputConfig(Strict):
@@ -206,14 +236,24 @@ class OutputConfig(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    stage: Literal["pretrain"] = "pretrain"
+    stage: Literal["pretrain", "cpt", "sft"] = "pretrain"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _stage_inputs(self) -> "Recipe":
+        if self.stage in ("cpt", "sft") and not self.model.from_pretrained:
+            raise ValueError(f"the {self.stage} stage continues a model: set model.from_pretrained to a checkpoint")
+        if self.lora.enabled and self.stage != "sft":
+            raise ValueError("LoRA is for the sft stage")
+        return self
 
     @model_validator(mode="after")
     def _seq_fits(self) -> "Recipe":

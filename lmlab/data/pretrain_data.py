@@ -97,3 +97,52 @@ def _build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", s
     if validation is not None:
         validation = validation.with_format("torch")
     return PackedData(train=train, validation=validation, train_rows=rows, seq_len=data.seq_len)
+
+
+@dataclass
+class ReplayMix:
+    """The exact composition of a CPT training set, in packed rows of seq_len tokens."""
+
+    domain_rows: int
+    replay_rows: int
+    domain_unique_rows: int
+    replay_unique_rows: int
+    seq_len: int
+
+    def report(self) -> dict[str, float]:
+        total = self.domain_rows + self.replay_rows
+        return {"domain_tokens": self.domain_rows * self.seq_len, "replay_tokens": self.replay_rows * self.seq_len,
+                "replay_share": self.replay_rows / total if total else 0.0,
+                "domain_epochs": self.domain_rows / self.domain_unique_rows,
+                "replay_epochs": self.replay_rows / self.replay_unique_rows if self.replay_unique_rows else 0.0}
+
+
+def _repeat_indices(n: int, k: int, seed: int) -> list[int]:
+    """k row indices from n rows: whole shuffled passes, then part of one more (each pass its own order)."""
+    import random
+
+    out: list[int] = []
+    epoch = 0
+    while len(out) < k:
+        order = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        out += order[: k - len(out)]
+        epoch += 1
+    return out
+
+
+def mix_replay(domain, replay, total_rows: int, ratio: float, seed: int, seq_len: int):
+    """Exactly round(ratio * total_rows) replay rows and the rest domain rows (EvoLM CPT replay).
+
+    Rows all hold seq_len tokens, so the share is exact in tokens; a source smaller than
+    its share is repeated (the report says how many epochs of each the budget implies).
+    """
+    from datasets import concatenate_datasets
+
+    replay_rows = round(ratio * total_rows) if replay is not None else 0
+    domain_rows = total_rows - replay_rows
+    parts = [domain.select(_repeat_indices(len(domain), domain_rows, seed))]
+    if replay_rows:
+        parts.append(replay.select(_repeat_indices(len(replay), replay_rows, seed + 1)))
+    mix = ReplayMix(domain_rows, replay_rows, len(domain), len(replay) if replay is not None else 0, seq_len)
+    return concatenate_datasets(parts).with_format("torch"), mix

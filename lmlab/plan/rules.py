@@ -66,17 +66,27 @@ def cpt_replay(domain_tokens: float | None, params: int) -> list[Advice]:
     return out
 
 
+def sft_epoch_range(examples: int) -> tuple[int, int]:
+    """Epochs by dataset size (<10k: 3-10, 10k-100k: 2-5, >100k: 1-3)."""
+    if examples < 10_000:
+        return 3, 10
+    if examples < 100_000:
+        return 2, 5
+    return 1, 3
+
+
+def default_sft_epochs(examples: int) -> int:
+    """The size rule clipped to EvoLM's ~3 epochs: the lowest of the range, but not above 3 when it allows 3."""
+    low, high = sft_epoch_range(examples)
+    return min(max(3, low), high)
+
+
 def sft_epochs(examples: int | None) -> Advice:
     if examples is None:
         return Advice("sft-epochs", "info", "SFT for ~3 epochs (keep within 2-4)",
                       "beyond ~4 epochs in-domain keeps rising while out-of-domain falls", EVOLM)
-    if examples < 10_000:
-        low, high = 3, 10
-    elif examples < 100_000:
-        low, high = 2, 5
-    else:
-        low, high = 1, 3
-    epochs = min(max(3, low), high)
+    low, high = sft_epoch_range(examples)
+    epochs = default_sft_epochs(examples)
     return Advice("sft-epochs", "info", f"{examples:,} examples: {low}-{high} epochs by size; use {epochs}",
                   "epochs by dataset size (<10k: 3-10, 10k-100k: 2-5, >100k: 1-3), clipped to EvoLM's 2-4 window "
                   "where OOD still holds; hold out 10% and early-stop (patience 3-5)", f"{FT}; {EVOLM}")

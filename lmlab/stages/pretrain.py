@@ -165,14 +165,15 @@ def distributed_arguments(recipe: Recipe, layer_class: str | None) -> dict[str, 
 
 
 def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_validation: bool,
-                       layer_class: str | None = None, **extra: Any):
+                       layer_class: str | None = None, args_class: Any = None, **extra: Any):
+    """The recipe as HF TrainingArguments (or a TRL config class, which extends them); `extra` overrides."""
     from transformers import TrainingArguments
 
     o, t = recipe.optim, recipe.train
     scheduler, scheduler_kwargs = scheduler_settings(recipe, max_steps)
     bf16 = use_bf16(t.precision)
     report_to = [r for r in recipe.output.report_to if r != "tensorboard"] or "none"
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=t.micro_batch_size,
@@ -208,8 +209,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         remove_unused_columns=False,
         use_cpu=False,
         **distributed_arguments(recipe, layer_class),
-        **extra,
     )
+    return (args_class or TrainingArguments)(**{**kwargs, **extra})
 
 
 def z_loss_function(z_coef: float, vocab_size: int, aux_coef: float = 0.0):
@@ -269,6 +270,19 @@ def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
 # ----------------------------------------------------------------------------- the stage
 
 
+def build_replay_data(recipe: Recipe, tokenizer, max_val_rows: int):
+    """Packed replay rows (and their held-out part) for CPT; None when the recipe has no replay."""
+    from lmlab.data.pretrain_data import build_packed_data
+
+    if not recipe.data.replay:
+        return None
+    if recipe.data.streaming:
+        raise LmlabError("exact replay mixing needs map-style data", field="data.streaming",
+                         hint="set data.streaming: false for CPT with replay")
+    replay_block = recipe.data.model_copy(update={"train": recipe.data.replay, "validation": None})
+    return build_packed_data(replay_block, tokenizer, recipe.seed, max_val_rows)
+
+
 @dataclass
 class PretrainJob:
     """Everything a pretraining run needs, built and checked, before the first step."""
@@ -280,6 +294,7 @@ class PretrainJob:
     budget: Budget
     n_params: int
     n_active: int
+    replay_mix: Any = None  # lmlab.data.pretrain_data.ReplayMix for CPT with replay
 
 
 def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> PretrainJob:
@@ -290,7 +305,7 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     from transformers.utils import logging as hf_logging
 
     from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
-    from lmlab.data.pretrain_data import build_packed_data
+    from lmlab.data.pretrain_data import build_packed_data, mix_replay
     from lmlab.models.build import active_parameters, build_model, count_parameters
     from lmlab.plan.compute import flops_per_token
     from lmlab.plan.params import shape_from_config
@@ -306,24 +321,41 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     check_checkpoint_fits(recipe, tokenizer)
     max_val_rows = recipe.train.eval_batches * recipe.train.micro_batch_size
     data = build_packed_data(recipe.data, tokenizer, recipe.seed, max_val_rows)
+    replay = build_replay_data(recipe, tokenizer, max_val_rows)
 
     model = build_model(recipe.model, tokenizer, seed=recipe.seed)
     n_params, n_active = count_parameters(model), active_parameters(model)
-    budget = training_budget(recipe, n_params, data.train_tokens)
+    ratio = recipe.data.replay_ratio if replay else 0.0
+    # default budget: one pass over the domain data, with the replay share on top
+    unique = data.train_tokens / (1 - ratio) if data.train_tokens else None
+    budget = training_budget(recipe, n_params, unique)
     console.print(f"[bold]{recipe.name}[/]: {type(model).__name__} with {n_params:,} parameters"
                   + (f" ({n_active:,} active)" if n_active != n_params else "")
                   + f", vocab {len(tokenizer):,}, seq_len {recipe.data.seq_len}")
     console.print(f"budget: {budget.max_steps:,} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens"
                   f" ({budget.tokens / n_params:.1f} tokens/param)"
-                  + (f", {budget.epochs:.2f} epochs of {data.train_tokens:,} unique tokens" if budget.epochs else ""))
+                  + (f", {budget.epochs:.2f} epochs of {data.train_tokens:,} unique tokens"
+                     if budget.epochs and not replay else ""))
+    mix = None
+    if replay is not None:
+        data.train, mix = mix_replay(data.train, replay.train, budget.tokens // recipe.data.seq_len, ratio,
+                                     recipe.seed, recipe.data.seq_len)
+        r = mix.report()
+        console.print(f"replay mix: {r['domain_tokens']:,} domain tokens ({r['domain_epochs']:.2f} epochs) + "
+                      f"{r['replay_tokens']:,} replay tokens ({r['replay_epochs']:.2f} epochs) = "
+                      f"{r['replay_share']:.1%} replay")
+    evaluation = data.validation
+    if replay is not None and replay.validation is not None:
+        evaluation = {"domain": data.validation, "replay": replay.validation} if data.validation is not None \
+            else {"replay": replay.validation}
 
     layer_class = next(iter(getattr(model, "_no_split_modules", None) or []), None)
-    args = training_arguments(recipe, run_dir / "checkpoints", budget.max_steps, data.validation is not None,
+    args = training_arguments(recipe, run_dir / "checkpoints", budget.max_steps, evaluation is not None,
                               layer_class=layer_class)
     compute_loss = (z_loss_function(recipe.optim.z_loss, model.config.vocab_size,
                                     getattr(model.config, "router_aux_loss_coef", 0.0))
                     if recipe.optim.z_loss else None)
-    trainer = LmlabTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
+    trainer = LmlabTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=evaluation,
                            data_collator=default_data_collator, processing_class=tokenizer,
                            compute_loss_func=compute_loss)
     metrics = MetricsCallback(run_dir, budget.tokens_per_step,
@@ -333,7 +365,7 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
                                           if recipe.train.peak_tflops else device_peak_flops()),
                               stage=recipe.stage, tensorboard="tensorboard" in recipe.output.report_to)
     attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name)])
-    return PretrainJob(recipe, trainer, tokenizer, data, budget, n_params, n_active)
+    return PretrainJob(recipe, trainer, tokenizer, data, budget, n_params, n_active, mix)
 
 
 def run_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
@@ -348,15 +380,24 @@ def run_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) 
     start = last_checkpoint(run_dir / "checkpoints") if resume else None
     if resume:
         console.print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
+    before = {}
+    if job.replay_mix is not None and start is None:  # general ability before CPT, to measure forgetting
+        before = trainer.evaluate()
     trainer.train(resume_from_checkpoint=str(start) if start else None)
 
-    final_metrics = trainer.evaluate() if job.data.validation is not None else {}
+    final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     manifest = {
         "stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
         "input_artifact": recipe.model.from_pretrained, "parameters": job.n_params,
         "active_parameters": job.n_active, "steps": job.budget.max_steps, "tokens": job.budget.tokens,
         "epochs": job.budget.epochs, "unique_train_tokens": job.data.train_tokens, "metrics": final_metrics,
     }
+    if job.replay_mix is not None:
+        manifest["replay_mix"] = job.replay_mix.report()
+        manifest["metrics_before"] = before
+        if "eval_replay_loss" in before and "eval_replay_loss" in final_metrics:
+            console.print(f"general (replay) validation loss: {before['eval_replay_loss']:.4f} before, "
+                          f"{final_metrics['eval_replay_loss']:.4f} after")
     final = save_artifact(trainer.model, job.tokenizer, run_dir / "final", manifest)
     if "eval_loss" in final_metrics:
         console.print(f"validation loss {final_metrics['eval_loss']:.4f}")

@@ -1,0 +1,62 @@
+"""Continued pretraining: exact replay accounting, and replay protecting general ability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmlab.data.pretrain_data import _repeat_indices
+from tests.test_pretrain import read_metrics, tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, tiny_tokenizer):
+    """A tiny model pretrained on the general corpus."""
+    from lmlab.stages.pretrain import run_pretrain
+
+    root = tmp_path_factory.mktemp("base")
+    recipe = tiny_recipe(root, None, name="base", tokenizer={"vocab_size": 400, "max_train_bytes": 300_000},
+                         data={"train": {"kind": "general", "limit": 300}},
+                         train={"max_steps": 60, "eval_every": 100, "save_every": 100})
+    return run_pretrain(recipe)
+
+
+def cpt_recipe(tmp_path, base, ratio, name, steps=40):
+    return tiny_recipe(tmp_path, None, name=name, stage="cpt", tokenizer={},
+                       model={"from_pretrained": str(base)},
+                       data={"train": {"kind": "math", "num_examples": 3000}, "replay": {"kind": "general", "limit": 300},
+                             "replay_ratio": ratio, "validation_fraction": 0.05},
+                       optim={"lr": 1e-2, "warmup_ratio": 0.1},
+                       train={"max_steps": steps, "eval_every": 100, "save_every": 100, "eval_batches": 4})
+
+
+def test_repeat_indices_cover_whole_passes_before_repeating():
+    idx = _repeat_indices(5, 12, seed=0)
+    assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5)) and len(idx) == 12
+
+
+def test_replay_share_is_exact_and_reported(tmp_path, base_model):
+    from lmlab.stages.pretrain import run_pretrain
+
+    final = run_pretrain(cpt_recipe(tmp_path, base_model, 0.16, "mix", steps=25))
+    manifest = json.loads((final / "lmlab.json").read_text())
+    mix = manifest["replay_mix"]
+    rows = 25 * 4  # steps x micro-batch
+    assert mix["replay_tokens"] == round(0.16 * rows) * 64
+    assert mix["domain_tokens"] + mix["replay_tokens"] == rows * 64
+    assert mix["domain_epochs"] > 0 and mix["replay_epochs"] > 0
+    assert "eval_replay_loss" in manifest["metrics_before"] and "eval_domain_loss" in manifest["metrics"]
+
+
+def test_replay_keeps_general_loss_lower_than_no_replay(tmp_path, base_model):
+    from lmlab.stages.pretrain import run_pretrain
+
+    losses = {}
+    for ratio in (0.0, 0.16):
+        final = run_pretrain(cpt_recipe(tmp_path, base_model, ratio, f"r{int(ratio * 100)}"))
+        manifest = json.loads((final / "lmlab.json").read_text())
+        losses[ratio] = (manifest["metrics_before"]["eval_replay_loss"], manifest["metrics"]["eval_replay_loss"])
+    before = losses[0.0][0]
+    assert losses[0.0][1] > before  # CPT on math alone forgets general text
+    assert losses[0.16][1] < losses[0.0][1]  # replay forgets less on the same token budget

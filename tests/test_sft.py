@@ -1,0 +1,175 @@
+"""SFT: chat records, assistant-only labels, templates, packing isolation, LoRA export, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmlab.data.chat import check_messages, from_alpaca, from_sharegpt, to_messages
+from lmlab.errors import LmlabError
+from tests.test_cpt import base_model  # noqa: F401 - the shared pretrained tiny model fixture
+from tests.test_pretrain import tiny_recipe
+
+SYSTEM = "You are a careful assistant who solves arithmetic problems step by step."
+
+
+def sft_recipe(tmp_path, base, name="sft", **blocks):
+    defaults = dict(stage="sft", tokenizer={}, model={"from_pretrained": str(base)},
+                    data={"train": {"kind": "math", "num_examples": 300}, "seq_len": 160},
+                    optim={"lr": 3e-3}, train={"max_steps": None, "epochs": 1, "eval_every": 20})
+    defaults["sft"] = {"eval_math": 0}
+    for key, value in blocks.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            defaults[key] = {**defaults[key], **value}
+        else:
+            defaults[key] = value
+    return tiny_recipe(tmp_path, None, name=name, **defaults)
+
+
+def test_alpaca_and_sharegpt_convert_to_messages():
+    assert from_alpaca({"instruction": "Add", "input": "2 and 3", "output": "5", "system": "S"}) == [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "Add\n\n2 and 3"},
+        {"role": "assistant", "content": "5"}]
+    assert from_sharegpt({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert to_messages({"instruction": "x", "output": "y"})[-1]["role"] == "assistant"
+
+
+def test_records_without_assistant_or_with_unknown_roles_are_rejected():
+    with pytest.raises(ValueError, match="no assistant turn"):
+        check_messages([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="unknown role 'bot'"):
+        check_messages([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}])
+
+
+def test_bad_record_names_file_and_line(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import prepare_sft
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+    recipe = sft_recipe(tmp_path, base_model, data={"train": {"kind": "jsonl", "path": str(path), "field": "messages"}})
+    with pytest.raises(LmlabError, match=r"chat\.jsonl:2: messages: no assistant turn"):
+        prepare_sft(recipe)
+
+
+def test_tokenizer_without_chat_template_is_an_error(tmp_path, base_model):  # noqa: F811
+    import shutil
+
+    from lmlab.stages.sft import prepare_sft
+
+    bare = tmp_path / "bare"
+    shutil.copytree(base_model, bare)
+    (bare / "chat_template.jinja").unlink()
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    recipe = sft_recipe(tmp_path, bare, sft={"chat_template": "tokenizer", "eval_math": 0})
+    with pytest.raises(LmlabError, match="no chat template"):
+        prepare_sft(recipe)
+
+
+def test_labels_cover_only_assistant_tokens_and_the_system_prompt_survives(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import prepare_sft
+
+    job = prepare_sft(sft_recipe(tmp_path, base_model))
+    example = job.trainer.train_dataset[0]
+    batch = job.trainer.data_collator([example])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    text = job.tokenizer.decode(ids)
+    assert f"<|im_start|>system\n{SYSTEM}<|im_end|>" in text
+    trained = job.tokenizer.decode(ids[labels != -100])
+    assistant = text.split("<|im_start|>assistant\n", 1)[1]
+    assert trained == assistant.rstrip("\n") and "The answer is" in trained and trained.endswith("<|im_end|>")
+    prompt_len = len(job.tokenizer(text.split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n",
+                                   add_special_tokens=False)["input_ids"])
+    assert (labels[:prompt_len] == -100).all()
+
+
+def test_packing_never_lets_a_sample_attend_to_another(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import prepare_sft
+
+    job = prepare_sft(sft_recipe(tmp_path, base_model, data={"seq_len": 256}, sft={"packing": True, "eval_math": 0}))
+    rows = job.trainer.train_dataset
+    packed_row = next(rows[i] for i in range(len(rows)) if len(rows[i]["seq_lengths"]) >= 2)
+    batch = job.trainer.data_collator([packed_row])
+    pos = batch["position_ids"][0]
+    starts = [i for i in range(len(pos)) if pos[i] == 0]
+    assert len(starts) >= 2, "the row packs several samples"
+    model = job.trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        second = slice(starts[1], starts[2] if len(starts) > 2 else len(pos))
+        alone = model(input_ids=batch["input_ids"][:, second], use_cache=False).logits[0]
+    assert torch.allclose(packed[second], alone, atol=1e-4)
+
+
+def test_overlong_samples_are_counted_and_dropped_on_request(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import load_sft_data, prepare_tokenizer
+
+    recipe = sft_recipe(tmp_path, base_model, data={"seq_len": 112}, sft={"overlong": "drop", "eval_math": 0})
+    tokenizer = prepare_tokenizer(recipe)
+    data = load_sft_data(recipe, tokenizer)
+    assert data.overlong > 0 and data.dropped == data.overlong
+    assert data.examples + len(data.validation or []) == 300 - data.dropped
+
+
+def test_default_epochs_follow_the_size_rule_and_warn_outside_2_to_4(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import sft_epochs
+
+    assert sft_epochs(sft_recipe(tmp_path, base_model, train={"epochs": None}), 5000) == 3
+    with pytest.warns(UserWarning, match="outside 2-4"):
+        sft_epochs(sft_recipe(tmp_path, base_model, train={"epochs": 8}), 5000)
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import prepare_sft
+
+    recipe = sft_recipe(tmp_path, base_model, lora={"enabled": True, "quantize": "nf4"})
+    with pytest.raises(LmlabError, match="needs a CUDA GPU"):
+        prepare_sft(recipe)
+
+
+def test_lora_warns_on_large_alpha(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import prepare_sft
+
+    with pytest.warns(UserWarning, match="alpha/lora.r"):
+        prepare_sft(sft_recipe(tmp_path, base_model, lora={"enabled": True, "r": 8, "alpha": 128}))
+
+
+def test_full_sft_trains_and_reports_math_accuracy(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import run_sft
+
+    final = run_sft(sft_recipe(tmp_path, base_model, sft={"eval_math": 16}))
+    manifest = json.loads((final / "lmlab.json").read_text())
+    assert 0 <= manifest["metrics"]["math_id_greedy_accuracy"] <= 1 and "eval_loss" in manifest["metrics"]
+    assert manifest["epochs"] == 1 and manifest["steps"] > 0
+
+
+def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(tmp_path, base_model):  # noqa: F811
+    from peft import PeftModel
+
+    from lmlab.models.build import load_model
+    from lmlab.stages.sft import export_adapter, run_sft
+
+    adapter = run_sft(sft_recipe(tmp_path, base_model, lora={"enabled": True, "r": 4, "alpha": 8}, optim={"lr": 1e-2}))
+    assert (adapter / "adapter_config.json").is_file()
+    merged = export_adapter(adapter, tmp_path / "merged")
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        with_adapter = PeftModel.from_pretrained(load_model(base_model), adapter).eval()(input_ids=ids).logits
+        plain = load_model(merged).eval()(input_ids=ids).logits
+        base = load_model(base_model).eval()(input_ids=ids).logits
+    assert torch.allclose(with_adapter, plain, atol=1e-4)
+    assert not torch.allclose(base, plain, atol=1e-4), "the adapter changed the model"
+    code = ("import sys; sys.modules['lmlab'] = None\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"tok = AutoTokenizer.from_pretrained({str(merged)!r})\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r})\n"
+            "assert '<|im_start|>system' in tok.apply_chat_template([{'role': 'system', 'content': 's'}], tokenize=False)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
