@@ -141,7 +141,7 @@ class RichProgressCallback(TrainerCallback):
         if "tokens_per_s" in logs:
             fields["tps"] = f"{logs['tokens_per_s']:,.0f}"
         self._progress.update(self._task, **fields)
-        if "train_runtime" in logs:  # the Trainer's closing summary
+        if "train_samples_per_second" in logs:  # the Trainer's closing summary
             self._progress.console.print(f"trained {state.global_step} steps in {logs['train_runtime']:.0f}s, "
                                          f"mean train loss {logs.get('train_loss', float('nan')):.4f}")
             return
@@ -160,8 +160,12 @@ class RichProgressCallback(TrainerCallback):
 def format_log_line(step: int, max_steps: int, logs: dict[str, Any], eta_seconds: float | None = None) -> str:
     """One nanoGPT-style line: step, loss, lr, grad norm, tokens/s, MFU, validation loss, ETA."""
     parts = [f"step {step}/{max_steps}"]
-    for key, label, fmt in (("loss", "loss", ".4f"), ("eval_loss", "val", ".4f"), ("learning_rate", "lr", ".2e"),
-                            ("grad_norm", "gnorm", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%")):
+    shown = [("loss", "loss", ".4f"), ("mean_token_accuracy", "tok-acc", ".3f"), ("learning_rate", "lr", ".2e"),
+             ("grad_norm", "gnorm", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%")]
+    # every validation set: eval_loss, or eval_<name>_loss when a stage evaluates several (CPT: domain, replay)
+    shown += [(key, "val" if key == "eval_loss" else f"val {key[5:-5]}", ".4f")
+              for key in sorted(logs) if key.startswith("eval_") and key.endswith("_loss")]
+    for key, label, fmt in shown:
         value = logs.get(key)
         if isinstance(value, (int, float)):
             parts.append(f"{label} {value:{fmt}}")

@@ -66,6 +66,10 @@ class LmlabTrainerMixin:
         run_dir = Path(self._get_output_dir(trial))
         staged, final = staging_root / name, run_dir / name
         _fsync_tree(staged)
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staging_root:  # the best model is this checkpoint, under its final name
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            self.state.save_to_json(str(staged / "trainer_state.json"))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staged, final)
@@ -79,7 +83,10 @@ class LmlabTrainerMixin:
             return
         done = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in run_dir.iterdir()
                       if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+        best = self.state.best_model_checkpoint
         for _, path in done[:-limit]:
+            if best and path == Path(best):  # early stopping reloads it at the end
+                continue
             shutil.rmtree(path, ignore_errors=True)
 
     def get_decay_parameter_names(self, model):

@@ -173,3 +173,23 @@ def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(
             "assert '<|im_start|>system' in tok.apply_chat_template([{'role': 'system', 'content': 's'}], tokenize=False)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_early_stopping_keeps_and_reloads_the_best_checkpoint(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import prepare_sft
+
+    recipe = sft_recipe(tmp_path, base_model, train={"epochs": 2, "eval_every": 5, "keep_last": 1},
+                        sft={"early_stopping_patience": 2, "eval_math": 0})
+    job = prepare_sft(recipe)
+    job.trainer.train()
+    best = job.trainer.state.best_model_checkpoint
+    assert best and ".staging" not in best and (recipe.run_dir / "checkpoints" / best.split("/")[-1]).is_dir()
+    saved = json.loads((recipe.run_dir / "checkpoints" / best.split("/")[-1] / "trainer_state.json").read_text())
+    assert ".staging" not in (saved["best_model_checkpoint"] or "")
+
+
+def test_a_token_budget_sets_the_number_of_steps(tmp_path, base_model):  # noqa: F811
+    from lmlab.stages.sft import prepare_sft
+
+    recipe = sft_recipe(tmp_path, base_model, train={"epochs": None, "tokens": 4 * 160 * 7})
+    assert prepare_sft(recipe).trainer.args.max_steps == 7

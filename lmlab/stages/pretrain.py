@@ -252,7 +252,7 @@ def device_peak_flops() -> float | None:
     return gpu.bf16_tflops * 1e12 * world_size()
 
 
-def measured_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+def measured_cpu_matmul_flops(size: int = 1536, repeats: int = 7) -> float:
     """Best of a few fp32 square matmuls: the attainable dense rate of this CPU with torch's threads."""
     import time
 

@@ -168,7 +168,10 @@ def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -
     class LmlabSFTTrainer(LmlabTrainerMixin, SFTTrainer):
         """TRL's SFTTrainer with lmlab's atomic checkpoints and decay groups."""
 
+    import datasets
+
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()  # TRL's per-map bars; our status and progress bar say enough
     console = Console()
     run_dir = recipe.run_dir
     prepare_run_dir(run_dir, resume, overwrite)
@@ -195,7 +198,13 @@ def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -
     if patience:
         extra.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
                      save_steps=t.eval_every)
-    max_steps = -1 if epochs is not None else (t.max_steps or 1)  # -1: the Trainer counts steps from epochs
+    if epochs is not None:
+        max_steps = -1  # the Trainer counts steps from epochs
+    else:  # a budget in steps, tokens or tokens per parameter (tokens count padded rows of data.seq_len)
+        from lmlab.models.build import count_parameters
+        from lmlab.stages.pretrain import training_budget
+
+        max_steps = training_budget(recipe, count_parameters(model), None).max_steps
     args = training_arguments(recipe, run_dir / "checkpoints", max_steps, has_val, args_class=SFTConfig, **extra)
     if epochs is not None:  # warmup as a share of the real number of steps
         steps = -(-data.examples // (t.micro_batch_size * t.grad_accum * world_size())) * epochs
