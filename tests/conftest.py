@@ -28,3 +28,25 @@ def tiny_tokenizer(tmp_path_factory):
 def _isolated_cwd(tmp_path, monkeypatch):
     """Every test writes runs/ under its own temporary directory."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory, tiny_tokenizer):
+    from lmlab.data.tokenizer import save_tokenizer
+
+    out = tmp_path_factory.mktemp("tokdir")
+    save_tokenizer(tiny_tokenizer, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory):
+    """A tiny model pretrained on the general corpus."""
+    from lmlab.stages.pretrain import run_pretrain
+    from tests.helpers import tiny_recipe
+
+    root = tmp_path_factory.mktemp("base")
+    recipe = tiny_recipe(root, None, name="base", tokenizer={"vocab_size": 400, "max_train_bytes": 300_000},
+                         data={"train": {"kind": "general", "limit": 300}},
+                         train={"max_steps": 60, "eval_every": 100, "save_every": 100})
+    return run_pretrain(recipe)

@@ -4,22 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from lmlab.data.pretrain_data import _repeat_indices
-from tests.test_pretrain import read_metrics, tiny_recipe
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tiny_tokenizer):
-    """A tiny model pretrained on the general corpus."""
-    from lmlab.stages.pretrain import run_pretrain
-
-    root = tmp_path_factory.mktemp("base")
-    recipe = tiny_recipe(root, None, name="base", tokenizer={"vocab_size": 400, "max_train_bytes": 300_000},
-                         data={"train": {"kind": "general", "limit": 300}},
-                         train={"max_steps": 60, "eval_every": 100, "save_every": 100})
-    return run_pretrain(recipe)
+from tests.helpers import tiny_recipe
 
 
 def cpt_recipe(tmp_path, base, ratio, name, steps=40):

@@ -13,40 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.recipe import validate_recipe
-
-
-def tiny_recipe(tmp_path, tokenizer_dir=None, **blocks):
-    tree = {
-        "name": "tiny", "seed": 0,
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                  "intermediate_size": 64, "max_position_embeddings": 256},
-        "tokenizer": {"path": str(tokenizer_dir)} if tokenizer_dir else {"vocab_size": 400, "max_train_bytes": 300_000},
-        "data": {"train": {"kind": "general", "limit": 150}, "seq_len": 64, "validation_fraction": 0.05},
-        "optim": {"lr": 1e-2, "warmup_ratio": 0.1},
-        "train": {"max_steps": 12, "micro_batch_size": 4, "log_every": 1, "eval_every": 6, "eval_batches": 2,
-                  "save_every": 4, "keep_last": 2},
-        "output": {"dir": str(tmp_path / "runs")},
-    }
-    for block, values in blocks.items():
-        if isinstance(values, dict):
-            tree.setdefault(block, {}).update(values)
-        else:
-            tree[block] = values
-    return validate_recipe(tree)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, tiny_tokenizer):
-    from lmlab.data.tokenizer import save_tokenizer
-
-    out = tmp_path_factory.mktemp("tokdir")
-    save_tokenizer(tiny_tokenizer, out)
-    return out
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import read_metrics, tiny_recipe
 
 
 def test_pretrain_writes_hf_artifact_metrics_and_falling_validation_loss(tmp_path, tok_dir):
@@ -133,7 +100,7 @@ def test_z_loss_adds_a_positive_penalty(tmp_path, tok_dir):
 
 
 def test_budget_from_tokens_per_param(tmp_path, tok_dir):
-    from lmlab.stages.pretrain import training_budget
+    from lmlab.stages.common import training_budget
 
     recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": None, "tokens_per_param": 2.0})
     budget = training_budget(recipe, n_params=10_000, train_tokens=100_000)
@@ -281,7 +248,7 @@ def test_training_continues_from_a_local_checkpoint(tmp_path, tok_dir):
 
 
 def test_sharding_without_gpus_is_a_clear_error(tmp_path, tok_dir):
-    from lmlab.stages.pretrain import distributed_arguments
+    from lmlab.stages.common import distributed_arguments
 
     recipe = tiny_recipe(tmp_path, tok_dir, train={"distributed": "zero3"})
     with pytest.raises(LmlabError, match="none is visible"):

@@ -11,8 +11,7 @@ import torch
 
 from lmlab.data.chat import check_messages, from_alpaca, from_sharegpt, to_messages
 from lmlab.errors import LmlabError
-from tests.test_cpt import base_model  # noqa: F401 - the shared pretrained tiny model fixture
-from tests.test_pretrain import tiny_recipe
+from tests.helpers import tiny_recipe
 
 SYSTEM = "You are a careful assistant who solves arithmetic problems step by step."
 
@@ -46,7 +45,7 @@ def test_records_without_assistant_or_with_unknown_roles_are_rejected():
         check_messages([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}])
 
 
-def test_bad_record_names_file_and_line(tmp_path, base_model):  # noqa: F811
+def test_bad_record_names_file_and_line(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
     path = tmp_path / "chat.jsonl"
@@ -57,7 +56,7 @@ def test_bad_record_names_file_and_line(tmp_path, base_model):  # noqa: F811
         prepare_sft(recipe)
 
 
-def test_tokenizer_without_chat_template_is_an_error(tmp_path, base_model):  # noqa: F811
+def test_tokenizer_without_chat_template_is_an_error(tmp_path, base_model):
     import shutil
 
     from lmlab.stages.sft import prepare_sft
@@ -73,7 +72,7 @@ def test_tokenizer_without_chat_template_is_an_error(tmp_path, base_model):  # n
         prepare_sft(recipe)
 
 
-def test_labels_cover_only_assistant_tokens_and_the_system_prompt_survives(tmp_path, base_model):  # noqa: F811
+def test_labels_cover_only_assistant_tokens_and_the_system_prompt_survives(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
     job = prepare_sft(sft_recipe(tmp_path, base_model))
@@ -90,7 +89,7 @@ def test_labels_cover_only_assistant_tokens_and_the_system_prompt_survives(tmp_p
     assert (labels[:prompt_len] == -100).all()
 
 
-def test_packing_never_lets_a_sample_attend_to_another(tmp_path, base_model):  # noqa: F811
+def test_packing_never_lets_a_sample_attend_to_another(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
     job = prepare_sft(sft_recipe(tmp_path, base_model, data={"seq_len": 256}, sft={"packing": True, "eval_math": 0}))
@@ -108,7 +107,7 @@ def test_packing_never_lets_a_sample_attend_to_another(tmp_path, base_model):  #
     assert torch.allclose(packed[second], alone, atol=1e-4)
 
 
-def test_overlong_samples_are_counted_and_dropped_on_request(tmp_path, base_model):  # noqa: F811
+def test_overlong_samples_are_counted_and_dropped_on_request(tmp_path, base_model):
     from lmlab.stages.sft import load_sft_data, prepare_tokenizer
 
     recipe = sft_recipe(tmp_path, base_model, data={"seq_len": 112}, sft={"overlong": "drop", "eval_math": 0})
@@ -118,7 +117,7 @@ def test_overlong_samples_are_counted_and_dropped_on_request(tmp_path, base_mode
     assert data.examples + len(data.validation or []) == 300 - data.dropped
 
 
-def test_default_epochs_follow_the_size_rule_and_warn_outside_2_to_4(tmp_path, base_model):  # noqa: F811
+def test_default_epochs_follow_the_size_rule_and_warn_outside_2_to_4(tmp_path, base_model):
     from lmlab.stages.sft import sft_epochs
 
     assert sft_epochs(sft_recipe(tmp_path, base_model, train={"epochs": None}), 5000) == 3
@@ -126,7 +125,7 @@ def test_default_epochs_follow_the_size_rule_and_warn_outside_2_to_4(tmp_path, b
         sft_epochs(sft_recipe(tmp_path, base_model, train={"epochs": 8}), 5000)
 
 
-def test_qlora_on_cpu_is_a_clear_error(tmp_path, base_model):  # noqa: F811
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
     recipe = sft_recipe(tmp_path, base_model, lora={"enabled": True, "quantize": "nf4"})
@@ -134,14 +133,14 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, base_model):  # noqa: F811
         prepare_sft(recipe)
 
 
-def test_lora_warns_on_large_alpha(tmp_path, base_model):  # noqa: F811
+def test_lora_warns_on_large_alpha(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
     with pytest.warns(UserWarning, match="alpha/lora.r"):
         prepare_sft(sft_recipe(tmp_path, base_model, lora={"enabled": True, "r": 8, "alpha": 128}))
 
 
-def test_full_sft_trains_and_reports_math_accuracy(tmp_path, base_model):  # noqa: F811
+def test_full_sft_trains_and_reports_math_accuracy(tmp_path, base_model):
     from lmlab.stages.sft import run_sft
 
     final = run_sft(sft_recipe(tmp_path, base_model, sft={"eval_math": 16}))
@@ -150,7 +149,7 @@ def test_full_sft_trains_and_reports_math_accuracy(tmp_path, base_model):  # noq
     assert manifest["epochs"] == 1 and manifest["steps"] > 0
 
 
-def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(tmp_path, base_model):  # noqa: F811
+def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(tmp_path, base_model):
     from peft import PeftModel
 
     from lmlab.models.build import load_model
@@ -175,7 +174,7 @@ def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(
     assert result.returncode == 0, result.stderr
 
 
-def test_early_stopping_keeps_and_reloads_the_best_checkpoint(tmp_path, base_model):  # noqa: F811
+def test_early_stopping_keeps_and_reloads_the_best_checkpoint(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
     recipe = sft_recipe(tmp_path, base_model, train={"epochs": 2, "eval_every": 5, "keep_last": 1},
@@ -188,7 +187,7 @@ def test_early_stopping_keeps_and_reloads_the_best_checkpoint(tmp_path, base_mod
     assert ".staging" not in (saved["best_model_checkpoint"] or "")
 
 
-def test_a_token_budget_sets_the_number_of_steps(tmp_path, base_model):  # noqa: F811
+def test_a_token_budget_sets_the_number_of_steps(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
     recipe = sft_recipe(tmp_path, base_model, train={"epochs": None, "tokens": 4 * 160 * 7})

@@ -1,23 +1,22 @@
-"""Pretraining (and the shared machinery for any causal-LM stage) on the HF Trainer.
+"""Pretraining and continued pretraining (CPT with replay) on the HF Trainer.
 
-The HF Trainer is used as is, so accelerate, FSDP2 and DeepSpeed work through
-`accelerate launch` / `torchrun` unchanged. lmlab adds the data (packed with
-intra-document masking), the budget arithmetic, the schedule choice, the shared
-callbacks, atomic checkpoints and the final artifact.
+The HF Trainer is used as is, so accelerate and FSDP2 work through `accelerate
+launch` / `torchrun` unchanged. lmlab adds the data (packed with intra-document
+masking, replay mixed exactly), the budget, the shared callbacks, atomic
+checkpoints and the final artifact.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe, dump_recipe
+from lmlab.stages.common import (Budget, device_peak_flops, prepare_run_dir, training_arguments, training_budget,
+                                 world_size)
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -70,147 +69,7 @@ def check_checkpoint_fits(recipe: Recipe, tokenizer) -> None:
                          file=str(config_path), field="max_position_embeddings")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory unless the user says resume or overwrite."""
-    from lmlab.trainers import last_checkpoint, remove_staging
-
-    checkpoints = run_dir / "checkpoints"
-    if overwrite:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    elif not resume and (last_checkpoint(checkpoints) or (run_dir / "final").exists()):
-        raise LmlabError("this run directory already holds a run", file=str(run_dir),
-                         hint="pass --resume to continue it, --overwrite to start again, or change `name`")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_staging(checkpoints)
-
-
 # ----------------------------------------------------------------------------- budget and arguments
-
-
-@dataclass
-class Budget:
-    max_steps: int
-    tokens_per_step: int
-    tokens: int
-    epochs: float | None  # passes over the unique training tokens the budget implies
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def training_budget(recipe: Recipe, n_params: int, train_tokens: int | None) -> Budget:
-    """Optimizer steps from a budget in tokens, tokens per parameter, or steps (default: one epoch)."""
-    t = recipe.train
-    tokens_per_step = t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len
-    if t.max_steps:
-        steps = t.max_steps
-    elif t.tokens:
-        steps = math.ceil(t.tokens / tokens_per_step)
-    elif t.tokens_per_param:
-        steps = math.ceil(t.tokens_per_param * n_params / tokens_per_step)
-    elif train_tokens is not None:
-        steps = max(1, train_tokens // tokens_per_step)
-    else:
-        raise LmlabError("a streamed dataset has no known size: give a budget", field="train.tokens",
-                         hint="set train.tokens, train.tokens_per_param or train.max_steps")
-    tokens = steps * tokens_per_step
-    epochs = tokens / train_tokens if train_tokens else None
-    return Budget(steps, tokens_per_step, tokens, epochs)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def use_bf16(precision: str) -> bool:
-    import torch
-
-    if precision == "bf16":
-        return True
-    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def scheduler_settings(recipe: Recipe, max_steps: int) -> tuple[str, dict[str, Any]]:
-    """HF scheduler name and kwargs; every schedule decays fully by the last step (EvoLM)."""
-    o = recipe.optim
-    if o.schedule == "cosine":
-        return "cosine_with_min_lr", {"min_lr_rate": o.min_lr_ratio}
-    if o.schedule == "wsd":
-        return "warmup_stable_decay", {"num_decay_steps": max(1, int(o.decay_ratio * max_steps)),
-                                       "min_lr_ratio": o.min_lr_ratio}
-    if o.schedule == "linear":
-        return "linear", {}
-    return "constant_with_warmup", {}
-
-
-FSDP_MODES = {"zero2": "shard_grad_op auto_wrap", "zero3": "full_shard auto_wrap",
-              "zero3_offload": "full_shard auto_wrap offload"}
-
-
-def distributed_arguments(recipe: Recipe, layer_class: str | None) -> dict[str, Any]:
-    """FSDP2 settings for the Trainer; `auto` and `ddp` leave it to accelerate's launch config."""
-    mode = recipe.train.distributed
-    if mode in ("auto", "ddp"):
-        return {}
-    if not _cuda_available():
-        raise LmlabError(f"train.distributed={mode} shards over GPUs, and none is visible", field="train.distributed",
-                         hint="use ddp (or auto) on CPU; on GPUs launch with `accelerate launch` or `torchrun`")
-    config: dict[str, Any] = {"version": 2}
-    if layer_class:
-        config["transformer_layer_cls_to_wrap"] = [layer_class]
-    return {"fsdp": FSDP_MODES[mode], "fsdp_config": config}
-
-
-def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_validation: bool,
-                       layer_class: str | None = None, args_class: Any = None, **extra: Any):
-    """The recipe as HF TrainingArguments (or a TRL config class, which extends them); `extra` overrides."""
-    from transformers import TrainingArguments
-
-    o, t = recipe.optim, recipe.train
-    scheduler, scheduler_kwargs = scheduler_settings(recipe, max_steps)
-    bf16 = use_bf16(t.precision)
-    report_to = [r for r in recipe.output.report_to if r != "tensorboard"] or "none"
-    kwargs = dict(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=o.lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.beta1,
-        adam_beta2=o.beta2,
-        adam_epsilon=o.eps,
-        optim=o.optimizer,
-        lr_scheduler_type=scheduler,
-        lr_scheduler_kwargs=scheduler_kwargs,
-        warmup_steps=int(o.warmup_ratio * max_steps),
-        max_grad_norm=o.grad_clip if o.grad_clip > 0 else None,
-        bf16=bf16,
-        fp16=t.precision == "fp16",
-        activation_checkpointing=t.gradient_checkpointing,
-        dataloader_pin_memory=_cuda_available(),
-        logging_steps=t.log_every,
-        logging_first_step=True,
-        eval_strategy="steps" if has_validation else "no",
-        eval_steps=t.eval_every,
-        save_strategy="steps",
-        save_steps=t.save_every,
-        save_total_limit=t.keep_last,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        dataloader_num_workers=t.num_workers,
-        report_to=report_to,
-        run_name=recipe.name,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        use_cpu=False,
-        **distributed_arguments(recipe, layer_class),
-    )
-    return (args_class or TrainingArguments)(**{**kwargs, **extra})
 
 
 def z_loss_function(z_coef: float, vocab_size: int, aux_coef: float = 0.0):
@@ -234,37 +93,6 @@ def z_loss_function(z_coef: float, vocab_size: int, aux_coef: float = 0.0):
         return loss
 
     return loss_fn
-
-
-def device_peak_flops() -> float | None:
-    """Peak FLOP/s for MFU: the catalogue's dense bf16 figure on a known GPU; on CPU, the best dense
-    fp32 matmul rate measured here (a CPU has no datasheet figure the model could reach)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return measured_cpu_matmul_flops() * world_size()
-    try:
-        from lmlab.plan.hardware import lookup_gpu
-
-        gpu = lookup_gpu(torch.cuda.get_device_name(0))
-    except LmlabError:  # an unknown GPU: MFU is left out rather than guessed
-        return None
-    return gpu.bf16_tflops * 1e12 * world_size()
-
-
-def measured_cpu_matmul_flops(size: int = 1536, repeats: int = 7) -> float:
-    """Best of a few fp32 square matmuls: the attainable dense rate of this CPU with torch's threads."""
-    import time
-
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -113,10 +113,10 @@ def load_sft_model(recipe: Recipe, tokenizer):
         if not torch.cuda.is_available():
             raise LmlabError("QLoRA (lora.quantize: nf4) needs a CUDA GPU and bitsandbytes", field="lora.quantize",
                              hint="use plain LoRA (lora.quantize: none) on CPU")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise LmlabError("QLoRA needs bitsandbytes: pip install 'lmlab[gpu]'", field="lora.quantize") from None
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise LmlabError("QLoRA needs bitsandbytes: pip install 'lmlab[gpu]'", field="lora.quantize")
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -162,7 +162,7 @@ def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -
     from trl import SFTConfig, SFTTrainer
 
     from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
-    from lmlab.stages.pretrain import prepare_run_dir, training_arguments, world_size
+    from lmlab.stages.common import prepare_run_dir, training_arguments, world_size
     from lmlab.trainers import LmlabTrainerMixin
 
     class LmlabSFTTrainer(LmlabTrainerMixin, SFTTrainer):
@@ -202,7 +202,7 @@ def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -
         max_steps = -1  # the Trainer counts steps from epochs
     else:  # a budget in steps, tokens or tokens per parameter (tokens count padded rows of data.seq_len)
         from lmlab.models.build import count_parameters
-        from lmlab.stages.pretrain import training_budget
+        from lmlab.stages.common import training_budget
 
         max_steps = training_budget(recipe, count_parameters(model), None).max_steps
     args = training_arguments(recipe, run_dir / "checkpoints", max_steps, has_val, args_class=SFTConfig, **extra)
