@@ -1,0 +1,100 @@
+"""Log-likelihood scoring: cloze multiple choice (Smol Training Playbook) and bits per byte of text.
+
+Cloze form scores each option as a continuation of the question; normalising the
+option's log-likelihood by its number of characters keeps long options from losing
+just for being long, which is the playbook's default for early-training evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+Normalisation = Literal["chars", "tokens", "none"]
+
+
+@dataclass(frozen=True)
+class OptionScore:
+    logprob: float  # summed log-probability of the option's tokens
+    tokens: int
+    chars: int
+
+    def normalised(self, how: Normalisation) -> float:
+        if how == "chars":
+            return self.logprob / max(1, self.chars)
+        if how == "tokens":
+            return self.logprob / max(1, self.tokens)
+        return self.logprob
+
+
+def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
+                          batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed log-probability, token count) of each continuation given its context, batched and right-padded."""
+    import torch
+
+    results: list[tuple[float, int]] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    for start in range(0, len(contexts), batch_size):
+        rows, spans = [], []
+        for context, continuation in zip(contexts[start:start + batch_size], continuations[start:start + batch_size]):
+            ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            rows.append(ctx + cont)
+            spans.append((len(ctx), len(ctx) + len(cont)))
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for row, (lo, hi) in enumerate(spans):
+            # the token at position t is predicted by the logits at t - 1
+            targets = ids[row, lo:hi]
+            picked = logprobs[row, lo - 1:hi - 1].gather(-1, targets.unsqueeze(-1)).squeeze(-1) if lo > 0 else None
+            if picked is None:
+                raise ValueError("a cloze context must not be empty")
+            results.append((picked.sum().item(), hi - lo))
+    return results
+
+
+def score_options(model, tokenizer, question: str, options: Sequence[str],
+                  batch_size: int = 16) -> list[OptionScore]:
+    """Each option scored as the continuation of the question (options start with a space in cloze form)."""
+    pairs = continuation_logprobs(model, tokenizer, [question] * len(options), list(options), batch_size)
+    return [OptionScore(lp, n, len(option)) for (lp, n), option in zip(pairs, options)]
+
+
+def pick(scores: Sequence[OptionScore], how: Normalisation = "chars") -> int:
+    """Index of the best option under the chosen normalisation (first on ties)."""
+    values = [s.normalised(how) for s in scores]
+    return values.index(max(values))
+
+
+def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int = 1024) -> float:
+    """Bits per UTF-8 byte of `texts` under the model.
+
+    Each text is scored in full after a document-start token (BOS, else EOS, as a
+    packed pretraining row would see it); a text longer than `max_length` tokens
+    counts only the bytes of the tokens scored.
+    """
+    import torch
+
+    from lmlab.evaluate.metrics import bits_per_byte
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("bits per byte needs a BOS or EOS token to start each text")
+    total_nll, total_bytes = 0.0, 0
+    model.eval()
+    for text in texts:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"][: max_length - 1]
+        if not ids:
+            continue
+        end = encoded["offset_mapping"][len(ids) - 1][1]
+        row = torch.tensor([[start] + ids], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=row).logits.float()
+        total_nll += torch.nn.functional.cross_entropy(logits[0, :-1], row[0, 1:], reduction="sum").item()
+        total_bytes += len(text[:end].encode("utf-8"))
+    return bits_per_byte(total_nll, total_bytes)
