@@ -94,6 +94,40 @@ def export(adapter: Path = typer.Argument(..., help="A LoRA adapter directory wr
     typer.echo(f"merged checkpoint: {export_adapter(adapter, out)}")
 
 
+@app.command("eval")
+@user_errors
+def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint directory (with its tokenizer)."),
+          tasks: str = typer.Option("math_id,math_ood,general_cloze", "--tasks",
+                                    help="Comma-separated embedded task names or task YAML files."),
+          n: int = typer.Option(200, "--n", help="Items per embedded task."),
+          samples: int = typer.Option(1, "--samples", help="Samples per prompt for maj@k and pass@k."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON.")) -> None:
+    """Score a checkpoint on cloze and generative tasks."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.tasks import load_task, run_task
+    from lmlab.models.build import load_model
+
+    loaded = [load_task(spec.strip(), n) for spec in tasks.split(",") if spec.strip()]  # bad tasks fail first
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint)
+    results: dict[str, float] = {}
+    for task in loaded:
+        results.update(run_task(model, tokenizer, task, samples=samples))
+    table = Table(title=f"evaluation of {checkpoint}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+    if out:
+        out.write_text(json.dumps(results, indent=2))
+
+
 @tokenizer_app.command("train")
 @user_errors
 def tokenizer_train(

@@ -1,0 +1,145 @@
+"""Evaluation tasks as data: a YAML file over a local jsonl, or one of the embedded tasks.
+
+    name: my_mc
+    kind: cloze            # or: generative
+    path: items.jsonl      # relative to the YAML file
+    normalisation: chars   # cloze: chars | tokens | none
+
+A cloze item is {"prompt", "choices": [...], "gold": index}; a generative item is
+{"prompt", "answer": integer}. Embedded tasks need no files: `math_id` and
+`math_ood` (generative, from the math generator at a seed apart from training
+data) and `general_cloze` (pick the true next line of standard-library text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmlab.errors import LmlabError
+
+EMBEDDED = ("math_id", "math_ood", "general_cloze")
+EVAL_SEED = 1234  # apart from the training seeds (0, ...) used by the recipes
+
+
+@dataclass
+class Task:
+    name: str
+    kind: Literal["cloze", "generative"]
+    items: list[dict[str, Any]]
+    normalisation: str = "chars"
+    where: str = "<embedded>"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_items(task: Task) -> Task:
+    if not task.items:
+        raise LmlabError(f"task '{task.name}' has no items", file=task.where)
+    for i, item in enumerate(task.items, start=1):
+        if "prompt" not in item:
+            raise LmlabError("item has no 'prompt'", file=task.where, line=item.get("_line", i), field="prompt")
+        if task.kind == "cloze":
+            choices, gold = item.get("choices"), item.get("gold")
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise LmlabError("a cloze item needs at least two choices", file=task.where,
+                                 line=item.get("_line", i), field="choices")
+            if not isinstance(gold, int) or not 0 <= gold < len(choices):
+                raise LmlabError(f"gold {gold!r} is not an index into its {len(choices)} choices", file=task.where,
+                                 line=item.get("_line", i), field="gold")
+        elif not isinstance(item.get("answer"), int):
+            raise LmlabError("a generative item needs an integer 'answer'", file=task.where,
+                             line=item.get("_line", i), field="answer")
+    return task
+
+
+def embedded_task(name: str, n: int = 200) -> Task:
+    if name in ("math_id", "math_ood"):
+        from lmlab.data.mathgen import as_prompt_record, math_problems
+
+        items = [as_prompt_record(p) for p in math_problems(name.split("_")[1], n, EVAL_SEED)]
+        return Task(name, "generative", items)
+    if name == "general_cloze":
+        return Task(name, "cloze", general_cloze_items(n))
+    raise LmlabError(f"unknown task '{name}'", field="--tasks",
+                     hint=f"embedded tasks: {', '.join(EMBEDDED)}, or a task YAML file")
+
+
+def general_cloze_items(n: int, choices: int = 4) -> list[dict[str, Any]]:
+    """From held-out stdlib documents: given a few lines, pick the true next line among lines of other documents."""
+    import random
+
+    from lmlab.data.general import general_documents
+    from lmlab.data.sources import doc_hash
+
+    rng = random.Random(EVAL_SEED)
+    docs = [text for doc_id, text in general_documents() if doc_hash(doc_id) < 0.01]  # the validation split
+    lines_by_doc = [[line for line in d.splitlines() if len(line.strip()) > 20] for d in docs]
+    pool = [line for lines in lines_by_doc for line in lines]
+    items = []
+    for lines in lines_by_doc:
+        for i in range(3, len(lines), 7):
+            if len(items) == n:
+                return items
+            true_line = lines[i]
+            distractors = rng.sample([line for line in pool if line != true_line], choices - 1)
+            options = [true_line] + distractors
+            rng.shuffle(options)
+            items.append({"prompt": "\n".join(lines[i - 3:i]) + "\n", "choices": options,
+                          "gold": options.index(true_line)})
+    return items
+
+
+def load_task(spec: str, n: int = 200) -> Task:
+    """An embedded task name or a task YAML path."""
+    path = Path(spec)
+    if path.suffix not in (".yaml", ".yml"):
+        return _check_items(embedded_task(spec, n))
+    if not path.is_file():
+        raise LmlabError("task file not found", file=spec)
+    import yaml
+
+    from lmlab.data.sources import read_jsonl
+
+    config = yaml.safe_load(path.read_text()) or {}
+    unknown = set(config) - {"name", "kind", "path", "normalisation"}
+    if unknown:
+        raise LmlabError(f"unknown key '{sorted(unknown)[0]}'", file=spec, field=sorted(unknown)[0])
+    if config.get("kind") not in ("cloze", "generative"):
+        raise LmlabError("kind must be cloze or generative", file=spec, field="kind")
+    if config.get("normalisation", "chars") not in ("chars", "tokens", "none"):
+        raise LmlabError("normalisation must be chars, tokens or none", file=spec, field="normalisation")
+    data = path.parent / config.get("path", "")
+    if not data.is_file():
+        raise LmlabError(f"items file not found: {data}", file=spec, field="path")
+    items = [{**record, "_line": line} for line, record in read_jsonl(data)]
+    return _check_items(Task(config.get("name", path.stem), config["kind"], items,
+                             config.get("normalisation", "chars"), where=str(data)))
+
+
+def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float = 0.8,
+             batch_size: int = 32, seed: int = 0) -> dict[str, float]:
+    """Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k (k = samples)."""
+    if task.kind == "cloze":
+        from lmlab.evaluate.likelihood import pick, score_options
+
+        correct = sum(pick(score_options(model, tokenizer, it["prompt"], it["choices"], batch_size),
+                           task.normalisation) == it["gold"] for it in task.items)
+        return {f"{task.name}/accuracy": correct / len(task.items)}
+    from lmlab.data.mathgen import DEFAULT_SYSTEM
+    from lmlab.evaluate.generation import extract_integer, generate, render_prompts
+    from lmlab.evaluate.metrics import maj_at_k, pass_at_k
+
+    prompts = render_prompts(tokenizer, [it["prompt"] for it in task.items], system=DEFAULT_SYSTEM)
+    greedy = generate(model, tokenizer, prompts, batch_size=batch_size)
+    out = {f"{task.name}/greedy_accuracy":
+           sum(extract_integer(g[0]) == it["answer"] for g, it in zip(greedy, task.items)) / len(task.items)}
+    if samples > 1:
+        sampled = generate(model, tokenizer, prompts, batch_size=max(1, batch_size // samples), do_sample=True,
+                           temperature=temperature, num_return_sequences=samples, seed=seed)
+        answers = [[extract_integer(s) for s in group] for group in sampled]
+        out[f"{task.name}/maj@{samples}"] = sum(maj_at_k(a, it["answer"], samples)
+                                                for a, it in zip(answers, task.items)) / len(task.items)
+        out[f"{task.name}/pass@{samples}"] = sum(pass_at_k(samples, sum(x == it["answer"] for x in a), samples)
+                                                 for a, it in zip(answers, task.items)) / len(task.items)
+    return out
