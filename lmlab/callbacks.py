@@ -182,3 +182,36 @@ def attach_callbacks(trainer, callbacks: list[TrainerCallback]) -> None:
     trainer.remove_callback(PrinterCallback)
     for callback in reversed(callbacks):
         trainer.callback_handler.callbacks.insert(0, callback)
+
+
+class TaskEvalCallback(TrainerCallback):
+    """Every `every` steps, score the model on evaluation tasks (and an ORM) and log through `metrics`.
+
+    EvoLM's point is that loss alone stops tracking problem solving after pretraining,
+    so any stage can watch task accuracy and ORM scores while it trains.
+    """
+
+    def __init__(self, metrics: MetricsCallback, tokenizer, tasks: list, every: int, samples: int = 4,
+                 scorer=None):
+        self.metrics, self.tokenizer, self.tasks = metrics, tokenizer, tasks
+        self.every, self.samples, self.scorer = every, samples, scorer
+
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        from lmlab.evaluate.orm import orm_score
+        from lmlab.evaluate.tasks import run_task
+
+        was_training = model.training
+        results: dict[str, float] = {}
+        for task in self.tasks:
+            results.update(run_task(model, self.tokenizer, task, samples=self.samples, seed=step))
+            if self.scorer is not None and task.kind == "generative":
+                results[f"{task.name}/orm_score"] = orm_score(model, self.tokenizer, task, self.scorer,
+                                                              samples=self.samples, seed=step)
+        model.train(was_training)
+        return results
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % self.every:
+            return
+        results = self.evaluate(model, state.global_step)
+        self.metrics.on_log(args, state, control, logs={f"task/{k}": v for k, v in results.items()})

@@ -229,6 +229,16 @@ class LoRAConfig(Strict):
     quantize: Literal["none", "nf4"] = "none"
 
 
+class EvalConfig(Strict):
+    """Task evaluation during training (any stage), logged to metrics.jsonl as `task/<task>/<metric>`."""
+
+    tasks: list[str] = Field(default_factory=list)  # embedded task names or task YAML files
+    every: int = Field(100, gt=0)  # steps
+    n: int = Field(50, gt=0)  # items per embedded task
+    samples: int = Field(4, ge=1)  # per prompt, for maj@k, pass@k and the ORM score
+    orm: str | None = None  # a verifier (math_exact) or a reward-model directory
+
+
 class OutputConfig(Strict):
     dir: str = "runs"  # the run directory is <dir>/<recipe name>
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])  # + metrics.jsonl always
@@ -245,6 +255,7 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

@@ -186,3 +186,16 @@ def measured_cpu_matmul_flops(size: int = 1536, repeats: int = 7) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
+
+
+def task_eval_callbacks(recipe: Recipe, metrics, tokenizer) -> list:
+    """The training-time task/ORM callback when the recipe asks for one (tasks load before any compute)."""
+    if not recipe.eval.tasks:
+        return []
+    from lmlab.callbacks import TaskEvalCallback
+    from lmlab.evaluate.orm import load_scorer
+    from lmlab.evaluate.tasks import load_task
+
+    tasks = [load_task(spec, recipe.eval.n) for spec in recipe.eval.tasks]
+    scorer = load_scorer(recipe.eval.orm) if recipe.eval.orm else None
+    return [TaskEvalCallback(metrics, tokenizer, tasks, recipe.eval.every, recipe.eval.samples, scorer)]

@@ -15,8 +15,8 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe, dump_recipe
-from lmlab.stages.common import (Budget, device_peak_flops, prepare_run_dir, training_arguments, training_budget,
-                                 world_size)
+from lmlab.stages.common import (Budget, device_peak_flops, prepare_run_dir, task_eval_callbacks,
+                                 training_arguments, training_budget, world_size)
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -192,7 +192,8 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
                               peak_flops=(recipe.train.peak_tflops * 1e12 * world_size()
                                           if recipe.train.peak_tflops else device_peak_flops()),
                               stage=recipe.stage, tensorboard="tensorboard" in recipe.output.report_to)
-    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name)])
+    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name),
+                               *task_eval_callbacks(recipe, metrics, tokenizer)])
     return PretrainJob(recipe, trainer, tokenizer, data, budget, n_params, n_active, mix)
 
 

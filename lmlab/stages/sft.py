@@ -162,7 +162,7 @@ def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -
     from trl import SFTConfig, SFTTrainer
 
     from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
-    from lmlab.stages.common import prepare_run_dir, training_arguments, world_size
+    from lmlab.stages.common import prepare_run_dir, task_eval_callbacks, training_arguments, world_size
     from lmlab.trainers import LmlabTrainerMixin
 
     class LmlabSFTTrainer(LmlabTrainerMixin, SFTTrainer):
@@ -216,7 +216,8 @@ def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -
                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     metrics = MetricsCallback(run_dir, t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len,
                               stage="sft", tensorboard="tensorboard" in recipe.output.report_to)
-    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name)])
+    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name),
+                               *task_eval_callbacks(recipe, metrics, tokenizer)])
     return SFTJob(recipe, trainer, tokenizer, data, epochs)
 
 
