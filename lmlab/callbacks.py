@@ -1,4 +1,5 @@
-"""The one callback set every stage shares: metrics (jsonl + TensorBoard), a rich progress bar.
+"""The one callback set every stage shares: metrics (jsonl + TensorBoard), a rich progress bar,
+and task / ORM evaluation during training.
 
 Stages hand these to their HF/TRL trainer, so every stage logs the same fields
 to the same files: `<run>/metrics.jsonl` (one JSON object per logged step) and
