@@ -128,6 +128,16 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
         out.write_text(json.dumps(results, indent=2))
 
 
+@app.command()
+@user_errors
+def report(run_dir: Path = typer.Argument(..., help="A run directory, or a directory of runs (e.g. runs/)."),
+           out: Optional[Path] = typer.Option(None, "--out", help="Where report.md and its PNGs go.")) -> None:
+    """Markdown and PNG plots: losses, LR, grad norm, task metrics, ORM score vs accuracy (r^2)."""
+    from lmlab.report import write_report
+
+    typer.echo(f"report: {write_report(run_dir, out)}")
+
+
 @tokenizer_app.command("train")
 @user_errors
 def tokenizer_train(

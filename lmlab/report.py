@@ -1,0 +1,168 @@
+"""`lmlab report RUN_DIR`: markdown plus PNG plots of what a run (or a directory of runs) logged.
+
+It reads only files: each stage's `metrics.jsonl` and `final/lmlab.json`, so it works
+on any machine after the fact. Plots are what people would rather look at than
+read: losses, learning rate, grad norm, task metrics over steps, and the ORM score
+against accuracy with its r^2 (EvoLM's monitoring claim).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+
+
+def read_jsonl_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directory itself, or every run directory below it (those with a metrics.jsonl)."""
+    if (root / "metrics.jsonl").is_file():
+        return [root]
+    runs = sorted(p.parent for p in root.glob("*/metrics.jsonl"))
+    if not runs:
+        raise LmlabError("no metrics.jsonl here or one level below", file=str(root))
+    return runs
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def r_squared(xs: list[float], ys: list[float]) -> float | None:
+    """Squared Pearson correlation; None when either side has no spread."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return sxy * sxy / (sxx * syy)
+
+
+def _plot(path: Path, title: str, curves: dict[str, tuple[list[int], list[float]]], ylabel: str) -> bool:
+    curves = {k: v for k, v in curves.items() if v[0]}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _scatter(path: Path, xs: list[float], ys: list[float], xlabel: str, ylabel: str, r2: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(xs, ys)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} vs {xlabel}" + (f" (r² = {r2:.2f})" if r2 is not None else ""))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_report(run: Path, out: Path) -> list[str]:
+    """Plots and a markdown section for one run directory."""
+    records = read_jsonl_records(run / "metrics.jsonl")
+    name = run.name
+    lines = [f"## {name}", ""]
+    manifest_path = run / "final" / "lmlab.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest:
+        metrics = manifest.get("metrics", {})
+        lines += [f"stage `{manifest.get('stage')}`, input `{manifest.get('input_artifact')}`, "
+                  f"{manifest.get('steps', '?')} steps", ""]
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and
+                 (k.endswith("loss") or "accuracy" in k)}
+        if shown:
+            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in shown.items()] + [""]
+        if "replay_mix" in manifest:
+            before = manifest.get("metrics_before", {}).get("eval_replay_loss")
+            after = metrics.get("eval_replay_loss")
+            if before is not None and after is not None:
+                lines += [f"general (replay) validation loss: {before:.4f} before, {after:.4f} after", ""]
+    eval_keys = sorted({k for r in records for k in r if k.startswith("eval_") and k.endswith("loss")})
+    plots = [
+        (f"{name}_loss.png", "loss", {"train": series(records, "loss"),
+                                      **{k: series(records, k) for k in eval_keys}}, "loss"),
+        (f"{name}_lr.png", "learning rate", {"lr": series(records, "learning_rate")}, "learning rate"),
+        (f"{name}_grad_norm.png", "grad norm", {"grad norm": series(records, "grad_norm")}, "grad norm"),
+    ]
+    task_keys = sorted({k for r in records for k in r if k.startswith("task/")})
+    if task_keys:
+        plots.append((f"{name}_tasks.png", "task metrics", {k[5:]: series(records, k) for k in task_keys}, "value"))
+    for filename, title, curves, ylabel in plots:
+        if _plot(out / filename, f"{name}: {title}", curves, ylabel):
+            lines += [f"![{title}]({filename})", ""]
+    for orm_key in [k for k in task_keys if k.endswith("/orm_score")]:
+        task = orm_key[len("task/"):-len("/orm_score")]
+        for acc_key in [k for k in task_keys if k.startswith(f"task/{task}/maj@")] or \
+                       [f"task/{task}/greedy_accuracy"]:
+            steps = [r["step"] for r in records if orm_key in r and acc_key in r]
+            xs = [r[orm_key] for r in records if orm_key in r and acc_key in r]
+            ys = [r[acc_key] for r in records if orm_key in r and acc_key in r]
+            if len(xs) < 2:
+                continue
+            r2 = r_squared(xs, ys)
+            filename = f"{name}_{task}_orm_vs_{acc_key.rsplit('/', 1)[1].replace('@', 'at')}.png"
+            _scatter(out / filename, xs, ys, "ORM score", acc_key.rsplit("/", 1)[1], r2)
+            lines += [f"ORM score vs {acc_key[5:]} over {len(steps)} checkpoints: "
+                      f"r² = {r2:.3f}" if r2 is not None else
+                      f"ORM score vs {acc_key[5:]}: no spread, r² undefined", "", f"![orm]({filename})", ""]
+    return lines
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> Path:
+    """`report.md` and its PNGs in `out` (default: the run directory)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LmlabError("run directory not found", file=str(root))
+    out = Path(out) if out else root
+    out.mkdir(parents=True, exist_ok=True)
+    runs = find_runs(root)
+    lines = [f"# lmlab report: {root}", ""]
+    summary = []
+    for run in runs:
+        manifest = run / "final" / "lmlab.json"
+        metrics = json.loads(manifest.read_text()).get("metrics", {}) if manifest.is_file() else {}
+        summary.append((run.name, metrics))
+    if summary:
+        keys = sorted({k for _, m in summary for k, v in m.items() if isinstance(v, (int, float)) and
+                       (k.endswith("_loss") or k.endswith("accuracy"))})
+        if keys:
+            lines += ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+            for name, m in summary:
+                lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in keys) + " |")
+            lines.append("")
+    for run in runs:
+        lines += run_report(run, out)
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
