@@ -30,6 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,lmeval]'
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)

@@ -26,8 +26,10 @@ class MetricsCallback(TrainerCallback):
     """
 
     def __init__(self, run_dir: str | Path, tokens_per_step: int, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, stage: str = "train", tensorboard: bool = True):
+                 peak_flops: float | None = None, stage: str = "train", tensorboard: bool = True,
+                 fields: dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
+        self.fields = fields or {}  # constant fields on every record, e.g. the preference round
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # whole-job peak FLOP/s (all devices), for MFU
@@ -70,7 +72,7 @@ class MetricsCallback(TrainerCallback):
     def enrich(self, logs: dict[str, Any], state) -> None:
         seen = self.tokens_seen(state)
         logs["tokens_seen"] = seen
-        if self._interval_steps and self._interval_seconds > 0 and "loss" in logs:
+        if self._interval_steps and self._interval_seconds > 0 and "loss" in logs and seen:
             tokens_per_s = (seen - self._tokens_at_last_log) / self._interval_seconds
             logs["tokens_per_s"] = round(tokens_per_s, 1)
             if self.flops_per_token:
@@ -87,7 +89,8 @@ class MetricsCallback(TrainerCallback):
         if logs is None or not state.is_world_process_zero:
             return
         self.enrich(logs, state)
-        record = {"stage": self.stage, "step": state.global_step, "time": round(time.time(), 3), **logs}
+        record = {"stage": self.stage, **self.fields, "step": state.global_step, "time": round(time.time(), 3),
+                  **logs}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self._writer is not None:
@@ -162,7 +165,9 @@ def format_log_line(step: int, max_steps: int, logs: dict[str, Any], eta_seconds
     """One nanoGPT-style line: step, loss, lr, grad norm, tokens/s, MFU, validation loss, ETA."""
     parts = [f"step {step}/{max_steps}"]
     shown = [("loss", "loss", ".4f"), ("mean_token_accuracy", "tok-acc", ".3f"), ("learning_rate", "lr", ".2e"),
-             ("grad_norm", "gnorm", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%")]
+             ("grad_norm", "gnorm", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%"),
+             ("reward", "reward", ".3f"), ("kl", "kl", ".4f"), ("completions/mean_length", "len", ".1f"),
+             ("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "pref-acc", ".3f")]
     # every validation set: eval_loss, or eval_<name>_loss when a stage evaluates several (CPT: domain, replay)
     shown += [(key, "val" if key == "eval_loss" else f"val {key[5:-5]}", ".4f")
               for key in sorted(logs) if key.startswith("eval_") and key.endswith("_loss")]

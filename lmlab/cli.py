@@ -46,18 +46,22 @@ ResumeOption = typer.Option(False, "--resume", help="Continue from the last comp
 OverwriteOption = typer.Option(False, "--overwrite", help="Delete an existing run directory first.")
 
 
+STAGE_RUNNERS = {  # stage -> (module, function); imported only when that stage runs
+    "pretrain": ("lmlab.stages.pretrain", "run_pretrain"), "cpt": ("lmlab.stages.pretrain", "run_pretrain"),
+    "sft": ("lmlab.stages.sft", "run_sft"), "rm": ("lmlab.stages.reward_model", "run_reward_model"),
+    "dpo": ("lmlab.stages.preference", "run_preference"), "kto": ("lmlab.stages.preference", "run_preference"),
+    "orpo": ("lmlab.stages.preference", "run_preference"), "rl": ("lmlab.stages.rl", "run_rl"),
+}
+
+
 def _run_stage(stage: str, recipe: Path, overrides: Optional[List[str]], resume: bool, overwrite: bool) -> None:
+    import importlib
+
     from lmlab.recipe import load_recipe
 
     loaded = load_recipe(recipe, [*(overrides or []), f"stage={stage}"])
-    if stage == "sft":
-        from lmlab.stages.sft import run_sft
-
-        run_sft(loaded, resume=resume, overwrite=overwrite)
-    else:
-        from lmlab.stages.pretrain import run_pretrain
-
-        run_pretrain(loaded, resume=resume, overwrite=overwrite)
+    module, function = STAGE_RUNNERS[stage]
+    getattr(importlib.import_module(module), function)(loaded, resume=resume, overwrite=overwrite)
 
 
 @app.command()
@@ -82,6 +86,76 @@ def sft(recipe: Path = typer.Argument(..., help="YAML recipe with model.from_pre
         set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
     """Supervised fine-tuning (full, LoRA or QLoRA) on chat records, loss on assistant tokens only."""
     _run_stage("sft", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def rm(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts ranked by a verifier."),
+       set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+    """Train an outcome reward model (TRL RewardTrainer) usable by eval.orm and rl.rewards."""
+    _run_stage("rm", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def dpo(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts to sample pairs from."),
+        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+    """DPO (preference.loss_type: sigmoid, ipo, apo_zero, ...) in rounds of fresh on-policy pairs."""
+    _run_stage("dpo", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def kto(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts to sample pairs from."),
+        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+    """KTO on desirable / undesirable completions (each pair gives one of each)."""
+    _run_stage("kto", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def orpo(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts to sample pairs from."),
+         set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+    """ORPO: preference optimisation without a reference model."""
+    _run_stage("orpo", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def rl(recipe: Path = typer.Argument(..., help="YAML recipe: prompts (with answers for verifiers) and rl.rewards."),
+       set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+    """RL (GRPO or RLOO) with verifiable and/or learned rewards and a KL term to the reference."""
+    _run_stage("rl", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpoint directory."),
+          prompts: str = typer.Option("math", "--prompts", help="`math` (in-domain generator) or a prompts jsonl."),
+          n: int = typer.Option(200, "--n", help="Prompts to sample (math)."),
+          samples: int = typer.Option(4, "--samples", "-k", help="Responses per prompt."),
+          scorer: str = typer.Option("math_exact", "--scorer", help="A verifier or a reward-model directory."),
+          temperature: float = typer.Option(1.0, "--temperature"),
+          seed: int = typer.Option(0, "--seed"),
+          out: Path = typer.Option(..., "--out", "-o", help="Where the pairs jsonl goes.")) -> None:
+    """Sample K responses per prompt, score them, and write best-vs-worst pairs (ties dropped, counted)."""
+    from lmlab.data.pairs import preference_inputs, sample_pairs, write_pairs
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.orm import load_scorer
+    from lmlab.models.build import load_model
+    from lmlab.recipe import SourceSpec
+
+    spec = SourceSpec(kind="math", num_examples=n) if prompts == "math" else SourceSpec(kind="jsonl", path=prompts)
+    given, records = preference_inputs([spec], seed)
+    if given:
+        raise LmlabError("the prompts file already holds pairs", file=prompts)
+    tokenizer = load_tokenizer(checkpoint)
+    chosen_scorer = load_scorer(scorer, tokenizer)
+    made, stats = sample_pairs(load_model(checkpoint), tokenizer, records, chosen_scorer, samples, temperature,
+                               seed=seed)
+    write_pairs(made, out)
+    typer.echo(f"{stats.pairs} pairs from {stats.prompts} prompts ({stats.ties_dropped} ties dropped; mean best "
+               f"{stats.mean_best:.3f}, worst {stats.mean_worst:.3f}) -> {out}")
 
 
 @app.command()
@@ -126,6 +200,23 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
     Console().print(table)
     if out:
         out.write_text(json.dumps(results, indent=2))
+
+
+@app.command("export-tasks")
+@user_errors
+def export_tasks(tasks: str = typer.Argument(..., help="Comma-separated embedded task names or task YAML files."),
+                 out: Path = typer.Option(..., "--out", help="Directory for the lm-eval task YAMLs and items."),
+                 n: int = typer.Option(200, "--n", help="Items per embedded task.")) -> None:
+    """Write lmlab tasks as lm-evaluation-harness tasks (run them with `lm_eval --include_path OUT`)."""
+    from lmlab.evaluate.lm_eval_export import export_lm_eval_tasks
+    from lmlab.evaluate.tasks import load_task
+
+    loaded = [load_task(spec.strip(), n) for spec in tasks.split(",") if spec.strip()]
+    written = export_lm_eval_tasks(loaded, out)
+    names = ",".join(p.stem for p in written)
+    typer.echo(f"wrote {len(written)} lm-eval task(s) to {out}; run them with:\n"
+               f"  lm_eval --model hf --model_args pretrained=CHECKPOINT,dtype=float32 --include_path {out} "
+               f"--tasks {names}" + (" --apply_chat_template" if any(t.kind == "generative" for t in loaded) else ""))
 
 
 @app.command()

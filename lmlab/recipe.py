@@ -229,6 +229,47 @@ class LoRAConfig(Strict):
     quantize: Literal["none", "nf4"] = "none"
 
 
+class PreferenceConfig(Strict):
+    """DPO (and its loss variants), KTO and ORPO on TRL, trained on fresh on-policy pairs each round.
+
+    RECIPES.md 5: LR 5-20x below SFT, beta 0.01-0.5 (0.1 default), one epoch per round,
+    because preference optimisation overfits after one epoch.
+    """
+
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])  # DPO: sigmoid, ipo, apo_zero, ...; summed
+    beta: float = Field(0.1, gt=0)
+    rounds: int = Field(1, ge=1)  # each round samples pairs from the current policy, then trains one epoch
+    samples: int = Field(4, ge=2)  # responses sampled per prompt; best vs worst become a pair
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    scorer: str = "math_exact"  # a verifier or a reward-model directory that ranks the samples
+    lr_ratio: float = Field(0.1, gt=0, le=1)  # without optim.lr: the input model's SFT LR x this
+
+    _list = field_validator("loss_type", mode="before")(classmethod(lambda cls, v: [v] if isinstance(v, str) else v))
+
+
+class RLConfig(Strict):
+    """GRPO or RLOO on TRL with verifiable and/or learned rewards (RECIPES.md: RL lifts OOD generalisation)."""
+
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    rewards: list[str] = Field(default_factory=lambda: ["math_exact"])  # verifiers or reward-model directories
+    reward_weights: list[float] | None = None
+    num_generations: int = Field(8, ge=2)  # group size
+    beta: float = Field(0.04, ge=0)  # KL to the reference; 0 drops the reference model
+    temperature: float = Field(1.0, gt=0)
+    max_completion_length: int = Field(48, gt=0)
+    epsilon: float = Field(0.2, gt=0)  # clipping range
+    lr_ratio: float = Field(0.1, gt=0, le=1)  # without optim.lr: the input model's SFT LR x this
+
+    _list = field_validator("rewards", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+
+    @model_validator(mode="after")
+    def _weights(self) -> "RLConfig":
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards")
+        return self
+
+
 class EvalConfig(Strict):
     """Task evaluation during training (any stage), logged to metrics.jsonl as `task/<task>/<metric>`."""
 
@@ -246,7 +287,7 @@ class OutputConfig(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    stage: Literal["pretrain", "cpt", "sft"] = "pretrain"
+    stage: Literal["pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl"] = "pretrain"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -255,15 +296,17 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "Recipe":
-        if self.stage in ("cpt", "sft") and not self.model.from_pretrained:
+        if self.stage != "pretrain" and not self.model.from_pretrained:
             raise ValueError(f"the {self.stage} stage continues a model: set model.from_pretrained to a checkpoint")
-        if self.lora.enabled and self.stage != "sft":
-            raise ValueError("LoRA is for the sft stage")
+        if self.lora.enabled and self.stage in ("pretrain", "cpt"):
+            raise ValueError(f"LoRA is for post-training stages, not {self.stage}")
         return self
 
     @model_validator(mode="after")

@@ -46,7 +46,7 @@ def test_a_scorer_returning_non_numbers_is_an_error(base_model):
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.models.build import load_model
 
-    with pytest.raises(LmlabError, match="not a number"):
+    with pytest.raises(LmlabError, match="not a finite number"):
         orm_score(load_model(base_model), load_tokenizer(base_model), load_task("math_id", 2),
                   lambda p, r, i: ["good"] * len(r), samples=2)
 

@@ -37,8 +37,12 @@ def render_prompts(tokenizer, prompts: list[str], system: str | None = None) -> 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 32,
              do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1,
-             seed: int = 0) -> list[list[str]]:
-    """`num_return_sequences` completions per prompt (text after the prompt), batched with the KV cache."""
+             seed: int = 0, min_new_tokens: int | None = None) -> list[list[str]]:
+    """`num_return_sequences` completions per prompt (text after the prompt), batched with the KV cache.
+
+    `min_new_tokens` suppresses the stop tokens until that many are generated (benchmarks use it
+    so every sample has the same length).
+    """
     import torch
 
     side = tokenizer.padding_side
@@ -57,6 +61,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
                                           pad_token_id=tokenizer.pad_token_id, use_cache=True)
             if do_sample:
                 kwargs["temperature"] = temperature
+            if min_new_tokens:
+                kwargs["min_new_tokens"] = min_new_tokens
             with torch.no_grad():
                 generated = model.generate(**batch, **kwargs)
             texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

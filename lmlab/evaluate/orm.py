@@ -7,6 +7,7 @@ kinds of scorer take (prompt, response, item) and return a number.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -24,7 +25,28 @@ def math_exact(prompts: list[str], responses: list[str], items: list[dict[str, A
     return [float(extract_integer(r) == it["answer"]) for r, it in zip(responses, items)]
 
 
-VERIFIERS: dict[str, Callable] = {"math_exact": math_exact}
+FINAL_ANSWER = re.compile(r"The answer is -?\d[\d,]*\.?\s*$")
+
+
+def math_format(prompts: list[str], responses: list[str], items: list[dict[str, Any]]) -> list[float]:
+    """1.0 when the response ends with the canonical "The answer is N." (a format reward, whatever N is)."""
+    return [float(bool(FINAL_ANSWER.search(r.strip()))) for r in responses]
+
+
+VERIFIERS: dict[str, Callable] = {"math_exact": math_exact, "math_format": math_format}
+
+
+def checked_scores(scorer: Scorer, prompts: list[str], responses: list[str], items: list[dict[str, Any]]) -> list[float]:
+    """The scorer's scores, refused unless there is one finite number per response."""
+    import math
+
+    scores = list(scorer(prompts, responses, items))
+    if len(scores) != len(responses):
+        raise LmlabError(f"the scorer returned {len(scores)} scores for {len(responses)} responses", field="orm")
+    for score in scores:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise LmlabError(f"the scorer returned {score!r}, not a finite number", field="orm")
+    return [float(x) for x in scores]
 
 
 class RewardModelScorer:
@@ -57,12 +79,22 @@ class RewardModelScorer:
         return scores
 
 
-def load_scorer(spec: str) -> Scorer:
-    """A built-in verifier name, or a reward-model directory."""
+def check_same_tokenizer(reward_tokenizer, policy_tokenizer, where: str) -> None:
+    """A reward model reads the policy's rendered text; a different vocabulary would score other tokens."""
+    if reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise LmlabError("the reward model's tokenizer differs from the policy's", file=where, field="tokenizer",
+                         hint="train the reward model from the same base (lmlab rm) so both share one tokenizer")
+
+
+def load_scorer(spec: str, policy_tokenizer=None) -> Scorer:
+    """A built-in verifier name, or a reward-model directory (checked against the policy's tokenizer)."""
     if spec in VERIFIERS:
         return VERIFIERS[spec]
     if Path(spec).is_dir():
-        return RewardModelScorer(spec)
+        scorer = RewardModelScorer(spec)
+        if policy_tokenizer is not None:
+            check_same_tokenizer(scorer.tokenizer, policy_tokenizer, spec)
+        return scorer
     raise LmlabError(f"unknown scorer '{spec}'", field="orm",
                      hint=f"a verifier ({', '.join(VERIFIERS)}) or a reward-model directory")
 
@@ -80,8 +112,5 @@ def orm_score(model, tokenizer, task, scorer: Scorer, samples: int = 4, temperat
                        temperature=temperature, num_return_sequences=samples, seed=seed)
     flat_prompts = [p for p, group in zip(prompts, sampled) for _ in group]
     flat_items = [it for it, group in zip(task.items, sampled) for _ in group]
-    scores = scorer(flat_prompts, [r for group in sampled for r in group], flat_items)
-    for score in scores:
-        if not isinstance(score, (int, float)) or score != score:
-            raise LmlabError(f"the scorer returned {score!r}, not a number", field="orm")
+    scores = checked_scores(scorer, flat_prompts, [r for group in sampled for r in group], flat_items)
     return sum(scores) / len(scores)

@@ -199,3 +199,25 @@ def task_eval_callbacks(recipe: Recipe, metrics, tokenizer) -> list:
     tasks = [load_task(spec, recipe.eval.n) for spec in recipe.eval.tasks]
     scorer = load_scorer(recipe.eval.orm) if recipe.eval.orm else None
     return [TaskEvalCallback(metrics, tokenizer, tasks, recipe.eval.every, recipe.eval.samples, scorer)]
+
+
+def post_training_lr(recipe: Recipe, ratio: float) -> float:
+    """optim.lr when the recipe sets it; else the input model's training LR x `ratio` (RECIPES.md 5:
+    preference optimisation and RL train 5-20x below the SFT LR)."""
+    if "lr" in recipe.optim.model_fields_set:
+        return recipe.optim.lr
+    from lmlab.artifacts import read_manifest
+
+    previous = read_manifest(recipe.model.from_pretrained or "").get("recipe", {}).get("optim", {}).get("lr")
+    return (previous or recipe.optim.lr) * ratio
+
+
+def stage_callbacks(trainer, recipe: Recipe, tokenizer, tokens_per_step: int = 0, **metric_fields: Any):
+    """Attach the shared callback set (metrics, progress, task/ORM evaluation); returns the metrics callback."""
+    from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
+
+    metrics = MetricsCallback(recipe.run_dir, tokens_per_step, stage=recipe.stage,
+                              tensorboard="tensorboard" in recipe.output.report_to, fields=metric_fields)
+    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name),
+                               *task_eval_callbacks(recipe, metrics, tokenizer)])
+    return metrics

@@ -1,0 +1,208 @@
+"""Power-law fits L(x) = A / x**alpha + E, and what Kotha et al. (2025) build on them.
+
+With fixed data and unlimited compute, one run says little about a recipe: its
+loss keeps falling as parameters N or ensemble members K grow. Kotha, Kim, Liang
+and Hashimoto ("Pre-training under infinite compute") judge a recipe instead by
+the asymptote E of its scaling law, take a joint N, K -> infinity limit in two
+steps, and compare recipes by how much more data the baseline needs to reach the
+same loss. Fits are bounded (A > 0, 0 < alpha <= 3, E >= 0), done on x divided by
+its geometric mean, started from several guesses, and come with bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import LmlabError
+
+MAX_ALPHA = 3.0
+_NAN_CI = (math.nan, math.nan)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """L(x) = A / x**alpha + E, with its RMSE and bootstrap 95% intervals (nan when none)."""
+
+    A: float
+    alpha: float
+    E: float
+    rmse: float
+    n_points: int
+    A_ci: tuple[float, float] = _NAN_CI
+    alpha_ci: tuple[float, float] = _NAN_CI
+    E_ci: tuple[float, float] = _NAN_CI
+    n_bootstrap: int = 0  # refits that succeeded
+
+    def predict(self, x):
+        return self.A / np.asarray(x, dtype=float) ** self.alpha + self.E
+
+    def to_dict(self) -> dict:
+        """JSON-ready: intervals become lists, nan becomes None."""
+        def clean(v):
+            if isinstance(v, tuple):
+                return [clean(u) for u in v]
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+        return {k: clean(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class JointAsymptote:
+    """Step 1: per model size N, a fit over ensemble size K; step 2: their E_N fitted over N."""
+
+    per_n: dict[float, PowerLawFit]
+    over_n: PowerLawFit
+
+    @property
+    def E(self) -> float:
+        return self.over_n.E
+
+
+def _as_points(x, loss, what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(loss, dtype=float).ravel()
+    pre = f"{what}: " if what else ""
+    if x.size != y.size:
+        raise LmlabError(f"{pre}x has {x.size} values but loss has {y.size}; they must pair up")
+    for name, v in (("x", x), ("loss", y)):
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:
+            raise LmlabError(f"{pre}{name}[{bad[0]}] is {v[bad[0]]}; every {name} must be a finite number")
+    if (x <= 0).any():
+        i = int(np.flatnonzero(x <= 0)[0])
+        raise LmlabError(f"{pre}x[{i}] = {x[i]:g} must be > 0 for a power law in x")
+    return x, y
+
+
+def _least_squares(u: np.ndarray, y: np.ndarray, starts) -> np.ndarray | None:
+    """Best of several bounded fits of y = exp(log_a) * u**-alpha + E; None if all fail."""
+    from scipy.optimize import least_squares
+
+    def resid(p):
+        return np.exp(p[0]) * u ** -p[1] + p[2] - y
+
+    lo, hi = [-50.0, 1e-6, 0.0], [50.0, MAX_ALPHA, np.inf]
+    best = None
+    for p0 in starts:
+        p0 = np.clip(p0, [-49.0, 2e-6, 0.0], [49.0, MAX_ALPHA - 1e-6, np.inf])
+        try:
+            r = least_squares(resid, p0, bounds=(lo, hi), xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
+        except (ValueError, FloatingPointError):
+            continue
+        if np.all(np.isfinite(r.x)) and (best is None or r.cost < best.cost):
+            best = r
+    return None if best is None else best.x
+
+
+def _grid_starts(y: np.ndarray) -> list[list[float]]:
+    lo = float(y.min())
+    starts = []
+    for alpha in (0.1, 0.3, 0.6, 1.2):
+        for E in (0.0, 0.5 * lo, 0.9 * lo):
+            starts.append([math.log(max(float(y.mean()) - E, 1e-12)), alpha, E])
+    return starts
+
+
+def fit_power_law(x, loss, bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
+    """Fit L(x) = A / x**alpha + E; `bootstrap` refits on resampled points give 95% intervals."""
+    x, y = _as_points(x, loss)
+    if x.size < 3:
+        raise LmlabError(f"need at least 3 points to fit A, alpha and E, got {x.size}",
+                         hint="add runs at more sizes")
+    g = float(np.exp(np.log(x).mean()))  # x / g is O(1), so A and alpha decouple
+    p = _least_squares(x / g, y, _grid_starts(y))
+    if p is None:
+        raise LmlabError(f"the power-law fit failed on {x.size} points", hint="check the losses")
+
+    def to_params(q):
+        return float(np.exp(q[0]) * g ** q[1]), float(q[1]), float(q[2])
+
+    A, alpha, E = to_params(p)
+    rmse = float(np.sqrt(np.mean((A / x ** alpha + E - y) ** 2)))
+    rng, samples = np.random.default_rng(seed), []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, x.size, x.size)
+        if np.unique(x[idx]).size < 3:  # three parameters need three distinct sizes
+            continue
+        q = _least_squares(x[idx] / g, y[idx], [p] + _grid_starts(y[idx])[::4])
+        if q is not None:
+            samples.append(to_params(q))
+    cis = [_NAN_CI] * 3
+    if samples:
+        s = np.array(samples)
+        cis = [tuple(float(v) for v in np.percentile(s[:, j], [2.5, 97.5])) for j in range(3)]
+    return PowerLawFit(A, alpha, E, rmse, int(x.size), *cis, n_bootstrap=len(samples))
+
+
+def joint_asymptote(losses: dict[float, dict[int, float]], bootstrap: int = 0, seed: int = 0) -> JointAsymptote:
+    """Kotha et al.'s two-step limit: per N, E_N = lim over K; then E = lim over N of E_N.
+
+    `losses[N][K]` is the loss of an ensemble of K models of size N; needs >= 3 N and
+    >= 3 K per N. Intervals (if `bootstrap`) resample points within each step only.
+    """
+    if len(losses) < 3:
+        raise LmlabError(f"need at least 3 model sizes N for the joint asymptote, got {len(losses)}")
+    per_n = {}
+    for n, by_k in sorted(losses.items()):
+        if len(by_k) < 3:
+            raise LmlabError(f"model size N={n:g} has {len(by_k)} ensemble sizes K; need at least 3",
+                             hint="train more ensemble members for this size")
+        ks = sorted(by_k)
+        per_n[n] = fit_power_law(ks, [by_k[k] for k in ks], bootstrap=bootstrap, seed=seed)
+    ns = list(per_n)
+    over_n = fit_power_law(ns, [per_n[n].E for n in ns], bootstrap=bootstrap, seed=seed)
+    return JointAsymptote(per_n, over_n)
+
+
+def data_efficiency(tokens_a, loss_a, tokens_b, loss_b) -> float:
+    """How many times more data baseline recipe A needs to match recipe B's loss.
+
+    Fits L_A(D) = A / D**alpha + E_A over A's data sizes, inverts it at each of B's
+    losses, D_A = (A / (L_B - E_A))**(1 / alpha), and returns the geometric mean of
+    D_A / D_B over B's points (the paper finds the gain a near-constant multiplier
+    across D, so the log-space mean is the natural summary). If any B loss is at or
+    below E_A, no amount of A's data reaches it and the result is float('inf').
+    """
+    da, la = _as_points(tokens_a, loss_a, "recipe A")
+    db, lb = _as_points(tokens_b, loss_b, "recipe B")
+    if db.size == 0:
+        raise LmlabError("recipe B has no points; need at least 1")
+    fit = fit_power_law(da, la, bootstrap=0)
+    gap = lb - fit.E
+    if (gap <= 0).any():
+        return float("inf")
+    needed = (fit.A / gap) ** (1.0 / fit.alpha)
+    return float(np.exp(np.mean(np.log(needed / db))))
+
+
+def plot_fits(series: dict[str, tuple[list[float], list[float], PowerLawFit]], out_png,
+              xlabel: str = "x", title: str = "", ylabel: str = "loss") -> Path:
+    """Write a PNG: each series' points, its fitted curve on a log-x axis, its asymptote dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, (xs, ys, fit)) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        xs = np.asarray(xs, dtype=float)
+        grid = np.geomspace(xs.min() / 1.5, xs.max() * 3, 200)
+        ax.scatter(xs, ys, color=color, s=18, zorder=3)
+        ax.plot(grid, fit.predict(grid), color=color,
+                label=f"{name}: {fit.A:.3g}/x^{fit.alpha:.3f} + {fit.E:.3f}")
+        ax.axhline(fit.E, color=color, linestyle="--", linewidth=1, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

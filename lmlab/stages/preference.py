@@ -1,0 +1,137 @@
+"""Preference optimisation on TRL: DPO (sigmoid, ipo, apo_zero, ... and their sums), KTO and ORPO.
+
+lmlab adds the lifecycle around TRL's trainers: pairs checked before compute,
+iterative rounds that each sample fresh on-policy pairs from the current policy
+and train one epoch on them (RECIPES.md 5: preference optimisation overfits
+after one epoch), the LR derived from the SFT LR, the shared callbacks and the
+artifact format. Each round's model is saved, so `--resume` continues after the
+last finished round.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import Recipe, dump_recipe
+
+DONE = "round.json"
+
+
+def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, Any]], out_dir: Path, lr: float,
+                       peft_config=None):
+    """TRL's trainer for the recipe's method, over one round's pairs."""
+    from datasets import Dataset
+
+    from lmlab.data.pairs import unpaired
+    from lmlab.stages.common import training_arguments, world_size
+    from lmlab.trainers import LmlabTrainerMixin
+
+    p, t = recipe.preference, recipe.train
+    common: dict[str, Any] = dict(learning_rate=lr, num_train_epochs=t.epochs or 1, max_length=recipe.data.seq_len,
+                                  beta=p.beta, dataset_num_proc=None)
+    if recipe.stage == "dpo":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Base
+
+        common.update(loss_type=p.loss_type)
+        data = pairs
+    elif recipe.stage == "kto":
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Base
+
+        data = unpaired(pairs)
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Base
+
+        data = pairs
+    rows = [{k: row[k] for k in ("prompt", "chosen", "rejected", "completion", "label") if k in row} for row in data]
+    max_steps = t.max_steps or -1
+    args = training_arguments(recipe, out_dir, max_steps, False, args_class=Config, **common)
+    steps = max_steps if max_steps > 0 else -(-len(rows) // (t.micro_batch_size * t.grad_accum * world_size())) * (
+        t.epochs or 1)
+    args.warmup_steps = int(recipe.optim.warmup_ratio * steps)
+
+    class Trainer(LmlabTrainerMixin, Base):
+        """TRL's trainer with lmlab's atomic checkpoints and decay groups."""
+
+    kwargs = dict(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    if peft_config is not None:
+        kwargs["peft_config"] = peft_config
+    return Trainer(**kwargs)
+
+
+def _finished_rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in run_dir.glob(f"round-*/{DONE}"))
+
+
+def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
+    from rich.console import Console
+
+    from lmlab.artifacts import save_artifact
+    from lmlab.data.pairs import preference_inputs, sample_pairs, write_pairs
+    from lmlab.evaluate.orm import load_scorer
+    from lmlab.models.build import load_model
+    from lmlab.stages.common import post_training_lr, prepare_run_dir, stage_callbacks
+    from lmlab.stages.sft import load_sft_model, lora_config, prepare_tokenizer
+    from lmlab.trainers import last_checkpoint
+
+    console, p, run_dir = Console(), recipe.preference, recipe.run_dir
+    prepare_run_dir(run_dir, resume, overwrite)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    tokenizer = prepare_tokenizer(recipe)
+    given, prompts = preference_inputs(recipe.data.train, recipe.seed)
+    if given and prompts:
+        raise LmlabError("the preference data mixes pairs and prompt-only records", field="data.train",
+                         hint="give pairs (prompt/chosen/rejected) or prompts to sample pairs from, not both")
+    if p.rounds > 1 and not prompts:
+        raise LmlabError(f"{p.rounds} rounds need prompts to sample fresh on-policy pairs from; fixed pairs "
+                         "would be trained on again", field="preference.rounds")
+    scorer = load_scorer(p.scorer, tokenizer) if prompts else None
+    lr = post_training_lr(recipe, p.lr_ratio)
+    done = _finished_rounds(run_dir) if resume else []
+    start_from = run_dir / f"round-{done[-1]}" / "model" if done else Path(recipe.model.from_pretrained)
+    model = load_model(start_from) if done else load_sft_model(recipe, tokenizer)
+    console.print(f"[bold]{recipe.name}[/]: {recipe.stage} (beta {p.beta}"
+                  + (f", loss {'+'.join(p.loss_type)}" if recipe.stage == "dpo" else "")
+                  + f", lr {lr:.2e}), {p.rounds} round(s)" + (f", resuming after round {done[-1]}" if done else ""))
+    history: list[dict[str, Any]] = [json.loads((run_dir / f"round-{r}" / DONE).read_text()) for r in done]
+    for round_no in range(len(done) + 1, p.rounds + 1):
+        round_dir = run_dir / f"round-{round_no}"
+        if prompts:
+            pairs, stats = sample_pairs(model, tokenizer, prompts, scorer, p.samples, p.temperature,
+                                        p.max_new_tokens, seed=recipe.seed * 1000 + round_no)
+            write_pairs(pairs, round_dir / "pairs.jsonl")
+            console.print(f"round {round_no}: {stats.pairs} on-policy pairs from {stats.prompts} prompts "
+                          f"({stats.ties_dropped} ties dropped; mean best {stats.mean_best:.3f}, "
+                          f"worst {stats.mean_worst:.3f})")
+            if not pairs:
+                raise LmlabError(f"round {round_no}: every prompt's {p.samples} samples scored the same, so there "
+                                 "is no preference to learn", field="preference.samples",
+                                 hint="raise preference.samples or preference.temperature, or use easier prompts")
+            record: dict[str, Any] = {"round": round_no, **stats.as_dict()}
+        else:
+            pairs, record = given, {"round": round_no, "pairs": len(given)}
+        peft = lora_config(recipe, len(pairs), model) if recipe.lora.enabled else None
+        trainer = preference_trainer(recipe, model, tokenizer, pairs, round_dir / "checkpoints", lr, peft)
+        stage_callbacks(trainer, recipe, tokenizer, round=round_no)
+        start = last_checkpoint(round_dir / "checkpoints") if resume else None
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
+        model = trainer.model
+        if recipe.lora.enabled:
+            model = model.merge_and_unload()  # the next round samples from, and anchors to, the merged policy
+        save_artifact(model, tokenizer, round_dir / "model", {"stage": recipe.stage, "round": round_no})
+        record.update(steps=trainer.state.global_step,
+                      train_loss=next((h["train_loss"] for h in reversed(trainer.state.log_history)
+                                       if "train_loss" in h), None))
+        (round_dir / DONE).write_text(json.dumps(record))
+        history.append(record)
+    manifest = {"stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
+                "input_artifact": recipe.model.from_pretrained, "lr": lr, "rounds": history}
+    final = save_artifact(model, tokenizer, run_dir / "final", manifest)
+    console.print(f"[bold green]HF checkpoint:[/] {final}")
+    return final

@@ -1,0 +1,138 @@
+"""RL with verifiable and/or learned rewards on TRL's GRPOTrainer or RLOOTrainer.
+
+lmlab adds the lifecycle: rewards named in the recipe (built-in verifiers or
+reward-model directories) wrapped for TRL and checked to return numbers, prompts
+in the same chat format SFT trained on, the group size checked against the batch
+before compute, the LR derived from the SFT LR, the shared callbacks (TRL's
+reward, KL, entropy and completion length land in metrics.jsonl) and the
+artifact format.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import Recipe, dump_recipe
+
+
+def trl_reward(spec: str, policy_tokenizer) -> Callable:
+    """A scorer (verifier or reward model) as a TRL reward function `(prompts, completions, **columns)`."""
+    from lmlab.evaluate.orm import checked_scores, load_scorer
+
+    scorer = load_scorer(spec, policy_tokenizer)
+
+    def reward(prompts, completions, **columns) -> list[float]:
+        responses = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        rendered = [policy_tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                    if isinstance(p, list) else p for p in prompts]
+        answers = columns.get("answer") or [None] * len(responses)
+        return checked_scores(scorer, rendered, responses, [{"answer": a} for a in answers])
+
+    reward.__name__ = Path(spec).name if Path(spec).is_dir() else spec  # TRL logs rewards/<name>/mean
+    return reward
+
+
+def rl_prompts(recipe: Recipe) -> list[dict[str, Any]]:
+    """Conversational prompts (with the answer column verifiers read), checked against the rewards."""
+    from lmlab.data.pairs import preference_inputs, prompt_messages
+
+    pairs, prompts = preference_inputs(recipe.data.train, recipe.seed)
+    if pairs:
+        raise LmlabError("RL samples its own responses: give prompts, not preference pairs", field="data.train")
+    needs_answer = [r for r in recipe.rl.rewards if r == "math_exact"]
+    missing = sum(not isinstance(p.get("answer"), int) for p in prompts)
+    if needs_answer and missing:
+        raise LmlabError(f"{missing} prompts have no integer 'answer', which the math_exact reward needs",
+                         field="data.train")
+    return [{"prompt": prompt_messages(p["prompt"], p.get("system")), "answer": p.get("answer")} for p in prompts]
+
+
+def rl_steps(recipe: Recipe, prompts: int) -> int:
+    """Optimizer steps: train.max_steps, else train.epochs (default 1) over the prompts, each with its group."""
+    from lmlab.stages.common import world_size
+
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    completions_per_step = t.micro_batch_size * t.grad_accum * world_size()
+    return max(1, math.ceil(prompts * recipe.rl.num_generations * (t.epochs or 1) / completions_per_step))
+
+
+def prepare_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False):
+    """Prompts, rewards, model and trainer; every input check happens here, before compute."""
+    from datasets import Dataset
+    from rich.console import Console
+
+    from lmlab.stages.common import post_training_lr, prepare_run_dir, stage_callbacks, training_arguments
+    from lmlab.stages.sft import load_sft_model, lora_config, prepare_tokenizer
+    from lmlab.trainers import LmlabTrainerMixin
+
+    r, t = recipe.rl, recipe.train
+    if (t.micro_batch_size * t.grad_accum) % r.num_generations:
+        raise LmlabError(f"train.micro_batch_size x train.grad_accum ({t.micro_batch_size * t.grad_accum}) "
+                         f"must be a multiple of rl.num_generations ({r.num_generations}): each step holds "
+                         "whole groups", field="train.micro_batch_size")
+    prepare_run_dir(recipe.run_dir, resume, overwrite)
+    (recipe.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    tokenizer = prepare_tokenizer(recipe)
+    # TRL stops generation and masks the completion at the tokenizer's EOS; in a chat a turn ends at
+    # <|im_end|>, so that is EOS while RL samples (run_rl restores the artifact's EOS afterwards)
+    original_eos = tokenizer.eos_token
+    if "<|im_end|>" in tokenizer.get_vocab():
+        tokenizer.eos_token = "<|im_end|>"
+    prompts = rl_prompts(recipe)
+    rewards = [trl_reward(spec, tokenizer) for spec in r.rewards]
+    model = load_sft_model(recipe, tokenizer)
+    lr = post_training_lr(recipe, r.lr_ratio)
+    steps = rl_steps(recipe, len(prompts))
+    if r.algorithm == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Base
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Base
+    args = training_arguments(
+        recipe, recipe.run_dir / "checkpoints", steps, False, args_class=Config, learning_rate=lr,
+        num_generations=r.num_generations, beta=r.beta, temperature=r.temperature,
+        max_completion_length=r.max_completion_length, epsilon=r.epsilon, reward_weights=r.reward_weights,
+        log_completions=False,
+    )
+
+    class Trainer(LmlabTrainerMixin, Base):
+        """TRL's RL trainer with lmlab's atomic checkpoints and decay groups."""
+
+    peft = lora_config(recipe, len(prompts), model) if recipe.lora.enabled else None
+    trainer = Trainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(prompts),
+                      processing_class=tokenizer, peft_config=peft)
+    stage_callbacks(trainer, recipe, tokenizer)
+    Console().print(f"[bold]{recipe.name}[/]: {r.algorithm} on {len(prompts):,} prompts, groups of "
+                    f"{r.num_generations}, KL beta {r.beta}, rewards {', '.join(r.rewards)}, lr {lr:.2e}, "
+                    f"{steps} steps")
+    return trainer, tokenizer, lr, original_eos
+
+
+def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train with RL as the recipe says; returns the final artifact directory."""
+    from rich.console import Console
+
+    from lmlab.artifacts import save_artifact
+    from lmlab.trainers import last_checkpoint
+
+    trainer, tokenizer, lr, original_eos = prepare_rl(recipe, resume, overwrite)
+    start = last_checkpoint(recipe.run_dir / "checkpoints") if resume else None
+    if resume:
+        Console().print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
+    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    model = trainer.model.merge_and_unload() if recipe.lora.enabled else trainer.model
+    tokenizer.eos_token = original_eos  # the Trainer aligned the configs to the RL-time EOS; undo both
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    manifest = {"stage": "rl", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
+                "input_artifact": recipe.model.from_pretrained, "lr": lr, "steps": trainer.state.global_step,
+                "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None}
+    final = save_artifact(model, tokenizer, recipe.run_dir / "final", manifest)
+    Console().print(f"[bold green]HF checkpoint:[/] {final}")
+    return final

@@ -1,0 +1,92 @@
+"""Preference pairs: best vs worst from scored samples, ties dropped and counted, bad pairs refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmlab.data.pairs import check_pair, pairs_from_scores, preference_inputs, read_pairs, sample_pairs, unpaired
+from lmlab.errors import LmlabError
+from lmlab.recipe import SourceSpec
+
+
+def test_best_and_worst_become_a_pair_and_ties_are_dropped_and_counted():
+    records = [{"prompt": "p1", "answer": 3}, {"prompt": "p2"}, {"prompt": "p3"}]
+    responses = [["a", "b", "c"], ["x", "y", "z"], ["u", "v", "w"]]
+    scores = [[0.0, 1.0, 0.5], [1.0, 1.0, 1.0], [0.2, 0.9, 0.9]]
+    pairs, stats = pairs_from_scores(records, responses, scores, system="S")
+    assert [p["chosen"][0]["content"] for p in pairs] == ["b", "v"]  # equal best: the first sampled wins
+    assert [p["rejected"][0]["content"] for p in pairs] == ["a", "u"]
+    assert pairs[0]["prompt"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "p1"}]
+    assert pairs[0]["answer"] == 3 and pairs[0]["chosen_score"] == 1.0 and pairs[0]["rejected_score"] == 0.0
+    assert (stats.prompts, stats.pairs, stats.ties_dropped) == (3, 2, 1)
+    assert stats.mean_best == pytest.approx((1.0 + 1.0 + 0.9) / 3)
+    assert stats.mean_worst == pytest.approx((0.0 + 1.0 + 0.2) / 3)
+
+
+def test_identical_texts_with_different_scores_are_not_a_pair():
+    pairs, stats = pairs_from_scores([{"prompt": "p"}], [["same", "same"]], [[1.0, 0.0]])
+    assert pairs == [] and stats.ties_dropped == 1
+
+
+def test_pairs_with_equal_chosen_and_rejected_or_missing_fields_are_refused(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(LmlabError, match=r"pairs\.jsonl:2: chosen: chosen and rejected are the same"):
+        read_pairs(path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(LmlabError, match=r"pairs\.jsonl:2: rejected: a preference pair needs 'rejected'"):
+        read_pairs(path)
+    with pytest.raises(LmlabError, match="'chosen' must be text"):
+        check_pair({"prompt": "q", "chosen": 3, "rejected": "b"}, "f", 1)
+    same_messages = [{"role": "assistant", "content": "x"}]
+    with pytest.raises(LmlabError, match="the same response"):
+        check_pair({"prompt": "q", "chosen": same_messages, "rejected": list(same_messages)}, "f", 1)
+
+
+def test_kto_rows_are_one_desirable_and_one_undesirable_per_pair():
+    rows = unpaired([{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    assert rows == [{"prompt": "q", "completion": "a", "label": True},
+                    {"prompt": "q", "completion": "b", "label": False}]
+
+
+def test_preference_inputs_tell_pairs_from_prompts_and_name_bad_lines(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "What is 2 + 2?", "answer": 4}) + "\n")
+    pairs, prompts = preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
+    assert len(pairs) == 1 and prompts == [{"prompt": "What is 2 + 2?", "answer": 4}]
+    path.write_text(json.dumps({"question": "no prompt"}) + "\n")
+    with pytest.raises(LmlabError, match=r"mixed\.jsonl:1: prompt:"):
+        preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
+    _, math = preference_inputs([SourceSpec(kind="math", num_examples=5)])
+    assert len(math) == 5 and all(isinstance(p["answer"], int) and p["system"] for p in math)
+
+
+def test_sampled_pairs_rank_by_the_scorer(base_model):
+    """On-policy sampling: K samples per prompt, scored; a length scorer makes the longest the chosen one."""
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.models.build import load_model
+
+    model, tokenizer = load_model(base_model), load_tokenizer(base_model)
+    records = [{"prompt": "What is 2 + 3?", "answer": 5}, {"prompt": "What is 7 - 1?", "answer": 6}]
+    by_length = lambda prompts, responses, items: [float(len(r)) for r in responses]  # noqa: E731
+    pairs, stats = sample_pairs(model, tokenizer, records, by_length, samples=4, max_new_tokens=12, seed=1)
+    assert stats.prompts == 2 and stats.pairs + stats.ties_dropped == 2
+    for pair in pairs:
+        assert len(pair["chosen"][0]["content"]) > len(pair["rejected"][0]["content"])
+        assert pair["chosen_score"] == len(pair["chosen"][0]["content"])
+    again, _ = sample_pairs(model, tokenizer, records, by_length, samples=4, max_new_tokens=12, seed=1)
+    assert again == pairs  # seeded: the same pairs every time
+
+
+def test_a_scorer_returning_non_numbers_stops_pair_sampling(base_model):
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.models.build import load_model
+
+    bad = lambda prompts, responses, items: ["high"] * len(responses)  # noqa: E731
+    with pytest.raises(LmlabError, match="not a finite number"):
+        sample_pairs(load_model(base_model), load_tokenizer(base_model), [{"prompt": "q"}], bad, samples=2,
+                     max_new_tokens=4)

@@ -1,0 +1,198 @@
+"""Reward functions, the reward-model, DPO/KTO/ORPO and RL stages on tiny models, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmlab.errors import LmlabError
+from lmlab.evaluate.orm import math_format
+from tests.helpers import read_metrics, tiny_recipe
+
+SYSTEM = "You are a careful assistant who solves arithmetic problems step by step."
+
+
+def post_recipe(tmp_path, base, stage, name=None, **blocks):
+    tree = dict(stage=stage, tokenizer={}, model={"from_pretrained": str(base)},
+                data={"train": {"kind": "math", "num_examples": 16}, "seq_len": 96},
+                train={"max_steps": 4, "micro_batch_size": 4, "save_every": 2, "keep_last": 3},
+                rl={"num_generations": 4})
+    for key, value in blocks.items():
+        tree[key] = {**tree[key], **value} if isinstance(tree.get(key), dict) else value
+    return tiny_recipe(tmp_path, None, name=name or stage, **tree)
+
+
+def write_pairs_file(path, n=12):
+    with path.open("w") as fh:
+        for i in range(n):
+            prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {i} + 2?"}]
+            fh.write(json.dumps({"prompt": prompt,
+                                 "chosen": [{"role": "assistant", "content": f"{i} + 2 = {i + 2}. The answer is {i + 2}."}],
+                                 "rejected": [{"role": "assistant", "content": f"The answer is {i + 5}."}]}) + "\n")
+    return path
+
+
+def test_format_reward_wants_the_canonical_ending():
+    assert math_format([""] * 4, ["3 + 4 = 7. The answer is 7.", "The answer is -12", "7", "The answer is 7. ok"],
+                       [{}] * 4) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_trl_reward_reads_chat_completions_and_answers(base_model):
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.stages.rl import trl_reward
+
+    reward = trl_reward("math_exact", load_tokenizer(base_model))
+    prompts = [[{"role": "user", "content": "What is 2 + 2?"}]] * 2
+    completions = [[{"role": "assistant", "content": "The answer is 4."}],
+                   [{"role": "assistant", "content": "The answer is 5."}]]
+    assert reward(prompts, completions, answer=[4, 4]) == [1.0, 0.0]
+    assert reward.__name__ == "math_exact"
+
+
+def test_reward_model_with_another_tokenizer_is_refused(tmp_path, base_model, tok_dir):
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.orm import load_scorer
+    from tests.test_orm import _reward_model
+
+    rm = _reward_model(tmp_path, tok_dir, 1)  # the 512-token fixture tokenizer, not the base model's
+    with pytest.raises(LmlabError, match="tokenizer differs from the policy's"):
+        load_scorer(str(rm), load_tokenizer(base_model))
+
+
+def test_bad_preference_and_rl_inputs_fail_before_compute(tmp_path, base_model):
+    from lmlab.stages.preference import run_preference
+    from lmlab.stages.rl import prepare_rl
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl")
+    with pytest.raises(LmlabError, match="rounds need prompts"):
+        run_preference(post_recipe(tmp_path, base_model, "dpo", data={"train": {"kind": "jsonl", "path": str(pairs)}},
+                                   preference={"rounds": 2}))
+    with pytest.raises(LmlabError, match="give prompts, not preference pairs"):
+        prepare_rl(post_recipe(tmp_path, base_model, "rl", name="rl1",
+                               data={"train": {"kind": "jsonl", "path": str(pairs)}}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say hi"}) + "\n")
+    with pytest.raises(LmlabError, match="no integer 'answer', which the math_exact reward needs"):
+        prepare_rl(post_recipe(tmp_path, base_model, "rl", name="rl2",
+                               data={"train": {"kind": "jsonl", "path": str(prompts)}}))
+    with pytest.raises(LmlabError, match="multiple of rl.num_generations"):
+        prepare_rl(post_recipe(tmp_path, base_model, "rl", name="rl3", train={"micro_batch_size": 6},
+                               rl={"num_generations": 4}))
+    with pytest.raises(LmlabError, match="unknown scorer"):
+        prepare_rl(post_recipe(tmp_path, base_model, "rl", name="rl4", rl={"rewards": ["vibes"]}))
+
+
+def test_rl_recipe_validates_reward_weights(tmp_path, base_model):
+    with pytest.raises(LmlabError, match="2 reward_weights for 1 rewards"):
+        post_recipe(tmp_path, base_model, "rl", rl={"reward_weights": [1.0, 2.0]})
+
+
+@pytest.mark.parametrize("stage,extra", [("dpo", {"loss_type": ["sigmoid", "ipo"]}), ("dpo", {"loss_type": "apo_zero"}),
+                                         ("kto", {}), ("orpo", {})])
+def test_preference_stages_train_on_pairs_and_write_artifacts(tmp_path, base_model, stage, extra):
+    from lmlab.artifacts import read_manifest
+    from lmlab.stages.preference import run_preference
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl")
+    recipe = post_recipe(tmp_path, base_model, stage, data={"train": {"kind": "jsonl", "path": str(pairs)}},
+                         preference=extra, train={"max_steps": 3, "log_every": 1})
+    final = run_preference(recipe)
+    manifest = read_manifest(final)
+    assert manifest["stage"] == stage and manifest["rounds"][0]["steps"] == 3
+    assert (final / "model.safetensors").is_file() and (final / "chat_template.jinja").is_file()
+    logged = [r for r in read_metrics(recipe.run_dir) if "loss" in r]
+    assert logged and all(r["stage"] == stage and r["round"] == 1 for r in logged)
+
+
+def test_default_lr_is_the_input_models_lr_over_ten_unless_the_recipe_sets_one(base_model):
+    """RECIPES.md 5: preference optimisation and RL train 5-20x below the SFT LR (the base used 1e-2)."""
+    from lmlab.recipe import validate_recipe
+    from lmlab.stages.common import post_training_lr
+
+    tree = {"name": "d", "stage": "dpo", "model": {"from_pretrained": str(base_model)}}
+    assert post_training_lr(validate_recipe(tree), 0.1) == pytest.approx(1e-3)
+    assert post_training_lr(validate_recipe({**tree, "optim": {"lr": 5e-6}}), 0.1) == 5e-6
+
+
+def test_dpo_pairs_improve_the_chosen_margin(tmp_path, base_model):
+    """A few DPO steps on fixed pairs raise the implicit reward margin of chosen over rejected."""
+    from lmlab.stages.preference import run_preference
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", n=16)
+    recipe = post_recipe(tmp_path, base_model, "dpo", data={"train": {"kind": "jsonl", "path": str(pairs)}},
+                         optim={"lr": 5e-3}, train={"max_steps": 8, "log_every": 1})
+    run_preference(recipe)
+    margins = [r["rewards/margins"] for r in read_metrics(recipe.run_dir) if "rewards/margins" in r]
+    assert margins[0] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first step
+    assert margins[-1] > 0.05
+
+
+def test_reward_model_stage_learns_pairs_and_scores_like_an_orm(tmp_path, base_model):
+    from lmlab.artifacts import read_manifest
+    from lmlab.evaluate.orm import RewardModelScorer
+    from lmlab.stages.reward_model import run_reward_model
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", n=24)
+    recipe = post_recipe(tmp_path, base_model, "rm", data={"train": {"kind": "jsonl", "path": str(pairs)},
+                                                           "seq_len": 160},
+                         optim={"lr": 5e-3}, train={"max_steps": 12, "micro_batch_size": 8, "eval_every": 12},
+                         sft={"validation_fraction": 0.2})
+    final = run_reward_model(recipe)
+    manifest = read_manifest(final)
+    assert manifest["stage"] == "rm" and manifest["held_out_pairs"] >= 1 and manifest["overlong_dropped"] == 0
+    scorer = RewardModelScorer(final)
+    good, bad = scorer(["What is 3 + 2?"] * 2, ["3 + 2 = 5. The answer is 5.", "The answer is 8."], [{}, {}])
+    assert good > bad
+
+
+def test_grpo_logs_reward_kl_entropy_length_and_kl_starts_at_zero(tmp_path, base_model):
+    from lmlab.stages.rl import run_rl
+
+    recipe = post_recipe(tmp_path, base_model, "rl", rl={"num_generations": 4, "beta": 0.1, "rewards": ["math_format"],
+                                                          "max_completion_length": 16},
+                         train={"max_steps": 2, "micro_batch_size": 8, "log_every": 1})
+    final = run_rl(recipe)
+    logged = [r for r in read_metrics(recipe.run_dir) if "reward" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    first = logged[0]
+    for key in ("reward", "kl", "entropy", "completions/mean_length", "rewards/math_format/mean"):
+        assert key in first, key
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference before the first update
+    assert (final / "model.safetensors").is_file()
+    from lmlab.data.tokenizer import load_tokenizer
+
+    assert load_tokenizer(final).eos_token == "<|endoftext|>"  # RL's chat-turn EOS does not leak into the artifact
+
+
+def test_rloo_runs_without_a_reference_when_beta_is_zero(tmp_path, base_model):
+    from lmlab.stages.rl import run_rl
+
+    recipe = post_recipe(tmp_path, base_model, "rl", rl={"algorithm": "rloo", "num_generations": 4, "beta": 0.0,
+                                                          "rewards": ["math_format"], "max_completion_length": 12},
+                         train={"max_steps": 1, "micro_batch_size": 4, "log_every": 1})
+    run_rl(recipe)
+    assert any("reward" in r for r in read_metrics(recipe.run_dir))
+
+
+def test_a_resumed_rl_run_continues_from_its_step(tmp_path, base_model):
+    from transformers import TrainerCallback
+
+    from lmlab.stages.rl import prepare_rl, run_rl
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("killed")
+
+    recipe = post_recipe(tmp_path, base_model, "rl", rl={"num_generations": 4, "rewards": ["math_format"],
+                                                          "max_completion_length": 12},
+                         train={"max_steps": 4, "micro_batch_size": 4, "log_every": 1, "save_every": 2})
+    trainer = prepare_rl(recipe)[0]
+    trainer.add_callback(Crash())
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.train()
+    steps_before = [r["step"] for r in read_metrics(recipe.run_dir) if "reward" in r]
+    run_rl(recipe, resume=True)
+    steps_after = [r["step"] for r in read_metrics(recipe.run_dir) if "reward" in r][len(steps_before):]
+    assert steps_before == [1, 2] and steps_after == [3, 4]  # resumed from checkpoint-2, not from step 0
