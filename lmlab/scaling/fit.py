@@ -5,8 +5,9 @@ loss keeps falling as parameters N or ensemble members K grow. Kotha, Kim, Liang
 and Hashimoto ("Pre-training under infinite compute") judge a recipe instead by
 the asymptote E of its scaling law, take a joint N, K -> infinity limit in two
 steps, and compare recipes by how much more data the baseline needs to reach the
-same loss. Fits are bounded (A > 0, 0 < alpha <= 3, E >= 0), done on x divided by
-its geometric mean, started from several guesses, and come with bootstrap intervals.
+same loss. Fits are bounded least squares (A >= 0, 0 < alpha <= 3, E >= 0) on x
+divided by its geometric mean, searched over a grid of alphas so a poor start cannot
+trap them, and come with bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from lmlab.errors import LmlabError
 
-MAX_ALPHA = 3.0
+MAX_ALPHA = 3.0  # no sane loss curve decays faster than 1/x^3
 _NAN_CI = (math.nan, math.nan)
 
 
@@ -76,59 +77,71 @@ def _as_points(x, loss, what: str = "") -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _least_squares(u: np.ndarray, y: np.ndarray, starts) -> np.ndarray | None:
-    """Best of several bounded fits of y = exp(log_a) * u**-alpha + E; None if all fail."""
-    from scipy.optimize import least_squares
+def _linear_part(alphas: np.ndarray, u: np.ndarray, y: np.ndarray):
+    """For each alpha, the least-squares a >= 0, E >= 0 of y = a * u**-alpha + E, and its SSE.
 
-    def resid(p):
-        return np.exp(p[0]) * u ** -p[1] + p[2] - y
+    Fixing alpha makes the model linear, so (a, E) is exact; the convex problem's
+    optimum is the unconstrained one when feasible, else the best on a boundary.
+    """
+    f = u[None, :] ** -alphas[:, None]
+    fm, ym = f.mean(1), y.mean()
+    var = ((f - fm[:, None]) ** 2).sum(1)
+    a_free = ((f - fm[:, None]) * (y - ym)).sum(1) / np.maximum(var, 1e-300)
+    cands = [(a_free, ym - a_free * fm),  # unconstrained
+             (np.zeros_like(fm), np.full_like(fm, max(ym, 0.0))),  # a = 0
+             (np.maximum((f * y).sum(1) / (f * f).sum(1), 0.0), np.zeros_like(fm))]  # E = 0
+    best_a, best_E, best_sse = None, None, np.full_like(fm, np.inf)
+    for a, E in cands:
+        sse = (((a[:, None] * f + E[:, None]) - y) ** 2).sum(1)
+        sse = np.where((a >= 0) & (E >= 0), sse, np.inf)
+        take = sse < best_sse
+        best_a = a if best_a is None else np.where(take, a, best_a)
+        best_E = E if best_E is None else np.where(take, E, best_E)
+        best_sse = np.minimum(sse, best_sse)
+    return best_a, best_E, best_sse
 
-    lo, hi = [-50.0, 1e-6, 0.0], [50.0, MAX_ALPHA, np.inf]
-    best = None
-    for p0 in starts:
-        p0 = np.clip(p0, [-49.0, 2e-6, 0.0], [49.0, MAX_ALPHA - 1e-6, np.inf])
-        try:
-            r = least_squares(resid, p0, bounds=(lo, hi), xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
-        except (ValueError, FloatingPointError):
-            continue
-        if np.all(np.isfinite(r.x)) and (best is None or r.cost < best.cost):
-            best = r
-    return None if best is None else best.x
 
+def _fit_normalised(u: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(a, alpha, E) minimising the SSE of y = a * u**-alpha + E under the bounds.
 
-def _grid_starts(y: np.ndarray) -> list[list[float]]:
-    lo = float(y.min())
-    starts = []
-    for alpha in (0.1, 0.3, 0.6, 1.2):
-        for E in (0.0, 0.5 * lo, 0.9 * lo):
-            starts.append([math.log(max(float(y.mean()) - E, 1e-12)), alpha, E])
-    return starts
+    Variable projection: (a, E) are solved exactly for every alpha, a grid over
+    (0, MAX_ALPHA] serves as the many starting points, and Brent's method refines
+    the best one, so the fit cannot stall in a poor local minimum.
+    """
+    from scipy.optimize import minimize_scalar
+
+    grid = np.linspace(1e-3, MAX_ALPHA, 300)
+    i = int(np.argmin(_linear_part(grid, u, y)[2]))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+    res = minimize_scalar(lambda t: float(_linear_part(np.array([t]), u, y)[2][0]),
+                          bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
+    alpha = float(res.x) if res.fun <= _linear_part(grid[i:i + 1], u, y)[2][0] else float(grid[i])
+    a, E, _ = _linear_part(np.array([alpha]), u, y)
+    return float(a[0]), alpha, float(E[0])
 
 
 def fit_power_law(x, loss, bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
     """Fit L(x) = A / x**alpha + E; `bootstrap` refits on resampled points give 95% intervals."""
     x, y = _as_points(x, loss)
-    if x.size < 3:
-        raise LmlabError(f"need at least 3 points to fit A, alpha and E, got {x.size}",
+    if np.unique(x).size < 3:
+        raise LmlabError(f"need at least 3 points (at distinct x) to fit A, alpha and E, got {np.unique(x).size}",
                          hint="add runs at more sizes")
     g = float(np.exp(np.log(x).mean()))  # x / g is O(1), so A and alpha decouple
-    p = _least_squares(x / g, y, _grid_starts(y))
-    if p is None:
-        raise LmlabError(f"the power-law fit failed on {x.size} points", hint="check the losses")
 
-    def to_params(q):
-        return float(np.exp(q[0]) * g ** q[1]), float(q[1]), float(q[2])
+    def fit(xs, ys):
+        a, alpha, E = _fit_normalised(xs / g, ys)
+        return a * g ** alpha, alpha, E
 
-    A, alpha, E = to_params(p)
+    A, alpha, E = fit(x, y)
     rmse = float(np.sqrt(np.mean((A / x ** alpha + E - y) ** 2)))
     rng, samples = np.random.default_rng(seed), []
     for _ in range(bootstrap):
         idx = rng.integers(0, x.size, x.size)
         if np.unique(x[idx]).size < 3:  # three parameters need three distinct sizes
             continue
-        q = _least_squares(x[idx] / g, y[idx], [p] + _grid_starts(y[idx])[::4])
-        if q is not None:
-            samples.append(to_params(q))
+        q = fit(x[idx], y[idx])
+        if all(math.isfinite(v) for v in q):
+            samples.append(q)
     cis = [_NAN_CI] * 3
     if samples:
         s = np.array(samples)
