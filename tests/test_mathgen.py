@@ -28,10 +28,16 @@ def test_no_ood_prompt_appears_in_id_and_every_ood_item_is_ood():
 
 
 def test_id_operands_stay_small_ood_uses_new_forms():
+    from lmlab.data.mathgen import ID_MAX, OOD_PHRASES
+
     for problem in math_problems("id", 1000):
-        assert all(len(n) <= 2 for n in re.findall(r"\d+", problem.prompt))
+        assert all(int(n) <= ID_MAX for n in re.findall(r"\d+", problem.prompt))
     ood = math_problems("ood", 1000)
-    assert any("(" in p.prompt for p in ood) and any(re.search(r"\d{3}", p.prompt) for p in ood)
+    larger = [p for p in ood if any(int(n) > ID_MAX for n in re.findall(r"\d+", p.prompt))]
+    two_step = [p for p in ood if "(" in p.prompt]
+    new_phrasing = [p for p in ood if p not in larger and p not in two_step]
+    assert len(larger) > 100 and len(two_step) > 100 and len(new_phrasing) > 300
+    assert any(p.prompt.startswith(OOD_PHRASES[0].split("{")[0]) for p in new_phrasing)
 
 
 def test_prompts_are_distinct_within_a_split():
@@ -45,3 +51,10 @@ def test_renderings():
     roles = [m["role"] for m in as_chat(problem)["messages"]]
     assert roles == ["system", "user", "assistant"]
     assert as_prompt_record(problem) == {"prompt": problem.prompt, "answer": problem.answer}
+
+
+def test_evaluation_prompts_are_never_training_prompts():
+    for split in ("id", "ood"):
+        train = {p.prompt for p in math_problems(split, 20000, seed=0)}
+        held_out = math_problems(split, 200, seed=1234, part="eval")
+        assert len({p.prompt for p in held_out}) == 200 and not train & {p.prompt for p in held_out}

@@ -2,11 +2,15 @@
 
 It reproduces the EvoLM setup at laptop scale: general pretraining, then math
 continued pretraining, SFT and RL, measured in-domain (ID) and out-of-domain (OOD).
+The numbers are small on purpose: a ~2M-parameter model trained for minutes on a
+CPU can learn them, so accuracy moves and the stages can be compared (with 2-digit
+operands such a model only learns the format and stays near 0%).
 
-- ID: addition and subtraction of 1-2 digit numbers, and multiplication of single
-  digits, in a few phrasings and word-problem templates.
-- OOD: never seen in ID by construction: at least one 3-digit operand, two-step
-  expressions `(a op b) op c`, and phrasings and templates ID never uses.
+- ID: addition and subtraction with operands 0-20, multiplication of single digits,
+  in a few phrasings and word-problem templates.
+- OOD: never seen in ID by construction: phrasings and word templates ID never uses
+  (same small numbers: a shift of surface form), two-step expressions
+  `(a op b) op c`, and operands 21-99 (beyond the ID range).
 Answers may be negative (subtraction). Every solution ends with the canonical
 "The answer is N." so an extractor can read the last integer.
 """
@@ -41,6 +45,8 @@ OOD_WORD = {
     "*": "A farm has {a} rows of trees with {b} trees in each row. How many trees are on the farm?",
 }
 NAMES = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ben", "Eva"]
+ID_MAX = 20  # largest ID operand of + and -; OOD's "larger operands" start above it
+EVAL_SHARE = 0.05  # the slice of each split's prompt space kept for evaluation, never trained on
 OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
 
 
@@ -52,69 +58,89 @@ class MathProblem:
     split: Split
 
 
+def _operands(rng: random.Random, op: str, low: int, high: int) -> tuple[int, int]:
+    return (rng.randint(2, 9), rng.randint(2, 9)) if op == "*" else (rng.randint(low, high), rng.randint(low, high))
+
+
+def _one_step(a: int, op: str, b: int) -> tuple[int, str]:
+    answer = OPS[op](a, b)
+    return answer, f"{a} {op} {b} = {answer}. The answer is {answer}."
+
+
 def _id_problem(rng: random.Random) -> MathProblem:
     op = rng.choice("+-*")
-    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == "*" else (rng.randint(0, 99), rng.randint(0, 99))
-    answer = OPS[op](a, b)
+    a, b = _operands(rng, op, 0, ID_MAX)
     if rng.random() < 0.3:
         prompt = ID_WORD[op].format(a=a, b=b, name=rng.choice(NAMES))
     else:
         prompt = rng.choice(ID_PHRASES).format(a=a, op=op, b=b)
-    return MathProblem(prompt, answer, f"{a} {op} {b} = {answer}. The answer is {answer}.", "id")
+    return MathProblem(prompt, *_one_step(a, op, b), "id")
 
 
 def _ood_problem(rng: random.Random) -> MathProblem:
     kind = rng.random()
-    if kind < 0.4:  # two-step expression
+    if kind < 0.25:  # two-step expression
         op1, op2 = rng.choice("+-"), rng.choice("+-*")
-        a, b, c = rng.randint(2, 60), rng.randint(2, 60), rng.randint(2, 9)
+        a, b, c = rng.randint(0, ID_MAX), rng.randint(0, ID_MAX), rng.randint(2, 9)
         first = OPS[op1](a, b)
         answer = OPS[op2](first, c)
-        expr = f"({a} {op1} {b}) {op2} {c}"
         solution = f"{a} {op1} {b} = {first}. {first} {op2} {c} = {answer}. The answer is {answer}."
-    else:  # a 3-digit operand, never used in ID
-        op = rng.choice("+-*")
+        return MathProblem(rng.choice(OOD_PHRASES).format(expr=f"({a} {op1} {b}) {op2} {c}"), answer, solution, "ood")
+    op = rng.choice("+-*")
+    if kind < 0.45:  # larger operands, in ID's own phrasings
         if op == "*":
-            a, b = rng.randint(100, 999), rng.randint(2, 9)
+            a, b = rng.randint(ID_MAX + 1, 99), rng.randint(2, 9)
         else:
-            a, b = rng.randint(100, 999), rng.randint(0, 999)
+            a, b = rng.randint(ID_MAX + 1, 99), rng.randint(0, 99)
         if rng.random() < 0.5:
             a, b = b, a
-        answer = OPS[op](a, b)
-        if rng.random() < 0.3:
-            prompt = OOD_WORD[op].format(a=a, b=b)
-            return MathProblem(prompt, answer, f"{a} {op} {b} = {answer}. The answer is {answer}.", "ood")
-        expr = f"{a} {op} {b}"
-        solution = f"{expr} = {answer}. The answer is {answer}."
-    return MathProblem(rng.choice(OOD_PHRASES).format(expr=expr), answer, solution, "ood")
+        return MathProblem(rng.choice(ID_PHRASES).format(a=a, op=op, b=b), *_one_step(a, op, b), "ood")
+    a, b = _operands(rng, op, 0, ID_MAX)  # ID's numbers in phrasings ID never uses
+    if kind < 0.7:
+        return MathProblem(OOD_WORD[op].format(a=a, b=b), *_one_step(a, op, b), "ood")
+    return MathProblem(rng.choice(OOD_PHRASES).format(expr=f"{a} {op} {b}"), *_one_step(a, op, b), "ood")
 
 
-def math_problems(split: Split, n: int, seed: int = 0) -> list[MathProblem]:
-    """`n` distinct problems of one split; the same seed always gives the same list."""
+def is_eval_prompt(prompt: str) -> bool:
+    """Whether a prompt belongs to the evaluation slice (a stable hash of its text, like data validation splits)."""
+    from lmlab.data.sources import doc_hash
+
+    return doc_hash(f"math:{prompt}") < EVAL_SHARE
+
+
+def math_problems(split: Split, n: int, seed: int = 0, part: Literal["train", "eval"] = "train") -> list[MathProblem]:
+    """`n` problems of one split, distinct while the space allows; the same seed gives the same list.
+
+    `part="eval"` draws only from a held-out 5% slice of the prompt space and `"train"` never
+    does, so evaluation never sees a trained prompt even though the ID space is small (about
+    10k prompts). A large training corpus repeats problems once its part of the space is
+    nearly exhausted, as a drilled arithmetic table would. OOD items are always OOD.
+    """
     if split not in ("id", "ood"):
         raise ValueError(f"split must be 'id' or 'ood', not {split!r}")
     rng = random.Random(f"lmlab-math-{split}-{seed}")
     make = _id_problem if split == "id" else _ood_problem
     seen: set[str] = set()
     problems: list[MathProblem] = []
-    attempts = 0
+    misses = 0  # consecutive repeats: many in a row means the space is nearly used up
     while len(problems) < n:
-        attempts += 1
-        if attempts > 50 * n + 1000:
-            raise ValueError(f"cannot generate {n} distinct {split} problems")
         problem = make(rng)
-        if problem.prompt in seen or (split == "ood" and not is_ood(problem.prompt)):
+        if (split == "ood" and not is_ood(problem.prompt)) or is_eval_prompt(problem.prompt) != (part == "eval"):
             continue
+        if problem.prompt in seen and misses < 20:
+            misses += 1
+            continue
+        misses = 0
         seen.add(problem.prompt)
         problems.append(problem)
     return problems
 
 
 def is_ood(prompt: str) -> bool:
-    """True when a prompt has a property no ID problem has: a 3+ digit number, parentheses or an OOD phrasing."""
+    """True when a prompt has a property no ID problem has: an operand above ID_MAX, parentheses or an OOD phrasing."""
     import re
 
-    if any(len(num) >= 3 for num in re.findall(r"\d+", prompt)) or "(" in prompt:
+    if any(int(num) > ID_MAX for num in re.findall(r"\d+", prompt)) or "(" in prompt:
         return True
     stems = [p.split("{")[0] for p in OOD_PHRASES] + [w.split("{")[0] for w in OOD_WORD.values()]
     return any(prompt.startswith(stem) for stem in stems)

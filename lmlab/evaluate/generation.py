@@ -77,7 +77,7 @@ def math_accuracy(model, tokenizer, split: str = "id", n: int = 200, seed: int =
     """Greedy exact-match accuracy on `n` generated math problems (a seed apart from training data)."""
     from lmlab.data.mathgen import DEFAULT_SYSTEM, math_problems
 
-    problems = math_problems(split, n, seed)
+    problems = math_problems(split, n, seed, part="eval")
     prompts = render_prompts(tokenizer, [p.prompt for p in problems], system=DEFAULT_SYSTEM)
     completions = generate(model, tokenizer, prompts, batch_size=batch_size)
     correct = sum(extract_integer(c[0]) == p.answer for c, p in zip(completions, problems))
