@@ -203,16 +203,13 @@ class TaskEvalCallback(TrainerCallback):
         self.every, self.samples, self.scorer = every, samples, scorer
 
     def evaluate(self, model, step: int) -> dict[str, float]:
-        from lmlab.evaluate.orm import orm_score
         from lmlab.evaluate.tasks import run_task
 
         was_training = model.training
         results: dict[str, float] = {}
         for task in self.tasks:
-            results.update(run_task(model, self.tokenizer, task, samples=self.samples, seed=step))
-            if self.scorer is not None and task.kind == "generative":
-                results[f"{task.name}/orm_score"] = orm_score(model, self.tokenizer, task, self.scorer,
-                                                              samples=self.samples, seed=step)
+            scorer = self.scorer if task.kind == "generative" else None
+            results.update(run_task(model, self.tokenizer, task, samples=self.samples, seed=step, scorer=scorer))
         model.train(was_training)
         return results
 

@@ -51,6 +51,7 @@ STAGE_RUNNERS = {  # stage -> (module, function); imported only when that stage 
     "sft": ("lmlab.stages.sft", "run_sft"), "rm": ("lmlab.stages.reward_model", "run_reward_model"),
     "dpo": ("lmlab.stages.preference", "run_preference"), "kto": ("lmlab.stages.preference", "run_preference"),
     "orpo": ("lmlab.stages.preference", "run_preference"), "rl": ("lmlab.stages.rl", "run_rl"),
+    "distill": ("lmlab.stages.pretrain", "run_pretrain"),
 }
 
 
@@ -62,6 +63,37 @@ def _run_stage(stage: str, recipe: Path, overrides: Optional[List[str]], resume:
     loaded = load_recipe(recipe, [*(overrides or []), f"stage={stage}"])
     module, function = STAGE_RUNNERS[stage]
     getattr(importlib.import_module(module), function)(loaded, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def run(recipe: Path = typer.Argument(..., help="A pipeline recipe: `stages:` in order (see recipes/quickstart.yaml)."),
+        set_: Optional[List[str]] = SetOption,
+        dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show the stages; train nothing.")) -> None:
+    """Run a whole lifecycle: each stage feeds the next; re-running skips finished stages and resumes."""
+    from lmlab.pipeline import describe, load_pipeline, run_pipeline
+
+    if dry_run:
+        pipeline, planned = load_pipeline(recipe, set_)
+        typer.echo(f"{pipeline.name} -> {pipeline.run_dir}")
+        for line in describe(planned):
+            typer.echo(f"  {line}")
+        return
+    run_pipeline(recipe, set_)
+
+
+@app.command()
+@user_errors
+def ablate(recipe: Path = typer.Argument(..., help="A stage recipe or a pipeline recipe."),
+           grid: List[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeatable; e.g. sft.epochs=1,2,4)."),
+           seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per grid point."),
+           jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs at a time (default: cores / 4)."),
+           set_: Optional[List[str]] = SetOption) -> None:
+    """Run grid x seeds variants, then a mean ± std table per metric and plots against the swept value."""
+    from lmlab.ablate import run_ablation
+
+    out = run_ablation(recipe, grid, seeds, jobs, set_)
+    typer.echo(f"ablation: {out / 'ablation.md'}")
 
 
 @app.command()
@@ -130,6 +162,30 @@ def rl(recipe: Path = typer.Argument(..., help="YAML recipe: prompts (with answe
 
 @app.command()
 @user_errors
+def distill(recipe: Path = typer.Argument(..., help="YAML recipe with distill.teacher (a checkpoint or ensemble)."),
+            set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption,
+            overwrite: bool = OverwriteOption) -> None:
+    """Distil a teacher (checkpoint or ensemble) into a student: alpha * CE + (1 - alpha) * T^2 * KL."""
+    _run_stage("distill", recipe, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def ensemble(recipe: Path = typer.Argument(..., help="A stage recipe; members differ by seed (init, data order)."),
+             members: int = typer.Option(4, "--members", "-k", help="Number of members K."),
+             jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Members trained at a time."),
+             combine: str = typer.Option("logits", "--combine", help="Average `logits` or `logprobs`."),
+             set_: Optional[List[str]] = SetOption) -> None:
+    """Train K members and save an ensemble (averaged logits) that eval and distill load like a checkpoint."""
+    from lmlab.models.ensemble import train_ensemble
+
+    if combine not in ("logits", "logprobs"):
+        raise LmlabError(f"unknown combine '{combine}'", field="--combine", hint="logits or logprobs")
+    typer.echo(f"ensemble: {train_ensemble(recipe, members, jobs, set_, combine)}")
+
+
+@app.command()
+@user_errors
 def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpoint directory."),
           prompts: str = typer.Option("math", "--prompts", help="`math` (in-domain generator) or a prompts jsonl."),
           n: int = typer.Option(200, "--n", help="Prompts to sample (math)."),
@@ -175,6 +231,8 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
                                     help="Comma-separated embedded task names or task YAML files."),
           n: int = typer.Option(200, "--n", help="Items per embedded task."),
           samples: int = typer.Option(1, "--samples", help="Samples per prompt for maj@k and pass@k."),
+          orm: Optional[str] = typer.Option(None, "--orm", help="ORM score of the samples: a verifier "
+                                            "(math_exact) or a reward-model directory."),
           out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON.")) -> None:
     """Score a checkpoint on cloze and generative tasks."""
     import json
@@ -188,10 +246,16 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
 
     loaded = [load_task(spec.strip(), n) for spec in tasks.split(",") if spec.strip()]  # bad tasks fail first
     tokenizer = load_tokenizer(checkpoint)
+    scorer = None
+    if orm:
+        from lmlab.evaluate.orm import load_scorer
+
+        scorer = load_scorer(orm, tokenizer)
     model = load_model(checkpoint)
     results: dict[str, float] = {}
     for task in loaded:
-        results.update(run_task(model, tokenizer, task, samples=samples))
+        results.update(run_task(model, tokenizer, task, samples=samples,
+                                scorer=scorer if task.kind == "generative" else None))
     table = Table(title=f"evaluation of {checkpoint}")
     table.add_column("metric")
     table.add_column("value", justify="right")

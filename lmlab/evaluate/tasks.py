@@ -57,7 +57,7 @@ def embedded_task(name: str, n: int = 200) -> Task:
     if name in ("math_id", "math_ood"):
         from lmlab.data.mathgen import as_prompt_record, math_problems
 
-        items = [as_prompt_record(p) for p in math_problems(name.split("_")[1], n, EVAL_SEED)]
+        items = [as_prompt_record(p) for p in math_problems(name.split("_")[1], n, EVAL_SEED, part="eval")]
         return Task(name, "generative", items)
     if name == "general_cloze":
         return Task(name, "cloze", general_cloze_items(n))
@@ -118,8 +118,9 @@ def load_task(spec: str, n: int = 200) -> Task:
 
 
 def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float = 0.8,
-             batch_size: int = 32, seed: int = 0) -> dict[str, float]:
-    """Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k (k = samples)."""
+             batch_size: int = 32, seed: int = 0, scorer=None) -> dict[str, float]:
+    """Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k (k = samples);
+    with a scorer, also the ORM score: its mean over the same sampled responses (sampled once, used twice)."""
     if task.kind == "cloze":
         from lmlab.evaluate.likelihood import pick, score_options
 
@@ -134,9 +135,16 @@ def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float 
     greedy = generate(model, tokenizer, prompts, batch_size=batch_size)
     out = {f"{task.name}/greedy_accuracy":
            sum(extract_integer(g[0]) == it["answer"] for g, it in zip(greedy, task.items)) / len(task.items)}
-    if samples > 1:
+    if samples > 1 or scorer is not None:
         sampled = generate(model, tokenizer, prompts, batch_size=max(1, batch_size // samples), do_sample=True,
                            temperature=temperature, num_return_sequences=samples, seed=seed)
+    if scorer is not None:
+        from lmlab.evaluate.orm import checked_scores
+
+        scores = checked_scores(scorer, [p for p, g in zip(prompts, sampled) for _ in g],
+                                [r for g in sampled for r in g], [it for it, g in zip(task.items, sampled) for _ in g])
+        out[f"{task.name}/orm_score"] = sum(scores) / len(scores)
+    if samples > 1:
         answers = [[extract_integer(s) for s in group] for group in sampled]
         out[f"{task.name}/maj@{samples}"] = sum(maj_at_k(a, it["answer"], samples)
                                                 for a, it in zip(answers, task.items)) / len(task.items)

@@ -37,7 +37,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     from lmlab.data.sources import doc_hash
     from lmlab.evaluate.orm import load_scorer
     from lmlab.models.build import load_model
-    from lmlab.stages.common import prepare_run_dir, stage_callbacks, training_arguments, world_size
+    from lmlab.stages.common import post_training_lr, prepare_run_dir, stage_callbacks, training_arguments, world_size
     from lmlab.stages.sft import prepare_tokenizer
     from lmlab.trainers import LmlabTrainerMixin, last_checkpoint
 
@@ -73,8 +73,9 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
 
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
     steps = t.max_steps or -(-len(train) // (t.micro_batch_size * t.grad_accum * world_size())) * int(t.epochs or 1)
+    lr = post_training_lr(recipe, p.lr_ratio)  # a new head on a trained body: far below the SFT LR
     args = training_arguments(recipe, run_dir / "checkpoints", steps, validation is not None, args_class=RewardConfig,
-                              max_length=recipe.data.seq_len, dataset_num_proc=None)
+                              max_length=recipe.data.seq_len, dataset_num_proc=None, learning_rate=lr)
 
     class Trainer(LmlabTrainerMixin, RewardTrainer):
         """TRL's RewardTrainer with lmlab's atomic checkpoints and decay groups."""
@@ -87,7 +88,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     trainer.train(resume_from_checkpoint=str(start) if start else None)
     metrics = trainer.evaluate() if validation is not None else {}
     manifest = {"stage": "rm", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-                "input_artifact": recipe.model.from_pretrained, "pairs": len(train), "held_out_pairs": len(held),
+                "input_artifact": recipe.model.from_pretrained, "lr": lr, "pairs": len(train), "held_out_pairs": len(held),
                 "overlong_dropped": overlong,
                 "steps": trainer.state.global_step, "metrics": metrics}
     final = save_artifact(trainer.model, tokenizer, run_dir / "final", manifest)
