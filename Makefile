@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmlab-installed
 
-.PHONY: install demo math-demo test test-slow bench clean
+.PHONY: install demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,13 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole lifecycle on the embedded data: tokenizer, pretraining, math CPT with replay, SFT,
+# GRPO, a comparison of every stage's model, and a report (recipes/quickstart.yaml)
 demo: $(STAMP)
-	$(BIN)/lmlab pretrain recipes/tiny_pretrain.yaml --overwrite
-
-# EvoLM at laptop scale: general pretraining -> math CPT with 16% replay -> math SFT
-math-demo: demo
-	$(BIN)/lmlab cpt recipes/math_cpt.yaml --overwrite
-	$(BIN)/lmlab sft recipes/math_sft.yaml --overwrite
+	$(BIN)/lmlab run recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -36,6 +33,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/memory_model.py
+	$(BIN)/python benchmarks/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

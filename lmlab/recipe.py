@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lmlab.errors import LmlabError
 
@@ -89,6 +89,11 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, (str, dict)) else value
 
 
+def _future(info: ValidationInfo) -> set[str]:
+    """Artifact paths an earlier pipeline stage will write: valid inputs before they exist."""
+    return (info.context or {}).get("future_artifacts", set())
+
+
 class ModelConfig(Strict):
     """A transformers causal LM built from a config, or a local HF checkpoint."""
 
@@ -113,8 +118,8 @@ class ModelConfig(Strict):
 
     @field_validator("from_pretrained")
     @classmethod
-    def _exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
+    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not Path(value).is_dir() and value not in _future(info):
             raise ValueError(f"checkpoint directory not found: {value}")
         return value
 
@@ -140,8 +145,8 @@ class TokenizerConfig(Strict):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
+    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not Path(value).is_dir() and value not in _future(info):
             raise ValueError(f"tokenizer directory not found: {value}")
         return value
 
@@ -270,6 +275,22 @@ class RLConfig(Strict):
         return self
 
 
+class DistillConfig(Strict):
+    """Distil a teacher (checkpoint or ensemble) into the student on packed text (Kotha et al., 2025)."""
+
+    teacher: str | None = None  # a checkpoint or ensemble directory (in a pipeline: the previous stage's model)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the label CE; 1 - alpha goes to KL(teacher || student)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, gt=0)  # keep only the teacher's top-k tokens (renormalised)
+
+    @field_validator("teacher")
+    @classmethod
+    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not Path(value).is_dir() and value not in _future(info):
+            raise ValueError(f"teacher directory not found: {value}")
+        return value
+
+
 class EvalConfig(Strict):
     """Task evaluation during training (any stage), logged to metrics.jsonl as `task/<task>/<metric>`."""
 
@@ -287,7 +308,7 @@ class OutputConfig(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    stage: Literal["pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl"] = "pretrain"
+    stage: Literal["pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl", "distill"] = "pretrain"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -298,14 +319,17 @@ class Recipe(Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "Recipe":
-        if self.stage != "pretrain" and not self.model.from_pretrained:
+        if self.stage == "distill" and not self.distill.teacher:
+            raise ValueError("the distill stage needs distill.teacher (a checkpoint or ensemble directory)")
+        if self.stage not in ("pretrain", "distill") and not self.model.from_pretrained:
             raise ValueError(f"the {self.stage} stage continues a model: set model.from_pretrained to a checkpoint")
-        if self.lora.enabled and self.stage in ("pretrain", "cpt"):
+        if self.lora.enabled and self.stage in ("pretrain", "cpt", "distill"):
             raise ValueError(f"LoRA is for post-training stages, not {self.stage}")
         return self
 
@@ -324,20 +348,35 @@ class Recipe(Strict):
 # ----------------------------------------------------------------------------- loading
 
 
+def _list_item(items: list, part: str, key: str) -> Any:
+    """A list element by index, or (pipeline stages) by its `name`, else its `stage`."""
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    for item in items:
+        if isinstance(item, dict) and item.get("name", item.get("stage")) == part:
+            return item
+    raise LmlabError(f"no list item '{part}' to set '{key}'", field="--set")
+
+
 def apply_override(tree: dict, assignment: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML.
+
+    In a list, a part selects an item by index or by name: `stages.sft.train.epochs=2`.
+    """
     if "=" not in assignment:
         raise LmlabError(f"override '{assignment}' must look like key.path=value", field="--set")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
-    node = tree
+    node: Any = tree
     for part in parts[:-1]:
-        child = node.get(part)
+        child = _list_item(node, part, key) if isinstance(node, list) else node.get(part)
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise LmlabError(f"'{part}' is not a block, cannot set '{key}'", field="--set")
         node = child
+    if not isinstance(node, dict):
+        raise LmlabError(f"cannot set '{key}': '{parts[-2]}' is a list", field="--set")
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
 
 
@@ -381,10 +420,14 @@ def _key_line(root: yaml.Node | None, loc: tuple) -> int | None:
     return None
 
 
-def validate_recipe(tree: dict, file: str = "<recipe>", root: yaml.Node | None = None) -> Recipe:
-    """Validate a recipe tree; the first problem becomes one LmlabError with file, line and key path."""
+def validate_recipe(tree: dict, file: str = "<recipe>", root: yaml.Node | None = None,
+                    future_artifacts: set[str] | None = None, model: type[BaseModel] | None = None) -> Recipe:
+    """Validate a recipe tree; the first problem becomes one LmlabError with file, line and key path.
+
+    `future_artifacts` are checkpoint / tokenizer paths that earlier pipeline stages will write.
+    """
     try:
-        return Recipe.model_validate(tree)
+        return (model or Recipe).model_validate(tree, context={"future_artifacts": future_artifacts or set()})
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))

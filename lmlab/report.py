@@ -161,6 +161,9 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
             for name, m in summary:
                 lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in keys) + " |")
             lines.append("")
+    for comparison in sorted(root.glob("*/comparison.md")):  # a pipeline's closing eval stage
+        lines += [f"## Every stage's model on the same evaluation ({comparison.parent.name})", "",
+                  comparison.read_text(), ""]
     for run in runs:
         lines += run_report(run, out)
     report = out / "report.md"

@@ -232,6 +232,8 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Pa
     console, trainer, tokenizer, data, run_dir = Console(), job.trainer, job.tokenizer, job.data, recipe.run_dir
     has_val, epochs = data.validation is not None, job.epochs
     start = last_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume:
+        console.print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
     trainer.train(resume_from_checkpoint=str(start) if start else None)
     final_metrics = trainer.evaluate() if has_val else {}
     if recipe.sft.eval_math:

@@ -1,0 +1,291 @@
+"""`lmlab run PIPELINE.yaml`: the whole lifecycle from one recipe, stage after stage.
+
+    name: quickstart
+    defaults: {train: {log_every: 10}}      # blocks every stage starts from
+    stages:
+      - {stage: tokenizer, tokenizer: {vocab_size: 4096}}
+      - {stage: pretrain, model: {...}, data: {train: general}}
+      - {stage: cpt, data: {train: math, replay: general}}
+      - {stage: sft, data: {train: {kind: math, format: chat}}}
+      - {stage: rl, from: sft}               # `from`: an earlier stage (default: the previous model)
+      - {stage: eval, tasks: [math_id, math_ood], models: all}
+
+Each stage is an ordinary stage recipe (the defaults deep-merged with its block),
+run in `<output.dir>/<name>/<stage name>/`, and its input is the artifact of the
+stage before it. Everything is validated before any compute. `pipeline.json` keeps
+each stage's fingerprint (its resolved recipe and its input's fingerprint): running
+the recipe again skips finished stages whose inputs are unchanged, resumes the one
+that was interrupted, and reruns a stage (and all after it) whose recipe changed.
+A lock keeps two processes out of one run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import OutputConfig, Recipe, Strict, _as_list, validate_recipe
+
+MODEL_STAGES = ("pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl", "distill")
+STATE = "pipeline.json"
+
+
+class EvalStage(Strict):
+    """The closing comparison: every chosen stage's model on the same tasks."""
+
+    stage: Literal["eval"] = "eval"
+    name: str = "eval"
+    tasks: list[str] = Field(default_factory=lambda: ["math_id", "math_ood"])
+    n: int = Field(100, gt=0)
+    samples: int = Field(4, ge=1)  # maj@k / pass@k and the ORM score
+    orm: str | None = "math_exact"
+    general_bpb: bool = True  # bits per byte on held-out general text: forgetting, comparable across tokenizers
+    models: list[str] | Literal["all"] = "all"
+
+    _list = model_validator(mode="before")(classmethod(lambda cls, v: {**v, "tasks": _as_list(v["tasks"])}
+                                                        if isinstance(v, dict) and "tasks" in v else v))
+
+
+class Pipeline(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    stages: list[dict[str, Any]] = Field(min_length=1)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _stage_node(root: yaml.Node | None, index: int) -> yaml.Node | None:
+    if isinstance(root, yaml.MappingNode):
+        stages = next((v for k, v in root.value if k.value == "stages"), None)
+        if isinstance(stages, yaml.SequenceNode) and index < len(stages.value):
+            return stages.value[index]
+    return None
+
+
+def plan_stages(pipeline: Pipeline, file: str = "<pipeline>", root: yaml.Node | None = None,
+                assume_exists: set[str] | None = None) -> list[Any]:
+    """Each stage as a validated Recipe (or EvalStage), inputs wired, order checked: all before compute.
+
+    `assume_exists`: checkpoint paths to accept before they exist (`lmlab plan --emit` placeholders).
+    """
+    run_dir = pipeline.run_dir
+    planned: list[Any] = []
+    artifacts: dict[str, str] = {}  # stage name -> the artifact directory it will write
+    tokenizer_dir: str | None = None
+    last_model: str | None = None
+    for index, block in enumerate(pipeline.stages):
+        where = f"stages[{index}]"
+        kind = block.get("stage")
+        name = block.get("name", kind)
+        line = _stage_node(root, index).start_mark.line + 1 if _stage_node(root, index) else None
+        if name in artifacts or any(getattr(p, "name", None) == name for p in planned):
+            raise LmlabError(f"two stages are named '{name}'", file=file, line=line, field=f"{where}.name",
+                             hint="give each stage a distinct `name`")
+        if kind == "eval":
+            stage = validate_recipe(block, file, _stage_node(root, index), model=EvalStage)
+            unknown = [m for m in (stage.models if stage.models != "all" else []) if m not in artifacts]
+            if unknown:
+                raise LmlabError(f"eval names '{unknown[0]}', which no earlier stage makes", file=file, line=line,
+                                 field=f"{where}.models")
+            if not artifacts:
+                raise LmlabError("an eval stage needs an earlier stage that makes a model", file=file, line=line,
+                                 field=where)
+            planned.append(stage)
+            continue
+        if kind != "tokenizer" and kind not in MODEL_STAGES:
+            raise LmlabError(f"unknown stage '{kind}'", file=file, line=line, field=f"{where}.stage",
+                             hint=f"one of tokenizer, {', '.join(MODEL_STAGES)}, eval")
+        tree = _merge(pipeline.defaults, {k: v for k, v in block.items() if k not in ("from", "name")})
+        tree.update(name=name, seed=tree.get("seed", pipeline.seed),
+                    output={**pipeline.output.model_dump(), "dir": str(run_dir)})
+        source = block.get("from")
+        if kind == "distill":  # the earlier model is the teacher; the student starts fresh (or from_pretrained)
+            if source is not None and source not in artifacts:
+                raise LmlabError(f"'from: {source}' names no earlier stage that makes a model", file=file,
+                                 line=line, field=f"{where}.from")
+            teacher = artifacts[source] if source else (tree.get("distill", {}).get("teacher") or last_model)
+            if teacher is None:
+                raise LmlabError("the distill stage needs a teacher, and no earlier stage makes one", file=file,
+                                 line=line, field=f"{where}.stage")
+            tree.setdefault("distill", {})["teacher"] = teacher
+        elif kind in MODEL_STAGES and kind != "pretrain":
+            if source is not None and source not in artifacts:
+                raise LmlabError(f"'from: {source}' names no earlier stage that makes a model", file=file,
+                                 line=line, field=f"{where}.from")
+            given = tree.get("model", {}).get("from_pretrained")
+            input_dir = artifacts[source] if source else (given or last_model)
+            if input_dir is None:
+                raise LmlabError(f"the {kind} stage continues a model, and no earlier stage makes one", file=file,
+                                 line=line, field=f"{where}.stage",
+                                 hint="put a pretrain stage first, or set model.from_pretrained")
+            tree.setdefault("model", {})["from_pretrained"] = input_dir
+        if kind == "pretrain" and tokenizer_dir and not tree.get("tokenizer", {}).get("path"):
+            tree["tokenizer"] = {**tree.get("tokenizer", {}), "path": tokenizer_dir}
+        tree["stage"] = "pretrain" if kind == "tokenizer" else kind
+        recipe = validate_recipe(tree, file, _stage_node(root, index), future_artifacts=set(artifacts.values())
+                                 | ({tokenizer_dir} if tokenizer_dir else set()) | (assume_exists or set()))
+        if kind == "tokenizer":
+            tokenizer_dir = str(run_dir / name / "tokenizer")
+            planned.append(("tokenizer", recipe))
+            continue
+        artifacts[name] = last_model = str(run_dir / name / "final")
+        planned.append(recipe)
+    return planned
+
+
+def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Pipeline, list[Any]]:
+    from lmlab.recipe import apply_override
+
+    path = str(path)
+    if not Path(path).is_file():
+        raise LmlabError("pipeline recipe not found", file=path)
+    text = Path(path).read_text()
+    try:
+        root, tree = yaml.compose(text), yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise LmlabError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=path,
+                         line=mark.line + 1 if mark else None) from None
+    if not isinstance(tree, dict) or "stages" not in tree:
+        raise LmlabError("a pipeline recipe needs a `stages` list", file=path, field="stages")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    tree.setdefault("name", Path(path).stem)
+    pipeline = validate_recipe(tree, path, root, model=Pipeline)
+    for index, block in enumerate(pipeline.stages):
+        if not isinstance(block, dict) or "stage" not in block:
+            raise LmlabError("each stage needs `stage:`", file=path, field=f"stages[{index}].stage")
+    return pipeline, plan_stages(pipeline, path, root)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One process per run directory: a second `lmlab run` on it fails at once instead of corrupting it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LmlabError("another lmlab process is running this pipeline", file=str(run_dir),
+                         hint="wait for it, or stop it first") from None
+    try:
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _fingerprint(payload: Any, upstream: str | None) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str) + (upstream or "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, run_dir / STATE)
+
+
+def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
+    """Train the tokenizer the way a pretrain stage would, into `<stage_dir>/tokenizer`."""
+    from lmlab.stages.pretrain import resolve_tokenizer
+
+    resolve_tokenizer(recipe, stage_dir)
+
+
+def _run_model_stage(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    import importlib
+
+    from lmlab.cli import STAGE_RUNNERS
+
+    module, function = STAGE_RUNNERS[recipe.stage]
+    return getattr(importlib.import_module(module), function)(recipe, resume=resume, overwrite=overwrite)
+
+
+def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> Path:
+    """Run (or continue) every stage in order; returns the run directory."""
+    import shutil
+
+    from rich.console import Console
+
+    console = Console()
+    pipeline, planned = load_pipeline(path, overrides)
+    run_dir = pipeline.run_dir
+    with run_lock(run_dir):
+        state_file = run_dir / STATE
+        state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        upstream: dict[str, str] = {}  # artifact path -> fingerprint of the stage that writes it
+        for item in planned:
+            if isinstance(item, EvalStage):
+                from lmlab.stages.compare import run_comparison
+
+                models = [(p.name, str(run_dir / p.name / "final")) for p in planned
+                          if isinstance(p, Recipe) and (item.models == "all" or p.name in item.models)]
+                run_comparison(item, models, run_dir / item.name)
+                continue
+            kind, recipe = item if isinstance(item, tuple) else (item.stage, item)
+            inputs = [recipe.model.from_pretrained, recipe.tokenizer.path, recipe.distill.teacher]
+            fp = _fingerprint(recipe.model_dump(mode="json"), "".join(upstream.get(i or "", "") for i in inputs))
+            stage_dir = run_dir / recipe.name
+            artifact = stage_dir / ("tokenizer" if kind == "tokenizer" else "final")
+            record = state.get(recipe.name, {})
+            upstream[str(artifact)] = fp
+            if record.get("fingerprint") == fp and record.get("done") and artifact.exists():
+                console.print(f"[dim]{recipe.name}: done, inputs unchanged - skipped[/]")
+                continue
+            resume = record.get("fingerprint") == fp and stage_dir.exists()
+            console.rule(f"[bold]{recipe.name}[/] ({kind})" + (" - resuming" if resume else ""))
+            state[recipe.name] = {"fingerprint": fp, "done": False, "kind": kind, "started": time.time()}
+            _save_state(run_dir, state)
+            start = time.perf_counter()
+            if kind == "tokenizer":
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                _run_tokenizer(recipe, stage_dir)
+            else:
+                _run_model_stage(recipe, resume=resume, overwrite=not resume)
+            state[recipe.name].update(done=True, seconds=round(time.perf_counter() - start, 1),
+                                      artifact=str(artifact))
+            _save_state(run_dir, state)
+        from lmlab.report import write_report
+
+        report = write_report(run_dir)
+        console.print(f"[bold green]pipeline done:[/] {run_dir}  (report: {report})")
+    return run_dir
+
+
+def describe(planned: list[Any]) -> list[str]:
+    """One line per stage, for `lmlab run --dry-run`."""
+    lines = []
+    for item in planned:
+        if isinstance(item, EvalStage):
+            lines.append(f"{item.name}: eval {', '.join(item.tasks)} on {item.models}")
+            continue
+        kind, recipe = item if isinstance(item, tuple) else (item.stage, item)
+        source = recipe.model.from_pretrained if kind not in ("tokenizer", "pretrain") else None
+        lines.append(f"{recipe.name}: {kind}" + (f" <- {source}" if source else ""))
+    return lines

@@ -1,0 +1,86 @@
+"""The pipeline's closing comparison: every stage's model on the same tasks, in one table.
+
+EvoLM's questions need the stages side by side: general ability (bits per byte on
+held-out general text, which rises with forgetting), in-domain and out-of-domain
+accuracy (greedy and maj@k), and the ORM score of sampled answers. Results are
+cached per model (keyed by its manifest and the eval settings), so re-running a
+finished pipeline does not evaluate again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+GENERAL_DOCS = 40  # held-out general documents for bits per byte (the 1% validation split)
+
+
+def general_texts(n: int = GENERAL_DOCS) -> list[str]:
+    from lmlab.data.general import general_documents
+    from lmlab.data.sources import doc_hash
+
+    return [text for doc_id, text in general_documents() if doc_hash(doc_id) < 0.01][:n]
+
+
+def evaluate_model(path: str, stage, tasks: list) -> dict[str, float]:
+    """One model's row: bits per byte, task metrics and ORM scores."""
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.likelihood import text_bits_per_byte
+    from lmlab.evaluate.orm import load_scorer
+    from lmlab.evaluate.tasks import run_task
+    from lmlab.models.build import load_model
+
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    row: dict[str, float] = {}
+    if stage.general_bpb:
+        row["general_bpb"] = text_bits_per_byte(model, tokenizer, general_texts(), max_length=512)
+    scorer = load_scorer(stage.orm, tokenizer) if stage.orm else None
+    for task in tasks:
+        row.update(run_task(model, tokenizer, task, samples=stage.samples,
+                            scorer=scorer if task.kind == "generative" else None))
+    return row
+
+
+def _cache_key(stage, path: str) -> str:
+    manifest = Path(path) / "lmlab.json"
+    text = stage.model_dump_json() + (manifest.read_text() if manifest.is_file() else path)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[str, dict[str, float]]:
+    """Evaluate each (name, artifact) pair; writes results.json and comparison.md, prints the table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmlab.evaluate.tasks import load_task
+
+    tasks = [load_task(spec, stage.n) for spec in stage.tasks]  # bad tasks fail before any model loads
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = out_dir / "results.json"
+    cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    console = Console()
+    results: dict[str, dict[str, float]] = {}
+    for name, path in models:
+        key = _cache_key(stage, path)
+        if cache.get(name, {}).get("key") == key:
+            results[name] = cache[name]["metrics"]
+            continue
+        with console.status(f"evaluating {name}"):
+            results[name] = evaluate_model(path, stage, tasks)
+        cache[name] = {"key": key, "artifact": path, "metrics": results[name]}
+        cache_file.write_text(json.dumps(cache, indent=2))
+    columns = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "general_bpb", k))
+    table = Table(title="every stage's model on the same evaluation")
+    table.add_column("stage")
+    for column in columns:
+        table.add_column(column, justify="right")
+    lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in results.items():
+        cells = [f"{row[c]:.3f}" if c in row else "-" for c in columns]
+        table.add_row(name, *cells)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    console.print(table)
+    (out_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    return results
