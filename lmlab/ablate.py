@@ -1,0 +1,244 @@
+"""`lmlab ablate RECIPE --grid key=v1,v2 --seeds N`: variants x seeds, a mean ± std table, and plots.
+
+Each variant is the recipe with `--set` overrides (and `seed=s`), run as its own
+`lmlab` process, so variants run in parallel when there are cores (or GPUs) to
+spare and one crash does not take the others down. A stage recipe's variant
+reports its artifact's manifest metrics; a pipeline's reports its eval stage's
+table, one metric per `<stage>/<metric>`. Short keys are accepted: `epochs`, `lr`,
+`tokens` and `replay` stand for `train.epochs`, `optim.lr`, `train.tokens` and
+`data.replay_ratio`; in a pipeline, `sft.epochs` means the `sft` stage's epochs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmlab.errors import LmlabError
+
+ALIASES = {"epochs": "train.epochs", "lr": "optim.lr", "tokens": "train.tokens", "replay": "data.replay_ratio",
+           "weight_decay": "optim.weight_decay"}
+
+
+@dataclass
+class Variant:
+    name: str
+    values: dict[str, Any]  # grid key -> value
+    seed: int
+    overrides: list[str]
+
+
+def _value(text: str) -> Any:
+    """YAML scalar, with `1e-3` read as a number (YAML 1.1 wants `1.0e-3`)."""
+    parsed = yaml.safe_load(text)
+    if isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
+
+
+def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
+    """`key=v1,v2,...` (values parsed as YAML) per spec."""
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise LmlabError(f"grid '{spec}' must look like key=v1,v2", field="--grid")
+        key, values = spec.split("=", 1)
+        parsed = [_value(v) for v in values.split(",") if v.strip()]
+        if not parsed:
+            raise LmlabError(f"grid '{spec}' has no values", field="--grid")
+        grid[key.strip()] = parsed
+    if not grid:
+        raise LmlabError("give at least one --grid key=v1,v2", field="--grid")
+    return grid
+
+
+def resolve_key(key: str, tree: dict) -> str:
+    """The full override path of a grid key, for a stage recipe or a pipeline."""
+    parts = key.split(".")
+    if "stages" in tree:
+        names = {s.get("name", s.get("stage")) for s in tree["stages"] if isinstance(s, dict)}
+        if parts[0] in names:
+            rest = ".".join(parts[1:])
+            return f"stages.{parts[0]}.{ALIASES.get(rest, rest)}"
+        return ALIASES.get(key, key)
+    if len(parts) == 2 and parts[0] == tree.get("stage") and parts[1] in ALIASES:
+        return ALIASES[parts[1]]  # `sft.epochs` on an SFT recipe
+    return ALIASES.get(key, key)
+
+
+def _tag(value: Any) -> str:
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def variants(tree: dict, grid: dict[str, list[Any]], seeds: int, base_name: str) -> list[Variant]:
+    keys = list(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        for seed in range(seeds):
+            values = dict(zip(keys, combo))
+            name = base_name + "-" + "-".join(f"{k.split('.')[-1]}{_tag(v)}" for k, v in values.items()) + f"-s{seed}"
+            overrides = [f"{resolve_key(k, tree)}={json.dumps(v)}" for k, v in values.items()]
+            overrides += [f"seed={seed}", f"name={name}"]
+            out.append(Variant(name, values, seed, overrides))
+    return out
+
+
+def variant_metrics(run_dir: Path, pipeline: bool) -> dict[str, float]:
+    """Numbers a finished variant reports: its manifest's metrics, or its pipeline's eval table."""
+    if pipeline:
+        found: dict[str, float] = {}
+        for results in run_dir.glob("*/results.json"):
+            for stage, entry in json.loads(results.read_text()).items():
+                found.update({f"{stage}/{k}": v for k, v in entry["metrics"].items()})
+        return found
+    manifest = run_dir / "final" / "lmlab.json"
+    metrics = json.loads(manifest.read_text()).get("metrics", {}) if manifest.is_file() else {}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not k.endswith(("_runtime", "_per_second", "epoch"))}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise(rows: list[tuple[Variant, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Per grid point (`k=v,...`) and metric: (mean, std, runs)."""
+    grouped: dict[str, dict[str, list[float]]] = {}
+    for variant, metrics in rows:
+        point = ",".join(f"{k}={v}" for k, v in variant.values.items())
+        for metric, value in metrics.items():
+            grouped.setdefault(point, {}).setdefault(metric, []).append(value)
+    return {point: {m: (*mean_std(v), len(v)) for m, v in by_metric.items()} for point, by_metric in grouped.items()}
+
+
+def plot_ablation(rows, key: str, out_dir: Path, metrics: list[str]) -> list[Path]:
+    """One PNG per metric: mean ± std against the swept value (numeric axes when the values are numbers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    points = sorted({v.values[key] for v, _ in rows}, key=lambda x: (isinstance(x, str), x))
+    for metric in metrics:
+        stats = [mean_std([m[metric] for v, m in rows if v.values[key] == p and metric in m] or [math.nan])
+                 for p in points]
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        xs = points if all(isinstance(p, (int, float)) for p in points) else list(range(len(points)))
+        ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3)
+        if xs is not points:
+            ax.set_xticks(xs, [str(p) for p in points])
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs {key} (mean ± std over seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"ablate_{metric.replace('/', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run_variants(path: Path, command: list[str], todo: list[Variant], out_dir: Path, jobs: int,
+                 extra: list[str] | None = None, overwrite: bool = True) -> list[str]:
+    """Run each variant as its own `lmlab` process, `jobs` at a time (threads split between them);
+    returns the names of the variants that failed (their logs are in `out_dir/logs`)."""
+    import time
+
+    from rich.console import Console
+
+    console = Console()
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    running: list[tuple[Variant, subprocess.Popen]] = []
+    failed: list[str] = []
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            variant = queue.pop(0)
+            args = [sys.executable, "-m", "lmlab.cli", *command, str(path)]
+            for item in [*(extra or []), *variant.overrides, f"output.dir={out_dir}"]:
+                args += ["--set", item]
+            if overwrite:
+                args.append("--overwrite")
+            with open(logs / f"{variant.name}.log", "w") as log:
+                running.append((variant, subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        for variant, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((variant, proc))
+                if proc.returncode:
+                    failed.append(variant.name)
+                console.print(f"{variant.name}: " + (f"failed (exit {proc.returncode})" if proc.returncode else "done"))
+        if running:
+            time.sleep(0.5)
+    return failed
+
+
+def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 1, jobs: int | None = None,
+                 extra: list[str] | None = None) -> Path:
+    """Run every variant (in `jobs` parallel processes), then write ablation.md / .json and plots."""
+    from rich.console import Console
+
+    console = Console()
+    path = Path(recipe)
+    if not path.is_file():
+        raise LmlabError("recipe not found", file=str(path))
+    tree = yaml.safe_load(path.read_text()) or {}
+    pipeline = "stages" in tree
+    base = tree.get("name", path.stem)
+    out_dir = Path((tree.get("output") or {}).get("dir", "runs")) / f"{base}-ablate"
+    grid = parse_grid(grid_specs)
+    todo = variants(tree, grid, seeds, base)
+    command = ["run"] if pipeline else [tree.get("stage", "pretrain")]
+    # validate every variant before any compute: one bad key fails the whole ablation now
+    from lmlab.pipeline import load_pipeline
+    from lmlab.recipe import load_recipe
+
+    for variant in todo:
+        overrides = [*(extra or []), *variant.overrides, f"output.dir={out_dir}"]
+        load_pipeline(path, overrides) if pipeline else load_recipe(path, overrides)
+    jobs = jobs or max(1, (os.cpu_count() or 1) // 4)
+    console.print(f"ablation: {len(todo)} runs ({len(todo) // seeds} grid points x {seeds} seeds), {jobs} at a time "
+                  f"-> {out_dir}")
+    logs = out_dir / "logs"
+    failed = run_variants(path, command, todo, out_dir, jobs, extra, overwrite=not pipeline)
+    rows = [(v, variant_metrics(out_dir / v.name, pipeline)) for v in todo if v.name not in failed]
+    table = summarise(rows)
+    metrics = sorted({m for by_metric in table.values() for m in by_metric})
+    lines = [f"# Ablation of {path.name}: {', '.join(grid_specs)}; {seeds} seed(s)", ""]
+    if failed:
+        lines += [f"Failed runs (see logs/): {', '.join(failed)}", ""]
+    lines += ["| grid point | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for point, by_metric in table.items():
+        cells = [f"{by_metric[m][0]:.4f} ± {by_metric[m][1]:.4f} (n={by_metric[m][2]})" if m in by_metric else "-"
+                 for m in metrics]
+        lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    pngs = plot_ablation(rows, next(iter(grid)), out_dir, metrics) if rows and metrics else []
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "ablation.json").write_text(json.dumps(
+        {"grid": {k: list(v) for k, v in grid.items()}, "seeds": seeds, "failed": failed,
+         "runs": [{"name": v.name, "values": v.values, "seed": v.seed, "metrics": m} for v, m in rows],
+         "summary": {p: {m: list(s) for m, s in bm.items()} for p, bm in table.items()}}, indent=2))
+    console.print("\n".join(lines[:len(table) + 6]))
+    if failed and len(failed) == len(todo):
+        raise LmlabError(f"every ablation run failed; see {logs}")
+    return out_dir

@@ -1,0 +1,81 @@
+"""`lmlab ablate`: grid keys resolved for stage and pipeline recipes, seeds, mean ± std, plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from lmlab.ablate import mean_std, parse_grid, resolve_key, run_ablation, summarise, variants
+from lmlab.errors import LmlabError
+
+
+def test_grid_values_are_parsed_and_bad_grids_refused():
+    assert parse_grid(["train.epochs=1,2,4", "optim.lr=1e-3,3e-3"]) == {"train.epochs": [1, 2, 4],
+                                                                      "optim.lr": [1e-3, 3e-3]}
+    with pytest.raises(LmlabError, match="must look like key=v1,v2"):
+        parse_grid(["epochs"])
+    with pytest.raises(LmlabError, match="has no values"):
+        parse_grid(["epochs="])
+
+
+def test_short_keys_resolve_for_stage_recipes_and_pipeline_stages():
+    sft_recipe = {"stage": "sft"}
+    pipeline = {"stages": [{"stage": "pretrain"}, {"stage": "sft"}, {"stage": "rl", "name": "grpo"}]}
+    assert resolve_key("sft.epochs", sft_recipe) == "train.epochs"
+    assert resolve_key("lr", sft_recipe) == "optim.lr"
+    assert resolve_key("optim.weight_decay", sft_recipe) == "optim.weight_decay"
+    assert resolve_key("sft.epochs", pipeline) == "stages.sft.train.epochs"
+    assert resolve_key("grpo.rl.beta", pipeline) == "stages.grpo.rl.beta"
+
+
+def test_variants_cross_the_grid_with_seeds():
+    made = variants({"stage": "sft"}, {"sft.epochs": [1, 2]}, seeds=3, base_name="x")
+    assert len(made) == 6 and made[0].name == "x-epochs1-s0" and made[-1].name == "x-epochs2-s2"
+    assert made[4].overrides == ["train.epochs=2", "seed=1", "name=x-epochs2-s1"]
+
+
+def test_mean_and_sample_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+    made = variants({}, {"lr": [1, 2]}, seeds=2, base_name="x")
+    table = summarise([(made[0], {"m": 1.0}), (made[1], {"m": 3.0}), (made[2], {"m": 10.0})])
+    assert table["lr=1"]["m"] == (2.0, pytest.approx(2 ** 0.5), 2) and table["lr=2"]["m"] == (10.0, 0.0, 1)
+
+
+def test_pipeline_stage_overrides_select_the_stage_by_name(tmp_path):
+    from lmlab.recipe import apply_override
+
+    tree = {"stages": [{"stage": "pretrain", "train": {"tokens": 5}}, {"stage": "rl", "name": "grpo"}]}
+    apply_override(tree, "stages.grpo.rl.beta=0.0")
+    apply_override(tree, "stages.0.train.tokens=7")
+    assert tree["stages"][1]["rl"] == {"beta": 0.0} and tree["stages"][0]["train"]["tokens"] == 7
+    with pytest.raises(LmlabError, match="no list item 'sft'"):
+        apply_override(tree, "stages.sft.train.epochs=2")
+
+
+def test_a_bad_variant_fails_before_any_run(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "output": {"dir": str(tmp_path / "runs")}}))
+    with pytest.raises(LmlabError, match="train.epochs: Input should be greater than 0"):
+        run_ablation(path, ["train.epochs=2,-1"], seeds=1)
+    assert not (tmp_path / "runs" / "r-ablate" / "logs").exists()
+
+
+def test_an_ablation_runs_seeds_in_parallel_and_writes_table_and_plots(tmp_path):
+    tree = {"name": "abl", "seed": 0,
+            "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64,
+                      "max_position_embeddings": 128},
+            "tokenizer": {"vocab_size": 300, "max_train_bytes": 60_000},
+            "data": {"train": {"kind": "general", "limit": 40}, "seq_len": 32, "validation_fraction": 0.1},
+            "train": {"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "eval_batches": 2, "save_every": 100},
+            "output": {"dir": str(tmp_path / "runs"), "report_to": []}}
+    path = tmp_path / "abl.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    out = run_ablation(path, ["train.max_steps=2,4"], seeds=2, jobs=2)
+    result = json.loads((out / "ablation.json").read_text())
+    assert len(result["runs"]) == 4 and not result["failed"]
+    loss = result["summary"]["train.max_steps=4"]["eval_loss"]
+    assert loss[2] == 2 and loss[1] > 0  # two seeds, and they differ
+    assert "± " in (out / "ablation.md").read_text() and (out / "ablate_eval_loss.png").stat().st_size > 1000
