@@ -9,6 +9,11 @@ adds one recomputed layer to the peak; that part happens during backward and is
 not in this count.) LoRA rows check the adapter parameter count against peft.
 
     python benchmarks/memory_model.py
+
+On a CUDA machine it also trains one step of a ~125M Llama (bf16 autocast over fp32
+weights, as the HF Trainer does: 16 bytes per parameter like the planner's mixed
+precision) under full fine-tuning and LoRA, and prints torch.cuda.max_memory_allocated
+against the planner's total (target +-10%).
 """
 
 from __future__ import annotations
@@ -91,6 +96,37 @@ def lora_ratio(case: dict, rank: int = 8) -> float:
     return lora_params(shape_from_config(config.to_dict()), rank, "all-linear") / trainable
 
 
+GPU_CASE = dict(name="llama-125m", model_type="llama", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4, intermediate_size=2048, vocab_size=32000, tie_word_embeddings=True)
+
+
+def gpu_peak_ratio(method: str, micro_batch: int = 8, seq_len: int = 1024) -> float:
+    """Planner total / measured peak for one optimizer step on the GPU (full or LoRA r=16)."""
+    model, config = build(GPU_CASE, "sdpa")
+    model = model.cuda()
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+    torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    batch = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device="cuda")
+    for _ in range(2):  # the second step has the optimizer states allocated
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated()
+    setup = TrainSetup(method=method, precision_bytes=2, micro_batch=micro_batch, seq_len=seq_len, attention="sdpa",
+                       lora_rank=16)
+    predicted = training_memory(shape_from_config(config.to_dict()), setup).total
+    print(f"gpu {GPU_CASE['name']}/{method}: predicted {predicted / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB")
+    del model, opt
+    torch.cuda.empty_cache()
+    return predicted / measured
+
+
 def main() -> None:
     static, activation = [], []
     for case in CASES:
@@ -107,6 +143,9 @@ def main() -> None:
     print(f"activation_ratio_min: {min(activation):.3f}")
     print(f"activation_ratio_max: {max(activation):.3f}")
     print(f"activation_ratio_median: {statistics.median(activation):.3f}")
+    if torch.cuda.is_available():
+        print(f"gpu_full_ratio: {gpu_peak_ratio('full'):.3f}")
+        print(f"gpu_lora_ratio: {gpu_peak_ratio('lora'):.3f}")
     print(f"activation_within_25pct: {sum(0.75 <= r <= 1.25 for r in activation)}/{len(activation)}")
 
 

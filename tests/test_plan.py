@@ -11,7 +11,7 @@ from lmlab.errors import LmlabError
 from lmlab.plan.hardware import lookup_gpu, parse_gpus
 from lmlab.plan.memory import GB, TrainSetup, kv_cache_bytes, lora_matrix_params, training_memory
 from lmlab.plan.params import count_params, load_preset, preset_names, resolve_shape, shape_from_config
-from lmlab.plan.planner import make_plan, plan_to_recipe
+from lmlab.plan.planner import make_plan
 
 
 def _meta_model(config: dict):
@@ -176,18 +176,42 @@ def test_bad_budgets_are_errors():
         make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 1, goal="world-domination")
 
 
-def test_emitted_recipe_validates():
-    from lmlab.recipe import validate_recipe
+def test_emitted_pipeline_carries_the_plan_into_every_stage(tmp_path):
+    from lmlab.pipeline import load_pipeline
+    from lmlab.plan.planner import emit_pipeline
 
     plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9)
-    recipe = validate_recipe(plan_to_recipe(plan, name="p"))
-    assert recipe.model.arch == "qwen3" and recipe.train.tokens == int(plan.stages[0].tokens)
-    assert recipe.train.distributed == "ddp"
+    emit_pipeline(plan, tmp_path / "p.yaml")
+    _, (pretrain,) = load_pipeline(tmp_path / "p.yaml")
+    assert pretrain.model.arch == "qwen3" and pretrain.train.tokens == int(plan.stages[0].tokens)
+    assert pretrain.train.distributed == "ddp" and pretrain.optim.schedule == "wsd"
+
     sharded = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, tokens=20e9)
-    assert validate_recipe(plan_to_recipe(sharded, name="s")).train.distributed in ("zero2", "zero3")
-    cpt = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, goal="cpt", domain_tokens=1e9)
-    weights = [s.weight for s in validate_recipe(plan_to_recipe(cpt, name="c", data="math")).data.train]
-    assert weights == [pytest.approx(0.84), pytest.approx(0.16)]
+    emit_pipeline(sharded, tmp_path / "s.yaml")
+    assert load_pipeline(tmp_path / "s.yaml")[1][0].train.distributed in ("zero2", "zero3")
+
+    checkpoint = tmp_path / "qwen"
+    checkpoint.mkdir()
+    expert = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, goal="domain-expert", domain_tokens=20e9)
+    notes = emit_pipeline(expert, tmp_path / "e.yaml", data="math", checkpoint=str(checkpoint))
+    _, stages = load_pipeline(tmp_path / "e.yaml")
+    cpt, sft = stages[0], stages[1]
+    assert cpt.stage == "cpt" and cpt.model.from_pretrained == str(checkpoint)
+    assert cpt.data.replay_ratio == pytest.approx(0.16) and cpt.train.tokens == int(expert.stages[0].tokens)
+    assert sft.model.from_pretrained.endswith("/cpt/final") and sft.train.epochs == expert.stages[1].settings["epochs"]
+    assert sft.optim.lr == expert.stages[1].settings["lr"]
+    assert sft.lora.enabled == (expert.stages[1].strategy.setup.method != "full")
+    assert any("sft:" in n for n in notes)
+
+
+def test_emitting_without_a_checkpoint_names_the_placeholder(tmp_path):
+    from lmlab.plan.planner import emit_pipeline
+
+    expert = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, goal="domain-expert", domain_tokens=20e9)
+    notes = emit_pipeline(expert, tmp_path / "e.yaml")
+    text = (tmp_path / "e.yaml").read_text()
+    assert "from_pretrained: checkpoints/qwen3-1.7b" in text.replace("'", "") or "checkpoints/" in text
+    assert any("put a local HF copy" in n for n in notes) and text.startswith("# lmlab plan:")
 
 
 def _cli():

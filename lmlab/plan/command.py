@@ -37,16 +37,18 @@ def plan(
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step."),
     mfu: float = typer.Option(0.40, "--mfu", help="Assumed model-FLOPs utilisation."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-    emit: Optional[Path] = typer.Option(None, "--emit", help="Write a runnable recipe for the (pre)training stage."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training/domain data for the emitted recipe."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Local checkpoint to continue (CPT)."),
+    emit: Optional[Path] = typer.Option(None, "--emit", help="Write the plan as a pipeline `lmlab run` executes."),
+    data: Optional[str] = typer.Option(None, "--data", help="Pretraining / domain data for the emitted pipeline."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Local checkpoint the first stage continues."),
+    sft_data: Optional[str] = typer.Option(None, "--sft-data", help="Chat data (jsonl) for the emitted SFT stage."),
+    rl_prompts: Optional[str] = typer.Option(None, "--rl-prompts", help="Prompts (jsonl) for the emitted RL stage."),
 ) -> None:
     """Answer: what do I run on these GPUs, how long does it take, and does it fit?"""
     from rich.console import Console
 
     from lmlab.plan.hardware import parse_gpus
     from lmlab.plan.params import resolve_shape
-    from lmlab.plan.planner import make_plan, plan_to_recipe, render
+    from lmlab.plan.planner import make_plan, render
 
     if method not in (None, "full", "lora", "qlora"):
         raise LmlabError(f"unknown method '{method}'", field="--method", hint="full, lora or qlora")
@@ -62,11 +64,9 @@ def plan(
     else:
         render(result, Console())
     if emit:
-        import yaml
+        from lmlab.plan.planner import emit_pipeline
 
-        from lmlab.recipe import validate_recipe
-
-        tree = plan_to_recipe(result, name=emit.stem, data=data, checkpoint=checkpoint)
-        validate_recipe(tree, file=str(emit))
-        emit.write_text(yaml.safe_dump(tree, sort_keys=False))
-        typer.echo(f"recipe written to {emit}: run it with `lmlab pretrain {emit}`")
+        notes = emit_pipeline(result, emit, data=data, checkpoint=checkpoint, sft_data=sft_data, rl_prompts=rl_prompts)
+        for note in notes:
+            typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"pipeline written to {emit}: run it with `lmlab run {emit}`")

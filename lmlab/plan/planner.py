@@ -140,46 +140,105 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
                 kv_cache_bytes(shape, seq_len) / GB)
 
 
-def plan_to_recipe(plan: Plan, name: str = "planned", data: str | None = None,
-                   checkpoint: str | None = None) -> dict[str, Any]:
-    """A recipe `lmlab pretrain` runs: the plan's first (pre)training stage with budget, LR, batch and model.
+def _train_block(choice: Choice) -> dict[str, Any]:
+    return {"micro_batch_size": choice.setup.micro_batch, "grad_accum": choice.grad_accum,
+            "gradient_checkpointing": choice.setup.gradient_checkpointing, "precision": "auto",
+            "distributed": DISTRIBUTED[choice.name]}
 
-    CPT becomes a pretrain-stage recipe that continues `checkpoint` on the domain data mixed
-    with 16% general replay (by weight).
+
+def _adapters(choice: Choice) -> dict[str, Any]:
+    method = choice.setup.method
+    if method == "full":
+        return {}
+    return {"lora": {"enabled": True, "r": 16, "alpha": 32, "quantize": "nf4" if method == "qlora" else "none"}}
+
+
+def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None, checkpoint: str | None = None,
+                     sft_data: str | None = None, rl_prompts: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The plan as a lifecycle pipeline `lmlab run` executes, and notes on what the user must supply.
+
+    Every stage carries the plan's budget, LR, epochs, replay ratio and parallel strategy.
+    A stage that continues a model starts from `checkpoint` (or a placeholder path the
+    notes name) unless a pretraining stage comes first.
     """
-    stage = next((s for s in plan.stages if s.stage in ("pretrain", "cpt")), None)
-    if stage is None:
-        raise LmlabError("only pretraining and CPT plans can be emitted as a runnable recipe for now",
-                         field="--emit", hint="use --goal pretrain or --goal cpt")
-    if stage.strategy is None:
-        raise LmlabError("the plan does not fit on these GPUs, so there is nothing to emit", field="--emit")
+    notes: list[str] = []
     shape = plan.model
-    arch = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}.get(shape.model_type, "llama")
-    model: dict[str, Any] = {"from_pretrained": checkpoint} if checkpoint else {
-        "arch": arch, "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
-        "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
-        "intermediate_size": shape.intermediate_size, "tie_embeddings": shape.tie_embeddings,
-        "max_position_embeddings": max(plan.seq_len, shape.max_position_embeddings or plan.seq_len)}
-    if shape.is_moe and not checkpoint:
-        model.update(num_experts=shape.num_experts, num_experts_per_tok=shape.experts_per_token,
-                     moe_intermediate_size=shape.moe_intermediate_size)
-    domain = data or "general"
-    train_sources: Any = domain
-    if stage.stage == "cpt":  # EvoLM: 16% general replay, by weight
-        train_sources = [{**_source_dict(domain), "weight": round(1 - rules.CPT_REPLAY, 4)},
-                         {"kind": "general", "weight": rules.CPT_REPLAY}]
-    choice = stage.strategy
-    return {
-        "name": name,
-        "model": model,
-        "tokenizer": {} if checkpoint else {"vocab_size": shape.vocab_size},
-        "data": {"train": train_sources, "seq_len": plan.seq_len},
-        "optim": {"lr": stage.settings["lr"], "schedule": "wsd" if stage.stage == "pretrain" else "cosine",
-                  "weight_decay": stage.settings.get("weight_decay", 0.1)},
-        "train": {"tokens": int(stage.tokens), "micro_batch_size": choice.setup.micro_batch,
-                  "grad_accum": choice.grad_accum, "gradient_checkpointing": choice.setup.gradient_checkpointing,
-                  "precision": "auto", "distributed": DISTRIBUTED[choice.name]},
-    }
+    stages: list[dict[str, Any]] = []
+    for s in plan.stages:
+        if s.strategy is None:
+            raise LmlabError(f"the {s.stage} stage does not fit on these GPUs, so there is nothing to emit",
+                             field="--emit", hint="; ".join(s.cannot_fit) or None)
+        block: dict[str, Any] = {"stage": s.stage, "train": _train_block(s.strategy),
+                                 "data": {"seq_len": plan.seq_len}}
+        lr = float(f"{s.settings['lr']:.3g}")
+        if s.stage == "pretrain":
+            arch = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}.get(shape.model_type, "llama")
+            block["model"] = {
+                "arch": arch, "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
+                "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+                "intermediate_size": shape.intermediate_size, "tie_embeddings": shape.tie_embeddings,
+                "max_position_embeddings": max(plan.seq_len, shape.max_position_embeddings or plan.seq_len)}
+            if shape.is_moe:
+                block["model"].update(num_experts=shape.num_experts, num_experts_per_tok=shape.experts_per_token,
+                                      moe_intermediate_size=shape.moe_intermediate_size)
+            block["tokenizer"] = {"vocab_size": shape.vocab_size}
+            block["data"]["train"] = data or "general"
+            block["optim"] = {"lr": lr, "schedule": "wsd", "weight_decay": s.settings.get("weight_decay", 0.1)}
+            block["train"]["tokens"] = int(s.tokens)
+        elif s.stage == "cpt":  # EvoLM: an exact 16% of general replay, re-warmed then fully decayed
+            block["data"].update(train=data or "general", replay="general", replay_ratio=s.settings["replay_ratio"])
+            block["optim"] = {"lr": lr, "schedule": "cosine"}
+            block["train"]["tokens"] = int(s.tokens)
+            if not data:
+                notes.append("cpt: data.train is the embedded general corpus; point it at your domain data")
+        elif s.stage == "sft":
+            block["data"].update(train=sft_data or {"kind": "math", "format": "chat"})
+            block["optim"] = {"lr": lr}
+            block["train"]["epochs"] = s.settings["epochs"]
+            block["sft"] = {"validation_fraction": s.settings["validation_fraction"],
+                            "early_stopping_patience": s.settings["early_stopping_patience"]}
+            block.update(_adapters(s.strategy))
+            if not sft_data:
+                notes.append("sft: data.train is the embedded math chat set; point it at your chat data (--sft-data)")
+        elif s.stage == "rl":
+            block["data"].update(train=rl_prompts or {"kind": "math", "format": "prompt"})
+            block["optim"] = {"lr": lr}
+            block["rl"] = {"algorithm": s.settings["algorithm"], "num_generations": s.settings["group_size"],
+                           "beta": s.settings["beta"], "rewards": ["math_exact"]}
+            block["train"]["epochs"] = 1
+            block.update(_adapters(s.strategy))
+            if not rl_prompts:
+                notes.append("rl: prompts are the embedded math set with the math_exact verifier; set data.train "
+                             "and rl.rewards (a verifier or a reward-model directory) for your task")
+        stages.append(block)
+    if stages and stages[0]["stage"] != "pretrain":
+        source = checkpoint or f"checkpoints/{shape.name}"
+        stages[0]["model"] = {"from_pretrained": source}
+        if not checkpoint:
+            notes.append(f"{stages[0]['stage']}: continues {source}; put a local HF copy of {shape.name} "
+                         "(safetensors) there, or emit again with --checkpoint DIR")
+    return {"name": name, "seed": 0, "stages": stages}, notes
+
+
+def emit_pipeline(plan: Plan, path, data: str | None = None, checkpoint: str | None = None,
+                  sft_data: str | None = None, rl_prompts: str | None = None) -> list[str]:
+    """Write the plan's pipeline YAML (validated as `lmlab run` would) with the notes as a header."""
+    from pathlib import Path
+
+    import yaml
+
+    from lmlab.pipeline import Pipeline, plan_stages
+    from lmlab.recipe import validate_recipe
+
+    path = Path(path)
+    tree, notes = plan_to_pipeline(plan, name=path.stem, data=data, checkpoint=checkpoint, sft_data=sft_data,
+                                   rl_prompts=rl_prompts)
+    placeholder = {s["model"]["from_pretrained"] for s in tree["stages"] if "from_pretrained" in s.get("model", {})}
+    plan_stages(validate_recipe(tree, str(path), model=Pipeline), str(path), assume_exists=placeholder)
+    header = [f"# lmlab plan: {plan.goal} for {plan.model.name} on {plan.num_gpus} x {plan.gpu.name}; "
+              f"run it with `lmlab run {path.name}`"] + [f"# NOTE {n}" for n in notes]
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(tree, sort_keys=False))
+    return notes
 
 
 def _source_dict(path: str) -> dict[str, Any]:
