@@ -79,10 +79,15 @@ def build_model(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase", seed: in
 
 def load_model(path: str | Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
                dtype: Any = None) -> "PreTrainedModel":
-    """Load a local HF checkpoint; only safetensors weights are accepted (no pickles)."""
+    """Load a local HF checkpoint (or an lmlab ensemble of them); only safetensors weights (no pickles)."""
     from transformers import AutoModelForCausalLM
 
+    from lmlab.models.ensemble import is_ensemble, load_ensemble
+
     path = Path(path)
+    if is_ensemble(path):
+        return load_ensemble(path, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                             dtype=dtype)
     if not (path / "config.json").is_file():
         raise LmlabError("not a HF checkpoint: config.json is missing", file=str(path))
     if not any(path.glob("*.safetensors")):

@@ -30,6 +30,8 @@ def resolve_tokenizer(recipe: Recipe, run_dir: Path):
         return load_tokenizer(recipe.tokenizer.path)
     if recipe.model.from_pretrained:
         return load_tokenizer(recipe.model.from_pretrained)
+    if recipe.stage == "distill":  # a fresh student speaks the teacher's tokens
+        return load_tokenizer(recipe.distill.teacher)
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer.json").is_file():  # trained by an earlier (interrupted) run of this recipe
         return load_tokenizer(saved)
@@ -183,9 +185,16 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     compute_loss = (z_loss_function(recipe.optim.z_loss, model.config.vocab_size,
                                     getattr(model.config, "router_aux_loss_coef", 0.0))
                     if recipe.optim.z_loss else None)
-    trainer = LmlabTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=evaluation,
-                           data_collator=default_data_collator, processing_class=tokenizer,
-                           compute_loss_func=compute_loss)
+    trainer_class, distill = LmlabTrainer, {}
+    if recipe.stage == "distill":
+        from lmlab.stages.distill import DistillTrainer, load_teacher
+
+        trainer_class = DistillTrainer
+        distill = dict(teacher=load_teacher(recipe.distill.teacher, tokenizer), alpha=recipe.distill.alpha,
+                       temperature=recipe.distill.temperature, top_k=recipe.distill.top_k)
+    trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=evaluation,
+                            data_collator=default_data_collator, processing_class=tokenizer,
+                            compute_loss_func=compute_loss, **distill)
     metrics = MetricsCallback(run_dir, budget.tokens_per_step,
                               flops_per_token(n_active, shape_from_config(model.config.to_dict()),
                                               recipe.data.seq_len),

@@ -1,0 +1,71 @@
+"""Distillation: the loss against a hand computation, top-k truncation, and the stage from a teacher or ensemble."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.stages.distill import distillation_loss
+from tests.helpers import read_metrics, tiny_recipe
+
+
+def _softmax(xs, t=1.0):
+    exps = [math.exp(x / t) for x in xs]
+    return [e / sum(exps) for e in exps]
+
+
+def test_distillation_loss_equals_a_hand_computed_value():
+    # one sequence of two tokens: position 0 predicts label 2 (position 1 is the shifted-away last token)
+    student = torch.tensor([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]])
+    teacher = torch.tensor([[[0.2, 1.0, 3.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[-100, 2]])
+    alpha, t = 0.3, 2.0
+    ce = -math.log(_softmax([1.0, 2.0, 0.5])[2])
+    p, q = _softmax([0.2, 1.0, 3.0], t), _softmax([1.0, 2.0, 0.5], t)
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected = alpha * ce + (1 - alpha) * t * t * kl
+    assert distillation_loss(student, teacher, labels, alpha, t).item() == pytest.approx(expected, rel=1e-6)
+    assert distillation_loss(student, teacher, labels, 1.0, t).item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_top_k_keeps_the_teachers_best_tokens_renormalised():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    full = distillation_loss(student, teacher, labels, 0.0)
+    assert distillation_loss(student, teacher, labels, 0.0, top_k=7).item() == pytest.approx(full.item(), rel=1e-6)
+    # k = 1: the teacher is one-hot on its argmax, so KL = -log q_student(argmax)
+    argmax = teacher[:, :-1].argmax(-1)
+    one_hot = -torch.log_softmax(student[:, :-1], -1).gather(-1, argmax[..., None]).mean()
+    assert distillation_loss(student, teacher, labels, 0.0, top_k=1).item() == pytest.approx(one_hot.item(), rel=1e-5)
+
+
+def test_a_student_learns_from_a_teacher_and_an_ensemble_teacher(tmp_path, base_model):
+    from lmlab.artifacts import read_manifest
+    from lmlab.models.ensemble import save_ensemble
+    from lmlab.stages.pretrain import run_pretrain
+
+    recipe = tiny_recipe(tmp_path, None, name="student", stage="distill", tokenizer={},
+                         distill={"teacher": str(base_model), "alpha": 0.5, "temperature": 2.0},
+                         train={"max_steps": 10, "eval_every": 5})
+    final = run_pretrain(recipe)
+    assert read_manifest(final)["stage"] == "distill"
+    losses = [r["loss"] for r in read_metrics(recipe.run_dir) if "loss" in r]
+    assert losses[-1] < losses[0]
+    ensemble = save_ensemble([base_model, final], tmp_path / "ens")  # same tokenizer: the teacher's
+    second = tiny_recipe(tmp_path, None, name="student2", stage="distill", tokenizer={},
+                         distill={"teacher": str(ensemble), "top_k": 8}, train={"max_steps": 4})
+    assert (run_pretrain(second) / "model.safetensors").is_file()
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, base_model, tok_dir):
+    from lmlab.stages.pretrain import prepare_pretrain
+
+    recipe = tiny_recipe(tmp_path, tok_dir, name="s", stage="distill", distill={"teacher": str(base_model)})
+    with pytest.raises(LmlabError, match="teacher's tokenizer differs from the student's"):
+        prepare_pretrain(recipe)
+    with pytest.raises(LmlabError, match="needs distill.teacher"):
+        tiny_recipe(tmp_path, None, name="s2", stage="distill")

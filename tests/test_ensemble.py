@@ -1,0 +1,110 @@
+"""Ensembles: logits are the mean of the members', generation matches a cache-free decode, bad members refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from lmlab.errors import LmlabError
+
+
+def _member(tmp_path, tok_dir, seed: int, vocab: int | None = None):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lmlab.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab or len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    out = tmp_path / f"member{seed}"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_ensemble_logits_are_the_mean_of_member_logits(tmp_path, tok_dir):
+    from lmlab.models.build import load_model
+    from lmlab.models.ensemble import save_ensemble
+
+    members = [_member(tmp_path, tok_dir, s) for s in (1, 2, 3)]
+    ids = torch.randint(0, 300, (2, 9))
+    each = [load_model(m)(input_ids=ids).logits for m in members]
+    ensemble = load_model(save_ensemble(members, tmp_path / "ens"))
+    assert torch.allclose(ensemble(input_ids=ids).logits, torch.stack(each).mean(0), atol=1e-6)
+    pooled = load_model(save_ensemble(members, tmp_path / "ens_lp", combine="logprobs"))
+    expected = torch.stack([torch.log_softmax(x, -1) for x in each]).mean(0)
+    assert torch.allclose(pooled(input_ids=ids).logits, expected, atol=1e-6)
+    out = ensemble(input_ids=ids, labels=ids)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert out.loss.item() == pytest.approx(manual.item())
+
+
+def test_ensemble_generation_with_caches_matches_decoding_without(tmp_path, tok_dir):
+    from lmlab.models.build import load_model
+    from lmlab.models.ensemble import save_ensemble
+
+    ensemble = load_model(save_ensemble([_member(tmp_path, tok_dir, s) for s in (1, 2)], tmp_path / "ens"))
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # left padded with pad id 0
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = ensemble.generate(prompt, attention_mask=mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    assert out.shape == (2, 11)
+    for row in range(2):  # greedy decoding of each prompt alone, recomputing everything each step
+        ids = prompt[row][mask[row].bool()][None]
+        for _ in range(6):
+            ids = torch.cat([ids, ensemble(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert out[row, 5:].tolist() == ids[0, -6:].tolist()
+
+
+def test_evaluation_runs_on_an_ensemble_directory(tmp_path, tok_dir):
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.tasks import load_task, run_task
+    from lmlab.models.build import load_model
+    from lmlab.models.ensemble import save_ensemble
+
+    path = save_ensemble([_member(tmp_path, tok_dir, s) for s in (1, 2)], tmp_path / "ens")
+    result = run_task(load_model(path), load_tokenizer(path), load_task("math_id", 3), samples=2)
+    assert set(result) == {"math_id/greedy_accuracy", "math_id/maj@2", "math_id/pass@2"}
+
+
+def test_members_with_other_tokenizers_or_vocabularies_are_refused(tmp_path, tok_dir, base_model):
+    from lmlab.models.ensemble import save_ensemble
+
+    with pytest.raises(LmlabError, match="tokenizer differs from the first member's"):
+        save_ensemble([_member(tmp_path, tok_dir, 1), base_model], tmp_path / "bad")
+    odd = _member(tmp_path, tok_dir, 2, vocab=700)
+    with pytest.raises(LmlabError, match="vocabulary size differs"):
+        save_ensemble([_member(tmp_path, tok_dir, 1), odd], tmp_path / "bad2")
+    with pytest.raises(LmlabError, match="at least two members"):
+        save_ensemble([odd], tmp_path / "bad3")
+    shutil.rmtree(odd)
+
+
+def test_lmlab_ensemble_trains_members_with_different_seeds_and_saves_them(tmp_path):
+    import json
+
+    import yaml
+
+    from lmlab.models.build import load_model
+    from lmlab.models.ensemble import EnsembleCausalLM, train_ensemble
+
+    tree = {"name": "ens", "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
+                                      "intermediate_size": 64, "max_position_embeddings": 128},
+            "tokenizer": {"vocab_size": 300, "max_train_bytes": 60_000},
+            "data": {"train": {"kind": "general", "limit": 40}, "seq_len": 32, "validation_fraction": 0.1},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "eval_every": 100, "eval_batches": 2, "save_every": 100},
+            "output": {"dir": str(tmp_path / "runs"), "report_to": []}}
+    path = tmp_path / "ens.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(LmlabError, match="at least two members"):
+        train_ensemble(path, 1)
+    out = train_ensemble(path, 2, jobs=2, extra=["tokenizer.min_frequency=1"])
+    manifest = json.loads((out / "ensemble.json").read_text())
+    assert len(manifest["members"]) == 2 and manifest["combine"] == "logits"
+    model = load_model(out)
+    assert isinstance(model, EnsembleCausalLM)
+    first, second = (p for p in model.members)
+    assert not torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)  # other seeds
