@@ -186,6 +186,38 @@ def ensemble(recipe: Path = typer.Argument(..., help="A stage recipe; members di
 
 @app.command()
 @user_errors
+def fit(points: Path = typer.Argument(..., help="A .csv or .jsonl file of points."),
+        x: str = typer.Option("params", "--x", help="Column of the scaled quantity (parameters N, members K, tokens D)."),
+        y: str = typer.Option("loss", "--y", help="Column of the loss."),
+        group: Optional[str] = typer.Option(None, "--group", help="Column naming the recipe of each point."),
+        efficiency: Optional[str] = typer.Option(None, "--efficiency",
+                                                 help="BASELINE,OTHER: data efficiency of OTHER over BASELINE "
+                                                      "(x must be data size)."),
+        bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="Bootstrap refits for the 95% intervals."),
+        out: Optional[Path] = typer.Option(None, "--out", help="PNG of points, fits and asymptotes.")) -> None:
+    """Fit L(x) = A / x^alpha + E per recipe, with bootstrap intervals and the asymptote E (Kotha et al.)."""
+    from lmlab.scaling.fit import data_efficiency, fit_power_law, plot_fits
+    from lmlab.scaling.points import read_points
+
+    series = read_points(points, x, y, group)
+    fits = {name: fit_power_law(xs, ys, bootstrap=bootstrap) for name, (xs, ys) in series.items()}
+    for name, f in fits.items():
+        typer.echo(f"{name}: L = {f.A:.4g} / {x}^{f.alpha:.3f} + {f.E:.4f}   asymptote E = {f.E:.4f} "
+                   f"[{f.E_ci[0]:.4f}, {f.E_ci[1]:.4f}], alpha [{f.alpha_ci[0]:.3f}, {f.alpha_ci[1]:.3f}], "
+                   f"{f.n_points} points, rmse {f.rmse:.4g}")
+    if efficiency:
+        base, other = (s.strip() for s in efficiency.split(",", 1)) if "," in efficiency else (efficiency, "")
+        if base not in series or other not in series:
+            raise LmlabError(f"--efficiency names unknown groups; known: {', '.join(series)}", field="--efficiency")
+        ratio = data_efficiency(*series[base], *series[other])
+        typer.echo(f"data efficiency of {other} over {base}: {ratio:.2f}x")
+    if out:
+        plot_fits({name: (*series[name], f) for name, f in fits.items()}, out, xlabel=x)
+        typer.echo(f"plot: {out}")
+
+
+@app.command()
+@user_errors
 def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpoint directory."),
           prompts: str = typer.Option("math", "--prompts", help="`math` (in-domain generator) or a prompts jsonl."),
           n: int = typer.Option(200, "--n", help="Prompts to sample (math)."),

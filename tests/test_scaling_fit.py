@@ -101,3 +101,25 @@ def test_plot_fits_writes_a_png(tmp_path):
                     xlabel="parameters N", title="synthetic")
     data = out.read_bytes()
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lmlab_fit_reads_points_fits_each_recipe_and_reports_efficiency(tmp_path):
+    from typer.testing import CliRunner
+
+    from lmlab.cli import app
+
+    rows = ["recipe,tokens,loss"]
+    for d in (1e6, 3e6, 1e7, 3e7, 1e8):
+        rows.append(f"standard,{d},{2 + 10 / d ** 0.3}")
+        rows.append(f"joint,{d},{2 + 10 / (4 * d) ** 0.3}")
+    points = tmp_path / "points.csv"
+    points.write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(app, ["fit", str(points), "--x", "tokens", "--group", "recipe", "--bootstrap", "20",
+                                      "--efficiency", "standard,joint", "--out", str(tmp_path / "fit.png")])
+    assert result.exit_code == 0, result.output
+    assert "standard: L = " in result.output and "asymptote E = 2.0000" in result.output
+    assert "data efficiency of joint over standard: 4.00x" in result.output
+    assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
+    points.write_text("recipe,tokens,loss\nstandard,1e6,oops\n")
+    bad = CliRunner().invoke(app, ["fit", str(points), "--x", "tokens"])
+    assert bad.exit_code == 2 and "points.csv:2: loss: 'oops' is not a number" in bad.output
