@@ -218,6 +218,24 @@ def fit(points: Path = typer.Argument(..., help="A .csv or .jsonl file of points
 
 @app.command()
 @user_errors
+def sweep(recipe: Path = typer.Argument(..., help="A stage recipe with a validation split."),
+          grid: Optional[List[str]] = typer.Option(None, "--grid", help="key=v1,v2 to replace a default coordinate "
+                                                   "(optim.weight_decay, optim.lr with x-multiples, train.epochs)."),
+          rounds: int = typer.Option(2, "--rounds", min=1, help="Passes of coordinate descent."),
+          jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs at a time."),
+          set_: Optional[List[str]] = SetOption) -> None:
+    """Coordinate descent over weight decay, LR and epochs for fixed data and model (Kotha et al.)."""
+    from lmlab.ablate import parse_grid
+    from lmlab.sweep import DEFAULT_GRID, run_sweep
+
+    chosen = {**DEFAULT_GRID, **(parse_grid(grid) if grid else {})}
+    summary = run_sweep(recipe, chosen, rounds, jobs, set_)
+    best = summary["best"]
+    typer.echo(f"best of {len(summary['runs'])} runs: {best['config']} (eval_loss {best['eval_loss']:.4f})")
+
+
+@app.command()
+@user_errors
 def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpoint directory."),
           prompts: str = typer.Option("math", "--prompts", help="`math` (in-domain generator) or a prompts jsonl."),
           n: int = typer.Option(200, "--n", help="Prompts to sample (math)."),

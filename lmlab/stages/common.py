@@ -53,6 +53,8 @@ def training_budget(recipe: Recipe, n_params: int, train_tokens: int | None) -> 
         steps = math.ceil(t.tokens / tokens_per_step)
     elif t.tokens_per_param:
         steps = math.ceil(t.tokens_per_param * n_params / tokens_per_step)
+    elif t.epochs and train_tokens is not None:  # passes over the unique data (data-constrained recipes)
+        steps = max(1, math.ceil(t.epochs * train_tokens / tokens_per_step))
     elif train_tokens is not None:
         steps = max(1, train_tokens // tokens_per_step)
     else:

@@ -72,15 +72,16 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
         cache[name] = {"key": key, "artifact": path, "metrics": results[name]}
         cache_file.write_text(json.dumps(cache, indent=2))
     columns = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "general_bpb", k))
+    # on screen one row per metric and one column per stage, so it fits a terminal; markdown the other way
     table = Table(title="every stage's model on the same evaluation")
-    table.add_column("stage")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_row(column, *(f"{row[column]:.3f}" if column in row else "-" for row in results.values()))
     lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in results.items():
-        cells = [f"{row[c]:.3f}" if c in row else "-" for c in columns]
-        table.add_row(name, *cells)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in columns) + " |")
     console.print(table)
     (out_dir / "comparison.md").write_text("\n".join(lines) + "\n")
     return results
