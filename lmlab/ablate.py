@@ -129,30 +129,21 @@ def summarise(rows: list[tuple[Variant, dict[str, float]]]) -> dict[str, dict[st
 
 def plot_ablation(rows, key: str, out_dir: Path, metrics: list[str]) -> list[Path]:
     """One PNG per metric: mean ± std against the swept value (numeric axes when the values are numbers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lmlab.plots import new_figure, save_figure
 
     written = []
     points = sorted({v.values[key] for v, _ in rows}, key=lambda x: (isinstance(x, str), x))
     for metric in metrics:
         stats = [mean_std([m[metric] for v, m in rows if v.values[key] == p and metric in m] or [math.nan])
                  for p in points]
-        fig, ax = plt.subplots(figsize=(5, 3.6))
+        plt, fig, ax = new_figure((5, 3.6))
         xs = points if all(isinstance(p, (int, float)) for p in points) else list(range(len(points)))
         ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3)
         if xs is not points:
             ax.set_xticks(xs, [str(p) for p in points])
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs {key} (mean ± std over seeds)", fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
         path = out_dir / f"ablate_{metric.replace('/', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, ax, path, key, metric, f"{metric} vs {key} (mean ± std over seeds)",
+                                   legend=False))
     return written
 
 

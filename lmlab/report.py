@@ -52,40 +52,22 @@ def _plot(path: Path, title: str, curves: dict[str, tuple[list[int], list[float]
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return False
-    import matplotlib
+    from lmlab.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    plt, fig, ax = new_figure()
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, ax, path, "step", ylabel, title)
     return True
 
 
 def _scatter(path: Path, xs: list[float], ys: list[float], xlabel: str, ylabel: str, r2: float | None) -> None:
-    import matplotlib
+    from lmlab.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+    plt, fig, ax = new_figure((5, 4))
     ax.scatter(xs, ys)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} vs {xlabel}" + (f" (r² = {r2:.2f})" if r2 is not None else ""))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, ax, path, xlabel, ylabel,
+                f"{ylabel} vs {xlabel}" + (f" (r² = {r2:.2f})" if r2 is not None else ""), legend=False)
 
 
 def run_report(run: Path, out: Path) -> list[str]:
@@ -115,6 +97,15 @@ def run_report(run: Path, out: Path) -> list[str]:
         (f"{name}_lr.png", "learning rate", {"lr": series(records, "learning_rate")}, "learning rate"),
         (f"{name}_grad_norm.png", "grad norm", {"grad norm": series(records, "grad_norm")}, "grad norm"),
     ]
+    rl_keys = [k for k in ("reward", "kl", "entropy") if any(k in r for r in records)]
+    if rl_keys:  # RL: what the policy earns, how far it drifts, how sure it is
+        plots.append((f"{name}_rl.png", "reward, KL, entropy", {k: series(records, k) for k in rl_keys}, "value"))
+        plots.append((f"{name}_length.png", "completion length",
+                      {"mean length": series(records, "completions/mean_length")}, "tokens"))
+    preference_keys = [k for k in ("rewards/margins", "rewards/accuracies") if any(k in r for r in records)]
+    if preference_keys:  # DPO-style implicit rewards
+        plots.append((f"{name}_preference.png", "implicit reward margin and accuracy",
+                      {k: series(records, k) for k in preference_keys}, "value"))
     task_keys = sorted({k for r in records for k in r if k.startswith("task/")})
     if task_keys:
         plots.append((f"{name}_tasks.png", "task metrics", {k[5:]: series(records, k) for k in task_keys}, "value"))

@@ -9,6 +9,7 @@ import yaml
 
 from lmlab.ablate import mean_std, parse_grid, resolve_key, run_ablation, summarise, variants
 from lmlab.errors import LmlabError
+from tests.helpers import tiny_recipe_file
 
 
 def test_grid_values_are_parsed_and_bad_grids_refused():
@@ -64,15 +65,7 @@ def test_a_bad_variant_fails_before_any_run(tmp_path):
 
 
 def test_an_ablation_runs_seeds_in_parallel_and_writes_table_and_plots(tmp_path):
-    tree = {"name": "abl", "seed": 0,
-            "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64,
-                      "max_position_embeddings": 128},
-            "tokenizer": {"vocab_size": 300, "max_train_bytes": 60_000},
-            "data": {"train": {"kind": "general", "limit": 40}, "seq_len": 32, "validation_fraction": 0.1},
-            "train": {"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "eval_batches": 2, "save_every": 100},
-            "output": {"dir": str(tmp_path / "runs"), "report_to": []}}
-    path = tmp_path / "abl.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path = tiny_recipe_file(tmp_path, "abl", train={"max_steps": 2})
     out = run_ablation(path, ["train.max_steps=2,4"], seeds=2, jobs=2)
     result = json.loads((out / "ablation.json").read_text())
     assert len(result["runs"]) == 4 and not result["failed"]

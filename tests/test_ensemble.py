@@ -86,22 +86,14 @@ def test_members_with_other_tokenizers_or_vocabularies_are_refused(tmp_path, tok
 def test_lmlab_ensemble_trains_members_with_different_seeds_and_saves_them(tmp_path):
     import json
 
-    import yaml
-
     from lmlab.models.build import load_model
     from lmlab.models.ensemble import EnsembleCausalLM, train_ensemble
+    from tests.helpers import tiny_recipe_file
 
-    tree = {"name": "ens", "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
-                                      "intermediate_size": 64, "max_position_embeddings": 128},
-            "tokenizer": {"vocab_size": 300, "max_train_bytes": 60_000},
-            "data": {"train": {"kind": "general", "limit": 40}, "seq_len": 32, "validation_fraction": 0.1},
-            "train": {"max_steps": 3, "micro_batch_size": 2, "eval_every": 100, "eval_batches": 2, "save_every": 100},
-            "output": {"dir": str(tmp_path / "runs"), "report_to": []}}
-    path = tmp_path / "ens.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path = tiny_recipe_file(tmp_path, "ens")
     with pytest.raises(LmlabError, match="at least two members"):
         train_ensemble(path, 1)
-    out = train_ensemble(path, 2, jobs=2, extra=["tokenizer.min_frequency=1"])
+    out = train_ensemble(path, 2, jobs=2)
     manifest = json.loads((out / "ensemble.json").read_text())
     assert len(manifest["members"]) == 2 and manifest["combine"] == "logits"
     model = load_model(out)

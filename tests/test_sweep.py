@@ -5,23 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
-
 from lmlab.errors import LmlabError
 from lmlab.sweep import run_sweep
+from tests.helpers import tiny_recipe_file
 
 
 def _recipe(tmp_path, **data):
-    tree = {"name": "sw", "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
-                                    "intermediate_size": 64, "max_position_embeddings": 128},
-            "tokenizer": {"vocab_size": 300, "max_train_bytes": 60_000, "min_frequency": 1},
-            "data": {"train": {"kind": "general", "limit": 40}, "seq_len": 32, "validation_fraction": 0.2, **data},
-            "optim": {"lr": 1e-2}, "train": {"epochs": 1, "micro_batch_size": 4, "eval_every": 1000,
-                                             "eval_batches": 4, "save_every": 1000},
-            "output": {"dir": str(tmp_path / "runs"), "report_to": []}}
-    path = tmp_path / "sw.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return tiny_recipe_file(tmp_path, "sw", data={"validation_fraction": 0.2, **data}, optim={"lr": 1e-2},
+                            train={"max_steps": None, "epochs": 1, "micro_batch_size": 4, "eval_batches": 4})
 
 
 def test_coordinate_descent_runs_each_configuration_once_and_keeps_the_best(tmp_path):

@@ -193,14 +193,11 @@ def data_efficiency(tokens_a, loss_a, tokens_b, loss_b) -> float:
 def plot_fits(series: dict[str, tuple[list[float], list[float], PowerLawFit]], out_png,
               xlabel: str = "x", title: str = "", ylabel: str = "loss") -> Path:
     """Write a PNG: each series' points, its fitted curve on a log-x axis, its asymptote dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lmlab.plots import new_figure, save_figure
 
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    plt, fig, ax = new_figure()
     for i, (name, (xs, ys, fit)) in enumerate(series.items()):
         color = f"C{i % 10}"
         xs = np.asarray(xs, dtype=float)
@@ -210,12 +207,4 @@ def plot_fits(series: dict[str, tuple[list[float], list[float], PowerLawFit]], o
                 label=f"{name}: {fit.A:.3g}/x^{fit.alpha:.3f} + {fit.E:.3f}")
         ax.axhline(fit.E, color=color, linestyle="--", linewidth=1, alpha=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(plt, fig, ax, out, xlabel, ylabel, title)
