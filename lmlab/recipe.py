@@ -162,8 +162,17 @@ class DataConfig(Strict):
     seq_len: int = Field(256, gt=1)
     streaming: bool = False  # for sources larger than memory
     shuffle_buffer: int = Field(10_000, gt=0)  # streaming shuffle window
+    # data-constrained training (Kotha et al.): train on only this many unique tokens, the same subset for
+    # every seed (chosen after the validation split, so validation stays the same held-out text)
+    unique_tokens: int | None = Field(None, gt=0)
 
     _list = field_validator("train", "validation", "replay", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+
+    @model_validator(mode="after")
+    def _unique_needs_map_style(self) -> "DataConfig":
+        if self.unique_tokens is not None and self.streaming:
+            raise ValueError("unique_tokens picks a fixed subset of the data: it needs streaming: false")
+        return self
 
 
 class OptimConfig(Strict):
@@ -282,6 +291,15 @@ class DistillConfig(Strict):
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the label CE; 1 - alpha goes to KL(teacher || student)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, gt=0)  # keep only the teacher's top-k tokens (renormalised)
+    # with top_k: run the teacher once over the training rows and read its top-k from disk at every epoch
+    cache_teacher: bool = False
+    data_format: Literal["text", "chat"] = "text"  # chat: SFT records, loss on assistant tokens only
+
+    @model_validator(mode="after")
+    def _cache_needs_top_k(self) -> "DistillConfig":
+        if self.cache_teacher and self.top_k is None:
+            raise ValueError("cache_teacher stores the teacher's top-k tokens: set top_k too")
+        return self
 
     @field_validator("teacher")
     @classmethod

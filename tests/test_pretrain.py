@@ -254,3 +254,23 @@ def test_sharding_without_gpus_is_a_clear_error(tmp_path, tok_dir):
     with pytest.raises(LmlabError, match="none is visible"):
         distributed_arguments(recipe, "LlamaDecoderLayer")
     assert distributed_arguments(tiny_recipe(tmp_path, tok_dir, train={"distributed": "ddp"}), None) == {}
+
+
+def test_unique_tokens_is_one_fixed_subset_for_every_seed(tiny_tokenizer):
+    from lmlab.data.pretrain_data import build_packed_data
+    from lmlab.recipe import DataConfig
+
+    data = DataConfig(train={"kind": "general", "limit": 300}, seq_len=64, validation_fraction=0.05,
+                      unique_tokens=3000)
+    a = build_packed_data(data, tiny_tokenizer, seed=0, max_validation_rows=8)
+    b = build_packed_data(data, tiny_tokenizer, seed=1, max_validation_rows=8)
+    assert a.train_rows == b.train_rows == 47  # ceil(3000 / 64)
+    rows_a = [tuple(r.tolist()) for r in a.train["input_ids"]]
+    rows_b = [tuple(r.tolist()) for r in b.train["input_ids"]]
+    assert sorted(rows_a) == sorted(rows_b) and rows_a != rows_b  # same data, another order
+    full = build_packed_data(DataConfig(train={"kind": "general", "limit": 300}, seq_len=64,
+                                        validation_fraction=0.05), tiny_tokenizer, seed=0, max_validation_rows=8)
+    assert [r.tolist() for r in a.validation["input_ids"]] == [r.tolist() for r in full.validation["input_ids"]]
+    with pytest.raises(LmlabError, match="unique_tokens"):
+        build_packed_data(DataConfig(train={"kind": "general", "limit": 300}, seq_len=64, unique_tokens=10 ** 9),
+                          tiny_tokenizer, 0, 8)

@@ -54,6 +54,16 @@ def tokenize_and_pack(docs, tokenizer: "PreTrainedTokenizerBase", seq_len: int):
                       fn_kwargs={"seq_len": seq_len, "eos_id": eos})
 
 
+def _leading_documents(docs, chars: int):
+    """The first documents holding at least `chars` characters (so a small subset is not tokenised in full)."""
+    total = 0
+    for i, text in enumerate(docs["text"]):
+        total += len(text)
+        if total >= chars:
+            return docs.select(range(i + 1))
+    return docs
+
+
 def build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", seed: int,
                       max_validation_rows: int) -> PackedData:
     """Packed train and validation sets, behind one status line instead of per-map progress bars."""
@@ -78,8 +88,19 @@ def _build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", s
             from datasets import Dataset
 
             val_docs = Dataset.from_list(list(val_docs.take(max_validation_rows * 8)))
-    train_docs = shuffle_documents(train_docs, seed, data.shuffle_buffer)
-    train = tokenize_and_pack(train_docs, tokenizer, data.seq_len)
+    if data.unique_tokens is not None:  # one fixed subset for every seed; the seed still sets the order
+        rows = -(-data.unique_tokens // data.seq_len)
+        train = tokenize_and_pack(_leading_documents(shuffle_documents(train_docs, 0), 8 * data.unique_tokens),
+                                  tokenizer, data.seq_len)
+        if len(train) < rows:  # the 8 characters per token guess was short: tokenise everything
+            train = tokenize_and_pack(shuffle_documents(train_docs, 0), tokenizer, data.seq_len)
+        if len(train) < rows:
+            raise LmlabError(f"data.unique_tokens={data.unique_tokens:,} but the training data has only "
+                             f"{len(train) * data.seq_len:,} tokens", field="data.unique_tokens")
+        train = train.select(range(rows)).shuffle(seed=seed)
+    else:
+        train_docs = shuffle_documents(train_docs, seed, data.shuffle_buffer)
+        train = tokenize_and_pack(train_docs, tokenizer, data.seq_len)
     validation = tokenize_and_pack(val_docs, tokenizer, data.seq_len) if len(val_docs) else None
     if validation is not None:
         validation = validation.select(range(min(len(validation), max_validation_rows)))
