@@ -69,3 +69,44 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, base_model, tok_d
         prepare_pretrain(recipe)
     with pytest.raises(LmlabError, match="needs distill.teacher"):
         tiny_recipe(tmp_path, None, name="s2", stage="distill")
+
+
+def test_cached_top_k_gives_the_same_loss_as_the_teacher_on_the_fly():
+    import torch
+
+    from lmlab.stages.distill import distillation_loss, from_top_k, teacher_top_k
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 2] = -100
+    live = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0, top_k=4)
+    cached = from_top_k(*teacher_top_k(teacher, 2.0, 4), 11)  # what cache_teacher stores, read back
+    assert torch.allclose(distillation_loss(student, None, labels, 0.3, 2.0, 4, teacher_logp=cached), live)
+
+
+def test_chat_distillation_with_a_cached_teacher(tmp_path, base_model):
+    from safetensors.torch import load_file
+
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.stages.distill import chat_data
+    from lmlab.stages.pretrain import run_pretrain
+    from lmlab.stages.sft import load_sft_data
+
+    chat = {"train": {"kind": "math", "split": "id", "format": "chat", "num_examples": 24}, "seq_len": 192}
+    recipe = tiny_recipe(tmp_path, None, name="chat_student", stage="distill", tokenizer={}, data=chat,
+                         distill={"teacher": str(base_model), "top_k": 4, "cache_teacher": True,
+                                  "data_format": "chat"},
+                         train={"max_steps": 4, "eval_every": 2, "save_every": 2})
+    tokenizer = load_tokenizer(base_model)
+    data, collator = chat_data(recipe, tokenizer)
+    messages = load_sft_data(recipe, tokenizer).train[0]["messages"]  # the same records, in the same order
+    targets = tokenizer.decode([t for t in data.train[0]["labels"] if t != -100])
+    assert messages[-1]["content"] in targets and messages[-2]["content"] not in targets  # assistant tokens only
+    batch = collator([data.train[0], data.train[1]])
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding is never a target
+    final = run_pretrain(recipe)
+    cache = load_file(str(recipe.run_dir / "teacher_top_k.safetensors"))
+    assert cache["indices"].shape[0] == data.train_rows and cache["indices"].shape[-1] == 4
+    assert (final / "model.safetensors").is_file()
+    assert load_tokenizer(final).chat_template  # the student keeps the chat template it was trained with

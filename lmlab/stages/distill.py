@@ -10,8 +10,11 @@ lmlab's Trainer whose only change is the loss:
     loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
 
 over the tokens that have labels, with both distributions at temperature T. With
-`top_k`, the teacher keeps only its k most likely tokens (renormalised), which is
-what a top-k logit cache would store.
+`top_k`, the teacher keeps only its k most likely tokens (renormalised); with
+`cache_teacher` too, the teacher runs once over the training rows before training
+and its top-k is read from disk at every epoch (the saving grows with epochs and
+with ensemble size). `data_format: chat` distils on SFT records with the loss on
+assistant tokens only, so a chat teacher (or ensemble) can be compressed as well.
 """
 
 from __future__ import annotations
@@ -24,19 +27,34 @@ from lmlab.errors import LmlabError
 from lmlab.trainers import LmlabTrainer
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    """alpha * next-token CE + (1 - alpha) * T^2 * KL(teacher || student), averaged over labelled tokens."""
+def teacher_top_k(teacher_logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, log-probabilities) of the teacher's k most likely tokens at temperature T: what the cache holds."""
+    top = torch.log_softmax(teacher_logits.float() / temperature, dim=-1).topk(top_k, dim=-1)
+    return top.indices, top.values
+
+
+def from_top_k(indices: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The log-distribution over the whole vocabulary that keeps only those tokens, renormalised."""
+    full = torch.full((*indices.shape[:-1], vocab_size), float("-inf"), device=logprobs.device)
+    return torch.log_softmax(full.scatter(-1, indices.long(), logprobs.float()), dim=-1)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                      alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
+                      teacher_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * next-token CE + (1 - alpha) * T^2 * KL(teacher || student), averaged over labelled tokens.
+
+    The teacher is given as logits, or (from a cache) as its log-distribution at temperature T."""
     student = student_logits[:, :-1].float()
-    teacher = teacher_logits[:, :-1].float()
     targets = labels[:, 1:]
     keep = targets != -100
     ce = torch.nn.functional.cross_entropy(student[keep], targets[keep])
-    teacher_logp = torch.log_softmax(teacher[keep] / temperature, dim=-1)
-    if top_k is not None:
-        top = teacher_logp.topk(top_k, dim=-1)
-        teacher_logp = torch.full_like(teacher_logp, float("-inf")).scatter(-1, top.indices, top.values)
-        teacher_logp = torch.log_softmax(teacher_logp, dim=-1)  # renormalise over the kept tokens
+    if teacher_logp is not None:
+        teacher_logp = teacher_logp[:, :-1][keep]
+    else:
+        teacher_logp = torch.log_softmax(teacher_logits[:, :-1].float()[keep] / temperature, dim=-1)
+        if top_k is not None:
+            teacher_logp = from_top_k(*teacher_top_k(teacher_logp, 1.0, top_k), teacher_logp.shape[-1])
     student_logp = torch.log_softmax(student[keep] / temperature, dim=-1)
     teacher_p = teacher_logp.exp()
     kl = (teacher_p * (teacher_logp - student_logp)).nan_to_num().sum(-1).mean()  # 0 * -inf terms are 0
@@ -47,19 +65,111 @@ class DistillTrainer(LmlabTrainer):
     """lmlab's Trainer with the distillation loss; the teacher runs without gradients beside the student."""
 
     def __init__(self, *args, teacher=None, alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
-                 **kwargs):
+                 cache: dict[str, torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().to(self.args.device)
-        self.alpha, self.temperature, self.top_k = alpha, temperature, top_k
+        self.teacher = teacher.eval().to(self.args.device)  # evaluation (and uncached training) runs it
+        self.alpha, self.temperature, self.top_k, self.cache = alpha, temperature, top_k, cache
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        labels, rows = inputs["labels"], inputs.get("row_id")
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "row_id")}
         outputs = model(**model_inputs)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**model_inputs).logits
-        loss = distillation_loss(outputs.logits, teacher_logits, labels, self.alpha, self.temperature, self.top_k)
+        teacher_logits = teacher_logp = None
+        if self.cache is not None and model.training:  # training rows: the teacher's top-k from disk
+            length = labels.shape[1]
+            teacher_logp = from_top_k(self.cache["indices"][rows.cpu(), :length].to(labels.device),
+                                      self.cache["logprobs"][rows.cpu(), :length].to(labels.device),
+                                      outputs.logits.shape[-1])
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs).logits
+        loss = distillation_loss(outputs.logits, teacher_logits, labels, self.alpha, self.temperature, self.top_k,
+                                 teacher_logp=teacher_logp)
         return (loss, outputs) if return_outputs else loss
+
+
+def cache_teacher(teacher, dataset, collator, top_k: int, temperature: float, path: Path,
+                  batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Run the teacher once over every training row (in row order) and keep its top-k, written atomically as
+    safetensors; an existing cache for the same rows, k and T is read instead."""
+    from safetensors.torch import load_file, save_file
+
+    meta = {"rows": str(len(dataset)), "top_k": str(top_k), "temperature": str(temperature)}
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() == meta:
+                return load_file(str(path))
+    device = next(teacher.parameters()).device
+    indices, logprobs = [], []
+    width = max(len(ids) for ids in dataset["input_ids"])
+    teacher.eval()
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "row_id")}
+        with torch.no_grad():
+            idx, logp = teacher_top_k(teacher(**inputs).logits, temperature, top_k)
+        pad = width - idx.shape[1]  # chat rows vary in length: pad every row to the longest
+        indices.append(torch.nn.functional.pad(idx, (0, 0, 0, pad)).to(torch.int32).cpu())
+        logprobs.append(torch.nn.functional.pad(logp, (0, 0, 0, pad)).cpu())
+    tensors = {"indices": torch.cat(indices), "logprobs": torch.cat(logprobs)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return tensors
+
+
+def chat_data(recipe, tokenizer):
+    """SFT records as rows of input_ids with labels on assistant tokens only (lmlab's chat template), plus a
+    collator that pads them; sizes like packed data, so the usual budget (epochs, tokens) applies."""
+    from datasets import Dataset
+
+    from lmlab.data.pretrain_data import PackedData
+    from lmlab.data.tokenizer import chat_template
+    from lmlab.stages.sft import load_sft_data
+
+    if recipe.sft.chat_template != "tokenizer":
+        tokenizer.chat_template = chat_template(recipe.sft.chat_template)
+    records = load_sft_data(recipe, tokenizer)
+
+    def tokenise(split):
+        rows = []
+        for messages in split["messages"]:
+            enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True, truncation=True,
+                                                max_length=recipe.data.seq_len)
+            ids, mask = enc["input_ids"], enc["assistant_masks"]
+            if any(mask):  # truncation can cut every assistant token: such a row teaches nothing
+                rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+        if not rows:
+            raise LmlabError(f"no record keeps an assistant token within data.seq_len={recipe.data.seq_len}",
+                             field="data.seq_len", hint="raise data.seq_len")
+        return Dataset.from_list(rows)
+
+    train = tokenise(records.train)
+    validation = tokenise(records.validation) if records.validation is not None else None
+    return PackedData(train, validation, len(train), recipe.data.seq_len), ChatCollator(tokenizer.pad_token_id)
+
+
+class ChatCollator:
+    """Right-pads rows to the batch's longest; padding is masked out and never a target."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def pad(values, fill):
+            return torch.tensor([list(v) + [fill] * (width - len(v)) for v in values])
+
+        batch = {"input_ids": pad([r["input_ids"] for r in rows], self.pad_id),
+                 "attention_mask": pad([[1] * len(r["input_ids"]) for r in rows], 0),
+                 "labels": pad([r["labels"] for r in rows], -100)}
+        if "row_id" in rows[0]:
+            batch["row_id"] = torch.tensor([int(r["row_id"]) for r in rows])
+        return batch
 
 
 def load_teacher(path: str, student_tokenizer):

@@ -150,7 +150,13 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     tokenizer = resolve_tokenizer(recipe, run_dir)
     check_checkpoint_fits(recipe, tokenizer)
     max_val_rows = recipe.train.eval_batches * recipe.train.micro_batch_size
-    data = build_packed_data(recipe.data, tokenizer, recipe.seed, max_val_rows)
+    collator = default_data_collator
+    if recipe.stage == "distill" and recipe.distill.data_format == "chat":
+        from lmlab.stages.distill import chat_data
+
+        data, collator = chat_data(recipe, tokenizer)
+    else:
+        data = build_packed_data(recipe.data, tokenizer, recipe.seed, max_val_rows)
     replay = build_replay_data(recipe, tokenizer, max_val_rows)
 
     model = build_model(recipe.model, tokenizer, seed=recipe.seed)
@@ -189,11 +195,18 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     if recipe.stage == "distill":
         from lmlab.stages.distill import DistillTrainer, load_teacher
 
-        trainer_class = DistillTrainer
-        distill = dict(teacher=load_teacher(recipe.distill.teacher, tokenizer), alpha=recipe.distill.alpha,
-                       temperature=recipe.distill.temperature, top_k=recipe.distill.top_k)
+        trainer_class, d = DistillTrainer, recipe.distill
+        teacher = load_teacher(d.teacher, tokenizer)
+        distill = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k)
+        if d.cache_teacher:  # rows carry their index, so each batch finds its teacher top-k on disk
+            from lmlab.stages.distill import cache_teacher
+
+            data.train = data.train.add_column("row_id", list(range(len(data.train))))
+            with console.status("caching the teacher's top-k over the training rows"):
+                distill["cache"] = cache_teacher(teacher, data.train, collator, d.top_k, d.temperature,
+                                                 run_dir / "teacher_top_k.safetensors")
     trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=evaluation,
-                            data_collator=default_data_collator, processing_class=tokenizer,
+                            data_collator=collator, processing_class=tokenizer,
                             compute_loss_func=compute_loss, **distill)
     metrics = MetricsCallback(run_dir, budget.tokens_per_step,
                               flops_per_token(n_active, shape_from_config(model.config.to_dict()),
