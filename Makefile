@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmlab-installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench repro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/memory_model.py
 	$(BIN)/python benchmarks/eval_throughput.py
+
+# Slow: the two paper reproductions (each about 30-40 minutes on 2 CPU cores); reports in runs/*/ *.md
+repro: $(STAMP)
+	$(BIN)/lmlab study recipes/evolm_small.yaml
+	$(BIN)/lmlab study recipes/data_constrained_small.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -236,6 +236,16 @@ def sweep(recipe: Path = typer.Argument(..., help="A stage recipe with a validat
 
 @app.command()
 @user_errors
+def study(path: Path = typer.Argument(..., help="A study file, e.g. recipes/data_constrained_small.yaml.")) -> None:
+    """Reproduce a paper's findings from one study file; finished runs are reused, and the report says per
+    finding whether it reproduced."""
+    from lmlab.studies import run_study
+
+    typer.echo(f"report: {run_study(path)}")
+
+
+@app.command()
+@user_errors
 def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpoint directory."),
           prompts: str = typer.Option("math", "--prompts", help="`math` (in-domain generator) or a prompts jsonl."),
           n: int = typer.Option(200, "--n", help="Prompts to sample (math)."),

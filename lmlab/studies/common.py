@@ -1,0 +1,65 @@
+"""What every study shares: recipe trees merged over the study's base, validated before compute, run
+in-process through the same stage runners as `lmlab run`, and reused once finished."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from lmlab.errors import LmlabError
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` deep-merged over `base` (a copy)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_study(path: str | Path, model: type[BaseModel]):
+    """The study file validated by its pydantic model; errors name file, line and field."""
+    import yaml
+
+    from lmlab.recipe import validate_recipe
+
+    if not Path(path).is_file():
+        raise LmlabError("study file not found", file=str(path))
+    text = Path(path).read_text()
+    return validate_recipe(yaml.safe_load(text) or {}, str(path), yaml.compose(text), model=model)
+
+
+class StudyRunner:
+    """Runs stage recipe trees under `<study dir>/runs/<name>/`; a run with a final artifact is not run again."""
+
+    def __init__(self, study_dir: Path, file: str, future: set[str] | None = None):
+        self.dir, self.file, self.future = Path(study_dir), file, set(future or ())
+
+    def final(self, name: str) -> Path:
+        return self.dir / "runs" / name / "final"
+
+    def validate(self, tree: dict):
+        from lmlab.recipe import validate_recipe
+
+        tree = merge(tree, {"output": {"dir": str(self.dir / "runs")}})
+        return validate_recipe(tree, file=f"{self.file} (run {tree['name']})", future_artifacts=self.future)
+
+    def run(self, tree: dict) -> Path:
+        import importlib
+
+        from lmlab.cli import STAGE_RUNNERS
+
+        if (self.final(tree["name"]) / "lmlab.json").is_file():
+            return self.final(tree["name"])
+        recipe = self.validate(tree)
+        module, function = STAGE_RUNNERS[recipe.stage]
+        return getattr(importlib.import_module(module), function)(recipe, overwrite=True)
+
+
+def mean_std_text(values: list[float], digits: int = 3) -> str:
+    from lmlab.ablate import mean_std
+
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

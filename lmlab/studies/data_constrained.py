@@ -1,0 +1,392 @@
+"""Kotha et al. (2025) at laptop scale: with a fixed token budget, which recipe reaches the lowest loss?
+
+One study file (`recipes/data_constrained_small.yaml`) names the model sizes, the
+fixed unique-token budget and the grids; `lmlab study` then runs, in order:
+
+1. the standard recipe (weight decay 0.1) at every size over an epoch grid;
+2. the regularised recipe (weight decay up to 30x larger) at every size;
+3. ensembles of K members of each size's best regularised configuration (seeds differ);
+4. distillation of the largest ensemble into one student;
+5. the standard recipe on smaller budgets, for a data-scaling fit.
+
+Every model is scored by one function on the same held-out validation rows, so
+single models, ensembles and students compare directly. It then fits L(N) per
+recipe, the two-step ensemble asymptote, and the data the standard recipe would
+need to match the joint recipe (data efficiency), and states for each of the
+paper's claims whether it reproduced. Finished runs are reused, so an interrupted
+study picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import OutputConfig, Strict
+from lmlab.studies.common import StudyRunner, load_study, merge
+
+
+class StandardGrid(Strict):
+    weight_decay: float = Field(0.1, ge=0)
+    epochs: list[float] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+
+
+class RegularisedGrid(Strict):
+    weight_decay: list[float] = Field(default_factory=lambda: [0.8, 3.2], min_length=1)
+    epochs: list[float] = Field(default_factory=lambda: [16], min_length=1)
+
+
+class EnsembleSpec(Strict):
+    members: int = Field(3, ge=3)  # three K values per size for the K-fit
+    combine: Literal["logits", "logprobs"] = "logits"
+
+
+class DistillSpec(Strict):
+    student: str  # a name from `models`; the teacher is the largest size's full ensemble
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, gt=0)
+
+
+class DataScalingGrid(Strict):
+    fractions: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5], min_length=2)
+    models: list[str] | None = None  # default: every size
+    # default: the standard grid. Counted in passes over the FULL budget: a run on a fraction f of the data
+    # makes e / f passes, so every data size gets the same steps (the paper's compute is not the limit)
+    epochs: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataScalingGrid":
+        if any(not 0 < f < 1 for f in self.fractions):
+            raise ValueError("fractions are shares of the full budget: each in (0, 1)")
+        return self
+
+
+class DataConstrainedStudy(Strict):
+    study: Literal["data_constrained"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    base: dict[str, Any]  # the pretrain recipe blocks every run shares; data.unique_tokens is the budget
+    models: dict[str, dict[str, Any]] = Field(min_length=3)  # name -> model block, at least 3 sizes to fit
+    standard: StandardGrid = Field(default_factory=StandardGrid)
+    regularised: RegularisedGrid = Field(default_factory=RegularisedGrid)
+    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    distill: DistillSpec
+    data_scaling: DataScalingGrid = Field(default_factory=DataScalingGrid)
+    validation_rows: int = Field(200, gt=0)
+
+    @model_validator(mode="after")
+    def _names(self) -> "DataConstrainedStudy":
+        if not (self.base.get("data") or {}).get("unique_tokens"):
+            raise ValueError("base.data.unique_tokens is the fixed data budget the study is about: give it")
+        for name in [self.distill.student, *(self.data_scaling.models or [])]:
+            if name not in self.models:
+                raise ValueError(f"'{name}' is not one of models: {', '.join(self.models)}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+
+class Runner(StudyRunner):
+    """Pretraining trees for this study: one model size, weight decay, epoch count, seed and data share."""
+
+    def __init__(self, study: DataConstrainedStudy, file: str):
+        given = (study.base.get("tokenizer") or {}).get("path")
+        self.tokenizer_dir = Path(given) if given else study.run_dir / "tokenizer"  # trained once when not given
+        super().__init__(study.run_dir, file, {str(self.tokenizer_dir)})
+        self.study, self.budget = study, int(study.base["data"]["unique_tokens"])
+
+    def tree(self, name: str, model: str, wd: float, epochs: float, seed: int = 0, fraction: float = 1.0,
+             extra: dict | None = None) -> dict:
+        tree = merge(self.study.base, {
+            "name": name, "seed": seed, "model": self.study.models[model],
+            "optim": {"weight_decay": wd}, "train": {"epochs": epochs},
+            "data": {"unique_tokens": max(1, int(self.budget * fraction))},
+            "output": {"report_to": []}, "tokenizer": {"path": str(self.tokenizer_dir)}})
+        return merge(tree, extra or {})
+
+
+def validation_loss(model, rows, batch_size: int = 32) -> float:
+    """Mean next-token CE over packed validation rows (the trainer's own eval loss, for any model)."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        ids, pos, labels = (torch.as_tensor(batch[k]) for k in ("input_ids", "position_ids", "labels"))
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=pos).logits.float()
+        targets = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total, count = total + loss.item(), count + int((targets != -100).sum())
+    return total / count
+
+
+def _tag(x: float) -> str:
+    return f"{x:g}".replace(".", "p")
+
+
+def inverse_power_law(fit, loss: float) -> float:
+    """The x at which A / x^alpha + E equals `loss` (inf when the loss is at or below the asymptote)."""
+    return math.inf if loss <= fit.E else (fit.A / (loss - fit.E)) ** (1 / fit.alpha)
+
+
+def run_data_constrained(path: str | Path) -> Path:
+    """Run the whole study (reusing finished runs); writes study.json, study.md and plots; returns the md."""
+    from rich.console import Console
+
+    from lmlab.data.pretrain_data import build_packed_data
+    from lmlab.models.build import count_parameters, load_model
+    from lmlab.models.ensemble import save_ensemble
+    from lmlab.recipe import DataConfig, validate_recipe
+    from lmlab.stages.pretrain import resolve_tokenizer
+
+    study, console = load_study(path, DataConstrainedStudy), Console()
+    runner, sizes = Runner(study, str(path)), list(study.models)
+    std, reg, scaling = study.standard, study.regularised, study.data_scaling
+    plan = {("standard", m, std.weight_decay, e, 1.0) for m in sizes for e in std.epochs}
+    plan |= {("regularised", m, wd, e, 1.0) for m in sizes for wd in reg.weight_decay for e in reg.epochs}
+    plan |= {("standard", m, std.weight_decay, e, f) for f in scaling.fractions
+             for m in (scaling.models or sizes) for e in (round(x / f, 6) for x in scaling.epochs or std.epochs)}
+    trees = {key: runner.tree(f"{key[0]}-{key[1]}-wd{_tag(key[2])}-ep{_tag(key[3])}-d{_tag(key[4])}", key[1],
+                              key[2], key[3], fraction=key[4])
+             for key in sorted(plan, key=str)}
+    for tree in trees.values():  # every configuration validates before any compute
+        runner.validate(tree)
+    console.print(f"[bold]{study.name}[/]: {len(trees)} single runs + ensembles + a distilled student, "
+                  f"{runner.budget:,} unique tokens -> {study.run_dir}")
+
+    first = validate_recipe(next(iter(trees.values())) | {"tokenizer": study.base.get("tokenizer", {})},
+                            file=str(path))
+    tokenizer = resolve_tokenizer(first, study.run_dir)  # trained once, shared by every run
+    rows = build_packed_data(DataConfig(**study.base["data"]), tokenizer, 0, study.validation_rows).validation
+    if rows is None:
+        raise LmlabError("the study needs a validation split", file=str(path), field="base.data.validation_fraction")
+
+    scores: dict[str, float] = {}
+    params: dict[str, int] = {}
+
+    def score(directory: Path, key: str) -> float:
+        if key not in scores:
+            model = load_model(directory)
+            scores[key] = validation_loss(model, rows)
+            console.print(f"{key}: validation loss {scores[key]:.4f}")
+        return scores[key]
+
+    results: dict[str, Any] = {"budget_tokens": runner.budget, "runs": {}}
+    for key, tree in trees.items():
+        final = runner.run(tree)
+        params.setdefault(key[1], count_parameters(load_model(final)))
+        results["runs"][tree["name"]] = {"recipe": key[0], "model": key[1], "weight_decay": key[2],
+                                         "epochs": key[3], "fraction": key[4], "loss": score(final, tree["name"])}
+    runs = list(results["runs"].values())
+
+    def best(recipe: str, model: str, fraction: float = 1.0) -> dict:
+        return min((r for r in runs if r["recipe"] == recipe and r["model"] == model and r["fraction"] == fraction),
+                   key=lambda r: r["loss"])
+
+    std_best = {m: best("standard", m) for m in sizes}
+    reg_best = {m: best("regularised", m) for m in sizes}
+
+    # ensembles of each size's best regularised configuration; member 0 is that run itself
+    ensembles: dict[str, dict[int, float]] = {}
+    for m in sizes:
+        cfg = reg_best[m]
+        members = [runner.final(next(n for n, r in results["runs"].items() if r is cfg))]
+        for seed in range(1, study.ensemble.members):
+            members.append(runner.run(runner.tree(f"member-{m}-s{seed}", m, cfg["weight_decay"], cfg["epochs"],
+                                                  seed=seed)))
+        ensembles[m] = {1: cfg["loss"]}
+        for k in range(2, study.ensemble.members + 1):
+            out = save_ensemble(members[:k], study.run_dir / "ensembles" / f"{m}-k{k}", study.ensemble.combine)
+            ensembles[m][k] = score(out, f"ensemble-{m}-k{k}")
+
+    # distil the largest size's full ensemble into one student (its best regularised configuration)
+    teacher = study.run_dir / "ensembles" / f"{sizes[-1]}-k{study.ensemble.members}"
+    d, student_cfg = study.distill, reg_best[study.distill.student]
+    student = runner.run(runner.tree(f"distill-{d.student}", d.student, student_cfg["weight_decay"],
+                                     student_cfg["epochs"], extra={
+                                         "stage": "distill", "tokenizer": {"path": None},
+                                         "distill": {"teacher": str(teacher), "alpha": d.alpha,
+                                                     "temperature": d.temperature, "top_k": d.top_k}}))
+    distilled = score(student, f"distill-{d.student}")
+
+    results |= {"parameters": params, "standard_best": std_best, "regularised_best": reg_best,
+                "ensembles": {m: {str(k): v for k, v in e.items()} for m, e in ensembles.items()},
+                "distilled": {"student": d.student, "teacher": str(teacher), "loss": distilled}}
+    results["findings"] = findings(study, results, ensembles, runs)
+    return write_report(study, results, ensembles, runs)
+
+
+def _fit_or_none(xs, ys):
+    from lmlab.scaling.fit import fit_power_law
+
+    try:
+        return fit_power_law(xs, ys, bootstrap=200)
+    except LmlabError:
+        return None
+
+
+def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]],
+             runs: list[dict]) -> list[dict]:
+    """Each of the paper's claims at this scale: reproduced or not, with the numbers behind the verdict."""
+    from lmlab.scaling.fit import joint_asymptote
+
+    sizes, params = list(study.models), results["parameters"]
+    std_best, reg_best = results["standard_best"], results["regularised_best"]
+    out = []
+
+    # 1. the standard recipe overfits: loss rises with epochs (past its best) or with parameters
+    rising = {}
+    for m in sizes:
+        curve = sorted((r["epochs"], r["loss"]) for r in runs if r["recipe"] == "standard" and r["model"] == m
+                       and r["fraction"] == 1.0 and r["weight_decay"] == study.standard.weight_decay)
+        best_e, best_l = min(curve, key=lambda p: p[1])
+        rising[m] = {"best_epochs": best_e, "best_loss": best_l, "last_epochs": curve[-1][0],
+                     "last_loss": curve[-1][1], "rise": curve[-1][1] - best_l}
+    std_losses = [std_best[m]["loss"] for m in sizes]
+    rises_with_n = any(b > a for a, b in zip(std_losses, std_losses[1:]))
+    overfit = [m for m in sizes if rising[m]["rise"] > 0.005]
+    out.append({"claim": "the standard recipe overfits (validation loss rises with epochs or parameters)",
+                "reproduced": bool(overfit) or rises_with_n,
+                "numbers": f"with parameters: {'yes' if rises_with_n else 'no'}; with epochs: "
+                + (f"yes ({', '.join(overfit)})" if overfit else "no (every size is best at its largest epoch count)")
+                + ". " + "; ".join(f"{m}: best {r['best_loss']:.4f} at {r['best_epochs']:g} ep, "
+                                     f"{r['last_loss']:.4f} at {r['last_epochs']:g} ep" for m, r in rising.items())
+                + f"; best per size over N: {', '.join(f'{v:.4f}' for v in std_losses)}"})
+
+    # 2. the regularised recipe is monotone in N; fit its asymptote
+    reg_losses = [reg_best[m]["loss"] for m in sizes]
+    xs = [params[m] for m in sizes]
+    std_fit, reg_fit = _fit_or_none(xs, std_losses), _fit_or_none(xs, reg_losses)
+    results["fits"] = {"standard": std_fit.to_dict() if std_fit else None,
+                       "regularised": reg_fit.to_dict() if reg_fit else None}
+    monotone = all(b < a for a, b in zip(reg_losses, reg_losses[1:]))
+    out.append({"claim": "the regularised recipe is monotone in N (loss falls at every size step)",
+                "reproduced": monotone,
+                "numbers": ", ".join(f"{m} ({params[m]:,} params, wd {reg_best[m]['weight_decay']:g}, "
+                                     f"{reg_best[m]['epochs']:g} ep): {reg_best[m]['loss']:.4f}" for m in sizes)
+                + (f"; fit E_reg = {reg_fit.E:.4f} (95% CI {reg_fit.E_ci[0]:.4f}-{reg_fit.E_ci[1]:.4f})"
+                   if reg_fit else "")})
+
+    # 3. ensembles: the two-step joint asymptote is below the regularised single-model asymptote
+    joint = joint_asymptote({params[m]: ensembles[m] for m in sizes}, bootstrap=200)
+    results["joint"] = {"E": joint.E, "over_n": joint.over_n.to_dict(),
+                        "per_n": {str(n): f.to_dict() for n, f in joint.per_n.items()}}
+    below = reg_fit is not None and joint.E < reg_fit.E
+    k = study.ensemble.members
+    out.append({"claim": "the ensemble asymptote is below the regularised single-model asymptote",
+                "reproduced": below,
+                "numbers": f"joint E (K->inf then N->inf) = {joint.E:.4f} (95% CI {joint.over_n.E_ci[0]:.4f}-"
+                           f"{joint.over_n.E_ci[1]:.4f}) vs E_reg = "
+                           + (f"{reg_fit.E:.4f}" if reg_fit else "no fit")
+                           + "; K=1 -> K=" + str(k) + ": "
+                           + ", ".join(f"{m} {ensembles[m][1]:.4f} -> {ensembles[m][k]:.4f}" for m in sizes)})
+
+    # 4. a distilled student beats the standard recipe's best
+    std_overall = min(std_losses)
+    distilled = results["distilled"]["loss"]
+    student = results["distilled"]["student"]
+    out.append({"claim": "a distilled student beats the standard recipe's best model",
+                "reproduced": distilled < std_overall,
+                "numbers": f"student ({student}, {params[student]:,} params) {distilled:.4f} vs standard best "
+                           f"{std_overall:.4f}; the student's own size: standard {std_best[student]['loss']:.4f}, "
+                           f"regularised {reg_best[student]['loss']:.4f}; teacher ensemble "
+                           f"{ensembles[sizes[-1]][k]:.4f}"})
+
+    # 5. data efficiency of the joint recipe over the standard one, from a data-scaling fit of the standard recipe
+    budget = results["budget_tokens"]
+    fractions = sorted({*study.data_scaling.fractions, 1.0})
+    pool = study.data_scaling.models or sizes
+    by_d = [min(r["loss"] for r in runs if r["recipe"] == "standard" and r["fraction"] == f and r["model"] in pool)
+            for f in fractions]
+    d_fit = _fit_or_none([f * budget for f in fractions], by_d)
+    results["data_scaling"] = {"tokens": [f * budget for f in fractions], "standard_best": by_d,
+                               "fit": d_fit.to_dict() if d_fit else None}
+    best_joint = min(min(e.values()) for e in ensembles.values())
+    if d_fit:
+        eff_asym = inverse_power_law(d_fit, joint.E) / budget
+        eff_best = inverse_power_law(d_fit, best_joint) / budget
+        eff_reg = inverse_power_law(d_fit, reg_fit.E) / budget if reg_fit else math.nan
+        results["data_efficiency"] = {"joint_asymptote": eff_asym, "best_joint_model": eff_best,
+                                      "regularised_asymptote": eff_reg}
+        text = (f"standard L(D) = {d_fit.A:.3g}/D^{d_fit.alpha:.3f} + {d_fit.E:.4f} over "
+                f"{', '.join(f'{int(f * budget):,}' for f in fractions)} tokens; joint recipe (asymptote "
+                f"{joint.E:.4f}): {_times(eff_asym)}; best joint model measured ({best_joint:.4f}): "
+                f"{_times(eff_best)}; regularised asymptote: {_times(eff_reg)} (paper: 5.17x for the joint recipe)")
+        out.append({"claim": "the joint recipe is more data-efficient than the standard one (paper: 5.17x)",
+                    "reproduced": eff_asym > 1, "numbers": text})
+    else:
+        out.append({"claim": "the joint recipe is more data-efficient than the standard one (paper: 5.17x)",
+                    "reproduced": False, "numbers": "the data-scaling fit of the standard recipe failed"})
+    return out
+
+
+def _times(x: float) -> str:
+    return "beyond the standard recipe's asymptote (no amount of data)" if math.isinf(x) else f"{x:.3g}x the data"
+
+
+def write_report(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]],
+                 runs: list[dict]) -> Path:
+    from lmlab.plots import new_figure, save_figure
+    from lmlab.scaling.fit import PowerLawFit, plot_fits
+
+    out_dir, sizes, params = study.run_dir, list(study.models), results["parameters"]
+    (out_dir / "study.json").write_text(json.dumps(results, indent=2, default=str))
+    pngs = []
+    plt, fig, ax = new_figure()
+    for m in sizes:
+        curve = sorted((r["epochs"], r["loss"]) for r in runs if r["recipe"] == "standard" and r["model"] == m
+                       and r["fraction"] == 1.0)
+        ax.plot(*zip(*curve), marker="o", label=f"{m} ({params[m]:,} params)")
+    ax.set_xscale("log", base=2)
+    pngs.append(save_figure(plt, fig, ax, out_dir / "standard_epochs.png", "epochs over the fixed data",
+                            "validation loss", "standard recipe (weight decay 0.1): loss vs epochs"))
+    xs = [params[m] for m in sizes]
+    series = {}
+    for label, key in (("standard", "standard_best"), ("regularised", "regularised_best")):
+        fit = results["fits"][label]
+        if fit:
+            series[label] = (xs, [results[key][m]["loss"] for m in sizes],
+                             PowerLawFit(fit["A"], fit["alpha"], fit["E"], fit["rmse"], fit["n_points"]))
+    over_n = results["joint"]["over_n"]
+    series["ensemble, K->inf"] = (xs, [results["joint"]["per_n"][str(x)]["E"] for x in xs],
+                                  PowerLawFit(over_n["A"], over_n["alpha"], over_n["E"], over_n["rmse"],
+                                              over_n["n_points"]))
+    pngs.append(plot_fits(series, out_dir / "loss_vs_params.png", xlabel="parameters N",
+                          title=f"fixed {results['budget_tokens']:,} tokens: fits L(N) = A/N^alpha + E"))
+    ds = results["data_scaling"]
+    if ds["fit"]:
+        f = ds["fit"]
+        pngs.append(plot_fits({"standard, best per budget": (ds["tokens"], ds["standard_best"], PowerLawFit(
+            f["A"], f["alpha"], f["E"], f["rmse"], f["n_points"]))}, out_dir / "standard_data_scaling.png",
+            xlabel="unique training tokens D", title="standard recipe: loss vs data (joint asymptote "
+                                                    f"{results['joint']['E']:.3f})"))
+    lines = [f"# {study.name}: data-constrained recipes at {results['budget_tokens']:,} unique tokens", "",
+             "Every model is scored by the same function on the same held-out validation rows "
+             f"({study.validation_rows} rows).", "", "## Findings", ""]
+    for i, f in enumerate(results["findings"], 1):
+        lines.append(f"{i}. **{f['claim']}**: {'reproduced' if f['reproduced'] else 'NOT reproduced'}. {f['numbers']}")
+    lines += ["", "## Runs", "", "| run | recipe | model | weight decay | epochs | data share | validation loss |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in sorted(results["runs"].items(), key=lambda kv: (kv[1]["fraction"], kv[1]["recipe"], kv[0])):
+        lines.append(f"| {name} | {r['recipe']} | {r['model']} | {r['weight_decay']:g} | {r['epochs']:g} | "
+                     f"{r['fraction']:g} | {r['loss']:.4f} |")
+    lines += ["", "| model | parameters | K=1 | " + " | ".join(f"K={k}" for k in range(2, study.ensemble.members + 1))
+              + " |", "|---" * (study.ensemble.members + 2) + "|"]
+    for m in sizes:
+        lines.append(f"| {m} | {params[m]:,} | " + " | ".join(f"{ensembles[m][k]:.4f}"
+                                                           for k in range(1, study.ensemble.members + 1)) + " |")
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    report = out_dir / "study.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

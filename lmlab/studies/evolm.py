@@ -1,0 +1,352 @@
+"""EvoLM's five findings at laptop scale, over several seeds, with every number behind each verdict.
+
+EvoLM trains the whole lifecycle (pretraining, continued pretraining, SFT, RL) in
+the open and measures what each stage buys. This study repeats its findings with
+models of 20k-300k parameters on the embedded data:
+
+1. pretraining tokens per parameter: downstream gains flatten past roughly 80-160x
+   (one constant-LR run per seed, its checkpoints scored at each budget);
+2. CPT replay 0% / 16% / 50%: forgetting of general text against domain gain;
+3. SFT epochs: in-domain accuracy rises while out-of-domain peaks early then falls;
+4. RL after SFT lifts out-of-domain accuracy;
+5. across post-training checkpoints, the ORM score of sampled answers tracks maj@k
+   accuracy (r^2) and validation loss does not.
+
+A shared base model is pretrained once; everything after it is repeated per seed.
+Finished runs and evaluations are reused, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmlab.recipe import OutputConfig, Strict
+from lmlab.studies.common import StudyRunner, load_study, mean_std_text, merge
+
+
+class PretrainScaling(Strict):
+    model: dict[str, Any]
+    tokens_per_param: list[float] = Field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320], min_length=3)
+    optim: dict[str, Any] = Field(default_factory=dict)  # a constant LR, so every checkpoint is comparable
+    data: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    cloze_items: int = Field(200, gt=0)
+
+
+class EvolmStudy(Strict):
+    study: Literal["evolm"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    seeds: int = Field(2, ge=1)
+    tokenizer: dict[str, Any] = Field(default_factory=dict)  # trained once, shared by every run
+    defaults: dict[str, Any] = Field(default_factory=dict)  # blocks every run starts from
+    pretrain_scaling: PretrainScaling
+    base: dict[str, Any]  # the shared pretraining run the lifecycle chain starts from
+    cpt: dict[str, Any]
+    replay_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.16, 0.5], min_length=2)
+    sft_from_replay: float = 0.16
+    sft: dict[str, Any]
+    sft_epochs: list[float] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=3)
+    rl: dict[str, Any]
+    rl_from_epochs: float = 2
+    eval_n: int = Field(200, gt=0)
+    samples: int = Field(4, ge=2)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+
+def math_texts(n: int) -> list[str]:
+    """Held-out math problems with their solutions (the evaluation slice training never sees)."""
+    from lmlab.data.mathgen import as_text, math_problems
+
+    return [as_text(p) for p in math_problems("id", n, seed=1, part="eval")]
+
+
+class Evaluator:
+    """One cached row of numbers per model directory: general and math bits per byte, tasks, ORM."""
+
+    def __init__(self, study: EvolmStudy, cache: Path):
+        self.study, self.cache_file = study, cache
+        self.cache: dict[str, dict[str, float]] = json.loads(cache.read_text()) if cache.is_file() else {}
+
+    def __call__(self, name: str, path: Path, generative: bool = True, cloze: int = 0) -> dict[str, float]:
+        if name in self.cache:
+            return self.cache[name]
+        from lmlab.data.tokenizer import load_tokenizer
+        from lmlab.evaluate.likelihood import text_bits_per_byte
+        from lmlab.evaluate.orm import load_scorer
+        from lmlab.evaluate.tasks import load_task, run_task
+        from lmlab.models.build import load_model
+        from lmlab.stages.compare import general_texts
+
+        model, tokenizer = load_model(path), load_tokenizer(path)
+        row = {"general_bpb": text_bits_per_byte(model, tokenizer, general_texts(), max_length=512),
+               "math_bpb": text_bits_per_byte(model, tokenizer, math_texts(200))}
+        if cloze:
+            row.update(run_task(model, tokenizer, load_task("general_cloze", cloze)))
+        if generative:
+            scorer = load_scorer("math_exact", tokenizer)
+            for task in ("math_id", "math_ood"):
+                row.update(run_task(model, tokenizer, load_task(task, self.study.eval_n),
+                                    samples=self.study.samples, scorer=scorer))
+        self.cache[name] = row
+        self.cache_file.write_text(json.dumps(self.cache, indent=2))
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        return row
+
+
+def _steps(study: EvolmStudy, tokenizer, tokens_per_step: int) -> tuple[int, list[int]]:
+    """Steps per budget: every budget a whole multiple of the smallest, so one checkpoint lands on each."""
+    from lmlab.models.build import build_model, count_parameters
+    from lmlab.recipe import ModelConfig
+
+    n_params = count_parameters(build_model(ModelConfig(**study.pretrain_scaling.model), tokenizer))
+    budgets = sorted(study.pretrain_scaling.tokens_per_param)
+    unit = max(1, round(budgets[0] * n_params / tokens_per_step))
+    return n_params, [round(unit * b / budgets[0]) for b in budgets]
+
+
+def run_evolm(path: str | Path) -> Path:
+    """Run the study (reusing finished runs); writes evolm.json, evolm.md and plots; returns the md."""
+    from lmlab.recipe import validate_recipe
+    from lmlab.stages.pretrain import resolve_tokenizer
+
+    study = load_study(path, EvolmStudy)
+    tok_dir = study.run_dir / "tokenizer"
+    runner = StudyRunner(study.run_dir, str(path), {str(tok_dir)})
+    evaluate = Evaluator(study, study.run_dir / "evaluations.json")
+    seeds = list(range(study.seeds))
+
+    def tree(name: str, stage: str, block: dict, seed: int = 0, **extra) -> dict:
+        t = merge(merge(study.defaults, block), {"name": name, "stage": stage, "seed": seed,
+                                                 "output": {"report_to": []}})
+        if stage == "pretrain":
+            t = merge(t, {"tokenizer": {"path": str(tok_dir)}})
+        return merge(t, extra)
+
+    def final(name: str) -> str:
+        return str(runner.final(name))
+
+    # every run's recipe, validated before any compute (later models are future artifacts)
+    scale = study.pretrain_scaling
+    scale_trees = [tree(f"pt-scaling-s{s}", "pretrain", {"model": scale.model, "optim": scale.optim,
+                                                                 "data": scale.data, "train": scale.train}, s)
+                   for s in seeds]
+    base_tree = tree("base", "pretrain", study.base)
+    cpt_trees = {(s, r): tree(f"cpt-r{r:g}-s{s}", "cpt", study.cpt, s, model={"from_pretrained": final("base")},
+                              data={"replay_ratio": r}) for s in seeds for r in study.replay_ratios}
+    sft_trees = {(s, e): tree(f"sft-ep{e:g}-s{s}", "sft", study.sft, s, train={"epochs": e},
+                              model={"from_pretrained": final(f"cpt-r{study.sft_from_replay:g}-s{s}")})
+                 for s in seeds for e in study.sft_epochs}
+    rl_trees = {s: tree(f"rl-s{s}", "rl", study.rl, s,
+                        model={"from_pretrained": final(f"sft-ep{study.rl_from_epochs:g}-s{s}")}) for s in seeds}
+    every = [*scale_trees, base_tree, *cpt_trees.values(), *sft_trees.values(), *rl_trees.values()]
+    runner.future |= {final(t["name"]) for t in every}
+    for t in every:
+        runner.validate(t)
+    if study.sft_from_replay not in study.replay_ratios or study.rl_from_epochs not in study.sft_epochs:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError("sft_from_replay must be one of replay_ratios and rl_from_epochs one of sft_epochs",
+                         file=str(path))
+
+    tokenizer = resolve_tokenizer(validate_recipe(merge(study.defaults, {
+        "name": "tokenizer", "tokenizer": study.tokenizer, "data": study.base.get("data", {})}), file=str(path)),
+        study.run_dir)  # trained once into <study>/tokenizer
+    results: dict[str, Any] = {"seeds": study.seeds}
+
+    # 1. tokens per parameter: one constant-LR run per seed, a checkpoint at every budget
+    probe = runner.validate(scale_trees[0])
+    n_params, steps = _steps(study, tokenizer, probe.train.micro_batch_size * probe.train.grad_accum
+                             * probe.data.seq_len)
+    scaling: dict[str, dict[str, list[float]]] = {}
+    for s, t in zip(seeds, scale_trees):
+        t = merge(t, {"train": {"max_steps": steps[-1], "save_every": steps[0], "keep_last": steps[-1] // steps[0],
+                                "eval_every": steps[-1]}})
+        runner.run(t)
+        for budget, step in zip(sorted(scale.tokens_per_param), steps):
+            ckpt = study.run_dir / "runs" / t["name"] / "checkpoints" / f"checkpoint-{step}"
+            row = evaluate(f"{t['name']}@{budget:g}x", ckpt, generative=False, cloze=scale.cloze_items)
+            for k, v in row.items():
+                scaling.setdefault(f"{budget:g}", {}).setdefault(k, []).append(v)
+    results["pretrain_scaling"] = {"parameters": n_params, "steps": steps, "by_budget": scaling}
+
+    # 2. CPT replay: forgetting of general text against domain gain, from one shared base
+    base = evaluate("base", runner.run(base_tree), generative=False)
+    replay: dict[str, dict[str, list[float]]] = {}
+    for (s, r), t in cpt_trees.items():
+        row = evaluate(t["name"], runner.run(t), generative=False)
+        replay.setdefault(f"{r:g}", {}).setdefault("forgetting", []).append(row["general_bpb"] - base["general_bpb"])
+        replay[f"{r:g}"].setdefault("domain_gain", []).append(base["math_bpb"] - row["math_bpb"])
+    results["replay"] = {"base": base, "by_ratio": replay}
+
+    # 3. SFT epochs, 4. RL after SFT, 5. ORM vs loss across these post-training checkpoints
+    sft: dict[str, dict[str, list[float]]] = {}
+    points = []
+    for (s, e), t in sft_trees.items():
+        row = evaluate(t["name"], runner.run(t))
+        points.append({"model": t["name"], **row})
+        for k, v in row.items():
+            sft.setdefault(f"{e:g}", {}).setdefault(k, []).append(v)
+    rl: dict[str, list[float]] = {}
+    for s, t in rl_trees.items():
+        row = evaluate(t["name"], runner.run(t))
+        points.append({"model": t["name"], **row})
+        start = evaluate(f"sft-ep{study.rl_from_epochs:g}-s{s}", Path(final(f"sft-ep{study.rl_from_epochs:g}-s{s}")))
+        for k in row:
+            rl.setdefault(k, []).append(row[k] - start[k])
+    results |= {"sft_epochs": sft, "rl_minus_sft": rl, "checkpoints": points}
+    results["findings"] = findings(study, results)
+    return write_report(study, results)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def findings(study: EvolmStudy, results: dict) -> list[dict]:
+    from lmlab.report import r_squared
+
+    k, out = study.samples, []
+    # 1. diminishing returns of pretraining tokens per parameter
+    scaling = results["pretrain_scaling"]["by_budget"]
+    budgets = sorted(scaling, key=float)
+    bpb = {b: _mean(scaling[b]["general_bpb"]) for b in budgets}
+    lo, mid = budgets[0], min(budgets[1:], key=lambda b: abs(float(b) - 80))
+    hi_a, hi_b = budgets[-2], budgets[-1]
+    early = (bpb[lo] - bpb[mid]) / math.log2(float(mid) / float(lo))
+    late = (bpb[hi_a] - bpb[hi_b]) / math.log2(float(hi_b) / float(hi_a))
+    out.append({"claim": "pretraining gains flatten past roughly 80-160 tokens per parameter",
+                "reproduced": late < early / 3,
+                "numbers": f"general bits/byte gain per doubling {early:.4f} from {lo}x to {mid}x vs {late:.4f} from "
+                           f"{hi_a}x to {hi_b}x ({results['pretrain_scaling']['parameters']:,} params); bpb: "
+                           + ", ".join(f"{b}x {mean_std_text(scaling[b]['general_bpb'])}" for b in budgets)
+                           + "; cloze accuracy: " + ", ".join(
+                               f"{b}x {mean_std_text(scaling[b]['general_cloze/accuracy'])}" for b in budgets)})
+    # 2. replay: less forgetting, most of the domain gain kept
+    rep = results["replay"]["by_ratio"]
+    ratios = sorted(rep, key=float)
+    forget = {r: _mean(rep[r]["forgetting"]) for r in ratios}
+    gain = {r: _mean(rep[r]["domain_gain"]) for r in ratios}
+    r16 = min(ratios, key=lambda r: abs(float(r) - 0.16))
+    fewer = all(forget[a] > forget[b] for a, b in zip(ratios, ratios[1:]))
+    kept = gain[r16] >= 0.8 * gain[ratios[0]]
+    out.append({"claim": "CPT replay trades forgetting for domain gain; ~16% keeps most of the gain",
+                "reproduced": fewer and kept,
+                "numbers": "; ".join(f"replay {r}: forgetting (general bpb rise) {mean_std_text(rep[r]['forgetting'])}, "
+                                     f"domain gain (math bpb fall) {mean_std_text(rep[r]['domain_gain'])}"
+                                     for r in ratios)})
+    # 3. SFT epochs: ID rises, OOD peaks early then falls
+    sft = results["sft_epochs"]
+    epochs = sorted(sft, key=float)
+    id_acc = {e: _mean(sft[e]["math_id/greedy_accuracy"]) for e in epochs}
+    ood = {e: _mean(sft[e][f"math_ood/maj@{k}"]) + _mean(sft[e]["math_ood/greedy_accuracy"]) for e in epochs}
+    peak = max(epochs, key=lambda e: ood[e])
+    rises = id_acc[epochs[-1]] > id_acc[epochs[0]]
+    early_peak = peak != epochs[-1] and ood[epochs[-1]] < ood[peak]
+    out.append({"claim": "more SFT epochs raise in-domain accuracy while out-of-domain peaks early, then falls",
+                "reproduced": rises and early_peak,
+                "numbers": "; ".join(f"{e} ep: ID greedy {mean_std_text(sft[e]['math_id/greedy_accuracy'])}, "
+                                     f"OOD greedy {mean_std_text(sft[e]['math_ood/greedy_accuracy'])}, "
+                                     f"OOD maj@{k} {mean_std_text(sft[e][f'math_ood/maj@{k}'])}" for e in epochs)
+                + f"; OOD (greedy + maj@{k}) peaks at {peak} epochs"})
+    # 4. RL lifts OOD
+    rl = results["rl_minus_sft"]
+    lift = _mean(rl["math_ood/greedy_accuracy"]) + _mean(rl[f"math_ood/maj@{k}"])
+    se = 100 * math.sqrt(0.05 * 0.95 / study.eval_n)
+    out.append({"claim": f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
+                "reproduced": lift > 0,
+                "numbers": f"RL minus SFT, OOD greedy {_pct(rl['math_ood/greedy_accuracy'])}, OOD maj@{k} "
+                           f"{_pct(rl[f'math_ood/maj@{k}'])}, ID greedy {_pct(rl['math_id/greedy_accuracy'])} points "
+                           f"(one standard error at 5% accuracy and n={study.eval_n} is {se:.1f} points)"})
+    # 5. ORM score tracks maj@k; validation loss does not
+    points = results["checkpoints"]
+    y = [p[f"math_id/maj@{k}"] for p in points]
+    r2_orm = r_squared([p["math_id/orm_score"] for p in points], y)
+    r2_loss = r_squared([p["math_bpb"] for p in points], y)
+    results["r2"] = {"orm": r2_orm, "math_bpb": r2_loss}
+    out.append({"claim": f"across post-training checkpoints the ORM score tracks maj@{k} (r^2) and validation loss "
+                         "does not",
+                "reproduced": r2_orm is not None and r2_loss is not None and r2_orm >= 0.5 and r2_orm > r2_loss,
+                "numbers": f"{len(points)} checkpoints (SFT epochs x seeds, RL x seeds): r^2(ORM score, ID maj@{k}) = "
+                           f"{_r2(r2_orm)}, r^2(math validation bits/byte, ID maj@{k}) = {_r2(r2_loss)}; the ORM "
+                           "here is the exact-match verifier scoring the same samples"})
+    return out
+
+
+def _pct(values: list[float]) -> str:
+    return mean_std_text([100 * v for v in values], 1)
+
+
+def _r2(value: float | None) -> str:
+    return "undefined (no spread)" if value is None else f"{value:.3f}"
+
+
+def write_report(study: EvolmStudy, results: dict) -> Path:
+    from lmlab.plots import new_figure, save_figure
+
+    out, k, pngs = study.run_dir, study.samples, []
+    (out / "evolm.json").write_text(json.dumps(results, indent=2))
+
+    def errorbar(ax, xs, series, label):
+        from lmlab.ablate import mean_std
+
+        stats = [mean_std(v) for v in series]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=label)
+
+    scaling = results["pretrain_scaling"]["by_budget"]
+    budgets = sorted(scaling, key=float)
+    plt, fig, ax = new_figure()
+    errorbar(ax, [float(b) for b in budgets], [scaling[b]["general_bpb"] for b in budgets], "general bits/byte")
+    ax.set_xscale("log", base=2)
+    ax.axvspan(80, 160, alpha=0.15, label="EvoLM's 80-160x")
+    pngs.append(save_figure(plt, fig, ax, out / "f1_tokens_per_param.png", "pretraining tokens per parameter",
+                            "bits per byte (held-out general text)", "1. pretraining budget (mean ± std over seeds)"))
+    rep = results["replay"]["by_ratio"]
+    ratios = sorted(rep, key=float)
+    plt, fig, ax = new_figure()
+    errorbar(ax, [float(r) for r in ratios], [rep[r]["forgetting"] for r in ratios], "forgetting: general bpb rise")
+    errorbar(ax, [float(r) for r in ratios], [rep[r]["domain_gain"] for r in ratios], "domain gain: math bpb fall")
+    pngs.append(save_figure(plt, fig, ax, out / "f2_replay.png", "replay ratio", "bits per byte",
+                            "2. CPT replay (mean ± std over seeds)"))
+    sft = results["sft_epochs"]
+    epochs = sorted(sft, key=float)
+    plt, fig, ax = new_figure()
+    for key in ("math_id/greedy_accuracy", "math_ood/greedy_accuracy", f"math_ood/maj@{k}"):
+        errorbar(ax, [float(e) for e in epochs], [sft[e][key] for e in epochs], key)
+    ax.set_xscale("log", base=2)
+    pngs.append(save_figure(plt, fig, ax, out / "f3_sft_epochs.png", "SFT epochs", "accuracy",
+                            "3. SFT epochs (mean ± std over seeds)"))
+    points = results["checkpoints"]
+    y = [p[f"math_id/maj@{k}"] for p in points]
+    for key, label, r2 in (("math_id/orm_score", "ORM score", results["r2"]["orm"]),
+                           ("math_bpb", "math validation bits/byte", results["r2"]["math_bpb"])):
+        plt, fig, ax = new_figure((5, 3.6))
+        ax.scatter([p[key] for p in points], y)
+        pngs.append(save_figure(plt, fig, ax, out / f"f5_{key.split('/')[-1]}_vs_maj.png", label, f"ID maj@{k}",
+                                f"5. {label} vs maj@{k} (r² = {_r2(r2)})", legend=False))
+    lines = [f"# {study.name}: EvoLM's findings at laptop scale ({study.seeds} seeds)", "",
+             "Numbers are mean ± std over seeds. Accuracies are on held-out prompts (n = "
+             f"{study.eval_n} per split), maj@{k} and the ORM score from the same {k} samples per prompt.", "",
+             "## Findings", ""]
+    for i, f in enumerate(results["findings"], 1):
+        lines.append(f"{i}. **{f['claim']}**: {'reproduced' if f['reproduced'] else 'NOT reproduced'}. "
+                     f"{f['numbers']}")
+    lines += ["", "## Post-training checkpoints", "",
+              f"| model | ID greedy | ID maj@{k} | ID ORM | OOD greedy | OOD maj@{k} | math bpb | general bpb |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['model']} | {p['math_id/greedy_accuracy']:.3f} | {p[f'math_id/maj@{k}']:.3f} | "
+                     f"{p['math_id/orm_score']:.3f} | {p['math_ood/greedy_accuracy']:.3f} | "
+                     f"{p[f'math_ood/maj@{k}']:.3f} | {p['math_bpb']:.3f} | {p['general_bpb']:.3f} |")
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    report = out / "evolm.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
