@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_model.py
 	$(BIN)/python benchmarks/eval_throughput.py
 
-# Slow: the two paper reproductions (each about 30-40 minutes on 2 CPU cores); reports in runs/*/ *.md
+# Slow: the two paper reproductions (about 45 and 30 minutes on 2 CPU cores); reports: runs/*/evolm.md, study.md
 repro: $(STAMP)
 	$(BIN)/lmlab study recipes/evolm_small.yaml
 	$(BIN)/lmlab study recipes/data_constrained_small.yaml

@@ -246,23 +246,26 @@ def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, di
     out = []
 
     # 1. the standard recipe overfits: loss rises with epochs (past its best) or with parameters
-    rising = {}
-    for m in sizes:
+    rising = {}  # every standard epoch curve: each size on the full budget, and the data-scaling budgets
+    for m, f in sorted({(r["model"], r["fraction"]) for r in runs if r["recipe"] == "standard"},
+                       key=lambda mf: (-mf[1], sizes.index(mf[0]))):
         curve = sorted((r["epochs"], r["loss"]) for r in runs if r["recipe"] == "standard" and r["model"] == m
-                       and r["fraction"] == 1.0 and r["weight_decay"] == study.standard.weight_decay)
+                       and r["fraction"] == f)
+        if len(curve) < 2:
+            continue
         best_e, best_l = min(curve, key=lambda p: p[1])
-        rising[m] = {"best_epochs": best_e, "best_loss": best_l, "last_epochs": curve[-1][0],
-                     "last_loss": curve[-1][1], "rise": curve[-1][1] - best_l}
+        rising[f"{m} at {f:g}xD"] = {"best_epochs": best_e, "best_loss": best_l, "last_epochs": curve[-1][0],
+                                     "last_loss": curve[-1][1], "rise": curve[-1][1] - best_l}
     std_losses = [std_best[m]["loss"] for m in sizes]
     rises_with_n = any(b > a for a, b in zip(std_losses, std_losses[1:]))
-    overfit = [m for m in sizes if rising[m]["rise"] > 0.005]
+    overfit = [c for c, r in rising.items() if r["rise"] > 0.005]
     out.append({"claim": "the standard recipe overfits (validation loss rises with epochs or parameters)",
                 "reproduced": bool(overfit) or rises_with_n,
-                "numbers": f"with parameters: {'yes' if rises_with_n else 'no'}; with epochs: "
-                + (f"yes ({', '.join(overfit)})" if overfit else "no (every size is best at its largest epoch count)")
-                + ". " + "; ".join(f"{m}: best {r['best_loss']:.4f} at {r['best_epochs']:g} ep, "
-                                     f"{r['last_loss']:.4f} at {r['last_epochs']:g} ep" for m, r in rising.items())
-                + f"; best per size over N: {', '.join(f'{v:.4f}' for v in std_losses)}"})
+                "numbers": f"with parameters: {'yes' if rises_with_n else 'no'} (best per size over N: "
+                + ", ".join(f"{v:.4f}" for v in std_losses) + "); with epochs: "
+                + (f"yes ({', '.join(overfit)})" if overfit else "no (every curve is best at its largest epoch count)")
+                + ". " + "; ".join(f"{c}: best {r['best_loss']:.4f} at {r['best_epochs']:g} ep, "
+                                     f"{r['last_loss']:.4f} at {r['last_epochs']:g} ep" for c, r in rising.items())})
 
     # 2. the regularised recipe is monotone in N; fit its asymptote
     reg_losses = [reg_best[m]["loss"] for m in sizes]

@@ -212,7 +212,7 @@ def _mean(values: list[float]) -> float:
 
 
 def findings(study: EvolmStudy, results: dict) -> list[dict]:
-    from lmlab.report import r_squared
+    from lmlab.report import pearson_r
 
     k, out = study.samples, []
     # 1. diminishing returns of pretraining tokens per parameter
@@ -258,26 +258,35 @@ def findings(study: EvolmStudy, results: dict) -> list[dict]:
                                      f"OOD maj@{k} {mean_std_text(sft[e][f'math_ood/maj@{k}'])}" for e in epochs)
                 + f"; OOD (greedy + maj@{k}) peaks at {peak} epochs"})
     # 4. RL lifts OOD
+    # a lift counts only when it clears one standard error of an accuracy measured on eval_n prompts
     rl = results["rl_minus_sft"]
-    lift = _mean(rl["math_ood/greedy_accuracy"]) + _mean(rl[f"math_ood/maj@{k}"])
-    se = 100 * math.sqrt(0.05 * 0.95 / study.eval_n)
+    start = _mean(sft[f"{study.rl_from_epochs:g}"]["math_ood/greedy_accuracy"])
+    se = math.sqrt(max(start, 0.01) * (1 - max(start, 0.01)) / study.eval_n)
+    lifts = {m: _mean(rl[m]) for m in ("math_ood/greedy_accuracy", f"math_ood/maj@{k}")}
     out.append({"claim": f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
-                "reproduced": lift > 0,
+                "reproduced": max(lifts.values()) > se,
                 "numbers": f"RL minus SFT, OOD greedy {_pct(rl['math_ood/greedy_accuracy'])}, OOD maj@{k} "
-                           f"{_pct(rl[f'math_ood/maj@{k}'])}, ID greedy {_pct(rl['math_id/greedy_accuracy'])} points "
-                           f"(one standard error at 5% accuracy and n={study.eval_n} is {se:.1f} points)"})
-    # 5. ORM score tracks maj@k; validation loss does not
+                           f"{_pct(rl[f'math_ood/maj@{k}'])}, ID greedy {_pct(rl['math_id/greedy_accuracy'])} points; "
+                           f"a lift must clear one standard error ({100 * se:.1f} points at the SFT model's "
+                           f"{100 * start:.1f}% OOD accuracy, n={study.eval_n})"})
+    # 5. ORM score tracks maj@k; validation loss does not. A loss "predicts" accuracy only if lower loss goes
+    # with higher accuracy (r < 0): a strong positive r means the loss points the wrong way.
     points = results["checkpoints"]
     y = [p[f"math_id/maj@{k}"] for p in points]
-    r2_orm = r_squared([p["math_id/orm_score"] for p in points], y)
-    r2_loss = r_squared([p["math_bpb"] for p in points], y)
-    results["r2"] = {"orm": r2_orm, "math_bpb": r2_loss}
+    r_orm = pearson_r([p["math_id/orm_score"] for p in points], y)
+    r_loss = pearson_r([p["math_bpb"] for p in points], y)
+    r2_orm, r2_loss = (None if r is None else r * r for r in (r_orm, r_loss))
+    results["r2"] = {"orm": r2_orm, "math_bpb": r2_loss, "r_orm": r_orm, "r_math_bpb": r_loss}
+    loss_predicts = r_loss is not None and r_loss < 0 and r2_loss >= 0.5
     out.append({"claim": f"across post-training checkpoints the ORM score tracks maj@{k} (r^2) and validation loss "
                          "does not",
-                "reproduced": r2_orm is not None and r2_loss is not None and r2_orm >= 0.5 and r2_orm > r2_loss,
+                "reproduced": r_orm is not None and r_orm > 0 and r2_orm >= 0.5 and not loss_predicts,
                 "numbers": f"{len(points)} checkpoints (SFT epochs x seeds, RL x seeds): r^2(ORM score, ID maj@{k}) = "
-                           f"{_r2(r2_orm)}, r^2(math validation bits/byte, ID maj@{k}) = {_r2(r2_loss)}; the ORM "
-                           "here is the exact-match verifier scoring the same samples"})
+                           f"{_r2(r2_orm)} (r = {_r2(r_orm)}); r^2(math validation bits/byte, ID maj@{k}) = "
+                           f"{_r2(r2_loss)} (r = {_r2(r_loss)}: "
+                           + ("lower loss, higher accuracy" if (r_loss or 0) < 0 else "higher loss goes with HIGHER "
+                              "accuracy, so loss misleads")
+                           + "); the ORM here is the exact-match verifier scoring the same samples"})
     return out
 
 
