@@ -86,6 +86,11 @@ def test_shipped_recipes_validate(tmp_path):
         if "stages" in tree:  # a pipeline: every stage validates, inputs wired
             assert load_pipeline(path)[1]
             continue
+        if "study" in tree:  # a study file (lmlab study): its own schema
+            from lmlab.studies import load_study_file
+
+            assert load_study_file(path).name == tree["name"]
+            continue
         upstream = (tree.get("model") or {}).get("from_pretrained")
         if upstream:
             (tmp_path / upstream).mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,28 @@ STUDIES = {"data_constrained": ("lmlab.studies.data_constrained", "run_data_cons
            "evolm": ("lmlab.studies.evolm", "run_evolm")}
 
 
-def run_study(path: str | Path) -> Path:
-    """Dispatch on the file's `study:` key; returns the study's markdown report."""
-    import importlib
-
+def _kind(path: str | Path) -> tuple[str, str]:
     if not Path(path).is_file():
         raise LmlabError("study file not found", file=str(path))
     kind = (yaml.safe_load(Path(path).read_text()) or {}).get("study")
     if kind not in STUDIES:
         raise LmlabError(f"unknown study '{kind}'; known: {', '.join(STUDIES)}", file=str(path), field="study")
-    module, function = STUDIES[kind]
+    return STUDIES[kind]
+
+
+def load_study_file(path: str | Path):
+    """The study file validated against its study's schema (no compute)."""
+    import importlib
+
+    from lmlab.studies.common import load_study
+
+    module = importlib.import_module(_kind(path)[0])
+    return load_study(path, module.SCHEMA)
+
+
+def run_study(path: str | Path) -> Path:
+    """Dispatch on the file's `study:` key; returns the study's markdown report."""
+    import importlib
+
+    module, function = _kind(path)
     return getattr(importlib.import_module(module), function)(path)

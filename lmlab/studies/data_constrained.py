@@ -94,6 +94,9 @@ class DataConstrainedStudy(Strict):
         return Path(self.output.dir) / self.name
 
 
+SCHEMA = DataConstrainedStudy  # what `lmlab.studies.load_study_file` validates a study file against
+
+
 class Runner(StudyRunner):
     """Pretraining trees for this study: one model size, weight decay, epoch count, seed and data share."""
 

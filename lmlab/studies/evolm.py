@@ -62,6 +62,9 @@ class EvolmStudy(Strict):
         return Path(self.output.dir) / self.name
 
 
+SCHEMA = EvolmStudy  # what `lmlab.studies.load_study_file` validates a study file against
+
+
 def math_texts(n: int) -> list[str]:
     """Held-out math problems with their solutions (the evaluation slice training never sees)."""
     from lmlab.data.mathgen import as_text, math_problems
