@@ -46,23 +46,11 @@ ResumeOption = typer.Option(False, "--resume", help="Continue from the last comp
 OverwriteOption = typer.Option(False, "--overwrite", help="Delete an existing run directory first.")
 
 
-STAGE_RUNNERS = {  # stage -> (module, function); imported only when that stage runs
-    "pretrain": ("lmlab.stages.pretrain", "run_pretrain"), "cpt": ("lmlab.stages.pretrain", "run_pretrain"),
-    "sft": ("lmlab.stages.sft", "run_sft"), "rm": ("lmlab.stages.reward_model", "run_reward_model"),
-    "dpo": ("lmlab.stages.preference", "run_preference"), "kto": ("lmlab.stages.preference", "run_preference"),
-    "orpo": ("lmlab.stages.preference", "run_preference"), "rl": ("lmlab.stages.rl", "run_rl"),
-    "distill": ("lmlab.stages.pretrain", "run_pretrain"),
-}
-
-
 def _run_stage(stage: str, recipe: Path, overrides: Optional[List[str]], resume: bool, overwrite: bool) -> None:
-    import importlib
-
     from lmlab.recipe import load_recipe
+    from lmlab.stages import run_stage
 
-    loaded = load_recipe(recipe, [*(overrides or []), f"stage={stage}"])
-    module, function = STAGE_RUNNERS[stage]
-    getattr(importlib.import_module(module), function)(loaded, resume=resume, overwrite=overwrite)
+    run_stage(load_recipe(recipe, [*(overrides or []), f"stage={stage}"]), resume=resume, overwrite=overwrite)
 
 
 @app.command()

@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
 from lmlab.recipe import OutputConfig, Recipe, Strict, _as_list, validate_recipe
+from lmlab.stages import run_stage
 
 MODEL_STAGES = ("pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl", "distill")
 STATE = "pipeline.json"
@@ -218,15 +219,6 @@ def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
     resolve_tokenizer(recipe, stage_dir)
 
 
-def _run_model_stage(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
-    import importlib
-
-    from lmlab.cli import STAGE_RUNNERS
-
-    module, function = STAGE_RUNNERS[recipe.stage]
-    return getattr(importlib.import_module(module), function)(recipe, resume=resume, overwrite=overwrite)
-
-
 def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> Path:
     """Run (or continue) every stage in order; returns the run directory."""
     import shutil
@@ -267,7 +259,7 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
                 shutil.rmtree(stage_dir, ignore_errors=True)
                 _run_tokenizer(recipe, stage_dir)
             else:
-                _run_model_stage(recipe, resume=resume, overwrite=not resume)
+                run_stage(recipe, resume=resume, overwrite=not resume)
             state[recipe.name].update(done=True, seconds=round(time.perf_counter() - start, 1),
                                       artifact=str(artifact))
             _save_state(run_dir, state)

@@ -47,15 +47,11 @@ class StudyRunner:
         return validate_recipe(tree, file=f"{self.file} (run {tree['name']})", future_artifacts=self.future)
 
     def run(self, tree: dict) -> Path:
-        import importlib
-
-        from lmlab.cli import STAGE_RUNNERS
+        from lmlab.stages import run_stage
 
         if (self.final(tree["name"]) / "lmlab.json").is_file():
             return self.final(tree["name"])
-        recipe = self.validate(tree)
-        module, function = STAGE_RUNNERS[recipe.stage]
-        return getattr(importlib.import_module(module), function)(recipe, overwrite=True)
+        return run_stage(self.validate(tree), overwrite=True)
 
 
 def mean_std_text(values: list[float], digits: int = 3) -> str:
