@@ -21,7 +21,6 @@ A lock keeps two processes out of one run directory.
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import json
@@ -35,7 +34,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
-from lmlab.recipe import OutputConfig, Recipe, Strict, _as_list, validate_recipe
+from lmlab.recipe import OutputConfig, Recipe, Strict, _as_list, merge_blocks, validate_recipe
 from lmlab.stages import run_stage
 
 MODEL_STAGES = ("pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl", "distill")
@@ -68,13 +67,6 @@ class Pipeline(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir) / self.name
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def _stage_node(root: yaml.Node | None, index: int) -> yaml.Node | None:
@@ -118,7 +110,7 @@ def plan_stages(pipeline: Pipeline, file: str = "<pipeline>", root: yaml.Node | 
         if kind != "tokenizer" and kind not in MODEL_STAGES:
             raise LmlabError(f"unknown stage '{kind}'", file=file, line=line, field=f"{where}.stage",
                              hint=f"one of tokenizer, {', '.join(MODEL_STAGES)}, eval")
-        tree = _merge(pipeline.defaults, {k: v for k, v in block.items() if k not in ("from", "name")})
+        tree = merge_blocks(pipeline.defaults, {k: v for k, v in block.items() if k not in ("from", "name")})
         tree.update(name=name, seed=tree.get("seed", pipeline.seed),
                     output={**pipeline.output.model_dump(), "dir": str(run_dir)})
         source = block.get("from")

@@ -8,6 +8,7 @@ silently ignored), and every error names the YAML file, the line and the key pat
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,15 @@ def _future(info: ValidationInfo) -> set[str]:
     return (info.context or {}).get("future_artifacts", set())
 
 
+def _existing_dir(field: str, what: str):
+    """A validator for a directory field: it must exist, or be an artifact an earlier stage will write."""
+    def check(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not Path(value).is_dir() and value not in _future(info):
+            raise ValueError(f"{what} directory not found: {value}")
+        return value
+    return field_validator(field)(classmethod(check))
+
+
 class ModelConfig(Strict):
     """A transformers causal LM built from a config, or a local HF checkpoint."""
 
@@ -116,12 +126,7 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     overrides: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config
 
-    @field_validator("from_pretrained")
-    @classmethod
-    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not Path(value).is_dir() and value not in _future(info):
-            raise ValueError(f"checkpoint directory not found: {value}")
-        return value
+    _exists = _existing_dir("from_pretrained", "checkpoint")
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -143,12 +148,7 @@ class TokenizerConfig(Strict):
 
     _list = field_validator("train_sources", mode="before")(classmethod(lambda cls, v: _as_list(v)))
 
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not Path(value).is_dir() and value not in _future(info):
-            raise ValueError(f"tokenizer directory not found: {value}")
-        return value
+    _exists = _existing_dir("path", "tokenizer")
 
 
 class DataConfig(Strict):
@@ -301,12 +301,7 @@ class DistillConfig(Strict):
             raise ValueError("cache_teacher stores the teacher's top-k tokens: set top_k too")
         return self
 
-    @field_validator("teacher")
-    @classmethod
-    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not Path(value).is_dir() and value not in _future(info):
-            raise ValueError(f"teacher directory not found: {value}")
-        return value
+    _exists = _existing_dir("teacher", "teacher")
 
 
 class EvalConfig(Strict):
@@ -364,6 +359,15 @@ class Recipe(Strict):
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def merge_blocks(base: dict, extra: dict) -> dict:
+    """`extra` deep-merged over `base`, as a copy: how pipeline defaults and study bases meet each run's blocks."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge_blocks(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def _list_item(items: list, part: str, key: str) -> Any:

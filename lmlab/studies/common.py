@@ -3,20 +3,12 @@ in-process through the same stage runners as `lmlab run`, and reused once finish
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from lmlab.errors import LmlabError
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """`extra` deep-merged over `base` (a copy)."""
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+from lmlab.recipe import merge_blocks
 
 
 def load_study(path: str | Path, model: type[BaseModel]):
@@ -43,7 +35,7 @@ class StudyRunner:
     def validate(self, tree: dict):
         from lmlab.recipe import validate_recipe
 
-        tree = merge(tree, {"output": {"dir": str(self.dir / "runs")}})
+        tree = merge_blocks(tree, {"output": {"dir": str(self.dir / "runs")}})
         return validate_recipe(tree, file=f"{self.file} (run {tree['name']})", future_artifacts=self.future)
 
     def run(self, tree: dict) -> Path:

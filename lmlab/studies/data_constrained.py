@@ -27,8 +27,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
-from lmlab.recipe import OutputConfig, Strict
-from lmlab.studies.common import StudyRunner, load_study, merge
+from lmlab.recipe import OutputConfig, Strict, merge_blocks
+from lmlab.studies.common import StudyRunner, load_study
 
 
 class StandardGrid(Strict):
@@ -108,12 +108,12 @@ class Runner(StudyRunner):
 
     def tree(self, name: str, model: str, wd: float, epochs: float, seed: int = 0, fraction: float = 1.0,
              extra: dict | None = None) -> dict:
-        tree = merge(self.study.base, {
+        tree = merge_blocks(self.study.base, {
             "name": name, "seed": seed, "model": self.study.models[model],
             "optim": {"weight_decay": wd}, "train": {"epochs": epochs},
             "data": {"unique_tokens": max(1, int(self.budget * fraction))},
             "output": {"report_to": []}, "tokenizer": {"path": str(self.tokenizer_dir)}})
-        return merge(tree, extra or {})
+        return merge_blocks(tree, extra or {})
 
 
 def validation_loss(model, rows, batch_size: int = 32) -> float:

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lmlab.recipe import OutputConfig, Strict
-from lmlab.studies.common import StudyRunner, load_study, mean_std_text, merge
+from lmlab.recipe import OutputConfig, Strict, merge_blocks
+from lmlab.studies.common import StudyRunner, load_study, mean_std_text
 
 
 class PretrainScaling(Strict):
@@ -128,11 +128,11 @@ def run_evolm(path: str | Path) -> Path:
     seeds = list(range(study.seeds))
 
     def tree(name: str, stage: str, block: dict, seed: int = 0, **extra) -> dict:
-        t = merge(merge(study.defaults, block), {"name": name, "stage": stage, "seed": seed,
-                                                 "output": {"report_to": []}})
+        t = merge_blocks(merge_blocks(study.defaults, block), {"name": name, "stage": stage, "seed": seed,
+                                                               "output": {"report_to": []}})
         if stage == "pretrain":
-            t = merge(t, {"tokenizer": {"path": str(tok_dir)}})
-        return merge(t, extra)
+            t = merge_blocks(t, {"tokenizer": {"path": str(tok_dir)}})
+        return merge_blocks(t, extra)
 
     def final(name: str) -> str:
         return str(runner.final(name))
@@ -160,7 +160,7 @@ def run_evolm(path: str | Path) -> Path:
         raise LmlabError("sft_from_replay must be one of replay_ratios and rl_from_epochs one of sft_epochs",
                          file=str(path))
 
-    tokenizer = resolve_tokenizer(validate_recipe(merge(study.defaults, {
+    tokenizer = resolve_tokenizer(validate_recipe(merge_blocks(study.defaults, {
         "name": "tokenizer", "tokenizer": study.tokenizer, "data": study.base.get("data", {})}), file=str(path)),
         study.run_dir)  # trained once into <study>/tokenizer
     results: dict[str, Any] = {"seeds": study.seeds}
@@ -171,8 +171,8 @@ def run_evolm(path: str | Path) -> Path:
                              * probe.data.seq_len)
     scaling: dict[str, dict[str, list[float]]] = {}
     for s, t in zip(seeds, scale_trees):
-        t = merge(t, {"train": {"max_steps": steps[-1], "save_every": steps[0], "keep_last": steps[-1] // steps[0],
-                                "eval_every": steps[-1]}})
+        t = merge_blocks(t, {"train": {"max_steps": steps[-1], "save_every": steps[0],
+                                       "keep_last": steps[-1] // steps[0], "eval_every": steps[-1]}})
         runner.run(t)
         for budget, step in zip(sorted(scale.tokens_per_param), steps):
             ckpt = study.run_dir / "runs" / t["name"] / "checkpoints" / f"checkpoint-{step}"
