@@ -24,6 +24,13 @@ def general_texts(n: int = GENERAL_DOCS) -> list[str]:
     return [text for doc_id, text in general_documents() if doc_hash(doc_id) < 0.01][:n]
 
 
+def math_texts(n: int = 200) -> list[str]:
+    """Held-out math problems with their solutions (the evaluation slice training never sees)."""
+    from lmlab.data.mathgen import as_text, math_problems
+
+    return [as_text(p) for p in math_problems("id", n, seed=1, part="eval")]
+
+
 def evaluate_model(path: str, stage, tasks: list) -> dict[str, float]:
     """One model's row: bits per byte, task metrics and ORM scores."""
     from lmlab.data.tokenizer import load_tokenizer
@@ -36,6 +43,8 @@ def evaluate_model(path: str, stage, tasks: list) -> dict[str, float]:
     row: dict[str, float] = {}
     if stage.general_bpb:
         row["general_bpb"] = text_bits_per_byte(model, tokenizer, general_texts(), max_length=512)
+    if stage.math_bpb:
+        row["math_bpb"] = text_bits_per_byte(model, tokenizer, math_texts())
     scorer = load_scorer(stage.orm, tokenizer) if stage.orm else None
     for task in tasks:
         row.update(run_task(model, tokenizer, task, samples=stage.samples,
@@ -51,7 +60,7 @@ def _cache_key(stage, path: str) -> str:
 
 def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[str, dict[str, float]]:
     """Evaluate each (name, artifact) pair; writes results.json and comparison.md, prints the table."""
-    from rich.console import Console
+    from lmlab.console import console as shared_console
     from rich.table import Table
 
     from lmlab.evaluate.tasks import load_task
@@ -60,7 +69,7 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_file = out_dir / "results.json"
     cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    console = Console()
+    console = shared_console()
     results: dict[str, dict[str, float]] = {}
     for name, path in models:
         key = _cache_key(stage, path)

@@ -145,15 +145,16 @@ def inverse_power_law(fit, loss: float) -> float:
 
 def run_data_constrained(path: str | Path) -> Path:
     """Run the whole study (reusing finished runs); writes study.json, study.md and plots; returns the md."""
-    from rich.console import Console
+    from lmlab.console import console as shared_console
 
     from lmlab.data.pretrain_data import build_packed_data
-    from lmlab.models.build import count_parameters, load_model
+    from lmlab.artifacts import read_manifest
+    from lmlab.models.build import load_model
     from lmlab.models.ensemble import save_ensemble
     from lmlab.recipe import DataConfig, validate_recipe
     from lmlab.stages.pretrain import resolve_tokenizer
 
-    study, console = load_study(path, DataConstrainedStudy), Console()
+    study, console = load_study(path, DataConstrainedStudy), shared_console()
     runner, sizes = Runner(study, str(path)), list(study.models)
     std, reg, scaling = study.standard, study.regularised, study.data_scaling
     plan = {("standard", m, std.weight_decay, e, 1.0) for m in sizes for e in std.epochs}
@@ -188,7 +189,7 @@ def run_data_constrained(path: str | Path) -> Path:
     results: dict[str, Any] = {"budget_tokens": runner.budget, "runs": {}}
     for key, tree in trees.items():
         final = runner.run(tree)
-        params.setdefault(key[1], count_parameters(load_model(final)))
+        params.setdefault(key[1], read_manifest(final)["parameters"])  # the count the run itself made
         results["runs"][tree["name"]] = {"recipe": key[0], "model": key[1], "weight_decay": key[2],
                                          "epochs": key[3], "fraction": key[4], "loss": score(final, tree["name"])}
     runs = list(results["runs"].values())

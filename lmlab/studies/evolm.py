@@ -65,15 +65,9 @@ class EvolmStudy(Strict):
 SCHEMA = EvolmStudy  # what `lmlab.studies.load_study_file` validates a study file against
 
 
-def math_texts(n: int) -> list[str]:
-    """Held-out math problems with their solutions (the evaluation slice training never sees)."""
-    from lmlab.data.mathgen import as_text, math_problems
-
-    return [as_text(p) for p in math_problems("id", n, seed=1, part="eval")]
-
-
 class Evaluator:
-    """One cached row of numbers per model directory: general and math bits per byte, tasks, ORM."""
+    """One cached row of numbers per model directory (general and math bits per byte, tasks, ORM), from the
+    pipeline's closing comparison."""
 
     def __init__(self, study: EvolmStudy, cache: Path):
         self.study, self.cache_file = study, cache
@@ -82,23 +76,15 @@ class Evaluator:
     def __call__(self, name: str, path: Path, generative: bool = True, cloze: int = 0) -> dict[str, float]:
         if name in self.cache:
             return self.cache[name]
-        from lmlab.data.tokenizer import load_tokenizer
-        from lmlab.evaluate.likelihood import text_bits_per_byte
-        from lmlab.evaluate.orm import load_scorer
-        from lmlab.evaluate.tasks import load_task, run_task
-        from lmlab.models.build import load_model
-        from lmlab.stages.compare import general_texts
+        from lmlab.evaluate.tasks import load_task
+        from lmlab.pipeline import EvalStage
+        from lmlab.stages.compare import evaluate_model
 
-        model, tokenizer = load_model(path), load_tokenizer(path)
-        row = {"general_bpb": text_bits_per_byte(model, tokenizer, general_texts(), max_length=512),
-               "math_bpb": text_bits_per_byte(model, tokenizer, math_texts(200))}
-        if cloze:
-            row.update(run_task(model, tokenizer, load_task("general_cloze", cloze)))
+        tasks = [load_task("general_cloze", cloze)] if cloze else []
         if generative:
-            scorer = load_scorer("math_exact", tokenizer)
-            for task in ("math_id", "math_ood"):
-                row.update(run_task(model, tokenizer, load_task(task, self.study.eval_n),
-                                    samples=self.study.samples, scorer=scorer))
+            tasks += [load_task(task, self.study.eval_n) for task in ("math_id", "math_ood")]
+        stage = EvalStage(samples=self.study.samples, orm="math_exact" if generative else None, math_bpb=True)
+        row = evaluate_model(str(path), stage, tasks)  # the pipeline's own comparison, plus math bits per byte
         self.cache[name] = row
         self.cache_file.write_text(json.dumps(self.cache, indent=2))
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
