@@ -43,7 +43,7 @@ def time_lmlab(workdir: Path, steps: int, seq_len: int, micro: int, name: str) -
     from lmlab.stages.pretrain import prepare_pretrain
 
     recipe = recipe_for(workdir, steps, seq_len, micro, name)
-    job = prepare_pretrain(recipe, overwrite=True)
+    job = prepare_pretrain(recipe)
     start = time.perf_counter()
     job.trainer.train()
     elapsed = time.perf_counter() - start

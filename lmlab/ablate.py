@@ -79,7 +79,9 @@ def resolve_key(key: str, tree: dict) -> str:
 
 
 def _tag(value: Any) -> str:
-    return str(value).replace("/", "_").replace(" ", "")
+    from lmlab.paths import safe_name
+
+    return safe_name(str(value).replace(" ", ""))
 
 
 def variants(tree: dict, grid: dict[str, list[Any]], seeds: int, base_name: str) -> list[Variant]:
@@ -153,9 +155,9 @@ def run_variants(path: Path, command: list[str], todo: list[Variant], out_dir: P
     returns the names of the variants that failed (their logs are in `out_dir/logs`)."""
     import time
 
-    from rich.console import Console
+    from lmlab.console import console as shared_console
 
-    console = Console()
+    console = shared_console()
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
@@ -186,9 +188,9 @@ def run_variants(path: Path, command: list[str], todo: list[Variant], out_dir: P
 def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 1, jobs: int | None = None,
                  extra: list[str] | None = None) -> Path:
     """Run every variant (in `jobs` parallel processes), then write ablation.md / .json and plots."""
-    from rich.console import Console
+    from lmlab.console import console as shared_console
 
-    console = Console()
+    console = shared_console()
     path = Path(recipe)
     if not path.is_file():
         raise LmlabError("recipe not found", file=str(path))

@@ -11,22 +11,42 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lmlab
+from lmlab.errors import LmlabError
+from lmlab.paths import remove_tree
 
 MANIFEST = "lmlab.json"
 
 
-def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write model + tokenizer + manifest atomically; returns the artifact directory."""
+def non_finite_parameters(model, state_dict: dict | None = None) -> list[str]:
+    """Names of weights holding NaN or inf: a diverged model, which must never become an artifact."""
+    import torch
+
+    tensors = state_dict.items() if state_dict is not None else model.state_dict().items()
+    return [name for name, t in tensors if torch.is_tensor(t) and t.is_floating_point()
+            and not bool(torch.isfinite(t).all())]
+
+
+def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any],
+                  state_dict: dict | None = None) -> Path:
+    """Write model + tokenizer + manifest atomically; returns the artifact directory.
+
+    `state_dict` is the full (gathered) weights when the model is sharded across ranks.
+    A model with non-finite weights is refused: a diverged run is never saved as a result.
+    """
     out_dir = Path(out_dir)
+    bad = non_finite_parameters(model, state_dict)
+    if bad:
+        raise LmlabError(f"training diverged: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]}), so no "
+                         "artifact is written", file=str(out_dir),
+                         hint="lower optim.lr, keep optim.grad_clip at 1.0, or resume from an earlier checkpoint")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp, out_dir.parent)
     model.config.use_cache = True  # training turns the KV cache off; generation wants it on
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     record = {"lmlab_version": lmlab.__version__, **manifest}
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2, default=str))
@@ -34,8 +54,7 @@ def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any
         if file.is_file():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    remove_tree(out_dir, out_dir.parent)
     os.replace(tmp, out_dir)
     return out_dir
 

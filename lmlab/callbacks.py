@@ -123,10 +123,13 @@ class RichProgressCallback(TrainerCallback):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        self._progress = Progress(
+        from lmlab.console import console, on_terminal
+
+        self._progress = Progress(  # the bar only on a terminal; in a log file, one line per log step
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+            console=console(), disable=not on_terminal(),
         )
         self._progress.start()
         self._task = self._progress.add_task(self.description, total=state.max_steps, completed=state.global_step,

@@ -285,7 +285,7 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
     """Score a checkpoint on cloze and generative tasks."""
     import json
 
-    from rich.console import Console
+    from lmlab.console import console as shared_console
     from rich.table import Table
 
     from lmlab.data.tokenizer import load_tokenizer
@@ -309,7 +309,7 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
     table.add_column("value", justify="right")
     for key, value in results.items():
         table.add_row(key, f"{value:.4f}")
-    Console().print(table)
+    shared_console().print(table)
     if out:
         out.write_text(json.dumps(results, indent=2))
 
@@ -370,7 +370,7 @@ def tokenizer_eval(
     docs: int = typer.Option(500, "--docs", help="Documents to measure on."),
 ) -> None:
     """Fertility (tokens/word), continued-word proportion and bytes/token."""
-    from rich.console import Console
+    from lmlab.console import console as shared_console
     from rich.table import Table
 
     from lmlab.data.sources import load_source
@@ -389,7 +389,7 @@ def tokenizer_eval(
         table.add_column(name, justify="right")
     for key in ("fertility", "continued_words", "bytes_per_token", "tokens", "words", "bytes"):
         table.add_row(key, *[f"{r[key]:.4f}" if isinstance(r[key], float) else f"{r[key]:,}" for r in results.values()])
-    Console().print(table)
+    shared_console().print(table)
     if against:
         ratios = compare_tokenizers(*tokenizers.values(), texts)
         typer.echo(f"ratios (first / second): {ratios.get('ratios', ratios)}")

@@ -33,7 +33,9 @@ from typing import Any, Iterator, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
+from lmlab.paths import NAME_PATTERN, remove_run_dir, write_json_atomic
 from lmlab.recipe import OutputConfig, Recipe, Strict, _as_list, merge_blocks, validate_recipe
 from lmlab.stages import run_stage
 
@@ -45,12 +47,13 @@ class EvalStage(Strict):
     """The closing comparison: every chosen stage's model on the same tasks."""
 
     stage: Literal["eval"] = "eval"
-    name: str = "eval"
+    name: str = Field("eval", pattern=NAME_PATTERN)
     tasks: list[str] = Field(default_factory=lambda: ["math_id", "math_ood"])
     n: int = Field(100, gt=0)
     samples: int = Field(4, ge=1)  # maj@k / pass@k and the ORM score
     orm: str | None = "math_exact"
     general_bpb: bool = True  # bits per byte on held-out general text: forgetting, comparable across tokenizers
+    math_bpb: bool = False  # bits per byte on held-out math problems with solutions: the domain's validation loss
     models: list[str] | Literal["all"] = "all"
 
     _list = model_validator(mode="before")(classmethod(lambda cls, v: {**v, "tasks": _as_list(v["tasks"])}
@@ -58,7 +61,7 @@ class EvalStage(Strict):
 
 
 class Pipeline(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
     output: OutputConfig = Field(default_factory=OutputConfig)
     defaults: dict[str, Any] = Field(default_factory=dict)
@@ -175,22 +178,39 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """One process per run directory: a second `lmlab run` on it fails at once instead of corrupting it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "w")
+    """One job per run directory: a second `lmlab run` on it fails at once instead of corrupting it.
+
+    Under several processes the job is all its ranks: rank 0 holds the lock, the others wait for
+    it at a barrier (and fail with it). The file is opened without truncation, so a refused second
+    process never erases the holder's PID.
+    """
+    error = None
+    handle = None
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            error = LmlabError(f"another lmlab process (PID {holder}) is running this pipeline", file=str(run_dir),
+                               hint="wait for it, or stop it first")
+    barrier()
+    if error is not None:
+        raise error
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise LmlabError("another lmlab process is running this pipeline", file=str(run_dir),
-                         hint="wait for it, or stop it first") from None
-    try:
-        handle.write(str(os.getpid()))
-        handle.flush()
+        if handle is not None:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
 
 def _fingerprint(payload: Any, upstream: str | None) -> str:
@@ -199,25 +219,26 @@ def _fingerprint(payload: Any, upstream: str | None) -> str:
 
 
 def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = run_dir / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, run_dir / STATE)
+    if is_main():
+        write_json_atomic(run_dir / STATE, state)
 
 
 def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
     """Train the tokenizer the way a pretrain stage would, into `<stage_dir>/tokenizer`."""
+    from lmlab.paths import write_text_atomic
+    from lmlab.recipe import dump_recipe
     from lmlab.stages.pretrain import resolve_tokenizer
 
+    if is_main():  # the marker that makes this an lmlab run directory
+        write_text_atomic(stage_dir / "recipe.yaml", dump_recipe(recipe))
     resolve_tokenizer(recipe, stage_dir)
 
 
 def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> Path:
     """Run (or continue) every stage in order; returns the run directory."""
-    import shutil
+    from lmlab.console import console as shared_console
 
-    from rich.console import Console
-
-    console = Console()
+    console = shared_console()
     pipeline, planned = load_pipeline(path, overrides)
     run_dir = pipeline.run_dir
     with run_lock(run_dir):
@@ -230,7 +251,9 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
 
                 models = [(p.name, str(run_dir / p.name / "final")) for p in planned
                           if isinstance(p, Recipe) and (item.models == "all" or p.name in item.models)]
-                run_comparison(item, models, run_dir / item.name)
+                if is_main():  # one evaluation; the other ranks wait for it
+                    run_comparison(item, models, run_dir / item.name)
+                barrier()
                 continue
             kind, recipe = item if isinstance(item, tuple) else (item.stage, item)
             inputs = [recipe.model.from_pretrained, recipe.tokenizer.path, recipe.distill.teacher]
@@ -248,7 +271,9 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
             _save_state(run_dir, state)
             start = time.perf_counter()
             if kind == "tokenizer":
-                shutil.rmtree(stage_dir, ignore_errors=True)
+                if is_main():
+                    remove_run_dir(stage_dir, run_dir)
+                barrier()
                 _run_tokenizer(recipe, stage_dir)
             else:
                 run_stage(recipe, resume=resume, overwrite=not resume)
@@ -257,7 +282,8 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
             _save_state(run_dir, state)
         from lmlab.report import write_report
 
-        report = write_report(run_dir)
+        report = write_report(run_dir) if is_main() else None
+        barrier()
         console.print(f"[bold green]pipeline done:[/] {run_dir}  (report: {report})")
     return run_dir
 

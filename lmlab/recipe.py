@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lmlab.errors import LmlabError
+from lmlab.paths import NAME_PATTERN
 
 
 class Strict(BaseModel):
@@ -42,9 +43,7 @@ def infer_source_kind(path: str) -> SourceKind:
     if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
                        or (p / "state.json").exists()):
         return "disk"
-    if p.exists():
-        return "text"
-    return "hub"
+    return "text"  # a path is local unless written hub:NAME; a missing one fails validation, never downloads
 
 
 class SourceSpec(Strict):
@@ -320,7 +319,7 @@ class OutputConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)  # one directory level: letters, digits, _ - ., no leading dot
     stage: Literal["pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl", "distill"] = "pretrain"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -42,11 +42,11 @@ def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = Non
               jobs: int | None = None, extra: list[str] | None = None) -> dict[str, Any]:
     """Coordinate descent from the recipe's own values; returns {"best": ..., "runs": [...]}, also written as
     sweep.json and sweep.md in `<output.dir>/<name>-sweep/`."""
-    from rich.console import Console
+    from lmlab.console import console as shared_console
 
     from lmlab.recipe import load_recipe
 
-    console = Console()
+    console = shared_console()
     path = Path(recipe)
     base_recipe = load_recipe(path, extra)
     if base_recipe.data.validation_fraction == 0 and not base_recipe.data.validation:

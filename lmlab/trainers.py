@@ -10,10 +10,11 @@ stage's trainer (`class X(LmlabTrainerMixin, SFTTrainer)`).
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from transformers import Trainer
+
+from lmlab.paths import remove_tree
 
 STAGING = ".staging"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -32,7 +33,7 @@ def last_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 
 def remove_staging(checkpoint_dir: str | Path) -> None:
     """Drop what a killed save left behind, before a run (re)starts."""
-    shutil.rmtree(Path(checkpoint_dir) / STAGING, ignore_errors=True)
+    remove_tree(Path(checkpoint_dir) / STAGING, Path(checkpoint_dir))
 
 
 def _fsync_tree(path: Path) -> None:
@@ -43,7 +44,12 @@ def _fsync_tree(path: Path) -> None:
 
 
 class LmlabTrainerMixin:
-    """Atomic checkpoints (write to a staging dir, fsync, rename) and no decay on embeddings."""
+    """Atomic checkpoints (write to a staging dir, fsync, rename) and no decay on embeddings.
+
+    Under several processes every rank writes its part of a checkpoint (its RNG state, its
+    shards) into the staging dir; rank 0 renames it only after all ranks are done, and no rank
+    starts the next save before the rename, so a checkpoint is never renamed half-written.
+    """
 
     _staging_save = False
 
@@ -61,19 +67,25 @@ class LmlabTrainerMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_save = False
-        if not self.args.should_save:
-            return
+        self.accelerator.wait_for_everyone()  # every rank's files are in the staging dir
         run_dir = Path(self._get_output_dir(trial))
-        staged, final = staging_root / name, run_dir / name
-        _fsync_tree(staged)
         best = self.state.best_model_checkpoint
-        if best and Path(best).parent == staging_root:  # the best model is this checkpoint, under its final name
+        renamed_best = bool(best and Path(best).parent == staging_root)
+        if renamed_best:  # the best model is this checkpoint, under its final name (on every rank)
             self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+        if self.args.should_save:
+            self._commit_checkpoint(staging_root / name, run_dir / name, renamed_best)
+        self.accelerator.wait_for_everyone()  # the rename is done before any rank saves again
+
+    def _commit_checkpoint(self, staged: Path, final: Path, renamed_best: bool) -> None:
+        """Rank 0: fsync the staged checkpoint, rename it into place, rotate old ones."""
+        run_dir = final.parent
+        if renamed_best:
             self.state.save_to_json(str(staged / "trainer_state.json"))
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_tree(staged)
+        remove_tree(final, run_dir)
         os.replace(staged, final)
-        shutil.rmtree(staging_root, ignore_errors=True)
+        remove_tree(staged.parent, run_dir)
         self._rotate(run_dir)
 
     def _rotate(self, run_dir: Path) -> None:
@@ -87,7 +99,7 @@ class LmlabTrainerMixin:
         for _, path in done[:-limit]:
             if best and path == Path(best):  # early stopping reloads it at the end
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path, run_dir)
 
     def get_decay_parameter_names(self, model):
         names = super().get_decay_parameter_names(model)

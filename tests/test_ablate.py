@@ -64,6 +64,7 @@ def test_a_bad_variant_fails_before_any_run(tmp_path):
     assert not (tmp_path / "runs" / "r-ablate" / "logs").exists()
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_an_ablation_runs_seeds_in_parallel_and_writes_table_and_plots(tmp_path):
     path = tiny_recipe_file(tmp_path, "abl", train={"max_steps": 2})
     out = run_ablation(path, ["train.max_steps=2,4"], seeds=2, jobs=2)

@@ -76,10 +76,13 @@ def test_impossible_orders_and_missing_artifacts_fail_before_compute(tmp_path):
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    import os
+
     with run_lock(tmp_path / "run"):
-        with pytest.raises(LmlabError, match="another lmlab process is running this pipeline"):
+        with pytest.raises(LmlabError, match=rf"another lmlab process \(PID {os.getpid()}\) is running"):
             with run_lock(tmp_path / "run"):
                 pass
+        assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())  # the refusal erased nothing
     with run_lock(tmp_path / "run"):  # released afterwards
         pass
 
@@ -111,6 +114,7 @@ def test_a_changed_stage_reruns_that_stage_and_later_ones_only(tmp_path):
     assert json.loads((run_dir / "sft" / "final" / "lmlab.json").read_text())["steps"] == 4
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_killing_the_pipeline_mid_stage_and_rerunning_does_not_redo_finished_stages(tmp_path):
     path = tiny_pipeline(tmp_path, pt_steps=12, sft_steps=400)
     run_dir = tmp_path / "runs" / "tiny_life"

@@ -43,6 +43,7 @@ def test_study_file_errors_name_the_field(tmp_path, tok_dir):
         run_study(_study(tmp_path, tok_dir, study="nope"))
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir):
     from lmlab.studies import run_study
 
@@ -61,6 +62,7 @@ def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir)
     assert (report.parent / "runs").stat().st_mtime == before
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_evolm_study_runs_every_finding_on_tiny_models(tmp_path, tok_dir):
     from lmlab.studies import run_study
 

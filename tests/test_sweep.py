@@ -15,6 +15,7 @@ def _recipe(tmp_path, **data):
                             train={"max_steps": None, "epochs": 1, "micro_batch_size": 4, "eval_batches": 4})
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_coordinate_descent_runs_each_configuration_once_and_keeps_the_best(tmp_path):
     path = _recipe(tmp_path)
     summary = run_sweep(path, {"optim.weight_decay": [0.1, 1.0], "train.epochs": [1, 2], "optim.lr": ["x1"]},

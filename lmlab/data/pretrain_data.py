@@ -68,10 +68,10 @@ def build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", se
                       max_validation_rows: int) -> PackedData:
     """Packed train and validation sets, behind one status line instead of per-map progress bars."""
     import datasets
-    from rich.console import Console
+    from lmlab.console import console as shared_console
 
     datasets.disable_progress_bars()
-    with Console(stderr=True).status("loading, tokenising and packing the data"):
+    with shared_console(stderr=True).status("loading, tokenising and packing the data"):
         return _build_packed_data(data, tokenizer, seed, max_validation_rows)
 
 

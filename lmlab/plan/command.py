@@ -44,7 +44,7 @@ def plan(
     rl_prompts: Optional[str] = typer.Option(None, "--rl-prompts", help="Prompts (jsonl) for the emitted RL stage."),
 ) -> None:
     """Answer: what do I run on these GPUs, how long does it take, and does it fit?"""
-    from rich.console import Console
+    from lmlab.console import console as shared_console
 
     from lmlab.plan.hardware import parse_gpus
     from lmlab.plan.params import resolve_shape
@@ -62,7 +62,7 @@ def plan(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
-        render(result, Console())
+        render(result, shared_console())
     if emit:
         from lmlab.plan.planner import emit_pipeline
 

@@ -17,5 +17,8 @@ def run_stage(recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Run a validated recipe with its stage's runner (imported only now: torch is heavy)."""
     import importlib
 
+    from lmlab.console import silence_libraries
+
+    silence_libraries()
     module, function = STAGE_RUNNERS[recipe.stage]
     return getattr(importlib.import_module(module), function)(recipe, resume=resume, overwrite=overwrite)

@@ -7,28 +7,80 @@ of them, so a recipe key means the same thing in pretraining, CPT and SFT.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmlab.console import console
+from lmlab.distributed import accelerator_available, barrier, is_main, main_first, world_size
 from lmlab.errors import LmlabError
-from lmlab.recipe import Recipe
+from lmlab.paths import remove_run_dir
+from lmlab.recipe import Recipe, dump_recipe
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) -> None:
     """Refuse to mix two runs in one directory unless the user says resume or overwrite."""
     from lmlab.trainers import last_checkpoint, remove_staging
 
     checkpoints = run_dir / "checkpoints"
     if overwrite:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run_dir(run_dir, root)
     elif not resume and (last_checkpoint(checkpoints) or (run_dir / "final").exists()):
         raise LmlabError("this run directory already holds a run", file=str(run_dir),
                          hint="pass --resume to continue it, --overwrite to start again, or change `name`")
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_staging(checkpoints)
+
+
+# ----------------------------------------------------------------------------- the stage skeleton
+
+
+def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path | None = None) -> Path | None:
+    """Rank 0 prepares the run directory and writes the resolved recipe; every rank gets the resume point."""
+    from lmlab.paths import write_text_atomic
+    from lmlab.trainers import last_checkpoint
+
+    with main_first() as main:
+        if main:
+            prepare_run_dir(recipe.run_dir, resume, overwrite, Path(recipe.output.dir))
+            write_text_atomic(recipe.run_dir / "recipe.yaml", dump_recipe(recipe))
+    if not resume:
+        return None
+    start = last_checkpoint(checkpoints or recipe.run_dir / "checkpoints")
+    console().print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
+    return start
+
+
+def train(trainer, start: Path | None) -> None:
+    """The one place a stage's trainer trains (from `start` when resuming)."""
+    trainer.train(resume_from_checkpoint=str(start) if start else None)
+
+
+def save_final(trainer, tokenizer, out_dir: Path, manifest: dict[str, Any], model=None) -> Path:
+    """Every rank hands over its weights; rank 0 writes the artifact; all ranks wait until it exists.
+
+    `model` replaces the trainer's model (e.g. a merged LoRA policy). Under FSDP or ZeRO-3 the
+    full state dict is gathered first, so `final/` is always a plain HF checkpoint.
+    """
+    from lmlab.artifacts import save_artifact
+
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded and model is None else None
+    if model is None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    error = None
+    if is_main():
+        try:
+            save_artifact(model, tokenizer, out_dir, manifest, state_dict=state_dict)
+        except LmlabError as exc:  # the other ranks must not wait forever for a save that failed
+            error = exc
+    barrier()
+    if error is not None:
+        raise error
+    if not (out_dir / "config.json").is_file() and not (out_dir / "adapter_config.json").is_file():
+        raise LmlabError("the final artifact was not written", file=str(out_dir),
+                         hint="rank 0 failed to save it: see its log")
+    return out_dir
 
 
 @dataclass
@@ -37,10 +89,6 @@ class Budget:
     tokens_per_step: int
     tokens: int
     epochs: float | None  # passes over the unique training tokens the budget implies
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def training_budget(recipe: Recipe, n_params: int, train_tokens: int | None) -> Budget:
@@ -153,7 +201,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         run_name=recipe.name,
         disable_tqdm=True,
         remove_unused_columns=False,
-        use_cpu=False,
+        ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
+        use_cpu=not accelerator_available(),  # CPU runs under torchrun train with DDP over gloo
         **distributed_arguments(recipe, layer_class),
     )
     return (args_class or TrainingArguments)(**{**kwargs, **extra})

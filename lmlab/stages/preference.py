@@ -14,8 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmlab.console import console
+from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
-from lmlab.recipe import Recipe, dump_recipe
+from lmlab.paths import write_json_atomic
+from lmlab.recipe import Recipe
 
 DONE = "round.json"
 
@@ -26,7 +29,8 @@ def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, A
     from datasets import Dataset
 
     from lmlab.data.pairs import unpaired
-    from lmlab.stages.common import training_arguments, world_size
+    from lmlab.distributed import world_size
+    from lmlab.stages.common import training_arguments
     from lmlab.trainers import LmlabTrainerMixin
 
     p, t = recipe.preference, recipe.train
@@ -70,19 +74,15 @@ def _finished_rounds(run_dir: Path) -> list[int]:
 
 def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
-    from rich.console import Console
-
-    from lmlab.artifacts import save_artifact
     from lmlab.data.pairs import preference_inputs, sample_pairs, write_pairs
     from lmlab.evaluate.orm import load_scorer
     from lmlab.models.build import load_model
-    from lmlab.stages.common import post_training_lr, prepare_run_dir, stage_callbacks
+    from lmlab.stages.common import open_stage, post_training_lr, save_final, stage_callbacks, train
     from lmlab.stages.sft import load_sft_model, lora_config, prepare_tokenizer
     from lmlab.trainers import last_checkpoint
 
-    console, p, run_dir = Console(), recipe.preference, recipe.run_dir
-    prepare_run_dir(run_dir, resume, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    out, p, run_dir = console(), recipe.preference, recipe.run_dir
+    open_stage(recipe, resume, overwrite)
     tokenizer = prepare_tokenizer(recipe)
     given, prompts = preference_inputs(recipe.data.train, recipe.seed)
     if given and prompts:
@@ -96,17 +96,19 @@ def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False
     done = _finished_rounds(run_dir) if resume else []
     start_from = run_dir / f"round-{done[-1]}" / "model" if done else Path(recipe.model.from_pretrained)
     model = load_model(start_from) if done else load_sft_model(recipe, tokenizer)
-    console.print(f"[bold]{recipe.name}[/]: {recipe.stage} (beta {p.beta}"
+    out.print(f"[bold]{recipe.name}[/]: {recipe.stage} (beta {p.beta}"
                   + (f", loss {'+'.join(p.loss_type)}" if recipe.stage == "dpo" else "")
                   + f", lr {lr:.2e}), {p.rounds} round(s)" + (f", resuming after round {done[-1]}" if done else ""))
     history: list[dict[str, Any]] = [json.loads((run_dir / f"round-{r}" / DONE).read_text()) for r in done]
+    trainer = None  # stays None when a resume finds every round done
     for round_no in range(len(done) + 1, p.rounds + 1):
         round_dir = run_dir / f"round-{round_no}"
         if prompts:
             pairs, stats = sample_pairs(model, tokenizer, prompts, scorer, p.samples, p.temperature,
                                         p.max_new_tokens, seed=recipe.seed * 1000 + round_no)
-            write_pairs(pairs, round_dir / "pairs.jsonl")
-            console.print(f"round {round_no}: {stats.pairs} on-policy pairs from {stats.prompts} prompts "
+            if is_main():
+                write_pairs(pairs, round_dir / "pairs.jsonl")
+            out.print(f"round {round_no}: {stats.pairs} on-policy pairs from {stats.prompts} prompts "
                           f"({stats.ties_dropped} ties dropped; mean best {stats.mean_best:.3f}, "
                           f"worst {stats.mean_worst:.3f})")
             if not pairs:
@@ -119,19 +121,22 @@ def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False
         peft = lora_config(recipe, len(pairs), model) if recipe.lora.enabled else None
         trainer = preference_trainer(recipe, model, tokenizer, pairs, round_dir / "checkpoints", lr, peft)
         stage_callbacks(trainer, recipe, tokenizer, round=round_no)
-        start = last_checkpoint(round_dir / "checkpoints") if resume else None
-        trainer.train(resume_from_checkpoint=str(start) if start else None)
+        train(trainer, last_checkpoint(round_dir / "checkpoints") if resume else None)
         model = trainer.model
         if recipe.lora.enabled:
             model = model.merge_and_unload()  # the next round samples from, and anchors to, the merged policy
-        save_artifact(model, tokenizer, round_dir / "model", {"stage": recipe.stage, "round": round_no})
+        save_final(trainer, tokenizer, round_dir / "model", {"stage": recipe.stage, "round": round_no},
+                   model=model if recipe.lora.enabled else None)
         record.update(steps=trainer.state.global_step,
                       train_loss=next((h["train_loss"] for h in reversed(trainer.state.log_history)
                                        if "train_loss" in h), None))
-        (round_dir / DONE).write_text(json.dumps(record))
+        if is_main():
+            write_json_atomic(round_dir / DONE, record)
+        barrier()
         history.append(record)
     manifest = {"stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "lr": lr, "rounds": history}
-    final = save_artifact(model, tokenizer, run_dir / "final", manifest)
-    console.print(f"[bold green]HF checkpoint:[/] {final}")
+    final = save_final(trainer, tokenizer, run_dir / "final", manifest,
+                       model=model if recipe.lora.enabled or trainer is None else None)
+    out.print(f"[bold green]HF checkpoint:[/] {final}")
     return final

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmlab.console import console
+from lmlab.distributed import main_first, world_size
 from lmlab.errors import LmlabError
-from lmlab.recipe import Recipe, dump_recipe
-from lmlab.stages.common import (Budget, device_peak_flops, prepare_run_dir, task_eval_callbacks,
-                                 training_arguments, training_budget, world_size)
+from lmlab.recipe import Recipe
+from lmlab.stages.common import (Budget, device_peak_flops, open_stage, save_final, task_eval_callbacks, train,
+                                 training_arguments, training_budget)
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -33,20 +35,18 @@ def resolve_tokenizer(recipe: Recipe, run_dir: Path):
     if recipe.stage == "distill":  # a fresh student speaks the teacher's tokens
         return load_tokenizer(recipe.distill.teacher)
     saved = run_dir / "tokenizer"
-    if (saved / "tokenizer.json").is_file():  # trained by an earlier (interrupted) run of this recipe
-        return load_tokenizer(saved)
-    from lmlab.data.pretrain_data import load_documents
+    with main_first() as main:  # rank 0 trains and saves it; the other ranks load what it saved
+        if main and not (saved / "tokenizer.json").is_file():  # else: trained by an earlier (interrupted) run
+            from lmlab.data.pretrain_data import load_documents
 
-    specs = recipe.tokenizer.train_sources or recipe.data.train
-    docs = load_documents(specs, streaming=True, seed=recipe.seed)
-    texts = (row["text"] for row in docs)
-    from rich.console import Console
-
-    with Console(stderr=True).status(f"training a byte-level BPE tokenizer ({recipe.tokenizer.vocab_size} tokens)"):
-        tokenizer = train_tokenizer(texts, vocab_size=recipe.tokenizer.vocab_size,
-                                    min_frequency=recipe.tokenizer.min_frequency,
-                                    max_bytes=recipe.tokenizer.max_train_bytes)
-    save_tokenizer(tokenizer, saved)
+            specs = recipe.tokenizer.train_sources or recipe.data.train
+            texts = (row["text"] for row in load_documents(specs, streaming=True, seed=recipe.seed))
+            with console(stderr=True).status(f"training a byte-level BPE tokenizer "
+                                             f"({recipe.tokenizer.vocab_size} tokens)"):
+                tokenizer = train_tokenizer(texts, vocab_size=recipe.tokenizer.vocab_size,
+                                            min_frequency=recipe.tokenizer.min_frequency,
+                                            max_bytes=recipe.tokenizer.max_train_bytes)
+            save_tokenizer(tokenizer, saved)
     return load_tokenizer(saved)
 
 
@@ -127,12 +127,9 @@ class PretrainJob:
     replay_mix: Any = None  # lmlab.data.pretrain_data.ReplayMix for CPT with replay
 
 
-def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> PretrainJob:
+def prepare_pretrain(recipe: Recipe) -> PretrainJob:
     """Tokenizer, data, model and trainer; every input check happens here, before compute."""
-    from rich.console import Console
     from transformers import default_data_collator
-
-    from transformers.utils import logging as hf_logging
 
     from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
     from lmlab.data.pretrain_data import build_packed_data, mix_replay
@@ -141,12 +138,8 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     from lmlab.plan.params import shape_from_config
     from lmlab.trainers import LmlabTrainer
 
-    hf_logging.disable_progress_bar()  # per-shard save bars are noise under our own progress display
-    console = Console()
+    out = console()
     run_dir = recipe.run_dir
-    prepare_run_dir(run_dir, resume, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-
     tokenizer = resolve_tokenizer(recipe, run_dir)
     check_checkpoint_fits(recipe, tokenizer)
     max_val_rows = recipe.train.eval_batches * recipe.train.micro_batch_size
@@ -165,10 +158,10 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     # default budget: one pass over the domain data, with the replay share on top
     unique = data.train_tokens / (1 - ratio) if data.train_tokens else None
     budget = training_budget(recipe, n_params, unique)
-    console.print(f"[bold]{recipe.name}[/]: {type(model).__name__} with {n_params:,} parameters"
+    out.print(f"[bold]{recipe.name}[/]: {type(model).__name__} with {n_params:,} parameters"
                   + (f" ({n_active:,} active)" if n_active != n_params else "")
                   + f", vocab {len(tokenizer):,}, seq_len {recipe.data.seq_len}")
-    console.print(f"budget: {budget.max_steps:,} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens"
+    out.print(f"budget: {budget.max_steps:,} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens"
                   f" ({budget.tokens / n_params:.1f} tokens/param)"
                   + (f", {budget.epochs:.2f} epochs of {data.train_tokens:,} unique tokens"
                      if budget.epochs and not replay else ""))
@@ -177,7 +170,7 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
         data.train, mix = mix_replay(data.train, replay.train, budget.tokens // recipe.data.seq_len, ratio,
                                      recipe.seed, recipe.data.seq_len)
         r = mix.report()
-        console.print(f"replay mix: {r['domain_tokens']:,} domain tokens ({r['domain_epochs']:.2f} epochs) + "
+        out.print(f"replay mix: {r['domain_tokens']:,} domain tokens ({r['domain_epochs']:.2f} epochs) + "
                       f"{r['replay_tokens']:,} replay tokens ({r['replay_epochs']:.2f} epochs) = "
                       f"{r['replay_share']:.1%} replay")
     evaluation = data.validation
@@ -202,7 +195,7 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
             from lmlab.stages.distill import cache_teacher
 
             data.train = data.train.add_column("row_id", list(range(len(data.train))))
-            with console.status("caching the teacher's top-k over the training rows"):
+            with out.status("caching the teacher's top-k over the training rows"):
                 distill["cache"] = cache_teacher(teacher, data.train, collator, d.top_k, d.temperature,
                                                  run_dir / "teacher_top_k.safetensors")
     trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=evaluation,
@@ -221,20 +214,13 @@ def prepare_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
 
 def run_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Pretrain (or continue pretraining) as the recipe says; returns the final artifact directory."""
-    from rich.console import Console
-
-    from lmlab.artifacts import save_artifact
-    from lmlab.trainers import last_checkpoint
-
-    job = prepare_pretrain(recipe, resume, overwrite)
-    console, trainer, run_dir = Console(), job.trainer, recipe.run_dir
-    start = last_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume:
-        console.print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
+    start = open_stage(recipe, resume, overwrite)
+    job = prepare_pretrain(recipe)
+    out, trainer, run_dir = console(), job.trainer, recipe.run_dir
     before = {}
     if job.replay_mix is not None and start is None:  # general ability before CPT, to measure forgetting
         before = trainer.evaluate()
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    train(trainer, start)
 
     final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     manifest = {
@@ -247,10 +233,10 @@ def run_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) 
         manifest["replay_mix"] = job.replay_mix.report()
         manifest["metrics_before"] = before
         if "eval_replay_loss" in before and "eval_replay_loss" in final_metrics:
-            console.print(f"general (replay) validation loss: {before['eval_replay_loss']:.4f} before, "
+            out.print(f"general (replay) validation loss: {before['eval_replay_loss']:.4f} before, "
                           f"{final_metrics['eval_replay_loss']:.4f} after")
-    final = save_artifact(trainer.model, job.tokenizer, run_dir / "final", manifest)
+    final = save_final(trainer, job.tokenizer, run_dir / "final", manifest)
     if "eval_loss" in final_metrics:
-        console.print(f"validation loss {final_metrics['eval_loss']:.4f}")
-    console.print(f"[bold green]HF checkpoint:[/] {final}")
+        out.print(f"validation loss {final_metrics['eval_loss']:.4f}")
+    out.print(f"[bold green]HF checkpoint:[/] {final}")
     return final

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmlab.console import console
 from lmlab.errors import LmlabError
-from lmlab.recipe import Recipe, dump_recipe
+from lmlab.recipe import Recipe
 
 
 def reward_model(path: str, tokenizer, trust_remote_code: bool = False):
@@ -29,21 +30,20 @@ def reward_model(path: str, tokenizer, trust_remote_code: bool = False):
 def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Train an ORM on pairs (given, or sampled and verifier-ranked); returns the artifact directory."""
     from datasets import Dataset
-    from rich.console import Console
     from trl import RewardConfig, RewardTrainer
 
-    from lmlab.artifacts import save_artifact
     from lmlab.data.pairs import drop_overlong, preference_inputs, sample_pairs, write_pairs
     from lmlab.data.sources import doc_hash
     from lmlab.evaluate.orm import load_scorer
     from lmlab.models.build import load_model
-    from lmlab.stages.common import post_training_lr, prepare_run_dir, stage_callbacks, training_arguments, world_size
+    from lmlab.distributed import is_main, world_size
+    from lmlab.stages.common import open_stage, post_training_lr, save_final, stage_callbacks, train, \
+        training_arguments
     from lmlab.stages.sft import prepare_tokenizer
-    from lmlab.trainers import LmlabTrainerMixin, last_checkpoint
+    from lmlab.trainers import LmlabTrainerMixin
 
-    console, p, t, run_dir = Console(), recipe.preference, recipe.train, recipe.run_dir
-    prepare_run_dir(run_dir, resume, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    out, p, t, run_dir = console(), recipe.preference, recipe.train, recipe.run_dir
+    start = open_stage(recipe, resume, overwrite)
     tokenizer = prepare_tokenizer(recipe)
     pairs, prompts = preference_inputs(recipe.data.train, recipe.seed)
     if prompts:
@@ -53,13 +53,14 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
         policy = load_model(recipe.model.from_pretrained)
         sampled, stats = sample_pairs(policy, tokenizer, prompts, load_scorer(p.scorer), p.samples, p.temperature,
                                       p.max_new_tokens, seed=recipe.seed)
-        write_pairs(sampled, run_dir / "pairs.jsonl")
-        console.print(f"{stats.pairs} pairs sampled from {stats.prompts} prompts ({stats.ties_dropped} ties dropped)")
+        if is_main():
+            write_pairs(sampled, run_dir / "pairs.jsonl")
+        out.print(f"{stats.pairs} pairs sampled from {stats.prompts} prompts ({stats.ties_dropped} ties dropped)")
         pairs += sampled
         del policy
     pairs, overlong = drop_overlong(tokenizer, pairs, recipe.data.seq_len)
     if overlong:
-        console.print(f"{overlong} pairs longer than data.seq_len={recipe.data.seq_len} tokens dropped")
+        out.print(f"{overlong} pairs longer than data.seq_len={recipe.data.seq_len} tokens dropped")
     if len(pairs) < 2:
         raise LmlabError(f"{len(pairs)} preference pairs: too few to train a reward model", field="data.train")
     keys = ("prompt", "chosen", "rejected")
@@ -68,11 +69,11 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     held = [i for i in range(len(rows)) if doc_hash(f"pair-{i}") < fraction] if fraction else []
     if fraction and not held:
         held = [0]
-    train = [r for i, r in enumerate(rows) if i not in set(held)]
+    train_rows = [r for i, r in enumerate(rows) if i not in set(held)]
     validation = Dataset.from_list([rows[i] for i in held]) if held else None
 
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
-    steps = t.max_steps or -(-len(train) // (t.micro_batch_size * t.grad_accum * world_size())) * int(t.epochs or 1)
+    steps = t.max_steps or -(-len(train_rows) // (t.micro_batch_size * t.grad_accum * world_size())) * int(t.epochs or 1)
     lr = post_training_lr(recipe, p.lr_ratio)  # a new head on a trained body: far below the SFT LR
     args = training_arguments(recipe, run_dir / "checkpoints", steps, validation is not None, args_class=RewardConfig,
                               max_length=recipe.data.seq_len, dataset_num_proc=None, learning_rate=lr)
@@ -80,19 +81,18 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     class Trainer(LmlabTrainerMixin, RewardTrainer):
         """TRL's RewardTrainer with lmlab's atomic checkpoints and decay groups."""
 
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train).shuffle(seed=recipe.seed),
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows).shuffle(seed=recipe.seed),
                       eval_dataset=validation, processing_class=tokenizer)
     stage_callbacks(trainer, recipe, tokenizer)
-    console.print(f"[bold]{recipe.name}[/]: reward model on {len(train):,} pairs ({len(held)} held out), {steps} steps")
-    start = last_checkpoint(run_dir / "checkpoints") if resume else None
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    out.print(f"[bold]{recipe.name}[/]: reward model on {len(train_rows):,} pairs ({len(held)} held out), {steps} steps")
+    train(trainer, start)
     metrics = trainer.evaluate() if validation is not None else {}
     manifest = {"stage": "rm", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-                "input_artifact": recipe.model.from_pretrained, "lr": lr, "pairs": len(train), "held_out_pairs": len(held),
+                "input_artifact": recipe.model.from_pretrained, "lr": lr, "pairs": len(train_rows), "held_out_pairs": len(held),
                 "overlong_dropped": overlong,
                 "steps": trainer.state.global_step, "metrics": metrics}
-    final = save_artifact(trainer.model, tokenizer, run_dir / "final", manifest)
+    final = save_final(trainer, tokenizer, run_dir / "final", manifest)
     if "eval_accuracy" in metrics:
-        console.print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}")
-    console.print(f"[bold green]reward model:[/] {final}")
+        out.print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}")
+    out.print(f"[bold green]reward model:[/] {final}")
     return final

@@ -14,8 +14,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from lmlab.console import console
 from lmlab.errors import LmlabError
-from lmlab.recipe import Recipe, dump_recipe
+from lmlab.recipe import Recipe
 
 
 def trl_reward(spec: str, policy_tokenizer) -> Callable:
@@ -52,7 +53,7 @@ def rl_prompts(recipe: Recipe) -> list[dict[str, Any]]:
 
 def rl_steps(recipe: Recipe, prompts: int) -> int:
     """Optimizer steps: train.max_steps, else train.epochs (default 1) over the prompts, each with its group."""
-    from lmlab.stages.common import world_size
+    from lmlab.distributed import world_size
 
     t = recipe.train
     if t.max_steps:
@@ -61,12 +62,11 @@ def rl_steps(recipe: Recipe, prompts: int) -> int:
     return max(1, math.ceil(prompts * recipe.rl.num_generations * (t.epochs or 1) / completions_per_step))
 
 
-def prepare_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False):
+def prepare_rl(recipe: Recipe):
     """Prompts, rewards, model and trainer; every input check happens here, before compute."""
     from datasets import Dataset
-    from rich.console import Console
 
-    from lmlab.stages.common import post_training_lr, prepare_run_dir, stage_callbacks, training_arguments
+    from lmlab.stages.common import post_training_lr, stage_callbacks, training_arguments
     from lmlab.stages.sft import load_sft_model, lora_config, prepare_tokenizer
     from lmlab.trainers import LmlabTrainerMixin
 
@@ -75,8 +75,6 @@ def prepare_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False):
         raise LmlabError(f"train.micro_batch_size x train.grad_accum ({t.micro_batch_size * t.grad_accum}) "
                          f"must be a multiple of rl.num_generations ({r.num_generations}): each step holds "
                          "whole groups", field="train.micro_batch_size")
-    prepare_run_dir(recipe.run_dir, resume, overwrite)
-    (recipe.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     tokenizer = prepare_tokenizer(recipe)
     # TRL stops generation and masks the completion at the tokenizer's EOS; in a chat a turn ends at
     # <|im_end|>, so that is EOS while RL samples (run_rl restores the artifact's EOS afterwards)
@@ -108,7 +106,7 @@ def prepare_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False):
     trainer = Trainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(prompts),
                       processing_class=tokenizer, peft_config=peft)
     stage_callbacks(trainer, recipe, tokenizer)
-    Console().print(f"[bold]{recipe.name}[/]: {r.algorithm} on {len(prompts):,} prompts, groups of "
+    console().print(f"[bold]{recipe.name}[/]: {r.algorithm} on {len(prompts):,} prompts, groups of "
                     f"{r.num_generations}, KL beta {r.beta}, rewards {', '.join(r.rewards)}, lr {lr:.2e}, "
                     f"{steps} steps")
     return trainer, tokenizer, lr, original_eos
@@ -116,16 +114,11 @@ def prepare_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False):
 
 def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Train with RL as the recipe says; returns the final artifact directory."""
-    from rich.console import Console
+    from lmlab.stages.common import open_stage, save_final, train
 
-    from lmlab.artifacts import save_artifact
-    from lmlab.trainers import last_checkpoint
-
-    trainer, tokenizer, lr, original_eos = prepare_rl(recipe, resume, overwrite)
-    start = last_checkpoint(recipe.run_dir / "checkpoints") if resume else None
-    if resume:
-        Console().print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    start = open_stage(recipe, resume, overwrite)
+    trainer, tokenizer, lr, original_eos = prepare_rl(recipe)
+    train(trainer, start)
     model = trainer.model.merge_and_unload() if recipe.lora.enabled else trainer.model
     tokenizer.eos_token = original_eos  # the Trainer aligned the configs to the RL-time EOS; undo both
     model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -133,6 +126,7 @@ def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Pat
     manifest = {"stage": "rl", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "lr": lr, "steps": trainer.state.global_step,
                 "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None}
-    final = save_artifact(model, tokenizer, recipe.run_dir / "final", manifest)
-    Console().print(f"[bold green]HF checkpoint:[/] {final}")
+    final = save_final(trainer, tokenizer, recipe.run_dir / "final", manifest,
+                       model=model if recipe.lora.enabled else None)
+    console().print(f"[bold green]HF checkpoint:[/] {final}")
     return final

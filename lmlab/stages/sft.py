@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmlab.console import console
 from lmlab.errors import LmlabError
-from lmlab.recipe import Recipe, dump_recipe
+from lmlab.recipe import Recipe
 
 ALPHA_OVER_R_LIMIT = 4  # RECIPES.md 4: r=8, alpha=128 damages the model
 TRAINABLE_PER_SAMPLE_LIMIT = 10_000  # RECIPES.md 4: watch trainable params per training sample
@@ -154,31 +155,23 @@ class SFTJob:
     epochs: float | None
 
 
-def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> SFTJob:
+def prepare_sft(recipe: Recipe) -> SFTJob:
     """Records, tokenizer, model and trainer; every input check happens here, before compute."""
-    from rich.console import Console
     from transformers import EarlyStoppingCallback
-    from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
     from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
-    from lmlab.stages.common import prepare_run_dir, task_eval_callbacks, training_arguments, world_size
+    from lmlab.distributed import world_size
+    from lmlab.stages.common import task_eval_callbacks, training_arguments
     from lmlab.trainers import LmlabTrainerMixin
 
     class LmlabSFTTrainer(LmlabTrainerMixin, SFTTrainer):
         """TRL's SFTTrainer with lmlab's atomic checkpoints and decay groups."""
 
-    import datasets
-
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()  # TRL's per-map bars; our status and progress bar say enough
-    console = Console()
     run_dir = recipe.run_dir
-    prepare_run_dir(run_dir, resume, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     tokenizer = prepare_tokenizer(recipe)
     data = load_sft_data(recipe, tokenizer)
-    console.print(f"SFT on {data.examples:,} conversations ({len(data.validation or [])} held out); "
+    console().print(f"SFT on {data.examples:,} conversations ({len(data.validation or [])} held out); "
                   f"{data.overlong} longer than {recipe.data.seq_len} tokens "
                   + ("dropped" if data.dropped else "truncated"))
     model = load_sft_model(recipe, tokenizer)
@@ -223,33 +216,29 @@ def prepare_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -
 
 def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Fine-tune as the recipe says; returns the artifact (a full checkpoint, or a LoRA adapter)."""
-    from rich.console import Console
+    from lmlab.distributed import is_main
+    from lmlab.stages.common import open_stage, save_final, train
 
-    from lmlab.artifacts import save_artifact
-    from lmlab.trainers import last_checkpoint
-
-    job = prepare_sft(recipe, resume, overwrite)
-    console, trainer, tokenizer, data, run_dir = Console(), job.trainer, job.tokenizer, job.data, recipe.run_dir
+    start = open_stage(recipe, resume, overwrite)
+    job = prepare_sft(recipe)
+    out, trainer, tokenizer, data, run_dir = console(), job.trainer, job.tokenizer, job.data, recipe.run_dir
     has_val, epochs = data.validation is not None, job.epochs
-    start = last_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume:
-        console.print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    train(trainer, start)
     final_metrics = trainer.evaluate() if has_val else {}
-    if recipe.sft.eval_math:
+    if recipe.sft.eval_math and is_main():  # rank 0 measures; the manifest is its to write
         from lmlab.evaluate.generation import math_accuracy
 
         for split in ("id", "ood"):
             final_metrics.update(math_accuracy(trainer.model, tokenizer, split, recipe.sft.eval_math))
-        console.print(f"greedy math accuracy: in-domain {final_metrics['math_id_greedy_accuracy']:.1%}, "
+        out.print(f"greedy math accuracy: in-domain {final_metrics['math_id_greedy_accuracy']:.1%}, "
                       f"out-of-domain {final_metrics['math_ood_greedy_accuracy']:.1%} "
                       f"({recipe.sft.eval_math} problems each)")
     manifest = {"stage": "sft", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "examples": data.examples,
                 "overlong": data.overlong, "dropped": data.dropped, "epochs": epochs,
                 "steps": trainer.state.global_step, "adapter": recipe.lora.enabled, "metrics": final_metrics}
-    final = save_artifact(trainer.model, tokenizer, run_dir / "final", manifest)
-    console.print(f"[bold green]{'LoRA adapter' if recipe.lora.enabled else 'HF checkpoint'}:[/] {final}"
+    final = save_final(trainer, tokenizer, run_dir / "final", manifest)
+    out.print(f"[bold green]{'LoRA adapter' if recipe.lora.enabled else 'HF checkpoint'}:[/] {final}"
                   + ("  (merge it with `lmlab export`)" if recipe.lora.enabled else ""))
     return final
 

@@ -1,0 +1,48 @@
+"""The one console every command prints through.
+
+Output that goes to a file (nohup, slurm, CI logs) keeps each log line on one
+line: the console only wraps and animates on a terminal. Under several processes
+only rank 0 speaks, so a step is logged once. `--quiet` silences everything but
+errors. HF / datasets progress bars and known deprecation chatter are switched
+off here once, since lmlab's own progress bar says the same.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from functools import lru_cache
+
+QUIET_ENV = "LMLAB_QUIET"
+
+
+@lru_cache(maxsize=None)
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    from lmlab.distributed import is_main
+
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = stream.isatty()
+    quiet = not is_main() or os.environ.get(QUIET_ENV) == "1"
+    return Console(file=stream, soft_wrap=not terminal, force_terminal=terminal or None,
+                   width=None if terminal else 10_000, quiet=quiet, highlight=False)
+
+
+def on_terminal() -> bool:
+    return sys.stdout.isatty() and console().is_terminal
+
+
+def silence_libraries() -> None:
+    """Turn off the progress bars and warnings of transformers, datasets and TRL (ours replace them)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*torch.distributed process group is initialized.*")

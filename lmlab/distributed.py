@@ -1,0 +1,57 @@
+"""Which process am I: rank helpers for runs under `torchrun` / `accelerate launch`.
+
+Every rank runs the same stage code; only rank 0 writes run directories,
+recipes, tokenizers, manifests, `final/` and reports, and the others wait for it
+at a barrier. The process group is accelerate's (`PartialState`), the same one
+the HF Trainer uses, so lmlab never starts a second one. On a machine without a
+GPU it is gloo on CPU, which is how the multi-process tests run.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def accelerator_available() -> bool:
+    """A GPU (or Apple MPS) torch can train on; otherwise training runs on CPU (gloo when distributed)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
+def state():
+    """accelerate's process state, created once: CPU (gloo) without an accelerator, as the Trainer will use."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not accelerator_available())
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing to do in a single process."""
+    if world_size() > 1:
+        state().wait_for_everyone()
+
+
+@contextmanager
+def main_first() -> Iterator[bool]:
+    """Rank 0 does the work inside first (and writes it), then the others run it and read what it wrote."""
+    if world_size() > 1 and not is_main():
+        barrier()
+    yield is_main()
+    if world_size() > 1 and is_main():
+        barrier()

@@ -1,0 +1,97 @@
+"""Real multi-process runs: 2 processes on CPU over gloo, through torchrun, as a user launches them.
+
+The tolerance: both runs see the same samples in the same optimizer steps (accelerate gives
+rank r the r-th micro-batch of each global batch), so the only difference is the order of
+floating-point sums (an all-reduce of two gradient halves against one batch). In fp32 that
+moves the loss by about 1e-6 relative; 1e-4 over a few steps leaves room without hiding a
+wrong batch, which moves the loss by 1e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import read_metrics, tiny_recipe_file
+
+TOLERANCE = 1e-4
+
+
+def launch(args: list[str], cwd: Path, nproc: int) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    result = subprocess.run([*launcher, "-m", "lmlab.cli", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r and "train_runtime" not in r}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same recipe on 2 processes x micro-batch 2 and on 1 process x micro-batch 4."""
+    root = tmp_path_factory.mktemp("ddp")
+    recipe = tiny_recipe_file(root, "ddp", train={"max_steps": 6, "micro_batch_size": 2, "log_every": 1,
+                                                  "save_every": 3, "keep_last": 3, "eval_every": 1000,
+                                                  "eval_batches": 2})
+    two = launch(["pretrain", str(recipe)], root, nproc=2)
+    launch(["pretrain", str(recipe), "--set", "name=one", "--set", "train.micro_batch_size=4",
+            "--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}"], root, nproc=1)
+    return root, recipe, two
+
+
+def test_two_processes_match_one_process_with_twice_the_micro_batch(two_runs):
+    root, _, _ = two_runs
+    two, one = train_losses(root / "runs" / "ddp"), train_losses(root / "runs" / "one")
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(two[s] - one[s]) / one[s] for s in one) < TOLERANCE
+    assert two[6] < two[1]  # and it trained
+
+
+def test_two_processes_write_one_complete_artifact_and_log_each_step_once(two_runs):
+    root, _, result = two_runs
+    run_dir = root / "runs" / "ddp"
+    final = run_dir / "final"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "lmlab.json"} <= {p.name for p in final.iterdir()}
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_runtime" not in r]
+    assert steps == sorted(set(steps))  # each step once
+    assert result.stdout.count("step 6/6 | loss") == 1  # the console speaks from rank 0 only
+    for checkpoint in ("checkpoint-3", "checkpoint-6"):  # every rank's RNG state inside, nothing staged
+        names = {p.name for p in (run_dir / "checkpoints" / checkpoint).iterdir()}
+        assert {"model.safetensors", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= names
+    assert not (run_dir / "checkpoints" / ".staging").exists()
+    code = ("import sys; sys.modules['lmlab'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
+            "import torch; assert all(torch.isfinite(p).all() for p in m.parameters())\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_checkpoints_resume_across_world_sizes(two_runs, tmp_path):
+    """A 2-process checkpoint continues in 1 process, and a 1-process one in 2, on the same losses."""
+    root, recipe, _ = two_runs
+    reference = train_losses(root / "runs" / "ddp")
+    for source, nproc, micro in (("ddp", 1, 4), ("one", 2, 2)):
+        run_dir = tmp_path / "runs" / source
+        shutil.copytree(root / "runs" / source, run_dir)
+        shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
+        shutil.rmtree(run_dir / "final")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 3))
+        result = launch(["pretrain", str(recipe), "--resume", "--set", f"name={source}",
+                "--set", f"train.micro_batch_size={micro}", "--set", f"output.dir={tmp_path / 'runs'}",
+                "--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}"], tmp_path, nproc=nproc)
+        assert "resuming from" in result.stdout and "checkpoint-3" in result.stdout
+        steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_runtime" not in r]
+        assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-3 from before, 4-6 trained now: nothing redone
+        resumed = train_losses(run_dir)
+        assert (run_dir / "final" / "model.safetensors").is_file()
+        assert max(abs(resumed[s] - reference[s]) / reference[s] for s in (4, 5, 6)) < TOLERANCE, (source, resumed)
