@@ -40,7 +40,7 @@ def recipe_for(workdir: Path, steps: int, seq_len: int, micro: int, name: str):
 
 
 def time_lmlab(workdir: Path, steps: int, seq_len: int, micro: int, name: str) -> float:
-    from lmlab.stages.pretrain import prepare_pretrain
+    from lmlab.stages.packed import prepare_packed as prepare_pretrain
 
     recipe = recipe_for(workdir, steps, seq_len, micro, name)
     job = prepare_pretrain(recipe)

@@ -62,3 +62,26 @@ def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any
 def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     path = Path(artifact_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def export_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a LoRA adapter into its base model: a full HF checkpoint with the tokenizer and chat template."""
+    import json
+
+    from peft import PeftModel
+
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.models.build import load_model
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise LmlabError("not a LoRA adapter: adapter_config.json is missing", file=str(adapter_dir))
+    base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise LmlabError(f"the adapter's base model '{base}' is not a local directory", file=str(config_path),
+                         field="base_model_name_or_path")
+    model = PeftModel.from_pretrained(load_model(base), adapter_dir).merge_and_unload()
+    manifest = {**read_manifest(adapter_dir), "stage": "export", "adapter": False, "merged_from": str(adapter_dir),
+                "base_model": base}
+    return save_artifact(model, load_tokenizer(adapter_dir), out_dir, manifest)

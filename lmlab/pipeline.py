@@ -227,7 +227,7 @@ def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
     """Train the tokenizer the way a pretrain stage would, into `<stage_dir>/tokenizer`."""
     from lmlab.paths import write_text_atomic
     from lmlab.recipe import dump_recipe
-    from lmlab.stages.pretrain import resolve_tokenizer
+    from lmlab.data.tokenizer import resolve_tokenizer
 
     if is_main():  # the marker that makes this an lmlab run directory
         write_text_atomic(stage_dir / "recipe.yaml", dump_recipe(recipe))

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from lmlab.ablate import mean_std, parse_grid, resolve_key, run_ablation, summarise, variants
+from lmlab.experiments.ablate import mean_std, parse_grid, resolve_key, run_ablation, summarise, variants
 from lmlab.errors import LmlabError
 from tests.helpers import tiny_recipe_file
 

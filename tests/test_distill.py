@@ -46,27 +46,27 @@ def test_top_k_keeps_the_teachers_best_tokens_renormalised():
 def test_a_student_learns_from_a_teacher_and_an_ensemble_teacher(tmp_path, base_model):
     from lmlab.artifacts import read_manifest
     from lmlab.models.ensemble import save_ensemble
-    from lmlab.stages.pretrain import run_pretrain
+    from lmlab.stages.distill import run_distill
 
     recipe = tiny_recipe(tmp_path, None, name="student", stage="distill", tokenizer={},
                          distill={"teacher": str(base_model), "alpha": 0.5, "temperature": 2.0},
                          train={"max_steps": 10, "eval_every": 5})
-    final = run_pretrain(recipe)
+    final = run_distill(recipe)
     assert read_manifest(final)["stage"] == "distill"
     losses = [r["loss"] for r in read_metrics(recipe.run_dir) if "loss" in r]
     assert losses[-1] < losses[0]
     ensemble = save_ensemble([base_model, final], tmp_path / "ens")  # same tokenizer: the teacher's
     second = tiny_recipe(tmp_path, None, name="student2", stage="distill", tokenizer={},
                          distill={"teacher": str(ensemble), "top_k": 8}, train={"max_steps": 4})
-    assert (run_pretrain(second) / "model.safetensors").is_file()
+    assert (run_distill(second) / "model.safetensors").is_file()
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, base_model, tok_dir):
-    from lmlab.stages.pretrain import prepare_pretrain
+    from lmlab.stages.distill import prepare_distill
 
     recipe = tiny_recipe(tmp_path, tok_dir, name="s", stage="distill", distill={"teacher": str(base_model)})
     with pytest.raises(LmlabError, match="teacher's tokenizer differs from the student's"):
-        prepare_pretrain(recipe)
+        prepare_distill(recipe)
     with pytest.raises(LmlabError, match="needs distill.teacher"):
         tiny_recipe(tmp_path, None, name="s2", stage="distill")
 
@@ -90,8 +90,8 @@ def test_chat_distillation_with_a_cached_teacher(tmp_path, base_model):
 
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.stages.distill import chat_data
-    from lmlab.stages.pretrain import run_pretrain
-    from lmlab.stages.sft import load_sft_data
+    from lmlab.stages.distill import run_distill
+    from lmlab.stages.posttrain import load_sft_data
 
     chat = {"train": {"kind": "math", "split": "id", "format": "chat", "num_examples": 24}, "seq_len": 192}
     recipe = tiny_recipe(tmp_path, None, name="chat_student", stage="distill", tokenizer={}, data=chat,
@@ -105,7 +105,7 @@ def test_chat_distillation_with_a_cached_teacher(tmp_path, base_model):
     assert messages[-1]["content"] in targets and messages[-2]["content"] not in targets  # assistant tokens only
     batch = collator([data.train[0], data.train[1]])
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding is never a target
-    final = run_pretrain(recipe)
+    final = run_distill(recipe)
     cache = load_file(str(recipe.run_dir / "teacher_top_k.safetensors"))
     assert cache["indices"].shape[0] == data.train_rows and cache["indices"].shape[-1] == 4
     assert (final / "model.safetensors").is_file()

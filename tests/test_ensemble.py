@@ -87,7 +87,8 @@ def test_lmlab_ensemble_trains_members_with_different_seeds_and_saves_them(tmp_p
     import json
 
     from lmlab.models.build import load_model
-    from lmlab.models.ensemble import EnsembleCausalLM, train_ensemble
+    from lmlab.experiments.ensemble import train_ensemble
+    from lmlab.models.ensemble import EnsembleCausalLM
     from tests.helpers import tiny_recipe_file
 
     path = tiny_recipe_file(tmp_path, "ens")

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from lmlab.data.pairs import check_pair, pairs_from_scores, preference_inputs, read_pairs, sample_pairs, unpaired
+from lmlab.data.pairs import check_pair, pairs_from_scores, preference_inputs, unpaired
+from lmlab.evaluate.onpolicy import sample_pairs
+from lmlab.recipe import SourceSpec
 from lmlab.errors import LmlabError
 from lmlab.recipe import SourceSpec
 
@@ -35,10 +37,10 @@ def test_pairs_with_equal_chosen_and_rejected_or_missing_fields_are_refused(tmp_
     good = {"prompt": "q", "chosen": "a", "rejected": "b"}
     path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
     with pytest.raises(LmlabError, match=r"pairs\.jsonl:2: chosen: chosen and rejected are the same"):
-        read_pairs(path)
+        preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
     path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     with pytest.raises(LmlabError, match=r"pairs\.jsonl:2: rejected: a preference pair needs 'rejected'"):
-        read_pairs(path)
+        preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
     with pytest.raises(LmlabError, match="'chosen' must be text"):
         check_pair({"prompt": "q", "chosen": 3, "rejected": "b"}, "f", 1)
     same_messages = [{"role": "assistant", "content": "x"}]

@@ -178,7 +178,7 @@ def test_bad_budgets_are_errors():
 
 def test_emitted_pipeline_carries_the_plan_into_every_stage(tmp_path):
     from lmlab.pipeline import load_pipeline
-    from lmlab.plan.planner import emit_pipeline
+    from lmlab.cli.plan import emit_pipeline
 
     plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9)
     emit_pipeline(plan, tmp_path / "p.yaml")
@@ -205,7 +205,7 @@ def test_emitted_pipeline_carries_the_plan_into_every_stage(tmp_path):
 
 
 def test_emitting_without_a_checkpoint_names_the_placeholder(tmp_path):
-    from lmlab.plan.planner import emit_pipeline
+    from lmlab.cli.plan import emit_pipeline
 
     expert = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, goal="domain-expert", domain_tokens=20e9)
     notes = emit_pipeline(expert, tmp_path / "e.yaml")

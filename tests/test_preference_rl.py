@@ -108,7 +108,7 @@ def test_preference_stages_train_on_pairs_and_write_artifacts(tmp_path, base_mod
 def test_default_lr_is_the_input_models_lr_over_ten_unless_the_recipe_sets_one(base_model):
     """RECIPES.md 5: preference optimisation and RL train 5-20x below the SFT LR (the base used 1e-2)."""
     from lmlab.recipe import validate_recipe
-    from lmlab.stages.common import post_training_lr
+    from lmlab.stages.posttrain import post_training_lr
 
     tree = {"name": "d", "stage": "dpo", "model": {"from_pretrained": str(base_model)}}
     assert post_training_lr(validate_recipe(tree), 0.1) == pytest.approx(1e-3)
@@ -131,7 +131,7 @@ def test_dpo_pairs_improve_the_chosen_margin(tmp_path, base_model):
 def test_reward_model_stage_learns_pairs_and_scores_like_an_orm(tmp_path, base_model):
     from lmlab.artifacts import read_manifest
     from lmlab.evaluate.orm import RewardModelScorer
-    from lmlab.stages.reward_model import run_reward_model
+    from lmlab.stages.rm import run_reward_model
 
     pairs = write_pairs_file(tmp_path / "pairs.jsonl", n=24)
     recipe = post_recipe(tmp_path, base_model, "rm", data={"train": {"kind": "jsonl", "path": str(pairs)},

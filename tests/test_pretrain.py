@@ -54,7 +54,7 @@ def test_checkpoint_loads_and_generates_in_plain_transformers(tmp_path, tok_dir)
 
 
 def test_weight_decay_skips_embeddings_norms_and_biases(tmp_path, tok_dir):
-    from lmlab.stages.pretrain import prepare_pretrain
+    from lmlab.stages.packed import prepare_packed as prepare_pretrain
 
     job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir))
     decayed = set(job.trainer.get_decay_parameter_names(job.trainer.model))
@@ -64,7 +64,7 @@ def test_weight_decay_skips_embeddings_norms_and_biases(tmp_path, tok_dir):
 
 
 def test_training_runs_with_kv_cache_off_so_packed_masks_apply(tmp_path, tok_dir):
-    from lmlab.stages.pretrain import prepare_pretrain
+    from lmlab.stages.packed import prepare_packed as prepare_pretrain
 
     job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir))
     assert job.trainer.model.config.use_cache is False
@@ -86,7 +86,7 @@ def test_other_architectures_train(tmp_path, tok_dir, arch):
 def test_z_loss_adds_a_positive_penalty(tmp_path, tok_dir):
     import torch
 
-    from lmlab.stages.pretrain import prepare_pretrain, z_loss_function
+    from lmlab.stages.packed import prepare_packed as prepare_pretrain, z_loss_function
 
     job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir))
     batch = {k: v.unsqueeze(0) for k, v in job.data.train[0].items()}
@@ -143,7 +143,7 @@ def test_seq_len_above_checkpoint_maximum_fails(tmp_path, tok_dir):
 
 def test_a_failed_save_leaves_no_checkpoint_behind(tmp_path, tok_dir, monkeypatch):
     import lmlab.trainers as trainers
-    from lmlab.stages.pretrain import prepare_pretrain
+    from lmlab.stages.packed import prepare_packed as prepare_pretrain
 
     def crash(path):
         raise OSError("disk full")

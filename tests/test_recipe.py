@@ -87,7 +87,7 @@ def test_shipped_recipes_validate(tmp_path):
             assert load_pipeline(path)[1]
             continue
         if "study" in tree:  # a study file (lmlab study): its own schema
-            from lmlab.studies import load_study_file
+            from lmlab.experiments.studies import load_study_file
 
             assert load_study_file(path).name == tree["name"]
             continue

@@ -108,7 +108,7 @@ def test_packing_never_lets_a_sample_attend_to_another(tmp_path, base_model):
 
 
 def test_overlong_samples_are_counted_and_dropped_on_request(tmp_path, base_model):
-    from lmlab.stages.sft import load_sft_data, prepare_tokenizer
+    from lmlab.stages.posttrain import load_sft_data, prepare_tokenizer
 
     recipe = sft_recipe(tmp_path, base_model, data={"seq_len": 112}, sft={"overlong": "drop", "eval_math": 0})
     tokenizer = prepare_tokenizer(recipe)
@@ -153,7 +153,8 @@ def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(
     from peft import PeftModel
 
     from lmlab.models.build import load_model
-    from lmlab.stages.sft import export_adapter, run_sft
+    from lmlab.artifacts import export_adapter
+    from lmlab.stages.sft import run_sft
 
     adapter = run_sft(sft_recipe(tmp_path, base_model, lora={"enabled": True, "r": 4, "alpha": 8}, optim={"lr": 1e-2}))
     assert (adapter / "adapter_config.json").is_file()

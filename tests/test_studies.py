@@ -33,7 +33,7 @@ def _study(tmp_path, tok_dir, **changes) -> dict:
 
 
 def test_study_file_errors_name_the_field(tmp_path, tok_dir):
-    from lmlab.studies import run_study
+    from lmlab.experiments.studies import run_study
 
     with pytest.raises(LmlabError, match="'z' is not one of models"):
         run_study(_study(tmp_path, tok_dir, distill={"student": "z"}))
@@ -45,7 +45,7 @@ def test_study_file_errors_name_the_field(tmp_path, tok_dir):
 
 @pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir):
-    from lmlab.studies import run_study
+    from lmlab.experiments.studies import run_study
 
     report = run_study(_study(tmp_path, tok_dir))
     results = json.loads((report.parent / "study.json").read_text())
@@ -64,7 +64,7 @@ def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir)
 
 @pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_evolm_study_runs_every_finding_on_tiny_models(tmp_path, tok_dir):
-    from lmlab.studies import run_study
+    from lmlab.experiments.studies import run_study
 
     tiny = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
             "max_position_embeddings": 128}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from lmlab.errors import LmlabError
-from lmlab.sweep import run_sweep
+from lmlab.experiments.sweep import run_sweep
 from tests.helpers import tiny_recipe_file
 
 

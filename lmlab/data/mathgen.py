@@ -103,7 +103,7 @@ def _ood_problem(rng: random.Random) -> MathProblem:
 
 def is_eval_prompt(prompt: str) -> bool:
     """Whether a prompt belongs to the evaluation slice (a stable hash of its text, like data validation splits)."""
-    from lmlab.data.sources import doc_hash
+    from lmlab.data.split import doc_hash
 
     return doc_hash(f"math:{prompt}") < EVAL_SHARE
 

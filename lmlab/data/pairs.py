@@ -1,7 +1,7 @@
 """Preference pairs: sampled on-policy and scored, or read from jsonl and checked before any compute.
 
 RECIPES.md: DPO overfits after one epoch, so iterate on fresh on-policy pairs.
-`sample_pairs` draws K responses per prompt from the current policy, scores them
+`lmlab.evaluate.onpolicy.sample_pairs` draws K responses per prompt from the current policy, scores them
 with a verifier or a reward model, and keeps best vs worst; prompts whose K
 scores are all equal carry no preference and are dropped (and counted).
 
@@ -67,26 +67,6 @@ def pairs_from_scores(records: list[dict[str, Any]], responses: list[list[str]],
     return pairs, PairStats(len(records), len(pairs), ties, best_sum / n, worst_sum / n)
 
 
-def sample_pairs(model, tokenizer, records: list[dict[str, Any]], scorer, samples: int = 4,
-                 temperature: float = 1.0, max_new_tokens: int = 48, system: str | None = None,
-                 seed: int = 0, batch_size: int = 32) -> tuple[list[dict[str, Any]], PairStats]:
-    """Sample `samples` responses per prompt from the policy, score them, and pair best against worst."""
-    from lmlab.evaluate.generation import generate
-    from lmlab.evaluate.orm import checked_scores
-
-    if samples < 2:
-        raise LmlabError("pairs need at least two samples per prompt", field="preference.samples")
-    prompts = [tokenizer.apply_chat_template(prompt_messages(r["prompt"], r.get("system", system)), tokenize=False,
-                                            add_generation_prompt=True) for r in records]
-    sampled = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       batch_size=max(1, batch_size // samples), do_sample=True, temperature=temperature,
-                       num_return_sequences=samples, seed=seed)
-    flat = checked_scores(scorer, [p for p, g in zip(prompts, sampled) for _ in g], [r for g in sampled for r in g],
-                          [rec for rec, g in zip(records, sampled) for _ in g])
-    scores = [flat[i * samples:(i + 1) * samples] for i in range(len(records))]
-    return pairs_from_scores(records, sampled, scores, system)
-
-
 def write_pairs(pairs: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,16 +98,6 @@ def check_pair(record: dict[str, Any], where: str, line: int) -> dict[str, Any]:
         raise LmlabError("chosen and rejected are the same response: the pair carries no preference",
                          file=where, line=line, field="chosen")
     return {k: record[k] for k in PAIR_FIELDS}
-
-
-def read_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """Pairs from a jsonl file, each checked; the first bad line is an error naming it."""
-    from lmlab.data.sources import read_jsonl
-
-    pairs = [check_pair(record, str(path), line) for line, record in read_jsonl(path)]
-    if not pairs:
-        raise LmlabError("the pairs file has no records", file=str(path))
-    return pairs
 
 
 def unpaired(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:

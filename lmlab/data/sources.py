@@ -9,7 +9,6 @@ an unreachable hub) is an LmlabError naming the file, line and field.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -197,15 +196,11 @@ def load_source(spec: SourceSpec, *, streaming: bool = False, seed: int = 0):
     return _hub_source(spec, streaming)
 
 
-def doc_hash(doc_id: str) -> float:
-    """A stable number in [0, 1) from a document id (blake2b, independent of PYTHONHASHSEED)."""
-    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2 ** 64
-
-
 def split_validation(ds, fraction: float):
     """Train and validation parts chosen by the hash of each `doc_id`: order- and streaming-independent."""
     from datasets import Dataset
+
+    from lmlab.data.split import doc_hash
 
     if fraction <= 0:
         return ds, ds.select([]) if isinstance(ds, Dataset) else ds.take(0)

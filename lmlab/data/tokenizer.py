@@ -30,6 +30,8 @@ from lmlab.errors import LmlabError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
+    from lmlab.recipe import Recipe
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
@@ -78,6 +80,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from lmlab.recipe import Recipe
 
     floor = len(SPECIAL_TOKENS) + BYTE_ALPHABET
     if vocab_size <= floor:
@@ -208,3 +212,30 @@ def compare_tokenizers(first, second, texts: Iterable[str]) -> dict[str, dict]:
     keys = ("fertility", "continued_words", "bytes_per_token", "tokens")
     ratios = {k: a[k] / b[k] if b[k] else float("nan") for k in keys}
     return {"first": a, "second": b, "ratios": ratios}
+
+
+def resolve_tokenizer(recipe: Recipe, run_dir: Path):
+    """The recipe's tokenizer: a given directory, the checkpoint's own, or one trained (and saved) for this run."""
+    from lmlab.console import console
+    from lmlab.distributed import main_first
+
+    if recipe.tokenizer.path:
+        return load_tokenizer(recipe.tokenizer.path)
+    if recipe.model.from_pretrained:
+        return load_tokenizer(recipe.model.from_pretrained)
+    if recipe.stage == "distill":  # a fresh student speaks the teacher's tokens
+        return load_tokenizer(recipe.distill.teacher)
+    saved = run_dir / "tokenizer"
+    with main_first() as main:  # rank 0 trains and saves it; the other ranks load what it saved
+        if main and not (saved / "tokenizer.json").is_file():  # else: trained by an earlier (interrupted) run
+            from lmlab.data.pretrain_data import load_documents
+
+            specs = recipe.tokenizer.train_sources or recipe.data.train
+            texts = (row["text"] for row in load_documents(specs, streaming=True, seed=recipe.seed))
+            with console(stderr=True).status(f"training a byte-level BPE tokenizer "
+                                             f"({recipe.tokenizer.vocab_size} tokens)"):
+                tokenizer = train_tokenizer(texts, vocab_size=recipe.tokenizer.vocab_size,
+                                            min_frequency=recipe.tokenizer.min_frequency,
+                                            max_bytes=recipe.tokenizer.max_train_bytes)
+            save_tokenizer(tokenizer, saved)
+    return load_tokenizer(saved)

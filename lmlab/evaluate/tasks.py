@@ -69,11 +69,10 @@ def general_cloze_items(n: int, choices: int = 4) -> list[dict[str, Any]]:
     """From held-out stdlib documents: given a few lines, pick the true next line among lines of other documents."""
     import random
 
-    from lmlab.data.general import general_documents
-    from lmlab.data.sources import doc_hash
+    from lmlab.data.split import held_out_general_texts
 
     rng = random.Random(EVAL_SEED)
-    docs = [text for doc_id, text in general_documents() if doc_hash(doc_id) < 0.01]  # the validation split
+    docs = held_out_general_texts()
     lines_by_doc = [[line for line in d.splitlines() if len(line.strip()) > 20] for d in docs]
     pool = [line for lines in lines_by_doc for line in lines]
     items = []

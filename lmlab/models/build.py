@@ -86,8 +86,7 @@ def load_model(path: str | Path, trust_remote_code: bool = False, attn_implement
 
     path = Path(path)
     if is_ensemble(path):
-        return load_ensemble(path, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                             dtype=dtype)
+        return load_ensemble(path, lambda member: load_model(member, trust_remote_code, attn_implementation, dtype))
     if not (path / "config.json").is_file():
         raise LmlabError("not a HF checkpoint: config.json is missing", file=str(path))
     if not any(path.glob("*.safetensors")):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -129,52 +129,12 @@ def is_ensemble(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
-def load_ensemble(path: str | Path, **load_kwargs) -> EnsembleCausalLM:
-    from lmlab.models.build import load_model
-
+def load_ensemble(path: str | Path, load_member: Callable[[str], Any]) -> EnsembleCausalLM:
+    """The ensemble's members, each loaded by `load_member` (`lmlab.models.build.load_model`), as one model."""
     manifest = json.loads((Path(path) / ENSEMBLE_FILE).read_text())
     missing = [m for m in manifest["members"] if not Path(m).is_dir()]
     if missing:
         raise LmlabError(f"ensemble member not found: {missing[0]}", file=str(Path(path) / ENSEMBLE_FILE),
                          field="members")
-    members = [load_model(m, **load_kwargs) for m in manifest["members"]]
+    members = [load_member(m) for m in manifest["members"]]
     return EnsembleCausalLM(members, manifest.get("combine", "logits")).eval()
-
-
-def train_ensemble(recipe: str | Path, members: int, jobs: int | None = None, extra: list[str] | None = None,
-                   combine: Combine = "logits") -> Path:
-    """Train `members` copies of a stage recipe that differ by seed (init and data order), in parallel
-    processes when there are cores to spare, then save them as one ensemble."""
-    import os
-
-    import yaml
-
-    from lmlab.ablate import Variant, run_variants
-    from lmlab.recipe import load_recipe
-
-    path = Path(recipe)
-    if members < 2:
-        raise LmlabError(f"an ensemble needs at least two members, got {members}", field="--members")
-    if not path.is_file():
-        raise LmlabError("recipe not found", file=str(path))
-    tree = yaml.safe_load(path.read_text()) or {}
-    if "stages" in tree:
-        raise LmlabError("give a stage recipe (pretrain, cpt, sft, ...); ensemble the pipeline's stage instead",
-                         file=str(path))
-    base = tree.get("name", path.stem)
-    out_dir = Path((tree.get("output") or {}).get("dir", "runs")) / f"{base}-ensemble"
-    todo = [Variant(f"member-s{seed}", {"seed": seed}, seed, [f"seed={seed}", f"name=member-s{seed}"])
-            for seed in range(members)]
-    for variant in todo:  # every member validates before any trains
-        first = load_recipe(path, [*(extra or []), *variant.overrides, f"output.dir={out_dir}"])
-    if not first.tokenizer.path and not first.model.from_pretrained:
-        # members must share one vocabulary: train the tokenizer once, not once per seed
-        from lmlab.stages.pretrain import resolve_tokenizer
-
-        resolve_tokenizer(first.model_copy(update={"seed": 0}), out_dir)
-        extra = [*(extra or []), f"tokenizer.path={out_dir / 'tokenizer'}"]
-    failed = run_variants(path, [tree.get("stage", "pretrain")], todo, out_dir,
-                          jobs or max(1, (os.cpu_count() or 1) // 4), extra)
-    if failed:
-        raise LmlabError(f"ensemble members failed: {', '.join(failed)}", file=str(out_dir / "logs"))
-    return save_ensemble([out_dir / v.name / "final" for v in todo], out_dir / "ensemble", combine)

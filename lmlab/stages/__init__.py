@@ -1,24 +1,32 @@
-"""Training stages; `run_stage` is the one dispatch from a validated recipe to its stage's runner."""
+"""Training stages; `run_stage` is the one dispatch from a validated recipe to its stage's runner.
+
+Each stage's module is imported only when that stage runs (torch and TRL are heavy),
+but by name, so a reader (or a tool) can follow a recipe from the CLI to its trainer.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-STAGE_RUNNERS = {  # stage -> (module, function); imported only when that stage runs
-    "pretrain": ("lmlab.stages.pretrain", "run_pretrain"), "cpt": ("lmlab.stages.pretrain", "run_pretrain"),
-    "sft": ("lmlab.stages.sft", "run_sft"), "rm": ("lmlab.stages.reward_model", "run_reward_model"),
-    "dpo": ("lmlab.stages.preference", "run_preference"), "kto": ("lmlab.stages.preference", "run_preference"),
-    "orpo": ("lmlab.stages.preference", "run_preference"), "rl": ("lmlab.stages.rl", "run_rl"),
-    "distill": ("lmlab.stages.pretrain", "run_pretrain"),
-}
-
 
 def run_stage(recipe, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run a validated recipe with its stage's runner (imported only now: torch is heavy)."""
-    import importlib
-
+    """Run a validated recipe with its stage's runner; returns the stage's final artifact."""
     from lmlab.console import silence_libraries
 
     silence_libraries()
-    module, function = STAGE_RUNNERS[recipe.stage]
-    return getattr(importlib.import_module(module), function)(recipe, resume=resume, overwrite=overwrite)
+    stage = recipe.stage
+    if stage in ("pretrain", "cpt"):
+        from lmlab.stages.pretrain import run_pretrain as runner
+    elif stage == "distill":
+        from lmlab.stages.distill import run_distill as runner
+    elif stage == "sft":
+        from lmlab.stages.sft import run_sft as runner
+    elif stage == "rm":
+        from lmlab.stages.rm import run_reward_model as runner
+    elif stage in ("dpo", "kto", "orpo"):
+        from lmlab.stages.preference import run_preference as runner
+    elif stage == "rl":
+        from lmlab.stages.rl import run_rl as runner
+    else:  # the recipe's Literal makes this unreachable for a validated recipe
+        raise ValueError(f"no runner for stage {stage!r}")
+    return runner(recipe, resume=resume, overwrite=overwrite)

@@ -252,17 +252,6 @@ def task_eval_callbacks(recipe: Recipe, metrics, tokenizer) -> list:
     return [TaskEvalCallback(metrics, tokenizer, tasks, recipe.eval.every, recipe.eval.samples, scorer)]
 
 
-def post_training_lr(recipe: Recipe, ratio: float) -> float:
-    """optim.lr when the recipe sets it; else the input model's training LR x `ratio` (RECIPES.md 5:
-    preference optimisation and RL train 5-20x below the SFT LR)."""
-    if "lr" in recipe.optim.model_fields_set:
-        return recipe.optim.lr
-    from lmlab.artifacts import read_manifest
-
-    previous = read_manifest(recipe.model.from_pretrained or "").get("recipe", {}).get("optim", {}).get("lr")
-    return (previous or recipe.optim.lr) * ratio
-
-
 def stage_callbacks(trainer, recipe: Recipe, tokenizer, tokens_per_step: int = 0, **metric_fields: Any):
     """Attach the shared callback set (metrics, progress, task/ORM evaluation); returns the metrics callback."""
     from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks

@@ -18,10 +18,9 @@ GENERAL_DOCS = 40  # held-out general documents for bits per byte (the 1% valida
 
 
 def general_texts(n: int = GENERAL_DOCS) -> list[str]:
-    from lmlab.data.general import general_documents
-    from lmlab.data.sources import doc_hash
+    from lmlab.data.split import held_out_general_texts
 
-    return [text for doc_id, text in general_documents() if doc_hash(doc_id) < 0.01][:n]
+    return held_out_general_texts(n)
 
 
 def math_texts(n: int = 200) -> list[str]:

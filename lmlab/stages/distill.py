@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from lmlab.console import console
 from lmlab.errors import LmlabError
+from lmlab.recipe import Recipe
 from lmlab.trainers import LmlabTrainer
 
 
@@ -127,7 +129,7 @@ def chat_data(recipe, tokenizer):
 
     from lmlab.data.pretrain_data import PackedData
     from lmlab.data.tokenizer import chat_template
-    from lmlab.stages.sft import load_sft_data
+    from lmlab.stages.posttrain import load_sft_data
 
     if recipe.sft.chat_template != "tokenizer":
         tokenizer.chat_template = chat_template(recipe.sft.chat_template)
@@ -183,3 +185,34 @@ def load_teacher(path: str, student_tokenizer):
         raise LmlabError("the teacher's tokenizer differs from the student's", file=path, field="distill.teacher",
                          hint="distil with the teacher's tokenizer (leave tokenizer.path unset)")
     return load_model(path)
+
+
+def teacher_factory(recipe: Recipe):
+    """The distillation trainer and its teacher, built once the training rows exist (the cache needs them)."""
+    def factory(data, collator, tokenizer):
+        d = recipe.distill
+        teacher = load_teacher(d.teacher, tokenizer)
+        extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k)
+        if d.cache_teacher:  # rows carry their index, so each batch finds its teacher top-k on disk
+            data.train = data.train.add_column("row_id", list(range(len(data.train))))
+            with console().status("caching the teacher's top-k over the training rows"):
+                extra["cache"] = cache_teacher(teacher, data.train, collator, d.top_k, d.temperature,
+                                               recipe.run_dir / "teacher_top_k.safetensors")
+        return DistillTrainer, extra
+    return factory
+
+
+def prepare_distill(recipe: Recipe):
+    """The student's job (packed text or chat rows, the teacher loaded and checked), before compute."""
+    from lmlab.stages.packed import prepare_packed
+
+    return prepare_packed(recipe, chat_data if recipe.distill.data_format == "chat" else None,
+                          teacher_factory(recipe))
+
+
+def run_distill(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a student on CE + T^2 KL to the teacher; returns the final artifact directory."""
+    from lmlab.stages.packed import run_packed
+
+    return run_packed(recipe, resume, overwrite, chat_data if recipe.distill.data_format == "chat" else None,
+                      teacher_factory(recipe))

@@ -74,11 +74,12 @@ def _finished_rounds(run_dir: Path) -> list[int]:
 
 def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
-    from lmlab.data.pairs import preference_inputs, sample_pairs, write_pairs
+    from lmlab.data.pairs import preference_inputs, write_pairs
+    from lmlab.evaluate.onpolicy import sample_pairs
     from lmlab.evaluate.orm import load_scorer
     from lmlab.models.build import load_model
-    from lmlab.stages.common import open_stage, post_training_lr, save_final, stage_callbacks, train
-    from lmlab.stages.sft import load_sft_model, lora_config, prepare_tokenizer
+    from lmlab.stages.common import open_stage, save_final, stage_callbacks, train
+    from lmlab.stages.posttrain import load_policy, lora_config, post_training_lr, prepare_tokenizer
     from lmlab.trainers import last_checkpoint
 
     out, p, run_dir = console(), recipe.preference, recipe.run_dir
@@ -95,7 +96,7 @@ def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False
     lr = post_training_lr(recipe, p.lr_ratio)
     done = _finished_rounds(run_dir) if resume else []
     start_from = run_dir / f"round-{done[-1]}" / "model" if done else Path(recipe.model.from_pretrained)
-    model = load_model(start_from) if done else load_sft_model(recipe, tokenizer)
+    model = load_model(start_from) if done else load_policy(recipe, tokenizer)
     out.print(f"[bold]{recipe.name}[/]: {recipe.stage} (beta {p.beta}"
                   + (f", loss {'+'.join(p.loss_type)}" if recipe.stage == "dpo" else "")
                   + f", lr {lr:.2e}), {p.rounds} round(s)" + (f", resuming after round {done[-1]}" if done else ""))

@@ -66,8 +66,8 @@ def prepare_rl(recipe: Recipe):
     """Prompts, rewards, model and trainer; every input check happens here, before compute."""
     from datasets import Dataset
 
-    from lmlab.stages.common import post_training_lr, stage_callbacks, training_arguments
-    from lmlab.stages.sft import load_sft_model, lora_config, prepare_tokenizer
+    from lmlab.stages.common import stage_callbacks, training_arguments
+    from lmlab.stages.posttrain import load_policy, lora_config, post_training_lr, prepare_tokenizer
     from lmlab.trainers import LmlabTrainerMixin
 
     r, t = recipe.rl, recipe.train
@@ -83,7 +83,7 @@ def prepare_rl(recipe: Recipe):
         tokenizer.eos_token = "<|im_end|>"
     prompts = rl_prompts(recipe)
     rewards = [trl_reward(spec, tokenizer) for spec in r.rewards]
-    model = load_sft_model(recipe, tokenizer)
+    model = load_policy(recipe, tokenizer)
     lr = post_training_lr(recipe, r.lr_ratio)
     steps = rl_steps(recipe, len(prompts))
     if r.algorithm == "grpo":

@@ -1,4 +1,5 @@
-"""`lmlab plan`: a typer command that imports only the planner (no torch), so it answers in well under a second."""
+"""`lmlab plan`: a typer command that imports only the planner (no torch), so it answers in well under a second;
+`--emit` writes the plan as a pipeline, validated as `lmlab run` would validate it."""
 
 from __future__ import annotations
 
@@ -64,9 +65,36 @@ def plan(
     else:
         render(result, shared_console())
     if emit:
-        from lmlab.plan.planner import emit_pipeline
-
         notes = emit_pipeline(result, emit, data=data, checkpoint=checkpoint, sft_data=sft_data, rl_prompts=rl_prompts)
         for note in notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"pipeline written to {emit}: run it with `lmlab run {emit}`")
+
+
+def emit_pipeline(plan, path, data: str | None = None, checkpoint: str | None = None,
+                  sft_data: str | None = None, rl_prompts: str | None = None) -> list[str]:
+    """Write the plan's pipeline YAML (validated as `lmlab run` would) with the notes as a header."""
+    from pathlib import Path
+
+    import yaml
+
+    from lmlab.pipeline import Pipeline, plan_stages
+    from lmlab.plan.planner import plan_to_pipeline
+    from lmlab.recipe import validate_recipe
+
+    path = Path(path)
+    tree, notes = plan_to_pipeline(plan, name=path.stem, data=data, checkpoint=checkpoint, sft_data=sft_data,
+                                   rl_prompts=rl_prompts)
+    placeholder = {s["model"]["from_pretrained"] for s in tree["stages"] if "from_pretrained" in s.get("model", {})}
+    plan_stages(validate_recipe(tree, str(path), model=Pipeline), str(path), assume_exists=placeholder)
+    header = [f"# lmlab plan: {plan.goal} for {plan.model.name} on {plan.num_gpus} x {plan.gpu.name}; "
+              f"run it with `lmlab run {path.name}`"] + [f"# NOTE {n}" for n in notes]
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(tree, sort_keys=False))
+    return notes
+
+
+def _source_dict(path: str) -> dict[str, Any]:
+    from lmlab.recipe import infer_source_kind
+
+    kind = infer_source_kind(path)
+    return {"kind": kind} if kind in ("general", "math") else {"kind": kind, "path": path.removeprefix("hub:")}

@@ -8,8 +8,8 @@ import yaml
 
 from lmlab.errors import LmlabError
 
-STUDIES = {"data_constrained": ("lmlab.studies.data_constrained", "run_data_constrained"),
-           "evolm": ("lmlab.studies.evolm", "run_evolm")}
+STUDIES = {"data_constrained": ("lmlab.experiments.studies.data_constrained", "run_data_constrained"),
+           "evolm": ("lmlab.experiments.studies.evolm", "run_evolm")}
 
 
 def _kind(path: str | Path) -> tuple[str, str]:
@@ -25,7 +25,7 @@ def load_study_file(path: str | Path):
     """The study file validated against its study's schema (no compute)."""
     import importlib
 
-    from lmlab.studies.common import load_study
+    from lmlab.experiments.studies.common import load_study
 
     module = importlib.import_module(_kind(path)[0])
     return load_study(path, module.SCHEMA)

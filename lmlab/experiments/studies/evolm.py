@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
-from lmlab.studies.common import StudyRunner, load_study, mean_std_text
+from lmlab.experiments.studies.common import StudyRunner, load_study, mean_std_text
 
 
 class PretrainScaling(Strict):
@@ -62,7 +62,7 @@ class EvolmStudy(Strict):
         return Path(self.output.dir) / self.name
 
 
-SCHEMA = EvolmStudy  # what `lmlab.studies.load_study_file` validates a study file against
+SCHEMA = EvolmStudy  # what `lmlab.experiments.studies.load_study_file` validates a study file against
 
 
 class Evaluator:
@@ -105,7 +105,7 @@ def _steps(study: EvolmStudy, tokenizer, tokens_per_step: int) -> tuple[int, lis
 def run_evolm(path: str | Path) -> Path:
     """Run the study (reusing finished runs); writes evolm.json, evolm.md and plots; returns the md."""
     from lmlab.recipe import validate_recipe
-    from lmlab.stages.pretrain import resolve_tokenizer
+    from lmlab.data.tokenizer import resolve_tokenizer
 
     study = load_study(path, EvolmStudy)
     tok_dir = study.run_dir / "tokenizer"
@@ -294,7 +294,7 @@ def write_report(study: EvolmStudy, results: dict) -> Path:
     (out / "evolm.json").write_text(json.dumps(results, indent=2))
 
     def errorbar(ax, xs, series, label):
-        from lmlab.ablate import mean_std
+        from lmlab.experiments.ablate import mean_std
 
         stats = [mean_std(v) for v in series]
         ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=label)

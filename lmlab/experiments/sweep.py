@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from lmlab.ablate import Variant, run_variants
+from lmlab.experiments.ablate import Variant, run_variants
 from lmlab.errors import LmlabError
 
 # Kotha et al.'s ranges, relative to a base LR: weight decay 0.1 .. 3.2 (30x the usual), epochs 1 .. 16

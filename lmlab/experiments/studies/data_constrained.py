@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
-from lmlab.studies.common import StudyRunner, load_study
+from lmlab.experiments.studies.common import StudyRunner, load_study
 
 
 class StandardGrid(Strict):
@@ -94,7 +94,7 @@ class DataConstrainedStudy(Strict):
         return Path(self.output.dir) / self.name
 
 
-SCHEMA = DataConstrainedStudy  # what `lmlab.studies.load_study_file` validates a study file against
+SCHEMA = DataConstrainedStudy  # what `lmlab.experiments.studies.load_study_file` validates a study file against
 
 
 class Runner(StudyRunner):
@@ -152,7 +152,7 @@ def run_data_constrained(path: str | Path) -> Path:
     from lmlab.models.build import load_model
     from lmlab.models.ensemble import save_ensemble
     from lmlab.recipe import DataConfig, validate_recipe
-    from lmlab.stages.pretrain import resolve_tokenizer
+    from lmlab.data.tokenizer import resolve_tokenizer
 
     study, console = load_study(path, DataConstrainedStudy), shared_console()
     runner, sizes = Runner(study, str(path)), list(study.models)

@@ -32,14 +32,14 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from lmlab.data.pairs import drop_overlong, preference_inputs, sample_pairs, write_pairs
-    from lmlab.data.sources import doc_hash
+    from lmlab.data.pairs import drop_overlong, preference_inputs, write_pairs
+    from lmlab.evaluate.onpolicy import sample_pairs
+    from lmlab.data.split import split_items
     from lmlab.evaluate.orm import load_scorer
     from lmlab.models.build import load_model
     from lmlab.distributed import is_main, world_size
-    from lmlab.stages.common import open_stage, post_training_lr, save_final, stage_callbacks, train, \
-        training_arguments
-    from lmlab.stages.sft import prepare_tokenizer
+    from lmlab.stages.common import open_stage, save_final, stage_callbacks, train, training_arguments
+    from lmlab.stages.posttrain import post_training_lr, prepare_tokenizer
     from lmlab.trainers import LmlabTrainerMixin
 
     out, p, t, run_dir = console(), recipe.preference, recipe.train, recipe.run_dir
@@ -65,12 +65,8 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
         raise LmlabError(f"{len(pairs)} preference pairs: too few to train a reward model", field="data.train")
     keys = ("prompt", "chosen", "rejected")
     rows = [{k: pair[k] for k in keys} for pair in pairs]
-    fraction = recipe.sft.validation_fraction
-    held = [i for i in range(len(rows)) if doc_hash(f"pair-{i}") < fraction] if fraction else []
-    if fraction and not held:
-        held = [0]
-    train_rows = [r for i, r in enumerate(rows) if i not in set(held)]
-    validation = Dataset.from_list([rows[i] for i in held]) if held else None
+    train_rows, held = split_items(rows, [f"pair-{i}" for i in range(len(rows))], recipe.sft.validation_fraction)
+    validation = Dataset.from_list(held) if held else None
 
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
     steps = t.max_steps or -(-len(train_rows) // (t.micro_batch_size * t.grad_accum * world_size())) * int(t.epochs or 1)

@@ -37,7 +37,7 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-from lmlab.plan.command import plan as _plan  # noqa: E402 - light: typer and the stdlib only
+from lmlab.cli.plan import plan as _plan  # noqa: E402 - light: typer and the stdlib only
 
 app.command("plan")(user_errors(_plan))
 
@@ -78,7 +78,7 @@ def ablate(recipe: Path = typer.Argument(..., help="A stage recipe or a pipeline
            jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs at a time (default: cores / 4)."),
            set_: Optional[List[str]] = SetOption) -> None:
     """Run grid x seeds variants, then a mean ± std table per metric and plots against the swept value."""
-    from lmlab.ablate import run_ablation
+    from lmlab.experiments.ablate import run_ablation
 
     out = run_ablation(recipe, grid, seeds, jobs, set_)
     typer.echo(f"ablation: {out / 'ablation.md'}")
@@ -165,7 +165,7 @@ def ensemble(recipe: Path = typer.Argument(..., help="A stage recipe; members di
              combine: str = typer.Option("logits", "--combine", help="Average `logits` or `logprobs`."),
              set_: Optional[List[str]] = SetOption) -> None:
     """Train K members and save an ensemble (averaged logits) that eval and distill load like a checkpoint."""
-    from lmlab.models.ensemble import train_ensemble
+    from lmlab.experiments.ensemble import train_ensemble
 
     if combine not in ("logits", "logprobs"):
         raise LmlabError(f"unknown combine '{combine}'", field="--combine", hint="logits or logprobs")
@@ -213,8 +213,8 @@ def sweep(recipe: Path = typer.Argument(..., help="A stage recipe with a validat
           jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs at a time."),
           set_: Optional[List[str]] = SetOption) -> None:
     """Coordinate descent over weight decay, LR and epochs for fixed data and model (Kotha et al.)."""
-    from lmlab.ablate import parse_grid
-    from lmlab.sweep import DEFAULT_GRID, run_sweep
+    from lmlab.experiments.ablate import parse_grid
+    from lmlab.experiments.sweep import DEFAULT_GRID, run_sweep
 
     chosen = {**DEFAULT_GRID, **(parse_grid(grid) if grid else {})}
     summary = run_sweep(recipe, chosen, rounds, jobs, set_)
@@ -227,7 +227,7 @@ def sweep(recipe: Path = typer.Argument(..., help="A stage recipe with a validat
 def study(path: Path = typer.Argument(..., help="A study file, e.g. recipes/data_constrained_small.yaml.")) -> None:
     """Reproduce a paper's findings from one study file; finished runs are reused, and the report says per
     finding whether it reproduced."""
-    from lmlab.studies import run_study
+    from lmlab.experiments.studies import run_study
 
     typer.echo(f"report: {run_study(path)}")
 
@@ -243,7 +243,8 @@ def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpo
           seed: int = typer.Option(0, "--seed"),
           out: Path = typer.Option(..., "--out", "-o", help="Where the pairs jsonl goes.")) -> None:
     """Sample K responses per prompt, score them, and write best-vs-worst pairs (ties dropped, counted)."""
-    from lmlab.data.pairs import preference_inputs, sample_pairs, write_pairs
+    from lmlab.data.pairs import preference_inputs, write_pairs
+    from lmlab.evaluate.onpolicy import sample_pairs
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.evaluate.orm import load_scorer
     from lmlab.models.build import load_model
@@ -267,7 +268,7 @@ def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpo
 def export(adapter: Path = typer.Argument(..., help="A LoRA adapter directory written by `lmlab sft`."),
            out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged HF checkpoint.")) -> None:
     """Merge a LoRA adapter into its base model, with the tokenizer and chat template."""
-    from lmlab.stages.sft import export_adapter
+    from lmlab.artifacts import export_adapter
 
     typer.echo(f"merged checkpoint: {export_adapter(adapter, out)}")
 
@@ -397,7 +398,3 @@ def tokenizer_eval(
 
 def main() -> None:  # pragma: no cover - entry point
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,137 @@
+"""What the post-training stages share (SFT, reward models, DPO / KTO / ORPO, RL, chat distillation).
+
+The tokenizer with its training chat template, chat records checked and split,
+the policy loaded (full, LoRA, or QLoRA in NF4), the LoRA config with the
+RECIPES rules on alpha/r and trainable parameters per sample, and the LR that
+post-training derives from the input model's SFT LR. A stage imports these from
+here, never from another stage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.recipe import Recipe
+
+ALPHA_OVER_R_LIMIT = 4  # RECIPES.md 4: r=8, alpha=128 damages the model
+TRAINABLE_PER_SAMPLE_LIMIT = 10_000  # RECIPES.md 4: watch trainable params per training sample
+
+
+@dataclass
+class SFTData:
+    train: Any
+    validation: Any
+    examples: int
+    overlong: int
+    dropped: int
+
+
+def prepare_tokenizer(recipe: Recipe):
+    """The checkpoint's tokenizer with the training chat template the recipe asks for."""
+    from lmlab.data.tokenizer import chat_template, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.tokenizer.path or recipe.model.from_pretrained)
+    if recipe.sft.chat_template != "tokenizer":
+        tokenizer.chat_template = chat_template(recipe.sft.chat_template)
+    if not tokenizer.chat_template:
+        raise LmlabError("the tokenizer has no chat template", field="sft.chat_template",
+                         hint="set sft.chat_template: chatml")
+    if recipe.sft.assistant_only_loss and "generation" not in tokenizer.chat_template:
+        raise LmlabError("assistant_only_loss needs {% generation %} markers, which this chat template lacks",
+                         field="sft.chat_template", hint="use sft.chat_template: chatml (lmlab's training template)")
+    return tokenizer
+
+
+def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
+    """Chat records, checked, split, and measured against the sequence length."""
+    from datasets import Dataset
+
+    from lmlab.data.chat import chat_records
+    from lmlab.data.split import split_items
+
+    rows = []
+    for spec in recipe.data.train:
+        for where, line, messages in chat_records(spec, recipe.sft.layout, recipe.seed):
+            row: dict[str, Any] = {"messages": messages, "doc_id": f"{where}:{line}"}
+            if recipe.sft.enable_thinking is not None:
+                row["chat_template_kwargs"] = {"enable_thinking": recipe.sft.enable_thinking}
+            rows.append(row)
+    if not rows:
+        raise LmlabError("the SFT data has no records", field="data.train")
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True,
+                                                 **r.get("chat_template_kwargs", {}))["input_ids"]) for r in rows]
+    limit = recipe.data.seq_len
+    overlong = sum(n > limit for n in lengths)
+    dropped = 0
+    if recipe.sft.overlong == "drop":
+        rows = [r for r, n in zip(rows, lengths) if n <= limit]
+        dropped = overlong
+        if not rows:
+            raise LmlabError(f"every record is longer than data.seq_len={limit}", field="data.seq_len")
+    train, validation = split_items(rows, [r["doc_id"] for r in rows], recipe.sft.validation_fraction)
+    strip = lambda rs: Dataset.from_list([{k: v for k, v in r.items() if k != "doc_id"} for r in rs])  # noqa: E731
+    return SFTData(strip(train).shuffle(seed=recipe.seed), strip(validation) if validation else None,
+                   len(train), overlong, dropped)
+
+
+def lora_config(recipe: Recipe, examples: int, model) -> Any:
+    """A peft LoraConfig, with the RECIPES.md warnings on alpha/r and trainable parameters per sample."""
+    from peft import LoraConfig
+
+    lora = recipe.lora
+    if lora.alpha / lora.r > ALPHA_OVER_R_LIMIT:
+        warnings.warn(f"lora.alpha/lora.r = {lora.alpha / lora.r:g} > {ALPHA_OVER_R_LIMIT}: large scaling can damage "
+                      "the base model (RECIPES.md: r=8, alpha=128)", stacklevel=2)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    from lmlab.plan.memory import lora_params
+    from lmlab.plan.params import shape_from_config
+
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    trainable = lora_params(shape_from_config(model.config.to_dict()), lora.r, targets)
+    if trainable / max(1, examples) > TRAINABLE_PER_SAMPLE_LIMIT:
+        warnings.warn(f"{trainable:,} trainable parameters for {examples:,} samples "
+                      f"({trainable / examples:,.0f} per sample): expect overfitting; lower lora.r", stacklevel=2)
+    return config
+
+
+def load_policy(recipe: Recipe, tokenizer):
+    """The base model; QLoRA loads it in NF4 with double quantisation (CUDA and bitsandbytes only)."""
+    import torch
+
+    from lmlab.models.build import check_vocab, load_model
+
+    if recipe.lora.enabled and recipe.lora.quantize == "nf4":
+        if not torch.cuda.is_available():
+            raise LmlabError("QLoRA (lora.quantize: nf4) needs a CUDA GPU and bitsandbytes", field="lora.quantize",
+                             hint="use plain LoRA (lora.quantize: none) on CPU")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise LmlabError("QLoRA needs bitsandbytes: pip install 'lmlab[gpu]'", field="lora.quantize")
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.from_pretrained, quantization_config=quant,
+                                                     use_safetensors=True, dtype=torch.bfloat16,
+                                                     trust_remote_code=recipe.model.trust_remote_code)
+    else:
+        model = load_model(recipe.model.from_pretrained, trust_remote_code=recipe.model.trust_remote_code,
+                           attn_implementation=recipe.model.attn_implementation)
+    check_vocab(model, tokenizer, recipe.model.from_pretrained)
+    return model
+
+
+def post_training_lr(recipe: Recipe, ratio: float) -> float:
+    """optim.lr when the recipe sets it; else the input model's training LR x `ratio` (RECIPES.md 5:
+    preference optimisation and RL train 5-20x below the SFT LR)."""
+    if "lr" in recipe.optim.model_fields_set:
+        return recipe.optim.lr
+    from lmlab.artifacts import read_manifest
+
+    previous = read_manifest(recipe.model.from_pretrained or "").get("recipe", {}).get("optim", {}).get("lr")
+    return (previous or recipe.optim.lr) * ratio
