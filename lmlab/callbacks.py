@@ -206,18 +206,12 @@ class TaskEvalCallback(TrainerCallback):
         self.every, self.samples, self.scorer = every, samples, scorer
 
     def evaluate(self, model, step: int) -> dict[str, float]:
-        from lmlab.evaluate.tasks import run_task
+        from lmlab.evaluate.evaluator import evaluate
 
-        was_training = model.training
-        results: dict[str, float] = {}
-        for task in self.tasks:
-            scorer = self.scorer if task.kind == "generative" else None
-            results.update(run_task(model, self.tokenizer, task, samples=self.samples, seed=step, scorer=scorer))
-        model.train(was_training)
-        return results
+        return evaluate(model, self.tokenizer, self.tasks, self.samples, self.scorer, seed=step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is None or state.global_step % self.every:
-            return
+        if model is None or state.global_step % self.every or not state.is_world_process_zero:
+            return  # rank 0 evaluates; the other ranks wait for it at the next step's gradient all-reduce
         results = self.evaluate(model, state.global_step)
         self.metrics.on_log(args, state, control, logs={f"task/{k}": v for k, v in results.items()})

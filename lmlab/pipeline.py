@@ -247,7 +247,7 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
         upstream: dict[str, str] = {}  # artifact path -> fingerprint of the stage that writes it
         for item in planned:
             if isinstance(item, EvalStage):
-                from lmlab.stages.compare import run_comparison
+                from lmlab.evaluate.compare import run_comparison
 
                 models = [(p.name, str(run_dir / p.name / "final")) for p in planned
                           if isinstance(p, Recipe) and (item.models == "all" or p.name in item.models)]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.evaluate.orm import load_scorer, math_exact, orm_score
-from lmlab.evaluate.tasks import load_task
+from lmlab.evaluate.orm import load_scorer, math_exact
+from lmlab.evaluate.tasks import load_task, run_task
 from tests.helpers import read_metrics, tiny_recipe
 
 
@@ -47,8 +47,8 @@ def test_a_scorer_returning_non_numbers_is_an_error(base_model):
     from lmlab.models.build import load_model
 
     with pytest.raises(LmlabError, match="not a finite number"):
-        orm_score(load_model(base_model), load_tokenizer(base_model), load_task("math_id", 2),
-                  lambda p, r, i: ["good"] * len(r), samples=2)
+        run_task(load_model(base_model), load_tokenizer(base_model), load_task("math_id", 2), samples=2,
+                 scorer=lambda p, r, i: ["good"] * len(r))
 
 
 def test_unknown_scorer_is_an_error():

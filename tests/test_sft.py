@@ -145,7 +145,7 @@ def test_full_sft_trains_and_reports_math_accuracy(tmp_path, base_model):
 
     final = run_sft(sft_recipe(tmp_path, base_model, sft={"eval_math": 16}))
     manifest = json.loads((final / "lmlab.json").read_text())
-    assert 0 <= manifest["metrics"]["math_id_greedy_accuracy"] <= 1 and "eval_loss" in manifest["metrics"]
+    assert 0 <= manifest["metrics"]["math_id/greedy_accuracy"] <= 1 and "eval_loss" in manifest["metrics"]
     assert manifest["epochs"] == 1 and manifest["steps"] > 0
 
 

@@ -289,22 +289,11 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
     from lmlab.console import console as shared_console
     from rich.table import Table
 
-    from lmlab.data.tokenizer import load_tokenizer
-    from lmlab.evaluate.tasks import load_task, run_task
-    from lmlab.models.build import load_model
+    from lmlab.evaluate.evaluator import evaluate_checkpoint
+    from lmlab.evaluate.tasks import load_task
 
     loaded = [load_task(spec.strip(), n) for spec in tasks.split(",") if spec.strip()]  # bad tasks fail first
-    tokenizer = load_tokenizer(checkpoint)
-    scorer = None
-    if orm:
-        from lmlab.evaluate.orm import load_scorer
-
-        scorer = load_scorer(orm, tokenizer)
-    model = load_model(checkpoint)
-    results: dict[str, float] = {}
-    for task in loaded:
-        results.update(run_task(model, tokenizer, task, samples=samples,
-                                scorer=scorer if task.kind == "generative" else None))
+    results = evaluate_checkpoint(checkpoint, loaded, samples, orm)
     table = Table(title=f"evaluation of {checkpoint}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -70,15 +70,3 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     finally:
         tokenizer.padding_side = side
     return out
-
-
-def math_accuracy(model, tokenizer, split: str = "id", n: int = 200, seed: int = 1234,
-                  batch_size: int = 32) -> dict[str, float]:
-    """Greedy exact-match accuracy on `n` generated math problems (a seed apart from training data)."""
-    from lmlab.data.mathgen import DEFAULT_SYSTEM, math_problems
-
-    problems = math_problems(split, n, seed, part="eval")
-    prompts = render_prompts(tokenizer, [p.prompt for p in problems], system=DEFAULT_SYSTEM)
-    completions = generate(model, tokenizer, prompts, batch_size=batch_size)
-    correct = sum(extract_integer(c[0]) == p.answer for c, p in zip(completions, problems))
-    return {f"math_{split}_greedy_accuracy": correct / len(problems), f"math_{split}_n": len(problems)}

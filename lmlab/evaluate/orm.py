@@ -97,20 +97,3 @@ def load_scorer(spec: str, policy_tokenizer=None) -> Scorer:
         return scorer
     raise LmlabError(f"unknown scorer '{spec}'", field="orm",
                      hint=f"a verifier ({', '.join(VERIFIERS)}) or a reward-model directory")
-
-
-def orm_score(model, tokenizer, task, scorer: Scorer, samples: int = 4, temperature: float = 0.8,
-              batch_size: int = 32, seed: int = 0) -> float:
-    """The mean score the scorer gives to `samples` sampled responses per prompt of a generative task."""
-    from lmlab.data.mathgen import DEFAULT_SYSTEM
-    from lmlab.evaluate.generation import generate, render_prompts
-
-    if task.kind != "generative":
-        raise LmlabError(f"ORM scores need a generative task, '{task.name}' is {task.kind}", field="orm")
-    prompts = render_prompts(tokenizer, [it["prompt"] for it in task.items], system=DEFAULT_SYSTEM)
-    sampled = generate(model, tokenizer, prompts, batch_size=max(1, batch_size // samples), do_sample=True,
-                       temperature=temperature, num_return_sequences=samples, seed=seed)
-    flat_prompts = [p for p, group in zip(prompts, sampled) for _ in group]
-    flat_items = [it for it, group in zip(task.items, sampled) for _ in group]
-    scores = checked_scores(scorer, flat_prompts, [r for group in sampled for r in group], flat_items)
-    return sum(scores) / len(scores)

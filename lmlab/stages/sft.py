@@ -112,13 +112,14 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Pa
     train(trainer, start)
     final_metrics = trainer.evaluate() if has_val else {}
     if recipe.sft.eval_math and is_main():  # rank 0 measures; the manifest is its to write
-        from lmlab.evaluate.generation import math_accuracy
+        from lmlab.evaluate.evaluator import evaluate
+        from lmlab.evaluate.tasks import load_task
 
-        for split in ("id", "ood"):
-            final_metrics.update(math_accuracy(trainer.model, tokenizer, split, recipe.sft.eval_math))
-        out.print(f"greedy math accuracy: in-domain {final_metrics['math_id_greedy_accuracy']:.1%}, "
-                      f"out-of-domain {final_metrics['math_ood_greedy_accuracy']:.1%} "
-                      f"({recipe.sft.eval_math} problems each)")
+        tasks = [load_task(name, recipe.sft.eval_math) for name in ("math_id", "math_ood")]
+        final_metrics.update(evaluate(trainer.model, tokenizer, tasks))
+        out.print(f"greedy math accuracy: in-domain {final_metrics['math_id/greedy_accuracy']:.1%}, "
+                  f"out-of-domain {final_metrics['math_ood/greedy_accuracy']:.1%} "
+                  f"({recipe.sft.eval_math} problems each)")
     manifest = {"stage": "sft", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "examples": data.examples,
                 "overlong": data.overlong, "dropped": data.dropped, "epochs": epochs,

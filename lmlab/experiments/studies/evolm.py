@@ -76,18 +76,17 @@ class Evaluator:
     def __call__(self, name: str, path: Path, generative: bool = True, cloze: int = 0) -> dict[str, float]:
         if name in self.cache:
             return self.cache[name]
+        from lmlab.evaluate.evaluator import evaluate_checkpoint
         from lmlab.evaluate.tasks import load_task
-        from lmlab.pipeline import EvalStage
-        from lmlab.stages.compare import evaluate_model
 
         tasks = [load_task("general_cloze", cloze)] if cloze else []
         if generative:
             tasks += [load_task(task, self.study.eval_n) for task in ("math_id", "math_ood")]
-        stage = EvalStage(samples=self.study.samples, orm="math_exact" if generative else None, math_bpb=True)
-        row = evaluate_model(str(path), stage, tasks)  # the pipeline's own comparison, plus math bits per byte
+        row = evaluate_checkpoint(path, tasks, self.study.samples, "math_exact" if generative else None,
+                                  general_bpb=True, math_bpb=True)
         self.cache[name] = row
-        self.cache_file.write_text(json.dumps(self.cache, indent=2))
-        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        write_json_atomic(self.cache_file, self.cache)
+        console().print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
         return row
 
 
@@ -141,7 +140,9 @@ def run_evolm(path: str | Path) -> Path:
     for t in every:
         runner.validate(t)
     if study.sft_from_replay not in study.replay_ratios or study.rl_from_epochs not in study.sft_epochs:
-        from lmlab.errors import LmlabError
+        from lmlab.console import console
+from lmlab.errors import LmlabError
+from lmlab.paths import write_json_atomic
 
         raise LmlabError("sft_from_replay must be one of replay_ratios and rl_from_epochs one of sft_epochs",
                          file=str(path))

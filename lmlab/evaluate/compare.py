@@ -14,43 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-GENERAL_DOCS = 40  # held-out general documents for bits per byte (the 1% validation split)
-
-
-def general_texts(n: int = GENERAL_DOCS) -> list[str]:
-    from lmlab.data.split import held_out_general_texts
-
-    return held_out_general_texts(n)
-
-
-def math_texts(n: int = 200) -> list[str]:
-    """Held-out math problems with their solutions (the evaluation slice training never sees)."""
-    from lmlab.data.mathgen import as_text, math_problems
-
-    return [as_text(p) for p in math_problems("id", n, seed=1, part="eval")]
-
-
-def evaluate_model(path: str, stage, tasks: list) -> dict[str, float]:
-    """One model's row: bits per byte, task metrics and ORM scores."""
-    from lmlab.data.tokenizer import load_tokenizer
-    from lmlab.evaluate.likelihood import text_bits_per_byte
-    from lmlab.evaluate.orm import load_scorer
-    from lmlab.evaluate.tasks import run_task
-    from lmlab.models.build import load_model
-
-    model, tokenizer = load_model(path), load_tokenizer(path)
-    row: dict[str, float] = {}
-    if stage.general_bpb:
-        row["general_bpb"] = text_bits_per_byte(model, tokenizer, general_texts(), max_length=512)
-    if stage.math_bpb:
-        row["math_bpb"] = text_bits_per_byte(model, tokenizer, math_texts())
-    scorer = load_scorer(stage.orm, tokenizer) if stage.orm else None
-    for task in tasks:
-        row.update(run_task(model, tokenizer, task, samples=stage.samples,
-                            scorer=scorer if task.kind == "generative" else None))
-    return row
-
-
 def _cache_key(stage, path: str) -> str:
     manifest = Path(path) / "lmlab.json"
     text = stage.model_dump_json() + (manifest.read_text() if manifest.is_file() else path)
@@ -59,10 +22,12 @@ def _cache_key(stage, path: str) -> str:
 
 def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[str, dict[str, float]]:
     """Evaluate each (name, artifact) pair; writes results.json and comparison.md, prints the table."""
-    from lmlab.console import console as shared_console
     from rich.table import Table
 
+    from lmlab.console import console as shared_console
+    from lmlab.evaluate.evaluator import evaluate_checkpoint
     from lmlab.evaluate.tasks import load_task
+    from lmlab.paths import write_json_atomic, write_text_atomic
 
     tasks = [load_task(spec, stage.n) for spec in stage.tasks]  # bad tasks fail before any model loads
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,9 +41,10 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
             results[name] = cache[name]["metrics"]
             continue
         with console.status(f"evaluating {name}"):
-            results[name] = evaluate_model(path, stage, tasks)
+            results[name] = evaluate_checkpoint(path, tasks, stage.samples, stage.orm, stage.general_bpb,
+                                                stage.math_bpb)
         cache[name] = {"key": key, "artifact": path, "metrics": results[name]}
-        cache_file.write_text(json.dumps(cache, indent=2))
+        write_json_atomic(cache_file, cache)
     columns = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "general_bpb", k))
     # on screen one row per metric and one column per stage, so it fits a terminal; markdown the other way
     table = Table(title="every stage's model on the same evaluation")
@@ -91,5 +57,5 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in columns) + " |")
     console.print(table)
-    (out_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "comparison.md", "\n".join(lines) + "\n")
     return results
