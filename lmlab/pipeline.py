@@ -36,10 +36,10 @@ from pydantic import Field, model_validator
 from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
 from lmlab.paths import NAME_PATTERN, remove_run_dir, write_json_atomic
-from lmlab.recipe import OutputConfig, Recipe, Strict, _as_list, merge_blocks, validate_recipe
+from lmlab.recipe import STAGES, OutputConfig, Recipe, Strict, _as_list, merge_blocks, validate_recipe
 from lmlab.stages import run_stage
 
-MODEL_STAGES = ("pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl", "distill")
+MODEL_STAGES = tuple(STAGES)  # the stages that make a model
 STATE = "pipeline.json"
 
 

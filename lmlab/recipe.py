@@ -20,6 +20,30 @@ from lmlab.errors import LmlabError
 from lmlab.paths import NAME_PATTERN
 
 
+# The one list of training stages: name -> (what its recipe holds, what the stage does). The CLI makes one
+# command per entry, pipelines accept these names (plus `tokenizer` and `eval`), and `run_stage` dispatches them.
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("YAML recipe.", "Pretrain a model from a recipe; prints where the HF checkpoint is."),
+    "cpt": ("YAML recipe with model.from_pretrained and data.replay.",
+            "Continue pretraining on domain data with an exact share of general replay (default 16%)."),
+    "sft": ("YAML recipe with model.from_pretrained and chat data.",
+            "Supervised fine-tuning (full, LoRA or QLoRA) on chat records, loss on assistant tokens only."),
+    "rm": ("YAML recipe: pairs jsonl, or prompts ranked by a verifier.",
+           "Train an outcome reward model (TRL RewardTrainer) usable by eval.orm and rl.rewards."),
+    "dpo": ("YAML recipe: pairs jsonl, or prompts to sample pairs from.",
+            "DPO (preference.loss_type: sigmoid, ipo, apo_zero, ...) in rounds of fresh on-policy pairs."),
+    "kto": ("YAML recipe: pairs jsonl, or prompts to sample pairs from.",
+            "KTO on desirable / undesirable completions (each pair gives one of each)."),
+    "orpo": ("YAML recipe: pairs jsonl, or prompts to sample pairs from.",
+             "ORPO: preference optimisation without a reference model."),
+    "rl": ("YAML recipe: prompts (with answers for verifiers) and rl.rewards.",
+           "RL (GRPO or RLOO) with verifiable and/or learned rewards and a KL term to the reference."),
+    "distill": ("YAML recipe with distill.teacher (a checkpoint or ensemble).",
+                "Distil a teacher (checkpoint or ensemble) into a student: alpha * CE + (1 - alpha) * T^2 * KL."),
+}
+StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -320,7 +344,7 @@ class OutputConfig(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)  # one directory level: letters, digits, _ - ., no leading dot
-    stage: Literal["pretrain", "cpt", "sft", "rm", "dpo", "kto", "orpo", "rl", "distill"] = "pretrain"
+    stage: StageName = "pretrain"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)

@@ -33,3 +33,51 @@ def test_tokenizer_train_then_eval_against_another(tmp_path):
                                  "--docs", "20"])
     assert result.exit_code == 0, result.output
     assert "fertility" in result.output and "bytes_per_token" in result.output
+
+
+def test_a_stage_logged_to_a_file_keeps_every_step_on_one_line(tmp_path):
+    """`lmlab pretrain ... > log.txt`: no wrapping at 80 columns, no progress-bar frames, one line per log step."""
+    import subprocess
+    import sys
+
+    from tests.helpers import tiny_recipe_file
+
+    recipe = tiny_recipe_file(tmp_path, "logged", train={"max_steps": 4, "log_every": 1, "eval_every": 2})
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe)], cwd=tmp_path, stdout=fh,
+                       stderr=subprocess.STDOUT, check=True, timeout=300)
+    lines = log.read_text().splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in steps if "| loss" in line] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(" | " in line and line.rstrip().endswith(("s", "%")) or "val" in line for line in steps)
+    budget = next(line for line in lines if line.startswith("budget:"))
+    assert "unique tokens" in budget  # the long budget sentence stays on its line
+    assert not any(line.startswith(("| ", "eta ", "of ")) for line in lines)  # no wrapped fragments
+    assert "━" not in log.read_text()  # no progress bar drawn into the file
+
+
+def test_quiet_prints_nothing_but_errors(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import tiny_recipe_file
+
+    recipe = tiny_recipe_file(tmp_path, "quiet", train={"max_steps": 1})
+    ok = subprocess.run([sys.executable, "-m", "lmlab.cli", "--quiet", "pretrain", str(recipe)], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and ok.stdout == ""
+    bad = subprocess.run([sys.executable, "-m", "lmlab.cli", "--quiet", "pretrain", str(recipe)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "already holds a run" in bad.stderr
+
+
+def test_debug_shows_the_traceback_of_an_error(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: x\ntrain:\n  micro_batch_size: -1\n")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lmlab.cli", "--debug", "pretrain", str(recipe)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" in result.stderr

@@ -6,14 +6,16 @@ that need them, so `lmlab --help` and `lmlab plan` start instantly.
 
 from __future__ import annotations
 
+import errno
 import functools
-import sys
+import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
 
 from lmlab.errors import LmlabError
+from lmlab.recipe import STAGES
 
 app = typer.Typer(help="Plan and run the training lifecycle of a language model by recipe.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -23,15 +25,40 @@ app.add_typer(tokenizer_app, name="tokenizer")
 SetOption = typer.Option(None, "--set", "-s", help="Override a recipe key, e.g. --set optim.lr=3e-4 (repeatable).")
 
 
+DEBUG_ENV = "LMLAB_DEBUG"
+OS_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}
+
+
+@app.callback()
+def options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors only."),
+            debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
+    """Plan and run the training lifecycle of a language model by recipe."""
+    if quiet:
+        os.environ["LMLAB_QUIET"] = "1"
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Print an LmlabError as one clear line and exit 2, instead of a traceback."""
+    """Print an error the user can fix as one line (`error: FILE:LINE: FIELD: what (hint)`) and exit 2.
+
+    That covers lmlab's own errors and the machine's: a full disk or a read-only directory
+    names the path. `--debug` shows the traceback instead.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LmlabError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        except (LmlabError, OSError) as exc:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            if isinstance(exc, OSError) and exc.errno not in OS_REASONS:
+                raise
+            message = str(exc) if isinstance(exc, LmlabError) else \
+                f"{exc.filename or '?'}: {OS_REASONS[exc.errno]} ({exc.strerror})"
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -84,77 +111,18 @@ def ablate(recipe: Path = typer.Argument(..., help="A stage recipe or a pipeline
     typer.echo(f"ablation: {out / 'ablation.md'}")
 
 
-@app.command()
-@user_errors
-def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe."), set_: Optional[List[str]] = SetOption,
-             resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """Pretrain a model from a recipe; prints where the HF checkpoint is."""
-    _run_stage("pretrain", recipe, set_, resume, overwrite)
+def _stage_command(stage: str, recipe_help: str, summary: str) -> Callable:
+    """One command per stage of `lmlab.recipe.STAGES`: a recipe, --set, --resume, --overwrite."""
+    def command(recipe: Path = typer.Argument(..., help=recipe_help), set_: Optional[List[str]] = SetOption,
+                resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
+        _run_stage(stage, recipe, set_, resume, overwrite)
+
+    command.__doc__ = summary
+    return user_errors(command)
 
 
-@app.command()
-@user_errors
-def cpt(recipe: Path = typer.Argument(..., help="YAML recipe with model.from_pretrained and data.replay."),
-        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """Continue pretraining on domain data with an exact share of general replay (default 16%)."""
-    _run_stage("cpt", recipe, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def sft(recipe: Path = typer.Argument(..., help="YAML recipe with model.from_pretrained and chat data."),
-        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """Supervised fine-tuning (full, LoRA or QLoRA) on chat records, loss on assistant tokens only."""
-    _run_stage("sft", recipe, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def rm(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts ranked by a verifier."),
-       set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """Train an outcome reward model (TRL RewardTrainer) usable by eval.orm and rl.rewards."""
-    _run_stage("rm", recipe, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def dpo(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts to sample pairs from."),
-        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """DPO (preference.loss_type: sigmoid, ipo, apo_zero, ...) in rounds of fresh on-policy pairs."""
-    _run_stage("dpo", recipe, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def kto(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts to sample pairs from."),
-        set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """KTO on desirable / undesirable completions (each pair gives one of each)."""
-    _run_stage("kto", recipe, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def orpo(recipe: Path = typer.Argument(..., help="YAML recipe: pairs jsonl, or prompts to sample pairs from."),
-         set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """ORPO: preference optimisation without a reference model."""
-    _run_stage("orpo", recipe, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def rl(recipe: Path = typer.Argument(..., help="YAML recipe: prompts (with answers for verifiers) and rl.rewards."),
-       set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-    """RL (GRPO or RLOO) with verifiable and/or learned rewards and a KL term to the reference."""
-    _run_stage("rl", recipe, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def distill(recipe: Path = typer.Argument(..., help="YAML recipe with distill.teacher (a checkpoint or ensemble)."),
-            set_: Optional[List[str]] = SetOption, resume: bool = ResumeOption,
-            overwrite: bool = OverwriteOption) -> None:
-    """Distil a teacher (checkpoint or ensemble) into a student: alpha * CE + (1 - alpha) * T^2 * KL."""
-    _run_stage("distill", recipe, set_, resume, overwrite)
+for _stage, (_recipe_help, _summary) in STAGES.items():
+    app.command(_stage)(_stage_command(_stage, _recipe_help, _summary))
 
 
 @app.command()
