@@ -23,14 +23,6 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # an identifier: no separators,
 RUN_MARKERS = ("recipe.yaml", "pipeline.json", "lmlab.json", "study.json")  # files that say "lmlab wrote this"
 
 
-def check_name(name: str, field: str = "name") -> str:
-    """A run or stage name that is safe to use as one directory level."""
-    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
-        raise LmlabError(f"'{name}' is not a valid name", field=field,
-                         hint="use letters, digits, '_', '-' and '.', not starting with '.'")
-    return name
-
-
 def safe_name(text: str) -> str:
     """Any text (an ablation value, a model path) squeezed into a valid name."""
     squeezed = re.sub(r"[^A-Za-z0-9_.-]", "_", str(text)).lstrip(".") or "_"

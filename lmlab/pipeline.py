@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
 from lmlab.paths import NAME_PATTERN, remove_run_dir, write_json_atomic
-from lmlab.recipe import STAGES, OutputConfig, Recipe, Strict, _as_list, merge_blocks, validate_recipe
+from lmlab.recipe import STAGES, OutputConfig, Recipe, Strict, as_list, merge_blocks, validate_recipe
 from lmlab.stages import run_stage
 
 MODEL_STAGES = tuple(STAGES)  # the stages that make a model
@@ -56,7 +56,7 @@ class EvalStage(Strict):
     math_bpb: bool = False  # bits per byte on held-out math problems with solutions: the domain's validation loss
     models: list[str] | Literal["all"] = "all"
 
-    _list = model_validator(mode="before")(classmethod(lambda cls, v: {**v, "tasks": _as_list(v["tasks"])}
+    _list = model_validator(mode="before")(classmethod(lambda cls, v: {**v, "tasks": as_list(v["tasks"])}
                                                         if isinstance(v, dict) and "tasks" in v else v))
 
 

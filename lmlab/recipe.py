@@ -109,7 +109,8 @@ class SourceSpec(Strict):
         return self
 
 
-def _as_list(value: Any) -> Any:
+def as_list(value: Any) -> Any:
+    """A lone item (a string or a mapping) as a list of one: recipes may write `train: general`."""
     return [value] if isinstance(value, (str, dict)) else value
 
 
@@ -169,7 +170,7 @@ class TokenizerConfig(Strict):
     train_sources: list[SourceSpec] | None = None  # default: the recipe's training data
     max_train_bytes: int = Field(20_000_000, gt=0)
 
-    _list = field_validator("train_sources", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+    _list = field_validator("train_sources", mode="before")(classmethod(lambda cls, v: as_list(v)))
 
     _exists = _existing_dir("path", "tokenizer")
 
@@ -189,7 +190,7 @@ class DataConfig(Strict):
     # every seed (chosen after the validation split, so validation stays the same held-out text)
     unique_tokens: int | None = Field(None, gt=0)
 
-    _list = field_validator("train", "validation", "replay", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+    _list = field_validator("train", "validation", "replay", mode="before")(classmethod(lambda cls, v: as_list(v)))
 
     @model_validator(mode="after")
     def _unique_needs_map_style(self) -> "DataConfig":
@@ -206,10 +207,10 @@ class OptimConfig(Strict):
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # RECIPES.md: warm up over 5-10% of steps
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # docs/rules.md §4: warm up over 5-10% of steps
     decay_ratio: float = Field(0.2, gt=0, le=1)  # wsd: fraction of steps spent decaying
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, ge=0)  # RECIPES.md: clip grad norm at 1.0
+    grad_clip: float = Field(1.0, ge=0)  # docs/rules.md §4: clip grad norm at 1.0
     z_loss: float = Field(0.0, ge=0)  # coefficient of the logsumexp^2 penalty (PaLM); 0 = off
 
 
@@ -217,7 +218,7 @@ class TrainConfig(Strict):
     tokens: int | None = Field(None, gt=0)  # training budget in tokens...
     tokens_per_param: float | None = Field(None, gt=0)  # ...or as a multiple of parameters
     max_steps: int | None = Field(None, gt=0)  # ...or in optimizer steps...
-    epochs: float | None = Field(None, gt=0)  # ...or in passes over the data (SFT default: RECIPES.md rule)
+    epochs: float | None = Field(None, gt=0)  # ...or in passes over the data (SFT default: docs/rules.md §4)
     micro_batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a capable GPU
@@ -269,7 +270,7 @@ class LoRAConfig(Strict):
 class PreferenceConfig(Strict):
     """DPO (and its loss variants), KTO and ORPO on TRL, trained on fresh on-policy pairs each round.
 
-    RECIPES.md 5: LR 5-20x below SFT, beta 0.01-0.5 (0.1 default), one epoch per round,
+    docs/rules.md §5: LR 5-20x below SFT, beta 0.01-0.5 (0.1 default), one epoch per round,
     because preference optimisation overfits after one epoch.
     """
 
@@ -286,7 +287,7 @@ class PreferenceConfig(Strict):
 
 
 class RLConfig(Strict):
-    """GRPO or RLOO on TRL with verifiable and/or learned rewards (RECIPES.md: RL lifts OOD generalisation)."""
+    """GRPO or RLOO on TRL with verifiable and/or learned rewards (docs/rules.md §1: RL lifts OOD generalisation)."""
 
     algorithm: Literal["grpo", "rloo"] = "grpo"
     rewards: list[str] = Field(default_factory=lambda: ["math_exact"])  # verifiers or reward-model directories
@@ -298,7 +299,7 @@ class RLConfig(Strict):
     epsilon: float = Field(0.2, gt=0)  # clipping range
     lr_ratio: float = Field(0.1, gt=0, le=1)  # without optim.lr: the input model's SFT LR x this
 
-    _list = field_validator("rewards", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+    _list = field_validator("rewards", mode="before")(classmethod(lambda cls, v: as_list(v)))
 
     @model_validator(mode="after")
     def _weights(self) -> "RLConfig":
@@ -346,18 +347,20 @@ class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)  # one directory level: letters, digits, _ - ., no leading dot
     stage: StageName = "pretrain"
     seed: int = 0
+    # the blocks every stage reads: what to train, on what, how, how long, what to watch, where to write
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    lora: LoRAConfig = Field(default_factory=LoRAConfig)
-    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
-    rl: RLConfig = Field(default_factory=RLConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # one block per method; a stage reads its own (pydantic copies these defaults for every recipe)
+    sft: SFTConfig = SFTConfig()
+    lora: LoRAConfig = LoRAConfig()
+    preference: PreferenceConfig = PreferenceConfig()
+    rl: RLConfig = RLConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "Recipe":

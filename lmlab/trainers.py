@@ -4,11 +4,12 @@ Why a subclass at all: the HF Trainer writes a checkpoint in place, so a kill
 during a save leaves a half-written `checkpoint-N` that `--resume` would pick up;
 and it applies weight decay to embeddings, which the Smol Training Playbook says
 not to. Both are fixed here, for every stage, by mixing this class into the
-stage's trainer (`class X(LmlabTrainerMixin, SFTTrainer)`).
+stage's trainer through `lmlab_trainer(SFTTrainer)`, the one factory for them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -113,3 +114,10 @@ class LmlabTrainerMixin:
 
 class LmlabTrainer(LmlabTrainerMixin, Trainer):
     """The HF Trainer with lmlab's checkpoints and decay groups (pretraining and CPT)."""
+
+
+@functools.lru_cache(maxsize=None)
+def lmlab_trainer(base: type) -> type:
+    """`base` (an HF or TRL trainer class) with lmlab's checkpoints and decay groups, made once per class."""
+    return type(f"Lmlab{base.__name__}", (LmlabTrainerMixin, base),
+                {"__doc__": f"{base.__name__} with lmlab's atomic checkpoints and decay groups."})

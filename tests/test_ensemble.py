@@ -65,9 +65,17 @@ def test_evaluation_runs_on_an_ensemble_directory(tmp_path, tok_dir):
     from lmlab.models.build import load_model
     from lmlab.models.ensemble import save_ensemble
 
-    path = save_ensemble([_member(tmp_path, tok_dir, s) for s in (1, 2)], tmp_path / "ens")
-    result = run_task(load_model(path), load_tokenizer(path), load_task("math_id", 3), samples=2)
+    from lmlab.models.ensemble import EnsembleCausalLM
+
+    members = [_member(tmp_path, tok_dir, s) for s in (1, 2)]
+    path = save_ensemble(members, tmp_path / "ens")
+    model, tokenizer, task = load_model(path), load_tokenizer(path), load_task("math_id", 3)
+    assert isinstance(model, EnsembleCausalLM) and len(model.members) == 2  # the directory loads as the ensemble
+    result = run_task(model, tokenizer, task, samples=2)
+    in_memory = run_task(EnsembleCausalLM([load_model(m) for m in members]).eval(), tokenizer, task, samples=2)
+    assert result == in_memory
     assert set(result) == {"math_id/greedy_accuracy", "math_id/maj@2", "math_id/pass@2"}
+    assert result["math_id/maj@2"] <= result["math_id/pass@2"]  # a majority answer that is right is a hit
 
 
 def test_members_with_other_tokenizers_or_vocabularies_are_refused(tmp_path, tok_dir, base_model):

@@ -1,4 +1,4 @@
-"""The planner: exact parameter counts, the RECIPES.md worked examples, strategies, rules and the CLI."""
+"""The planner: exact parameter counts, the worked examples of docs/rules.md, strategies, rules and the CLI."""
 
 from __future__ import annotations
 

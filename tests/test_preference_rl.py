@@ -106,7 +106,7 @@ def test_preference_stages_train_on_pairs_and_write_artifacts(tmp_path, base_mod
 
 
 def test_default_lr_is_the_input_models_lr_over_ten_unless_the_recipe_sets_one(base_model):
-    """RECIPES.md 5: preference optimisation and RL train 5-20x below the SFT LR (the base used 1e-2)."""
+    """docs/rules.md §5: preference optimisation and RL train 5-20x below the SFT LR (the base used 1e-2)."""
     from lmlab.recipe import validate_recipe
     from lmlab.stages.posttrain import post_training_lr
 
@@ -166,11 +166,16 @@ def test_grpo_logs_reward_kl_entropy_length_and_kl_starts_at_zero(tmp_path, base
 
 
 def test_rloo_runs_without_a_reference_when_beta_is_zero(tmp_path, base_model):
-    from lmlab.stages.rl import run_rl
+    from lmlab.stages.rl import prepare_rl, run_rl
 
     recipe = post_recipe(tmp_path, base_model, "rl", rl={"algorithm": "rloo", "num_generations": 4, "beta": 0.0,
                                                           "rewards": ["math_format"], "max_completion_length": 12},
                          train={"max_steps": 1, "micro_batch_size": 4, "log_every": 1})
+    assert prepare_rl(recipe)[0].ref_model is None  # beta 0: no reference model is built or held in memory
+    with_kl = post_recipe(tmp_path, base_model, "rl", name="with_kl", rl={"algorithm": "rloo", "num_generations": 4,
+                                                                          "beta": 0.05, "rewards": ["math_format"]},
+                          train={"max_steps": 1, "micro_batch_size": 4})
+    assert prepare_rl(with_kl)[0].ref_model is not None  # and the check above can fail
     run_rl(recipe)
     assert any("reward" in r for r in read_metrics(recipe.run_dir))
 

@@ -218,7 +218,7 @@ def test_cpu_runs_log_mfu_against_a_measured_matmul_peak(tmp_path, tok_dir):
     recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": 4})
     run_pretrain(recipe)
     mfu = [r["mfu"] for r in read_metrics(recipe.run_dir) if "mfu" in r]
-    assert mfu and all(0 < m < 1.5 for m in mfu)
+    assert mfu and all(0 < m < 1 for m in mfu)  # a fraction of the measured peak, never above it
 
 
 def test_wsd_schedule_warms_up_holds_then_decays(tmp_path, tok_dir):

@@ -91,10 +91,3 @@ def emit_pipeline(plan, path, data: str | None = None, checkpoint: str | None = 
               f"run it with `lmlab run {path.name}`"] + [f"# NOTE {n}" for n in notes]
     path.write_text("\n".join(header) + "\n" + yaml.safe_dump(tree, sort_keys=False))
     return notes
-
-
-def _source_dict(path: str) -> dict[str, Any]:
-    from lmlab.recipe import infer_source_kind
-
-    kind = infer_source_kind(path)
-    return {"kind": kind} if kind in ("general", "math") else {"kind": kind, "path": path.removeprefix("hub:")}

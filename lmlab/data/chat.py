@@ -72,7 +72,7 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
 
 def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Iterator[tuple[str, int | None, list]]:
     """`(file, line, messages)` for each record of a source, converted and checked."""
-    from lmlab.data.sources import _local_files, read_jsonl
+    from lmlab.data.sources import local_files, read_jsonl
 
     if spec.kind == "math":
         from lmlab.data.mathgen import as_chat, math_problems
@@ -82,7 +82,7 @@ def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Itera
             yield f"math-{split}", i, as_chat(problem)["messages"]
         return
     if spec.kind == "jsonl":
-        rows = ((str(path), number, record) for path in _local_files(spec.path) for number, record in read_jsonl(path))
+        rows = ((str(path), number, record) for path in local_files(spec.path) for number, record in read_jsonl(path))
     elif spec.kind in ("parquet", "disk", "hub"):
         from lmlab.data.sources import load_source
 

@@ -159,11 +159,3 @@ def as_chat(problem: MathProblem, system: str | None = DEFAULT_SYSTEM) -> dict:
 
 def as_prompt_record(problem: MathProblem) -> dict:
     return {"prompt": problem.prompt, "answer": problem.answer}
-
-
-def math_documents(split: Split, n: int, seed: int = 0,
-                   format: Literal["text", "chat", "prompt"] = "text") -> Iterator[tuple[str, object]]:
-    """`(doc_id, record)` pairs in the chosen format, ids like `math-id-12`."""
-    render = {"text": as_text, "chat": as_chat, "prompt": as_prompt_record}[format]
-    for i, problem in enumerate(math_problems(split, n, seed)):
-        yield f"math-{split}-{seed}-{i}", render(problem)

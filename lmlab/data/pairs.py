@@ -1,6 +1,6 @@
 """Preference pairs: sampled on-policy and scored, or read from jsonl and checked before any compute.
 
-RECIPES.md: DPO overfits after one epoch, so iterate on fresh on-policy pairs.
+docs/rules.md §5: DPO overfits after one epoch, so iterate on fresh on-policy pairs.
 `lmlab.evaluate.onpolicy.sample_pairs` draws K responses per prompt from the current policy, scores them
 with a verifier or a reward model, and keeps best vs worst; prompts whose K
 scores are all equal carry no preference and are dropped (and counted).
@@ -113,7 +113,7 @@ def preference_inputs(specs, seed: int = 0) -> tuple[list[dict[str, Any]], list[
     """(pairs, prompts) from the recipe's sources: jsonl records with chosen/rejected are pairs; records
     with only a prompt (and an optional integer answer for verifiers), or the math generator, are prompts."""
     from lmlab.data.mathgen import DEFAULT_SYSTEM, as_prompt_record, math_problems
-    from lmlab.data.sources import _local_files, read_jsonl
+    from lmlab.data.sources import local_files, read_jsonl
 
     pairs: list[dict[str, Any]] = []
     prompts: list[dict[str, Any]] = []
@@ -126,7 +126,7 @@ def preference_inputs(specs, seed: int = 0) -> tuple[list[dict[str, Any]], list[
             continue
         if spec.kind != "jsonl":
             raise LmlabError(f"preference data must be jsonl or math, not {spec.kind}", field="data.train")
-        for path in _local_files(spec.path):
+        for path in local_files(spec.path):
             for line, record in read_jsonl(path):
                 if "chosen" in record or "rejected" in record:
                     pairs.append(check_pair(record, str(path), line))

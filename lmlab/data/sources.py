@@ -41,7 +41,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield number, record
 
 
-def _local_files(pattern: str) -> list[Path]:
+def local_files(pattern: str) -> list[Path]:
     path = Path(pattern)
     if path.is_file():
         return [path]
@@ -52,7 +52,7 @@ def _local_files(pattern: str) -> list[Path]:
 
 
 def _text_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
-    for path in _local_files(spec.path):
+    for path in local_files(spec.path):
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -62,7 +62,7 @@ def _text_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
 
 
 def _jsonl_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
-    for path in _local_files(spec.path):
+    for path in local_files(spec.path):
         for number, record in read_jsonl(path):
             if spec.field not in record:
                 raise LmlabError(f"missing field '{spec.field}'", file=str(path), line=number, field=spec.field)
@@ -129,7 +129,7 @@ def _arrow_source(spec: SourceSpec, streaming: bool):
     import datasets
 
     if spec.kind == "parquet":
-        files = [str(p) for p in _local_files(spec.path)]
+        files = [str(p) for p in local_files(spec.path)]
         ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
         where = files[0]
     else:

@@ -1,1 +1,1 @@
-"""The planner: parameter counts, memory, compute and the RECIPES.md rules, turned into a recipe."""
+"""The planner: parameter counts, memory, compute and the rules of docs/rules.md, turned into a recipe."""

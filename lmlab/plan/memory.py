@@ -1,6 +1,6 @@
 """Memory per GPU for training, as a breakdown, and the KV cache for inference.
 
-Static memory per parameter (RECIPES.md 4: ~16-20 bytes/param for mixed-precision AdamW):
+Static memory per parameter (docs/rules.md §4: ~16-20 bytes/param for mixed-precision AdamW):
   bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam moments 4 + 4 = 16 bytes.
   8-bit Adam keeps the moments in 1 byte each (10 bytes); Adafactor keeps no first
   moment and factored second moments (rows + cols per matrix, negligible): 8 bytes.
@@ -79,23 +79,25 @@ class MemoryBreakdown:
                 for k in ("weights", "gradients", "optimizer", "activations", "total", "cpu_offloaded")}
 
 
+def lora_matrix_params(d_in: int, d_out: int, rank: int) -> int:
+    """LoRA on one d_in x d_out matrix: A is r x d_in, B is d_out x r (docs/rules.md §4: 4096^2 at r=16 -> 131,072)."""
+    return rank * (d_in + d_out)
+
+
 def lora_params(shape: ModelShape, rank: int, targets: str = "all-linear") -> int:
-    """Adapter parameters: r * (d_in + d_out) for every targeted matrix (experts included for MoE)."""
+    """Adapter parameters of every targeted matrix (experts included for MoE)."""
     h, q, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     names = LORA_TARGETS.get(targets, tuple(t.strip().removesuffix("_proj") for t in targets.split(",")))
     dims = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h)}
-    per_layer = sum(rank * sum(dims[n]) for n in names if n in dims)
+    per_layer = sum(lora_matrix_params(*dims[n], rank) for n in names if n in dims)
     mlp = [n for n in names if n in ("gate", "up", "down")]
     dense_layers = shape.num_layers - shape.moe_layers
-    total = shape.num_layers * per_layer + dense_layers * len(mlp) * rank * (h + shape.intermediate_size)
+    total = shape.num_layers * per_layer + dense_layers * len(mlp) * lora_matrix_params(h, shape.intermediate_size,
+                                                                                       rank)
     if shape.is_moe:
-        total += shape.moe_layers * shape.num_experts * len(mlp) * rank * (h + shape.moe_intermediate_size)
+        total += shape.moe_layers * shape.num_experts * len(mlp) * lora_matrix_params(
+            h, shape.moe_intermediate_size, rank)
     return total
-
-
-def lora_matrix_params(d_in: int, d_out: int, rank: int) -> int:
-    """LoRA on one d_in x d_out matrix: A is r x d_in, B is d_out x r (RECIPES.md: 4096^2 at r=16 -> 131,072)."""
-    return rank * (d_in + d_out)
 
 
 def activation_elements_per_token(shape: ModelShape, setup: TrainSetup) -> dict[str, float]:
@@ -170,5 +172,5 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
 
 
 def kv_cache_bytes(shape: ModelShape, seq_len: int, batch: int = 1, bytes_per_value: int = 2) -> float:
-    """RECIPES.md 3: 2 (K and V) * bytes * seq * layers * kv_heads * head_dim, per sequence."""
+    """docs/rules.md §3: 2 (K and V) * bytes * seq * layers * kv_heads * head_dim, per sequence."""
     return 2 * bytes_per_value * seq_len * shape.num_layers * shape.num_kv_heads * shape.head_dim * batch

@@ -1,6 +1,6 @@
 """Parameter counts of decoder-only transformers from their config alone (no torch).
 
-The playbook's formula (RECIPES.md 3), made exact for the transformers classes:
+The playbook's formula (docs/rules.md §3), made exact for the transformers classes:
 embeddings V*h (twice if untied); per layer the attention projections
 h*(heads + 2*kv_heads)*head_dim + heads*head_dim*h, optional biases and QK-norm,
 the MLP 3*h*ffn (SwiGLU) or, for MoE layers, a router h*E plus E experts of
@@ -58,10 +58,6 @@ class ParamCount:
     embedding: int  # input embedding plus an untied output head
     per_layer_attention: int
     per_layer_mlp_total: int  # averaged over layers for mixed dense/MoE stacks
-
-    @property
-    def non_embedding(self) -> int:
-        return self.total - self.embedding
 
 
 def preset_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""The RECIPES.md rules, each a function that returns advice with its reason and source.
+"""The rules of docs/rules.md, each a function that returns advice with its reason and source.
 
 Every number is a default from the seed papers; the planner prints which rule
 fired, what it recommends, why, and where the rule comes from.
@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-EVOLM = "EvoLM (NeurIPS 2025), RECIPES.md 1"
-KOTHA = "Kotha, Kim, Liang, Hashimoto 2025, RECIPES.md 2"
-PLAYBOOK = "Smol Training Playbook, RECIPES.md 3"
-FT = "fine-tuning arithmetic, RECIPES.md 4"
+EVOLM = "EvoLM, arXiv:2506.16029; docs/rules.md §1"
+KOTHA = "Kim, Kotha, Liang, Hashimoto, arXiv:2509.14786; docs/rules.md §2"
+PLAYBOOK = "Smol Training Playbook; docs/rules.md §3"
+FT = "ZeRO, LoRA, QLoRA; docs/rules.md §4"
 
 PT_TOKENS_PER_PARAM = (80, 160)  # EvoLM: general ability plateaus past this
 CPT_REPLAY = 0.16  # EvoLM: domain:general ~ 5:1
@@ -22,7 +22,6 @@ WEIGHT_DECAY_REGULARISED = 3.0  # Kotha et al.: ~30x the usual 0.1
 DATA_EFFICIENCY = {"regularised": 2.29, "joint (ensemble + regularised)": 5.17,
                    "math CPT, 8-member ensemble": 17.5}  # Kotha et al.
 
-Goal = Literal["pretrain", "cpt", "sft", "domain-expert", "general-reasoning"]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Pick the simplest parallel strategy that fits, and the micro-batch / accumulation to reach the batch.
 
-Order of preference (simplest first, RECIPES.md 4): DDP, ZeRO-2, ZeRO-3 (FSDP2),
+Order of preference (simplest first, docs/rules.md §4): DDP, ZeRO-2, ZeRO-3 (FSDP2),
 ZeRO-3 with CPU offload, then for fine-tuning LoRA and QLoRA. A strategy fits when
 its total memory stays under 70% of the GPU (30% headroom for fragmentation,
 allocator caches and spikes).

@@ -113,6 +113,16 @@ def training_budget(recipe: Recipe, n_params: int, train_tokens: int | None) -> 
     return Budget(steps, tokens_per_step, tokens, epochs)
 
 
+def steps_over_examples(recipe: Recipe, examples: int, per_example: int = 1) -> int:
+    """Optimizer steps for a budget over examples: train.max_steps, else train.epochs (default 1) passes over
+    `examples` rows (x `per_example`, e.g. an RL group), counted per epoch as the HF Trainer counts them."""
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = math.ceil(examples * per_example / (t.micro_batch_size * t.grad_accum * world_size()))
+    return max(1, math.ceil(per_epoch * (t.epochs or 1)))
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -165,44 +175,26 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
 
     o, t = recipe.optim, recipe.train
     scheduler, scheduler_kwargs = scheduler_settings(recipe, max_steps)
-    bf16 = use_bf16(t.precision)
     report_to = [r for r in recipe.output.report_to if r != "tensorboard"] or "none"
     kwargs = dict(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=o.lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.beta1,
-        adam_beta2=o.beta2,
-        adam_epsilon=o.eps,
-        optim=o.optimizer,
-        lr_scheduler_type=scheduler,
-        lr_scheduler_kwargs=scheduler_kwargs,
-        warmup_steps=int(o.warmup_ratio * max_steps),
-        max_grad_norm=o.grad_clip if o.grad_clip > 0 else None,
-        bf16=bf16,
-        fp16=t.precision == "fp16",
-        activation_checkpointing=t.gradient_checkpointing,
-        dataloader_pin_memory=_cuda_available(),
-        logging_steps=t.log_every,
-        logging_first_step=True,
-        eval_strategy="steps" if has_validation else "no",
-        eval_steps=t.eval_every,
-        save_strategy="steps",
-        save_steps=t.save_every,
-        save_total_limit=t.keep_last,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        dataloader_num_workers=t.num_workers,
-        report_to=report_to,
-        run_name=recipe.name,
-        disable_tqdm=True,
-        remove_unused_columns=False,
+        output_dir=str(output_dir), run_name=recipe.name, seed=recipe.seed, data_seed=recipe.seed,
+        # the batch: micro-batch per device x accumulation x processes
+        max_steps=max_steps, per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+        # the optimizer and its schedule
+        optim=o.optimizer, learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.beta1, adam_beta2=o.beta2,
+        adam_epsilon=o.eps, max_grad_norm=o.grad_clip if o.grad_clip > 0 else None,
+        lr_scheduler_type=scheduler, lr_scheduler_kwargs=scheduler_kwargs, warmup_steps=int(o.warmup_ratio * max_steps),
+        # precision and memory
+        bf16=use_bf16(t.precision), fp16=t.precision == "fp16", activation_checkpointing=t.gradient_checkpointing,
+        # logging, evaluation and checkpoints (lmlab's callbacks print; HF's tqdm stays off)
+        logging_steps=t.log_every, logging_first_step=True, report_to=report_to, disable_tqdm=True,
+        eval_strategy="steps" if has_validation else "no", eval_steps=t.eval_every,
+        save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_last,
+        # data loading and devices: CPU runs under torchrun train with DDP over gloo
+        dataloader_num_workers=t.num_workers, dataloader_pin_memory=_cuda_available(), remove_unused_columns=False,
+        use_cpu=not accelerator_available(),
         ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
-        use_cpu=not accelerator_available(),  # CPU runs under torchrun train with DDP over gloo
         **distributed_arguments(recipe, layer_class),
     )
     return (args_class or TrainingArguments)(**{**kwargs, **extra})

@@ -2,7 +2,7 @@
 
 The tokenizer with its training chat template, chat records checked and split,
 the policy loaded (full, LoRA, or QLoRA in NF4), the LoRA config with the
-RECIPES rules on alpha/r and trainable parameters per sample, and the LR that
+rules of docs/rules.md §4 on alpha/r and trainable parameters per sample, and the LR that
 post-training derives from the input model's SFT LR. A stage imports these from
 here, never from another stage.
 """
@@ -16,8 +16,8 @@ from typing import Any
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
 
-ALPHA_OVER_R_LIMIT = 4  # RECIPES.md 4: r=8, alpha=128 damages the model
-TRAINABLE_PER_SAMPLE_LIMIT = 10_000  # RECIPES.md 4: watch trainable params per training sample
+ALPHA_OVER_R_LIMIT = 4  # docs/rules.md §4: r=8, alpha=128 damages the model
+TRAINABLE_PER_SAMPLE_LIMIT = 10_000  # docs/rules.md §4: watch trainable params per sample
 
 
 @dataclass
@@ -78,13 +78,13 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
 
 
 def lora_config(recipe: Recipe, examples: int, model) -> Any:
-    """A peft LoraConfig, with the RECIPES.md warnings on alpha/r and trainable parameters per sample."""
+    """A peft LoraConfig, with the docs/rules.md §4 warnings on alpha/r and trainable parameters per sample."""
     from peft import LoraConfig
 
     lora = recipe.lora
     if lora.alpha / lora.r > ALPHA_OVER_R_LIMIT:
         warnings.warn(f"lora.alpha/lora.r = {lora.alpha / lora.r:g} > {ALPHA_OVER_R_LIMIT}: large scaling can damage "
-                      "the base model (RECIPES.md: r=8, alpha=128)", stacklevel=2)
+                      "the base model (docs/rules.md §4: r=8, alpha=128)", stacklevel=2)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
     from lmlab.plan.memory import lora_params
@@ -127,7 +127,7 @@ def load_policy(recipe: Recipe, tokenizer):
 
 
 def post_training_lr(recipe: Recipe, ratio: float) -> float:
-    """optim.lr when the recipe sets it; else the input model's training LR x `ratio` (RECIPES.md 5:
+    """optim.lr when the recipe sets it; else the input model's training LR x `ratio` (docs/rules.md §5:
     preference optimisation and RL train 5-20x below the SFT LR)."""
     if "lr" in recipe.optim.model_fields_set:
         return recipe.optim.lr

@@ -2,7 +2,7 @@
 
 lmlab adds the lifecycle around TRL's trainers: pairs checked before compute,
 iterative rounds that each sample fresh on-policy pairs from the current policy
-and train one epoch on them (RECIPES.md 5: preference optimisation overfits
+and train one epoch on them (docs/rules.md §5: preference optimisation overfits
 after one epoch), the LR derived from the SFT LR, the shared callbacks and the
 artifact format. Each round's model is saved, so `--resume` continues after the
 last finished round.
@@ -29,9 +29,8 @@ def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, A
     from datasets import Dataset
 
     from lmlab.data.pairs import unpaired
-    from lmlab.distributed import world_size
-    from lmlab.stages.common import training_arguments
-    from lmlab.trainers import LmlabTrainerMixin
+    from lmlab.stages.common import steps_over_examples, training_arguments
+    from lmlab.trainers import lmlab_trainer
 
     p, t = recipe.preference, recipe.train
     common: dict[str, Any] = dict(learning_rate=lr, num_train_epochs=t.epochs or 1, max_length=recipe.data.seq_len,
@@ -55,36 +54,23 @@ def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, A
     rows = [{k: row[k] for k in ("prompt", "chosen", "rejected", "completion", "label") if k in row} for row in data]
     max_steps = t.max_steps or -1
     args = training_arguments(recipe, out_dir, max_steps, False, args_class=Config, **common)
-    steps = max_steps if max_steps > 0 else -(-len(rows) // (t.micro_batch_size * t.grad_accum * world_size())) * (
-        t.epochs or 1)
-    args.warmup_steps = int(recipe.optim.warmup_ratio * steps)
-
-    class Trainer(LmlabTrainerMixin, Base):
-        """TRL's trainer with lmlab's atomic checkpoints and decay groups."""
-
+    args.warmup_steps = int(recipe.optim.warmup_ratio * steps_over_examples(recipe, len(rows)))
     kwargs = dict(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
-    return Trainer(**kwargs)
+    return lmlab_trainer(Base)(**kwargs)
 
 
 def _finished_rounds(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in run_dir.glob(f"round-*/{DONE}"))
 
 
-def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
-    """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
-    from lmlab.data.pairs import preference_inputs, write_pairs
-    from lmlab.evaluate.onpolicy import sample_pairs
+def preference_data(recipe: Recipe, tokenizer):
+    """(given pairs, prompts to sample from, scorer), checked against the number of rounds."""
+    from lmlab.data.pairs import preference_inputs
     from lmlab.evaluate.orm import load_scorer
-    from lmlab.models.build import load_model
-    from lmlab.stages.common import open_stage, save_final, stage_callbacks, train
-    from lmlab.stages.posttrain import load_policy, lora_config, post_training_lr, prepare_tokenizer
-    from lmlab.trainers import last_checkpoint
 
-    out, p, run_dir = console(), recipe.preference, recipe.run_dir
-    open_stage(recipe, resume, overwrite)
-    tokenizer = prepare_tokenizer(recipe)
+    p = recipe.preference
     given, prompts = preference_inputs(recipe.data.train, recipe.seed)
     if given and prompts:
         raise LmlabError("the preference data mixes pairs and prompt-only records", field="data.train",
@@ -92,48 +78,75 @@ def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False
     if p.rounds > 1 and not prompts:
         raise LmlabError(f"{p.rounds} rounds need prompts to sample fresh on-policy pairs from; fixed pairs "
                          "would be trained on again", field="preference.rounds")
-    scorer = load_scorer(p.scorer, tokenizer) if prompts else None
+    return given, prompts, load_scorer(p.scorer, tokenizer) if prompts else None
+
+
+def round_pairs(recipe: Recipe, model, tokenizer, prompts, scorer, round_no: int, round_dir: Path):
+    """One round's pairs sampled from the current policy and ranked, with the round's record."""
+    from lmlab.data.pairs import write_pairs
+    from lmlab.evaluate.onpolicy import sample_pairs
+
+    p = recipe.preference
+    pairs, stats = sample_pairs(model, tokenizer, prompts, scorer, p.samples, p.temperature, p.max_new_tokens,
+                                seed=recipe.seed * 1000 + round_no)
+    if is_main():
+        write_pairs(pairs, round_dir / "pairs.jsonl")
+    console().print(f"round {round_no}: {stats.pairs} on-policy pairs from {stats.prompts} prompts "
+                    f"({stats.ties_dropped} ties dropped; mean best {stats.mean_best:.3f}, "
+                    f"worst {stats.mean_worst:.3f})")
+    if not pairs:
+        raise LmlabError(f"round {round_no}: every prompt's {p.samples} samples scored the same, so there "
+                         "is no preference to learn", field="preference.samples",
+                         hint="raise preference.samples or preference.temperature, or use easier prompts")
+    return pairs, {"round": round_no, **stats.as_dict()}
+
+
+def train_round(recipe: Recipe, model, tokenizer, pairs, record: dict[str, Any], round_dir: Path, lr: float,
+                resume: bool):
+    """One epoch on one round's pairs; the round's model and record are saved; returns (trainer, policy)."""
+    from lmlab.stages.common import save_final, stage_callbacks, train
+    from lmlab.stages.posttrain import lora_config
+    from lmlab.trainers import last_checkpoint
+
+    peft = lora_config(recipe, len(pairs), model) if recipe.lora.enabled else None
+    trainer = preference_trainer(recipe, model, tokenizer, pairs, round_dir / "checkpoints", lr, peft)
+    stage_callbacks(trainer, recipe, tokenizer, round=record["round"])
+    train(trainer, last_checkpoint(round_dir / "checkpoints") if resume else None)
+    model = trainer.model.merge_and_unload() if recipe.lora.enabled else trainer.model  # the next round's policy
+    save_final(trainer, tokenizer, round_dir / "model", {"stage": recipe.stage, "round": record["round"]},
+               model=model if recipe.lora.enabled else None)
+    record.update(steps=trainer.state.global_step,
+                  train_loss=next((h["train_loss"] for h in reversed(trainer.state.log_history)
+                                   if "train_loss" in h), None))
+    if is_main():
+        write_json_atomic(round_dir / DONE, record)
+    barrier()
+    return trainer, model
+
+
+def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
+    from lmlab.models.build import load_model
+    from lmlab.stages.common import open_stage, save_final
+    from lmlab.stages.posttrain import load_policy, post_training_lr, prepare_tokenizer
+
+    out, p, run_dir = console(), recipe.preference, recipe.run_dir
+    open_stage(recipe, resume, overwrite)
+    tokenizer = prepare_tokenizer(recipe)
+    given, prompts, scorer = preference_data(recipe, tokenizer)
     lr = post_training_lr(recipe, p.lr_ratio)
     done = _finished_rounds(run_dir) if resume else []
-    start_from = run_dir / f"round-{done[-1]}" / "model" if done else Path(recipe.model.from_pretrained)
-    model = load_model(start_from) if done else load_policy(recipe, tokenizer)
+    model = load_model(run_dir / f"round-{done[-1]}" / "model") if done else load_policy(recipe, tokenizer)
     out.print(f"[bold]{recipe.name}[/]: {recipe.stage} (beta {p.beta}"
-                  + (f", loss {'+'.join(p.loss_type)}" if recipe.stage == "dpo" else "")
-                  + f", lr {lr:.2e}), {p.rounds} round(s)" + (f", resuming after round {done[-1]}" if done else ""))
+              + (f", loss {'+'.join(p.loss_type)}" if recipe.stage == "dpo" else "")
+              + f", lr {lr:.2e}), {p.rounds} round(s)" + (f", resuming after round {done[-1]}" if done else ""))
     history: list[dict[str, Any]] = [json.loads((run_dir / f"round-{r}" / DONE).read_text()) for r in done]
     trainer = None  # stays None when a resume finds every round done
     for round_no in range(len(done) + 1, p.rounds + 1):
         round_dir = run_dir / f"round-{round_no}"
-        if prompts:
-            pairs, stats = sample_pairs(model, tokenizer, prompts, scorer, p.samples, p.temperature,
-                                        p.max_new_tokens, seed=recipe.seed * 1000 + round_no)
-            if is_main():
-                write_pairs(pairs, round_dir / "pairs.jsonl")
-            out.print(f"round {round_no}: {stats.pairs} on-policy pairs from {stats.prompts} prompts "
-                          f"({stats.ties_dropped} ties dropped; mean best {stats.mean_best:.3f}, "
-                          f"worst {stats.mean_worst:.3f})")
-            if not pairs:
-                raise LmlabError(f"round {round_no}: every prompt's {p.samples} samples scored the same, so there "
-                                 "is no preference to learn", field="preference.samples",
-                                 hint="raise preference.samples or preference.temperature, or use easier prompts")
-            record: dict[str, Any] = {"round": round_no, **stats.as_dict()}
-        else:
-            pairs, record = given, {"round": round_no, "pairs": len(given)}
-        peft = lora_config(recipe, len(pairs), model) if recipe.lora.enabled else None
-        trainer = preference_trainer(recipe, model, tokenizer, pairs, round_dir / "checkpoints", lr, peft)
-        stage_callbacks(trainer, recipe, tokenizer, round=round_no)
-        train(trainer, last_checkpoint(round_dir / "checkpoints") if resume else None)
-        model = trainer.model
-        if recipe.lora.enabled:
-            model = model.merge_and_unload()  # the next round samples from, and anchors to, the merged policy
-        save_final(trainer, tokenizer, round_dir / "model", {"stage": recipe.stage, "round": round_no},
-                   model=model if recipe.lora.enabled else None)
-        record.update(steps=trainer.state.global_step,
-                      train_loss=next((h["train_loss"] for h in reversed(trainer.state.log_history)
-                                       if "train_loss" in h), None))
-        if is_main():
-            write_json_atomic(round_dir / DONE, record)
-        barrier()
+        pairs, record = round_pairs(recipe, model, tokenizer, prompts, scorer, round_no, round_dir) if prompts \
+            else (given, {"round": round_no, "pairs": len(given)})
+        trainer, model = train_round(recipe, model, tokenizer, pairs, record, round_dir, lr, resume)
         history.append(record)
     manifest = {"stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "lr": lr, "rounds": history}

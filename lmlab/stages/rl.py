@@ -10,7 +10,6 @@ artifact format.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,24 +50,13 @@ def rl_prompts(recipe: Recipe) -> list[dict[str, Any]]:
     return [{"prompt": prompt_messages(p["prompt"], p.get("system")), "answer": p.get("answer")} for p in prompts]
 
 
-def rl_steps(recipe: Recipe, prompts: int) -> int:
-    """Optimizer steps: train.max_steps, else train.epochs (default 1) over the prompts, each with its group."""
-    from lmlab.distributed import world_size
-
-    t = recipe.train
-    if t.max_steps:
-        return t.max_steps
-    completions_per_step = t.micro_batch_size * t.grad_accum * world_size()
-    return max(1, math.ceil(prompts * recipe.rl.num_generations * (t.epochs or 1) / completions_per_step))
-
-
 def prepare_rl(recipe: Recipe):
     """Prompts, rewards, model and trainer; every input check happens here, before compute."""
     from datasets import Dataset
 
-    from lmlab.stages.common import stage_callbacks, training_arguments
+    from lmlab.stages.common import stage_callbacks, steps_over_examples, training_arguments
     from lmlab.stages.posttrain import load_policy, lora_config, post_training_lr, prepare_tokenizer
-    from lmlab.trainers import LmlabTrainerMixin
+    from lmlab.trainers import lmlab_trainer
 
     r, t = recipe.rl, recipe.train
     if (t.micro_batch_size * t.grad_accum) % r.num_generations:
@@ -85,7 +73,7 @@ def prepare_rl(recipe: Recipe):
     rewards = [trl_reward(spec, tokenizer) for spec in r.rewards]
     model = load_policy(recipe, tokenizer)
     lr = post_training_lr(recipe, r.lr_ratio)
-    steps = rl_steps(recipe, len(prompts))
+    steps = steps_over_examples(recipe, len(prompts), per_example=r.num_generations)  # completions per step
     if r.algorithm == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Base
@@ -99,11 +87,8 @@ def prepare_rl(recipe: Recipe):
         log_completions=False,
     )
 
-    class Trainer(LmlabTrainerMixin, Base):
-        """TRL's RL trainer with lmlab's atomic checkpoints and decay groups."""
-
     peft = lora_config(recipe, len(prompts), model) if recipe.lora.enabled else None
-    trainer = Trainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(prompts),
+    trainer = lmlab_trainer(Base)(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(prompts),
                       processing_class=tokenizer, peft_config=peft)
     stage_callbacks(trainer, recipe, tokenizer)
     console().print(f"[bold]{recipe.name}[/]: {r.algorithm} on {len(prompts):,} prompts, groups of "

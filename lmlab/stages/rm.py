@@ -27,67 +27,72 @@ def reward_model(path: str, tokenizer, trust_remote_code: bool = False):
     return model
 
 
-def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train an ORM on pairs (given, or sampled and verifier-ranked); returns the artifact directory."""
-    from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
-
+def reward_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], int]:
+    """(train, held-out) pairs and the number dropped as overlong: given pairs, plus verifier-ranked samples."""
     from lmlab.data.pairs import drop_overlong, preference_inputs, write_pairs
-    from lmlab.evaluate.onpolicy import sample_pairs
     from lmlab.data.split import split_items
+    from lmlab.distributed import is_main
+    from lmlab.evaluate.onpolicy import sample_pairs
     from lmlab.evaluate.orm import load_scorer
     from lmlab.models.build import load_model
-    from lmlab.distributed import is_main, world_size
-    from lmlab.stages.common import open_stage, save_final, stage_callbacks, train, training_arguments
-    from lmlab.stages.posttrain import post_training_lr, prepare_tokenizer
-    from lmlab.trainers import LmlabTrainerMixin
 
-    out, p, t, run_dir = console(), recipe.preference, recipe.train, recipe.run_dir
-    start = open_stage(recipe, resume, overwrite)
-    tokenizer = prepare_tokenizer(recipe)
+    p, out = recipe.preference, console()
     pairs, prompts = preference_inputs(recipe.data.train, recipe.seed)
     if prompts:
         if p.scorer not in ("math_exact", "math_format"):
             raise LmlabError("a reward model learns from a verifier's rankings or from given pairs",
                              field="preference.scorer", hint="use a verifier such as math_exact, or give pairs")
-        policy = load_model(recipe.model.from_pretrained)
-        sampled, stats = sample_pairs(policy, tokenizer, prompts, load_scorer(p.scorer), p.samples, p.temperature,
-                                      p.max_new_tokens, seed=recipe.seed)
+        sampled, stats = sample_pairs(load_model(recipe.model.from_pretrained), tokenizer, prompts,
+                                      load_scorer(p.scorer), p.samples, p.temperature, p.max_new_tokens,
+                                      seed=recipe.seed)
         if is_main():
-            write_pairs(sampled, run_dir / "pairs.jsonl")
+            write_pairs(sampled, recipe.run_dir / "pairs.jsonl")
         out.print(f"{stats.pairs} pairs sampled from {stats.prompts} prompts ({stats.ties_dropped} ties dropped)")
         pairs += sampled
-        del policy
     pairs, overlong = drop_overlong(tokenizer, pairs, recipe.data.seq_len)
     if overlong:
         out.print(f"{overlong} pairs longer than data.seq_len={recipe.data.seq_len} tokens dropped")
     if len(pairs) < 2:
         raise LmlabError(f"{len(pairs)} preference pairs: too few to train a reward model", field="data.train")
-    keys = ("prompt", "chosen", "rejected")
-    rows = [{k: pair[k] for k in keys} for pair in pairs]
+    rows = [{k: pair[k] for k in ("prompt", "chosen", "rejected")} for pair in pairs]
     train_rows, held = split_items(rows, [f"pair-{i}" for i in range(len(rows))], recipe.sft.validation_fraction)
+    return train_rows, held, overlong
+
+
+def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train an ORM on pairs (given, or sampled and verifier-ranked); returns the artifact directory."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from lmlab.stages.common import (open_stage, save_final, stage_callbacks, steps_over_examples, train,
+                                     training_arguments)
+    from lmlab.stages.posttrain import post_training_lr, prepare_tokenizer
+    from lmlab.trainers import lmlab_trainer
+
+    out = console()
+    start = open_stage(recipe, resume, overwrite)
+    tokenizer = prepare_tokenizer(recipe)
+    train_rows, held, overlong = reward_pairs(recipe, tokenizer)
     validation = Dataset.from_list(held) if held else None
-
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
-    steps = t.max_steps or -(-len(train_rows) // (t.micro_batch_size * t.grad_accum * world_size())) * int(t.epochs or 1)
-    lr = post_training_lr(recipe, p.lr_ratio)  # a new head on a trained body: far below the SFT LR
-    args = training_arguments(recipe, run_dir / "checkpoints", steps, validation is not None, args_class=RewardConfig,
-                              max_length=recipe.data.seq_len, dataset_num_proc=None, learning_rate=lr)
-
-    class Trainer(LmlabTrainerMixin, RewardTrainer):
-        """TRL's RewardTrainer with lmlab's atomic checkpoints and decay groups."""
-
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows).shuffle(seed=recipe.seed),
-                      eval_dataset=validation, processing_class=tokenizer)
+    steps = steps_over_examples(recipe, len(train_rows))
+    lr = post_training_lr(recipe, recipe.preference.lr_ratio)  # a new head on a trained body: far below SFT's
+    args = training_arguments(recipe, recipe.run_dir / "checkpoints", steps, validation is not None,
+                              args_class=RewardConfig, max_length=recipe.data.seq_len, dataset_num_proc=None,
+                              learning_rate=lr)
+    trainer = lmlab_trainer(RewardTrainer)(model=model, args=args, eval_dataset=validation,
+                                           train_dataset=Dataset.from_list(train_rows).shuffle(seed=recipe.seed),
+                                           processing_class=tokenizer)
     stage_callbacks(trainer, recipe, tokenizer)
-    out.print(f"[bold]{recipe.name}[/]: reward model on {len(train_rows):,} pairs ({len(held)} held out), {steps} steps")
+    out.print(f"[bold]{recipe.name}[/]: reward model on {len(train_rows):,} pairs ({len(held)} held out), "
+              f"{steps} steps")
     train(trainer, start)
     metrics = trainer.evaluate() if validation is not None else {}
     manifest = {"stage": "rm", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-                "input_artifact": recipe.model.from_pretrained, "lr": lr, "pairs": len(train_rows), "held_out_pairs": len(held),
-                "overlong_dropped": overlong,
-                "steps": trainer.state.global_step, "metrics": metrics}
-    final = save_final(trainer, tokenizer, run_dir / "final", manifest)
+                "input_artifact": recipe.model.from_pretrained, "lr": lr, "pairs": len(train_rows),
+                "held_out_pairs": len(held), "overlong_dropped": overlong, "steps": trainer.state.global_step,
+                "metrics": metrics}
+    final = save_final(trainer, tokenizer, recipe.run_dir / "final", manifest)
     if "eval_accuracy" in metrics:
         out.print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}")
     out.print(f"[bold green]reward model:[/] {final}")

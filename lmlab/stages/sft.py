@@ -41,62 +41,62 @@ class SFTJob:
     epochs: float | None
 
 
-def prepare_sft(recipe: Recipe) -> SFTJob:
-    """Records, tokenizer, model and trainer; every input check happens here, before compute."""
-    from transformers import EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
+def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
+    """TRL's SFTConfig from the recipe: epochs or a step budget, early stopping, warmup over the real steps."""
+    from trl import SFTConfig
 
-    from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
-    from lmlab.distributed import world_size
-    from lmlab.stages.common import task_eval_callbacks, training_arguments
-    from lmlab.trainers import LmlabTrainerMixin
-
-    class LmlabSFTTrainer(LmlabTrainerMixin, SFTTrainer):
-        """TRL's SFTTrainer with lmlab's atomic checkpoints and decay groups."""
-
-    run_dir = recipe.run_dir
-    tokenizer = prepare_tokenizer(recipe)
-    data = load_sft_data(recipe, tokenizer)
-    console().print(f"SFT on {data.examples:,} conversations ({len(data.validation or [])} held out); "
-                  f"{data.overlong} longer than {recipe.data.seq_len} tokens "
-                  + ("dropped" if data.dropped else "truncated"))
-    model = load_policy(recipe, tokenizer)
-    epochs = sft_epochs(recipe, data.examples)
-    peft_config = lora_config(recipe, data.examples, model) if recipe.lora.enabled else None
+    from lmlab.stages.common import steps_over_examples, training_arguments, training_budget
 
     has_val = data.validation is not None
     patience = recipe.sft.early_stopping_patience if has_val else None
-    t = recipe.train
-    extra: dict[str, Any] = dict(
-        max_length=recipe.data.seq_len, assistant_only_loss=recipe.sft.assistant_only_loss,
-        packing=recipe.sft.packing, include_num_input_tokens_seen="non_padding",
-        dataset_num_proc=None,
-    )
-    if epochs is not None:
-        extra.update(num_train_epochs=epochs)
+    extra: dict[str, Any] = dict(max_length=recipe.data.seq_len, assistant_only_loss=recipe.sft.assistant_only_loss,
+                                 packing=recipe.sft.packing, include_num_input_tokens_seen="non_padding",
+                                 dataset_num_proc=None)
     if patience:
         extra.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-                     save_steps=t.eval_every)
-    if epochs is not None:
-        max_steps = -1  # the Trainer counts steps from epochs
+                     save_steps=recipe.train.eval_every)
+    if epochs is not None:  # the Trainer counts steps from epochs
+        extra.update(num_train_epochs=epochs)
+        max_steps = -1
     else:  # a budget in steps, tokens or tokens per parameter (tokens count padded rows of data.seq_len)
         from lmlab.models.build import count_parameters
-        from lmlab.stages.common import training_budget
 
         max_steps = training_budget(recipe, count_parameters(model), None).max_steps
-    args = training_arguments(recipe, run_dir / "checkpoints", max_steps, has_val, args_class=SFTConfig, **extra)
-    if epochs is not None:  # warmup as a share of the real number of steps
-        steps = -(-data.examples // (t.micro_batch_size * t.grad_accum * world_size())) * epochs
+    args = training_arguments(recipe, recipe.run_dir / "checkpoints", max_steps, has_val, args_class=SFTConfig,
+                              **extra)
+    if epochs is not None:  # warmup (and WSD's decay) as a share of the real number of steps
+        steps = steps_over_examples(recipe.model_copy(update={"train": recipe.train.model_copy(
+            update={"epochs": epochs})}), data.examples)
         args.warmup_steps = int(recipe.optim.warmup_ratio * steps)
         if recipe.optim.schedule == "wsd":
             args.lr_scheduler_kwargs["num_decay_steps"] = max(1, int(recipe.optim.decay_ratio * steps))
+    return args, patience
+
+
+def prepare_sft(recipe: Recipe) -> SFTJob:
+    """Records, tokenizer, model and trainer; every input check happens here, before compute."""
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    from lmlab.distributed import world_size
+    from lmlab.stages.common import stage_callbacks
+    from lmlab.trainers import lmlab_trainer
+
+    tokenizer = prepare_tokenizer(recipe)
+    data = load_sft_data(recipe, tokenizer)
+    console().print(f"SFT on {data.examples:,} conversations ({len(data.validation or [])} held out); "
+                    f"{data.overlong} longer than {recipe.data.seq_len} tokens "
+                    + ("dropped" if data.dropped else "truncated"))
+    model = load_policy(recipe, tokenizer)
+    epochs = sft_epochs(recipe, data.examples)
+    peft_config = lora_config(recipe, data.examples, model) if recipe.lora.enabled else None
+    args, patience = sft_arguments(recipe, data, model, epochs)
     callbacks = [EarlyStoppingCallback(early_stopping_patience=patience)] if patience else []
-    trainer = LmlabSFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
-                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    metrics = MetricsCallback(run_dir, t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len,
-                              stage="sft", tensorboard="tensorboard" in recipe.output.report_to)
-    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name),
-                               *task_eval_callbacks(recipe, metrics, tokenizer)])
+    trainer = lmlab_trainer(SFTTrainer)(model=model, args=args, train_dataset=data.train,
+                                        eval_dataset=data.validation, processing_class=tokenizer,
+                                        peft_config=peft_config, callbacks=callbacks)
+    t = recipe.train
+    stage_callbacks(trainer, recipe, tokenizer, t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len)
     return SFTJob(recipe, trainer, tokenizer, data, epochs)
 
 

@@ -203,6 +203,7 @@ def run_data_constrained(path: str | Path) -> Path:
 
     # ensembles of each size's best regularised configuration; member 0 is that run itself
     ensembles: dict[str, dict[int, float]] = {}
+    member_losses: dict[str, list[float]] = {}  # each member alone, to set every ensemble against its members
     for m in sizes:
         cfg = reg_best[m]
         members = [runner.final(next(n for n, r in results["runs"].items() if r is cfg))]
@@ -210,6 +211,7 @@ def run_data_constrained(path: str | Path) -> Path:
             members.append(runner.run(runner.tree(f"member-{m}-s{seed}", m, cfg["weight_decay"], cfg["epochs"],
                                                   seed=seed)))
         ensembles[m] = {1: cfg["loss"]}
+        member_losses[m] = [cfg["loss"]] + [score(d, f"member-{m}-s{i}") for i, d in enumerate(members[1:], 1)]
         for k in range(2, study.ensemble.members + 1):
             out = save_ensemble(members[:k], study.run_dir / "ensembles" / f"{m}-k{k}", study.ensemble.combine)
             ensembles[m][k] = score(out, f"ensemble-{m}-k{k}")
@@ -226,6 +228,7 @@ def run_data_constrained(path: str | Path) -> Path:
 
     results |= {"parameters": params, "standard_best": std_best, "regularised_best": reg_best,
                 "ensembles": {m: {str(k): v for k, v in e.items()} for m, e in ensembles.items()},
+                "ensemble_members": member_losses,
                 "distilled": {"student": d.student, "teacher": str(teacher), "loss": distilled}}
     results["findings"] = findings(study, results, ensembles, runs)
     return write_report(study, results, ensembles, runs)

@@ -25,8 +25,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lmlab.recipe import OutputConfig, Strict, merge_blocks
+from lmlab.console import console
 from lmlab.experiments.studies.common import StudyRunner, load_study, mean_std_text
+from lmlab.paths import write_json_atomic
+from lmlab.recipe import OutputConfig, Strict, merge_blocks
 
 
 class PretrainScaling(Strict):
@@ -140,9 +142,7 @@ def run_evolm(path: str | Path) -> Path:
     for t in every:
         runner.validate(t)
     if study.sft_from_replay not in study.replay_ratios or study.rl_from_epochs not in study.sft_epochs:
-        from lmlab.console import console
-from lmlab.errors import LmlabError
-from lmlab.paths import write_json_atomic
+        from lmlab.errors import LmlabError
 
         raise LmlabError("sft_from_replay must be one of replay_ratios and rl_from_epochs one of sft_epochs",
                          file=str(path))
