@@ -34,6 +34,19 @@ def on_terminal() -> bool:
     return sys.stdout.isatty() and console().is_terminal
 
 
+LIBRARY_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                     "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+                     "DATASETS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def quiet_libraries_env() -> None:
+    """The libraries' own switches, as environment variables: cheap, and in force before they are imported."""
+    for key, value in LIBRARY_QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def silence_libraries() -> None:
     """Turn off the progress bars and warnings of transformers, datasets and TRL (ours replace them)."""
     import datasets

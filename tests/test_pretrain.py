@@ -103,7 +103,7 @@ def test_budget_from_tokens_per_param(tmp_path, tok_dir):
     from lmlab.stages.common import training_budget
 
     recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": None, "tokens_per_param": 2.0})
-    budget = training_budget(recipe, n_params=10_000, train_tokens=100_000)
+    budget = training_budget(recipe.train, recipe.data.seq_len, n_params=10_000, train_tokens=100_000)
     assert budget.tokens_per_step == 4 * 64
     assert budget.max_steps == -(-20_000 // 256) and budget.epochs == pytest.approx(budget.tokens / 100_000)
 
@@ -252,8 +252,8 @@ def test_sharding_without_gpus_is_a_clear_error(tmp_path, tok_dir):
 
     recipe = tiny_recipe(tmp_path, tok_dir, train={"distributed": "zero3"})
     with pytest.raises(LmlabError, match="none is visible"):
-        distributed_arguments(recipe, "LlamaDecoderLayer")
-    assert distributed_arguments(tiny_recipe(tmp_path, tok_dir, train={"distributed": "ddp"}), None) == {}
+        distributed_arguments(recipe.train, "LlamaDecoderLayer")
+    assert distributed_arguments(tiny_recipe(tmp_path, tok_dir, train={"distributed": "ddp"}).train, None) == {}
 
 
 def test_unique_tokens_is_one_fixed_subset_for_every_seed(tiny_tokenizer):

@@ -34,6 +34,9 @@ OS_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is
 def options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors only."),
             debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
     """Plan and run the training lifecycle of a language model by recipe."""
+    from lmlab.console import quiet_libraries_env
+
+    quiet_libraries_env()  # HF / datasets bars and chatter off for every command, before they are imported
     if quiet:
         os.environ["LMLAB_QUIET"] = "1"
     if debug:

@@ -15,7 +15,7 @@ from lmlab.console import console
 from lmlab.distributed import accelerator_available, barrier, is_main, main_first, world_size
 from lmlab.errors import LmlabError
 from lmlab.paths import remove_run_dir
-from lmlab.recipe import Recipe, dump_recipe
+from lmlab.recipe import OptimConfig, Recipe, TrainConfig, dump_recipe
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) -> None:
@@ -91,10 +91,9 @@ class Budget:
     epochs: float | None  # passes over the unique training tokens the budget implies
 
 
-def training_budget(recipe: Recipe, n_params: int, train_tokens: int | None) -> Budget:
+def training_budget(t: TrainConfig, seq_len: int, n_params: int, train_tokens: int | None) -> Budget:
     """Optimizer steps from a budget in tokens, tokens per parameter, or steps (default: one epoch)."""
-    t = recipe.train
-    tokens_per_step = t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world_size() * seq_len
     if t.max_steps:
         steps = t.max_steps
     elif t.tokens:
@@ -113,14 +112,13 @@ def training_budget(recipe: Recipe, n_params: int, train_tokens: int | None) -> 
     return Budget(steps, tokens_per_step, tokens, epochs)
 
 
-def steps_over_examples(recipe: Recipe, examples: int, per_example: int = 1) -> int:
-    """Optimizer steps for a budget over examples: train.max_steps, else train.epochs (default 1) passes over
-    `examples` rows (x `per_example`, e.g. an RL group), counted per epoch as the HF Trainer counts them."""
-    t = recipe.train
+def steps_over_examples(t: TrainConfig, examples: int, per_example: int = 1, epochs: float | None = None) -> int:
+    """Optimizer steps for a budget over examples: train.max_steps, else `epochs` (default train.epochs, else 1)
+    passes over `examples` rows (x `per_example`, e.g. an RL group), counted per epoch as the HF Trainer does."""
     if t.max_steps:
         return t.max_steps
     per_epoch = math.ceil(examples * per_example / (t.micro_batch_size * t.grad_accum * world_size()))
-    return max(1, math.ceil(per_epoch * (t.epochs or 1)))
+    return max(1, math.ceil(per_epoch * (epochs or t.epochs or 1)))
 
 
 def _cuda_available() -> bool:
@@ -137,9 +135,8 @@ def use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def scheduler_settings(recipe: Recipe, max_steps: int) -> tuple[str, dict[str, Any]]:
-    """HF scheduler name and kwargs; every schedule decays fully by the last step (EvoLM)."""
-    o = recipe.optim
+def scheduler_settings(o: OptimConfig, max_steps: int) -> tuple[str, dict[str, Any]]:
+    """HF scheduler name and kwargs; every schedule decays fully by the last step (docs/rules.md §1)."""
     if o.schedule == "cosine":
         return "cosine_with_min_lr", {"min_lr_rate": o.min_lr_ratio}
     if o.schedule == "wsd":
@@ -154,9 +151,9 @@ FSDP_MODES = {"zero2": "shard_grad_op auto_wrap", "zero3": "full_shard auto_wrap
               "zero3_offload": "full_shard auto_wrap offload"}
 
 
-def distributed_arguments(recipe: Recipe, layer_class: str | None) -> dict[str, Any]:
+def distributed_arguments(t: TrainConfig, layer_class: str | None) -> dict[str, Any]:
     """FSDP2 settings for the Trainer; `auto` and `ddp` leave it to accelerate's launch config."""
-    mode = recipe.train.distributed
+    mode = t.distributed
     if mode in ("auto", "ddp"):
         return {}
     if not _cuda_available():
@@ -174,7 +171,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
     from transformers import TrainingArguments
 
     o, t = recipe.optim, recipe.train
-    scheduler, scheduler_kwargs = scheduler_settings(recipe, max_steps)
+    scheduler, scheduler_kwargs = scheduler_settings(o, max_steps)
     report_to = [r for r in recipe.output.report_to if r != "tensorboard"] or "none"
     kwargs = dict(
         output_dir=str(output_dir), run_name=recipe.name, seed=recipe.seed, data_seed=recipe.seed,
@@ -195,7 +192,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         dataloader_num_workers=t.num_workers, dataloader_pin_memory=_cuda_available(), remove_unused_columns=False,
         use_cpu=not accelerator_available(),
         ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
-        **distributed_arguments(recipe, layer_class),
+        **distributed_arguments(t, layer_class),
     )
     return (args_class or TrainingArguments)(**{**kwargs, **extra})
 

@@ -54,7 +54,7 @@ def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, A
     rows = [{k: row[k] for k in ("prompt", "chosen", "rejected", "completion", "label") if k in row} for row in data]
     max_steps = t.max_steps or -1
     args = training_arguments(recipe, out_dir, max_steps, False, args_class=Config, **common)
-    args.warmup_steps = int(recipe.optim.warmup_ratio * steps_over_examples(recipe, len(rows)))
+    args.warmup_steps = int(recipe.optim.warmup_ratio * steps_over_examples(t, len(rows)))
     kwargs = dict(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     if peft_config is not None:
         kwargs["peft_config"] = peft_config

@@ -73,7 +73,7 @@ def prepare_rl(recipe: Recipe):
     rewards = [trl_reward(spec, tokenizer) for spec in r.rewards]
     model = load_policy(recipe, tokenizer)
     lr = post_training_lr(recipe, r.lr_ratio)
-    steps = steps_over_examples(recipe, len(prompts), per_example=r.num_generations)  # completions per step
+    steps = steps_over_examples(t, len(prompts), per_example=r.num_generations)  # completions per step
     if r.algorithm == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Base

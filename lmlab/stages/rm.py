@@ -75,7 +75,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     train_rows, held, overlong = reward_pairs(recipe, tokenizer)
     validation = Dataset.from_list(held) if held else None
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
-    steps = steps_over_examples(recipe, len(train_rows))
+    steps = steps_over_examples(recipe.train, len(train_rows))
     lr = post_training_lr(recipe, recipe.preference.lr_ratio)  # a new head on a trained body: far below SFT's
     args = training_arguments(recipe, recipe.run_dir / "checkpoints", steps, validation is not None,
                               args_class=RewardConfig, max_length=recipe.data.seq_len, dataset_num_proc=None,

@@ -61,12 +61,11 @@ def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
     else:  # a budget in steps, tokens or tokens per parameter (tokens count padded rows of data.seq_len)
         from lmlab.models.build import count_parameters
 
-        max_steps = training_budget(recipe, count_parameters(model), None).max_steps
+        max_steps = training_budget(recipe.train, recipe.data.seq_len, count_parameters(model), None).max_steps
     args = training_arguments(recipe, recipe.run_dir / "checkpoints", max_steps, has_val, args_class=SFTConfig,
                               **extra)
     if epochs is not None:  # warmup (and WSD's decay) as a share of the real number of steps
-        steps = steps_over_examples(recipe.model_copy(update={"train": recipe.train.model_copy(
-            update={"epochs": epochs})}), data.examples)
+        steps = steps_over_examples(recipe.train, data.examples, epochs=epochs)
         args.warmup_steps = int(recipe.optim.warmup_ratio * steps)
         if recipe.optim.schedule == "wsd":
             args.lr_scheduler_kwargs["num_decay_steps"] = max(1, int(recipe.optim.decay_ratio * steps))
