@@ -47,6 +47,7 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.drop_records_after(state.global_step)
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -54,6 +55,21 @@ class MetricsCallback(TrainerCallback):
                 self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
             except ImportError:  # tensorboard not installed: jsonl still has everything
                 self._writer = None
+
+    def drop_records_after(self, step: int) -> None:
+        """A resumed (or rolled back) run redoes the steps after `step`: their old records go, so curves do not
+        zigzag; the divergence guard's events stay. Records of other stages or rounds are kept."""
+        from lmlab.paths import write_text_atomic
+
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        mine = lambda r: r.get("stage") == self.stage and all(r.get(k) == v for k, v in self.fields.items())  # noqa
+        kept = [line for line in lines if not (mine(r := json.loads(line)) and r.get("step", 0) > step
+                                               and "guard/event" not in r)]
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -215,3 +231,67 @@ class TaskEvalCallback(TrainerCallback):
             return  # rank 0 evaluates; the other ranks wait for it at the next step's gradient all-reduce
         results = self.evaluate(model, state.global_step)
         self.metrics.on_log(args, state, control, logs={f"task/{k}": v for k, v in results.items()})
+
+
+class DivergenceGuard(TrainerCallback):
+    """Skips the update of a step whose loss or gradient norm is non-finite or spikes far above its running
+    median; after `patience` such steps in a row it stops training and asks for a rollback (to the last good
+    checkpoint, with a lower LR), which the stage skeleton performs. Every event goes to metrics.jsonl.
+
+    A diverged run is never saved: a model with non-finite weights is refused as an artifact, and a run that
+    still diverges after `rollbacks` rollbacks ends with an error.
+    """
+
+    HISTORY = 50  # steps in the running medians
+    WARMUP = 3  # steps of history before spikes count (non-finite values always do)
+
+    def __init__(self, config, metrics: MetricsCallback | None = None, loss_spikes: bool = True):
+        self.config, self.metrics, self.loss_spikes = config, metrics, loss_spikes
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+        self.bad_in_a_row = 0
+        self.rollback_requested = False
+        self._args = self._state = self._control = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._args, self._state, self._control = args, state, control
+        self.bad_in_a_row, self.rollback_requested = 0, False
+
+    def reason(self, loss: float, norm: float) -> str | None:
+        """Why this step is bad, or None."""
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            return "non-finite loss or gradient"
+        if len(self.norms) >= self.WARMUP:
+            median_loss, median_norm = _median(self.losses), _median(self.norms)
+            if self.loss_spikes and median_loss > 0 and loss > self.config.loss_spike * median_loss:
+                return f"loss {loss:.4g} > {self.config.loss_spike:g} x median {median_loss:.4g}"
+            if median_norm > 0 and norm > self.config.grad_spike * median_norm:
+                return f"gradient norm {norm:.4g} > {self.config.grad_spike:g} x median {median_norm:.4g}"
+        return None
+
+    def skip_step(self, loss: float, norm: float) -> bool:
+        """Called by the trainer before each optimizer step (every rank, same inputs): True skips the update."""
+        why = self.reason(loss, norm)
+        if why is None:
+            self.losses, self.norms = (self.losses + [loss])[-self.HISTORY:], (self.norms + [norm])[-self.HISTORY:]
+            self.bad_in_a_row = 0
+            return False
+        self.bad_in_a_row += 1
+        self.log({"guard/event": "skip", "guard/reason": why, "guard/bad_in_a_row": self.bad_in_a_row})
+        if self.bad_in_a_row >= self.config.patience and self._control is not None:
+            self.rollback_requested = True
+            self._control.should_training_stop = True
+        return True
+
+    def log(self, fields: dict[str, Any]) -> None:
+        from lmlab.console import console
+
+        console().print(f"[yellow]divergence guard at step {self._state.global_step + 1 if self._state else '?'}: "
+                        + ", ".join(f"{k.split('/')[1]} {v}" for k, v in fields.items()) + "[/]")
+        if self.metrics is not None and self._state is not None:
+            self.metrics.on_log(self._args, self._state, self._control, logs=dict(fields))
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0

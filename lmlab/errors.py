@@ -13,6 +13,7 @@ class LmlabError(Exception):
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
                  field: str | None = None, hint: str | None = None):
         self.file, self.line, self.field, self.hint = file, line, field, hint
+        self.message = message
         where = ""
         if file:
             where = f"{file}:{line}" if line is not None else str(file)

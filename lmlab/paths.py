@@ -10,16 +10,20 @@ written to a temporary sibling and renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # an identifier: no separators, no leading dot, never `..`
+LOCK = ".lock"
 RUN_MARKERS = ("recipe.yaml", "pipeline.json", "lmlab.json", "study.json")  # files that say "lmlab wrote this"
 
 
@@ -52,12 +56,18 @@ def remove_tree(path: str | Path, root: str | Path, missing_ok: bool = True) -> 
 
 
 def remove_run_dir(run_dir: str | Path, root: str | Path) -> None:
-    """Delete a previous run, but only a directory lmlab made: never a user's folder that shares the name."""
+    """Delete a previous run, but only a directory lmlab made: never a user's folder that shares the name.
+
+    The run's lock file stays (the caller may hold it), so a second process never sees the directory unlocked.
+    """
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in RUN_MARKERS):
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+    if contents and not any((run_dir / m).exists() for m in RUN_MARKERS):
         raise LmlabError("this directory was not made by lmlab, so it is not deleted", file=str(run_dir),
                          hint="choose another `name` or `output.dir`")
-    remove_tree(run_dir, root)
+    contained(run_dir, root)
+    for path in contents:
+        remove_tree(path, run_dir)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -75,3 +85,41 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One job per run directory: a second `lmlab run` or stage command on it fails at once instead of
+    interleaving its checkpoints and metrics with the first.
+
+    Under several processes the job is all its ranks: rank 0 holds the lock, the others wait for
+    it at a barrier (and fail with it). The file is opened without truncation, so a refused second
+    process never erases the holder's PID.
+    """
+    error = None
+    handle = None
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            error = LmlabError(f"another lmlab process (PID {holder}) is running in this directory", file=str(run_dir),
+                               hint="wait for it, or stop it first")
+    barrier()
+    if error is not None:
+        raise error
+    try:
+        if handle is not None:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()

@@ -21,22 +21,20 @@ A lock keeps two processes out of one run directory.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
 
 from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
-from lmlab.paths import NAME_PATTERN, remove_run_dir, write_json_atomic
-from lmlab.recipe import STAGES, OutputConfig, Recipe, Strict, as_list, merge_blocks, validate_recipe
+from lmlab.paths import NAME_PATTERN, remove_run_dir, run_lock, write_json_atomic
+from lmlab.recipe import STAGES, OutputConfig, read_yaml_text, Recipe, Strict, as_list, merge_blocks, validate_recipe
 from lmlab.stages import run_stage
 
 MODEL_STAGES = tuple(STAGES)  # the stages that make a model
@@ -100,7 +98,7 @@ def plan_stages(pipeline: Pipeline, file: str = "<pipeline>", root: yaml.Node | 
             raise LmlabError(f"two stages are named '{name}'", file=file, line=line, field=f"{where}.name",
                              hint="give each stage a distinct `name`")
         if kind == "eval":
-            stage = validate_recipe(block, file, _stage_node(root, index), model=EvalStage)
+            stage = validate_recipe(block, file, _stage_node(root, index), model=EvalStage, prefix=f"{where}.")
             unknown = [m for m in (stage.models if stage.models != "all" else []) if m not in artifacts]
             if unknown:
                 raise LmlabError(f"eval names '{unknown[0]}', which no earlier stage makes", file=file, line=line,
@@ -141,7 +139,8 @@ def plan_stages(pipeline: Pipeline, file: str = "<pipeline>", root: yaml.Node | 
             tree["tokenizer"] = {**tree.get("tokenizer", {}), "path": tokenizer_dir}
         tree["stage"] = "pretrain" if kind == "tokenizer" else kind
         recipe = validate_recipe(tree, file, _stage_node(root, index), future_artifacts=set(artifacts.values())
-                                 | ({tokenizer_dir} if tokenizer_dir else set()) | (assume_exists or set()))
+                                 | ({tokenizer_dir} if tokenizer_dir else set()) | (assume_exists or set()),
+                                 prefix=f"{where}.")
         if kind == "tokenizer":
             tokenizer_dir = str(run_dir / name / "tokenizer")
             planned.append(("tokenizer", recipe))
@@ -157,7 +156,7 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -
     path = str(path)
     if not Path(path).is_file():
         raise LmlabError("pipeline recipe not found", file=path)
-    text = Path(path).read_text()
+    text = read_yaml_text(path)
     try:
         root, tree = yaml.compose(text), yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -176,46 +175,46 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -
     return pipeline, plan_stages(pipeline, path, root)
 
 
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One job per run directory: a second `lmlab run` on it fails at once instead of corrupting it.
-
-    Under several processes the job is all its ranks: rank 0 holds the lock, the others wait for
-    it at a barrier (and fail with it). The file is opened without truncation, so a refused second
-    process never erases the holder's PID.
-    """
-    error = None
-    handle = None
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / ".lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            error = LmlabError(f"another lmlab process (PID {holder}) is running this pipeline", file=str(run_dir),
-                               hint="wait for it, or stop it first")
-    barrier()
-    if error is not None:
-        raise error
-    try:
-        if handle is not None:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
-        yield
-    finally:
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+def stage_fingerprint(recipe: Recipe, run_dir: Path, upstream: str) -> str:
+    """What decides whether a finished stage still stands: its resolved recipe (with paths inside the run
+    directory written relative to it, so a moved run keeps its fingerprints), the content of every local
+    data and task file it reads (an edited file reruns the stage), and the fingerprints of its inputs."""
+    tree = recipe.model_dump(mode="json")
+    tree.pop("output", None)
+    text = json.dumps(tree, sort_keys=True, default=str)
+    for root in {str(run_dir), str(run_dir.resolve())}:
+        text = text.replace(root, "<run>")
+    digest = hashlib.sha256((text + upstream).encode())
+    for file in input_files(recipe):
+        digest.update(file_digest(file).encode())
+    return digest.hexdigest()[:16]
 
 
-def _fingerprint(payload: Any, upstream: str | None) -> str:
-    text = json.dumps(payload, sort_keys=True, default=str) + (upstream or "")
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def input_files(recipe: Recipe) -> list[Path]:
+    """The local files a stage reads: data sources, tokenizer sources, task files and their items."""
+    import yaml as yaml_lib
+
+    from lmlab.data.sources import local_files
+    from lmlab.recipe import LOCAL_KINDS
+
+    d = recipe.data
+    specs = [*d.train, *(d.validation or []), *(d.replay or []), *(recipe.tokenizer.train_sources or [])]
+    files = [f for s in specs if s.kind in LOCAL_KINDS for f in (local_files(s.path) if s.kind != "disk"
+                                                                  else sorted(Path(s.path).rglob("*")))]
+    for task in recipe.eval.tasks:
+        path = Path(task)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            items = path.parent / (yaml_lib.safe_load(path.read_text()) or {}).get("path", "")
+            files += [path] + ([items] if items.is_file() else [])
+    return [f for f in files if f.is_file()]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
@@ -234,12 +233,28 @@ def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
     resolve_tokenizer(recipe, stage_dir)
 
 
+def check_all_inputs(planned: list[Any]) -> None:
+    """Preflight of every stage; artifacts that earlier stages will write are checked when they exist."""
+    from lmlab.evaluate.tasks import load_task
+    from lmlab.stages.preflight import check_inputs
+
+    future = {str(p.run_dir / "final") for p in planned if isinstance(p, Recipe)}
+    future |= {str(r.run_dir / "tokenizer") for p in planned if isinstance(p, tuple) for r in [p[1]]}
+    for item in planned:
+        if isinstance(item, EvalStage):
+            for spec in item.tasks:
+                load_task(spec, item.n)
+            continue
+        check_inputs(item[1] if isinstance(item, tuple) else item, future)
+
+
 def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> Path:
     """Run (or continue) every stage in order; returns the run directory."""
     from lmlab.console import console as shared_console
 
     console = shared_console()
     pipeline, planned = load_pipeline(path, overrides)
+    check_all_inputs(planned)  # every stage's data, tasks and checkpoints, before the first stage computes
     run_dir = pipeline.run_dir
     with run_lock(run_dir):
         state_file = run_dir / STATE
@@ -257,7 +272,7 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
                 continue
             kind, recipe = item if isinstance(item, tuple) else (item.stage, item)
             inputs = [recipe.model.from_pretrained, recipe.tokenizer.path, recipe.distill.teacher]
-            fp = _fingerprint(recipe.model_dump(mode="json"), "".join(upstream.get(i or "", "") for i in inputs))
+            fp = stage_fingerprint(recipe, run_dir, "".join(upstream.get(i or "", "") for i in inputs))
             stage_dir = run_dir / recipe.name
             artifact = stage_dir / ("tokenizer" if kind == "tokenizer" else "final")
             record = state.get(recipe.name, {})

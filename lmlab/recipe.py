@@ -128,6 +128,9 @@ def _existing_dir(field: str, what: str):
     return field_validator(field)(classmethod(check))
 
 
+ATTENTION_KERNELS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 class ModelConfig(Strict):
     """A transformers causal LM built from a config, or a local HF checkpoint."""
 
@@ -137,20 +140,27 @@ class ModelConfig(Strict):
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
     num_kv_heads: int = Field(2, gt=0)  # GQA (playbook: groups of 2-8)
-    head_dim: int | None = None
+    head_dim: int | None = Field(None, gt=0)
     intermediate_size: int = Field(384, gt=0)
     tie_embeddings: bool = True
-    rope_theta: float = 10000.0
+    rope_theta: float = Field(10000.0, gt=0)
     max_position_embeddings: int = Field(2048, gt=0)
     # MoE (qwen3_moe, mixtral)
     num_experts: int = Field(4, gt=0)
     num_experts_per_tok: int = Field(2, gt=0)
     moe_intermediate_size: int | None = None
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # eager, sdpa, flash_attention_2/3, flex_attention, or a hub kernel
     trust_remote_code: bool = False
     overrides: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config
 
     _exists = _existing_dir("from_pretrained", "checkpoint")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention(cls, value: str) -> str:
+        if value not in ATTENTION_KERNELS and "/" not in value:
+            raise ValueError(f"unknown attention '{value}' (one of {', '.join(ATTENTION_KERNELS)}, or a hub kernel)")
+        return value
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -158,6 +168,9 @@ class ModelConfig(Strict):
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.arch in ("qwen3_moe", "mixtral") and self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                             f"({self.num_experts}): each token is routed to that many experts")
         return self
 
 
@@ -214,6 +227,17 @@ class OptimConfig(Strict):
     z_loss: float = Field(0.0, ge=0)  # coefficient of the logsumexp^2 penalty (PaLM); 0 = off
 
 
+class GuardConfig(Strict):
+    """The divergence guard: bad steps are skipped; a run of them rolls back to the last good checkpoint."""
+
+    enabled: bool = True
+    loss_spike: float = Field(10.0, gt=1)  # a loss above this multiple of the running median is a bad step
+    grad_spike: float = Field(100.0, gt=1)  # likewise for the gradient norm (before clipping)
+    patience: int = Field(3, ge=1)  # bad steps in a row before a rollback
+    rollbacks: int = Field(2, ge=0)  # rollbacks before the run stops with an error
+    lr_factor: float = Field(0.5, gt=0, lt=1)  # the LR is multiplied by this at each rollback
+
+
 class TrainConfig(Strict):
     tokens: int | None = Field(None, gt=0)  # training budget in tokens...
     tokens_per_param: float | None = Field(None, gt=0)  # ...or as a multiple of parameters
@@ -233,6 +257,7 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, gt=0)
     num_workers: int = Field(0, ge=0)
     peak_tflops: float | None = Field(None, gt=0)  # device peak for MFU; default from the GPU name
+    guard: GuardConfig = Field(default_factory=GuardConfig)  # non-finite or spiking steps: skip, roll back, stop
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
@@ -425,7 +450,11 @@ def apply_override(tree: dict, assignment: str) -> None:
         node = child
     if not isinstance(node, dict):
         raise LmlabError(f"cannot set '{key}': '{parts[-2]}' is a list", field="--set")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError as exc:
+        raise LmlabError(f"the value '{raw}' is not valid YAML ({getattr(exc, 'problem', exc)})",
+                         field=f"--set {key.strip()}") from None
 
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
@@ -469,7 +498,8 @@ def _key_line(root: yaml.Node | None, loc: tuple) -> int | None:
 
 
 def validate_recipe(tree: dict, file: str = "<recipe>", root: yaml.Node | None = None,
-                    future_artifacts: set[str] | None = None, model: type[BaseModel] | None = None) -> Recipe:
+                    future_artifacts: set[str] | None = None, model: type[BaseModel] | None = None,
+                    overridden: list[str] | None = None, prefix: str = "") -> Recipe:
     """Validate a recipe tree; the first problem becomes one LmlabError with file, line and key path.
 
     `future_artifacts` are checkpoint / tokenizer paths that earlier pipeline stages will write.
@@ -479,7 +509,7 @@ def validate_recipe(tree: dict, file: str = "<recipe>", root: yaml.Node | None =
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        field = ".".join(str(p) for p in loc) or "<top>"
+        field = prefix + (".".join(str(p) for p in loc) or "<top>")
         if err["type"] == "extra_forbidden":
             message = f"unknown key '{loc[-1]}'"
             line = _key_line(root, loc)
@@ -488,6 +518,9 @@ def validate_recipe(tree: dict, file: str = "<recipe>", root: yaml.Node | None =
             line = _line_of(root, loc)
         more = len(exc.errors()) - 1
         hint = f"and {more} more problem{'s' if more > 1 else ''}" if more else None
+        flag = next((key for key in overridden or [] if field == key or field.startswith(key + ".")), None)
+        if flag is not None:  # the value came from the command line, not from the file
+            raise LmlabError(message, field=f"--set {field}", hint=hint) from None
         raise LmlabError(message, file=file, line=line, field=field, hint=hint) from None
 
 
@@ -496,7 +529,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = str(path)
     if not Path(path).is_file():
         raise LmlabError("recipe file not found", file=path)
-    text = Path(path).read_text()
+    text = read_yaml_text(path)
     try:
         root = yaml.compose(text)
         tree = yaml.safe_load(text) or {}
@@ -509,7 +542,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for assignment in overrides or []:
         apply_override(tree, assignment)
     tree.setdefault("name", Path(path).stem)
-    return validate_recipe(tree, file=path, root=root)
+    return validate_recipe(tree, file=path, root=root, overridden=override_keys(overrides))
+
+
+def read_yaml_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[:exc.start].count(b"\n") + 1
+        raise LmlabError("not UTF-8 text", file=path, line=line) from None
+
+
+def override_keys(overrides: list[str] | None) -> list[str]:
+    """The key paths `--set` assigned (list items by index or name), to blame the flag for their errors."""
+    return [o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o]
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -53,6 +53,44 @@ class LmlabTrainerMixin:
     """
 
     _staging_save = False
+    guard = None  # lmlab.callbacks.DivergenceGuard, set by the stage skeleton
+    lr_scale = 1.0  # applied to a resumed optimizer and schedule: a rollback lowers the LR
+    _step_loss = 0.0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss = self._step_loss + loss.detach()  # this optimizer step's loss, over its micro-batches
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """After clipping, before the optimizer step: where the divergence guard may drop this step's update."""
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss, self._step_loss = float(self._step_loss), 0.0
+        if self.guard is not None and self._agreed_skip(loss, float(norm)):
+            for param in model.parameters():  # no gradient, no update: AdamW leaves these parameters alone
+                param.grad = None
+        return norm
+
+    def _agreed_skip(self, loss: float, norm: float) -> bool:
+        """Every rank decides on the same numbers: the loss is averaged, the (already reduced) norm shared."""
+        import torch
+
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(torch.tensor([loss, norm], device=self.accelerator.device), "mean")
+            loss, norm = (float(v) for v in values)
+        return self.guard.skip_step(loss, norm)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.lr_scale == 1.0:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.lr_scale
+            if "initial_lr" in group:
+                group["initial_lr"] *= self.lr_scale
+        self.lr_scheduler.base_lrs = [lr * self.lr_scale for lr in self.lr_scheduler.base_lrs]
+        if getattr(self.lr_scheduler, "_last_lr", None):  # what is logged until the schedule steps again
+            self.lr_scheduler._last_lr = [lr * self.lr_scale for lr in self.lr_scheduler._last_lr]
 
     def _get_output_dir(self, trial):
         out = super()._get_output_dir(trial)
@@ -60,6 +98,9 @@ class LmlabTrainerMixin:
 
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if self.guard is not None and self.guard.bad_in_a_row:  # never checkpoint weights the guard distrusts:
+            return  # a rollback must land on a healthy state (every rank sees the same guard decisions)
 
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging_save = True

@@ -86,9 +86,10 @@ def test_checkpoints_resume_across_world_sizes(two_runs, tmp_path):
         shutil.rmtree(run_dir / "final")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 3))
+        tokenizer = [] if source == "ddp" else ["--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}"]
         result = launch(["pretrain", str(recipe), "--resume", "--set", f"name={source}",
-                "--set", f"train.micro_batch_size={micro}", "--set", f"output.dir={tmp_path / 'runs'}",
-                "--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}"], tmp_path, nproc=nproc)
+                         "--set", f"train.micro_batch_size={micro}", "--set", f"output.dir={tmp_path / 'runs'}",
+                         *tokenizer], tmp_path, nproc=nproc)
         assert "resuming from" in result.stdout and "checkpoint-3" in result.stdout
         steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_runtime" not in r]
         assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-3 from before, 4-6 trained now: nothing redone

@@ -70,7 +70,7 @@ def test_impossible_orders_and_missing_artifacts_fail_before_compute(tmp_path):
     _bad(tmp_path, [{"stage": "eval"}], "needs an earlier stage that makes a model")
     _bad(tmp_path, [{"stage": "pretrain"}, {"stage": "pretrain"}], "two stages are named 'pretrain'")
     _bad(tmp_path, [{"stage": "pretrian"}], r"unknown stage 'pretrian'")
-    _bad(tmp_path, [{"stage": "pretrain", "optim": {"lrr": 1}}], r"bad\.yaml:\d+: optim\.lrr: unknown key 'lrr'")
+    _bad(tmp_path, [{"stage": "pretrain", "optim": {"lrr": 1}}], r"bad\.yaml:\d+: stages\[0\]\.optim\.lrr: unknown key 'lrr'")
     _bad(tmp_path, [{"stage": "pretrain"}, {"stage": "sft", "model": {"from_pretrained": "/missing/model"}}],
          "checkpoint directory not found: /missing/model")
 
@@ -79,7 +79,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     import os
 
     with run_lock(tmp_path / "run"):
-        with pytest.raises(LmlabError, match=rf"another lmlab process \(PID {os.getpid()}\) is running"):
+        with pytest.raises(LmlabError, match=rf"another lmlab process \(PID {os.getpid()}\) is running in this directory"):
             with run_lock(tmp_path / "run"):
                 pass
         assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())  # the refusal erased nothing
@@ -112,6 +112,49 @@ def test_a_changed_stage_reruns_that_stage_and_later_ones_only(tmp_path):
     assert (run_dir / "pt" / "final" / "lmlab.json").stat().st_mtime_ns == pt_stamp
     assert (run_dir / "sft" / "final" / "lmlab.json").stat().st_mtime_ns != sft_stamp
     assert json.loads((run_dir / "sft" / "final" / "lmlab.json").read_text())["steps"] == 4
+
+
+def test_an_edited_data_file_reruns_its_stage_and_a_moved_run_reruns_nothing(tmp_path):
+    import shutil
+
+    from lmlab.pipeline import run_pipeline
+
+    chats = tmp_path / "chats.jsonl"
+    chat = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}
+    chats.write_text((json.dumps(chat) + "\n") * 16)
+    path = tiny_pipeline(tmp_path, pt_steps=4, sft_steps=2)
+    tree = yaml.safe_load(path.read_text())
+    tree["stages"][2]["data"]["train"] = str(chats)
+    path.write_text(yaml.safe_dump(tree))
+    run_dir = run_pipeline(path)
+    stamp = lambda stage: (run_dir / stage / "final" / "lmlab.json").stat().st_mtime_ns  # noqa: E731
+    pt, sft = stamp("pt"), stamp("sft")
+    chats.write_text((json.dumps(chat).replace("5", "five") + "\n") * 16)  # same name, new content
+    run_pipeline(path)
+    assert stamp("pt") == pt and stamp("sft") != sft
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "runs", moved)
+    shutil.rmtree(tmp_path / "runs")
+    tree["output"]["dir"] = str(moved)
+    path.write_text(yaml.safe_dump(tree))
+    before = {p: p.stat().st_mtime_ns for p in moved.rglob("lmlab.json")}
+    run_pipeline(path)  # fingerprints do not hold absolute paths: nothing retrains
+    assert {p: p.stat().st_mtime_ns for p in moved.rglob("lmlab.json")} == before
+
+
+def test_a_bad_line_in_the_last_stage_fails_before_the_first_stage_computes(tmp_path):
+    from lmlab.errors import LmlabError
+    from lmlab.pipeline import run_pipeline
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{\n')
+    path = tiny_pipeline(tmp_path)
+    tree = yaml.safe_load(path.read_text())
+    tree["stages"][2]["data"]["train"] = str(chats)
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(LmlabError, match=r"chats\.jsonl:2: malformed JSON"):
+        run_pipeline(path)
+    assert not (tmp_path / "runs").exists()  # no stage ran, nothing was written
 
 
 @pytest.mark.slow  # over 25 s on 2 cores: make test-slow

@@ -274,3 +274,29 @@ def test_unique_tokens_is_one_fixed_subset_for_every_seed(tiny_tokenizer):
     with pytest.raises(LmlabError, match="unique_tokens"):
         build_packed_data(DataConfig(train={"kind": "general", "limit": 300}, seq_len=64, unique_tokens=10 ** 9),
                           tiny_tokenizer, 0, 8)
+
+
+def test_resume_refuses_a_changed_recipe_unless_forced_and_names_the_keys(tmp_path, tok_dir):
+    from lmlab.stages import run_stage
+
+    recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": 4, "save_every": 2})
+    run_stage(recipe)
+    changed = tiny_recipe(tmp_path, tok_dir, optim={"lr": 5e-3}, data={"seq_len": 32},
+                          train={"max_steps": 4, "save_every": 2})
+    with pytest.raises(LmlabError, match=r"optim\.lr.*data\.seq_len|data\.seq_len.*optim\.lr") as err:
+        run_stage(changed, resume=True)
+    assert "--force" in str(err.value)
+    logging_only = tiny_recipe(tmp_path, tok_dir, train={"max_steps": 4, "save_every": 2, "log_every": 3})
+    run_stage(logging_only, resume=True)  # how often it logs is not what the run is
+    run_stage(tiny_recipe(tmp_path, tok_dir, optim={"lr": 5e-3}, train={"max_steps": 4, "save_every": 2}),
+              resume=True, force=True)
+
+
+def test_a_second_job_on_a_running_stage_directory_is_refused(tmp_path, tok_dir):
+    from lmlab.paths import run_lock
+    from lmlab.stages import run_stage
+
+    recipe = tiny_recipe(tmp_path, tok_dir)
+    with run_lock(recipe.run_dir):
+        with pytest.raises(LmlabError, match=r"another lmlab process \(PID \d+\) is running in this directory"):
+            run_stage(recipe)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+from contextlib import contextmanager
 import os
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -74,13 +75,28 @@ app.command("plan")(user_errors(_plan))
 
 ResumeOption = typer.Option(False, "--resume", help="Continue from the last complete checkpoint.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Delete an existing run directory first.")
+ForceOption = typer.Option(False, "--force", help="With --resume: continue even though the recipe changed.")
 
 
-def _run_stage(stage: str, recipe: Path, overrides: Optional[List[str]], resume: bool, overwrite: bool) -> None:
+def _run_stage(stage: str, recipe: Path, overrides: Optional[List[str]], resume: bool, overwrite: bool,
+               force: bool = False) -> None:
     from lmlab.recipe import load_recipe
     from lmlab.stages import run_stage
 
-    run_stage(load_recipe(recipe, [*(overrides or []), f"stage={stage}"]), resume=resume, overwrite=overwrite)
+    loaded = load_recipe(recipe, [*(overrides or []), f"stage={stage}"])
+    with errors_about(recipe):
+        run_stage(loaded, resume=resume, overwrite=overwrite, force=force)
+
+
+@contextmanager
+def errors_about(path: Path):
+    """An error that names no file (a recipe field's value, found wrong later) is about this recipe."""
+    try:
+        yield
+    except LmlabError as exc:
+        if exc.file is None and exc.field and not exc.field.startswith("--"):
+            raise LmlabError(exc.message, file=str(path), field=exc.field, hint=exc.hint) from None
+        raise
 
 
 @app.command()
@@ -97,7 +113,8 @@ def run(recipe: Path = typer.Argument(..., help="A pipeline recipe: `stages:` in
         for line in describe(planned):
             typer.echo(f"  {line}")
         return
-    run_pipeline(recipe, set_)
+    with errors_about(recipe):
+        run_pipeline(recipe, set_)
 
 
 @app.command()
@@ -117,8 +134,8 @@ def ablate(recipe: Path = typer.Argument(..., help="A stage recipe or a pipeline
 def _stage_command(stage: str, recipe_help: str, summary: str) -> Callable:
     """One command per stage of `lmlab.recipe.STAGES`: a recipe, --set, --resume, --overwrite."""
     def command(recipe: Path = typer.Argument(..., help=recipe_help), set_: Optional[List[str]] = SetOption,
-                resume: bool = ResumeOption, overwrite: bool = OverwriteOption) -> None:
-        _run_stage(stage, recipe, set_, resume, overwrite)
+                resume: bool = ResumeOption, overwrite: bool = OverwriteOption, force: bool = ForceOption) -> None:
+        _run_stage(stage, recipe, set_, resume, overwrite, force)
 
     command.__doc__ = summary
     return user_errors(command)
@@ -207,8 +224,8 @@ def study(path: Path = typer.Argument(..., help="A study file, e.g. recipes/data
 @user_errors
 def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpoint directory."),
           prompts: str = typer.Option("math", "--prompts", help="`math` (in-domain generator) or a prompts jsonl."),
-          n: int = typer.Option(200, "--n", help="Prompts to sample (math)."),
-          samples: int = typer.Option(4, "--samples", "-k", help="Responses per prompt."),
+          n: int = typer.Option(200, "--n", min=1, help="Prompts to sample (math)."),
+          samples: int = typer.Option(4, "--samples", "-k", min=2, help="Responses per prompt."),
           scorer: str = typer.Option("math_exact", "--scorer", help="A verifier or a reward-model directory."),
           temperature: float = typer.Option(1.0, "--temperature"),
           seed: int = typer.Option(0, "--seed"),
@@ -221,6 +238,8 @@ def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpo
     from lmlab.models.build import load_model
     from lmlab.recipe import SourceSpec
 
+    if prompts != "math" and not Path(prompts).is_file():
+        raise LmlabError("prompts file not found", file=prompts, field="--prompts")
     spec = SourceSpec(kind="math", num_examples=n) if prompts == "math" else SourceSpec(kind="jsonl", path=prompts)
     given, records = preference_inputs([spec], seed)
     if given:
@@ -249,8 +268,8 @@ def export(adapter: Path = typer.Argument(..., help="A LoRA adapter directory wr
 def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint directory (with its tokenizer)."),
           tasks: str = typer.Option("math_id,math_ood,general_cloze", "--tasks",
                                     help="Comma-separated embedded task names or task YAML files."),
-          n: int = typer.Option(200, "--n", help="Items per embedded task."),
-          samples: int = typer.Option(1, "--samples", help="Samples per prompt for maj@k and pass@k."),
+          n: int = typer.Option(200, "--n", min=1, help="Items per embedded task."),
+          samples: int = typer.Option(1, "--samples", min=1, help="Samples per prompt for maj@k and pass@k."),
           orm: Optional[str] = typer.Option(None, "--orm", help="ORM score of the samples: a verifier "
                                             "(math_exact) or a reward-model directory."),
           out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON.")) -> None:
@@ -279,7 +298,7 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
 @user_errors
 def export_tasks(tasks: str = typer.Argument(..., help="Comma-separated embedded task names or task YAML files."),
                  out: Path = typer.Option(..., "--out", help="Directory for the lm-eval task YAMLs and items."),
-                 n: int = typer.Option(200, "--n", help="Items per embedded task.")) -> None:
+                 n: int = typer.Option(200, "--n", min=1, help="Items per embedded task.")) -> None:
     """Write lmlab tasks as lm-evaluation-harness tasks (run them with `lm_eval --include_path OUT`)."""
     from lmlab.evaluate.lm_eval_export import export_lm_eval_tasks
     from lmlab.evaluate.tasks import load_task

@@ -35,7 +35,7 @@ def plan(
     sft_examples: Optional[str] = typer.Option(None, "--sft-examples", help="SFT dataset size."),
     method: Optional[str] = typer.Option(None, "--method", help="Force full, lora or qlora."),
     seq_len: int = typer.Option(2048, "--seq-len"),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1, help="Sequences per optimizer step."),
     mfu: float = typer.Option(0.40, "--mfu", help="Assumed model-FLOPs utilisation."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     emit: Optional[Path] = typer.Option(None, "--emit", help="Write the plan as a pipeline `lmlab run` executes."),

@@ -40,7 +40,10 @@ def from_alpaca(record: dict[str, Any]) -> list[dict[str, str]]:
 def from_sharegpt(record: dict[str, Any]) -> list[dict[str, str]]:
     """{"conversations": [{"from": "human"|"gpt"|..., "value": ...}], "system"?} -> messages."""
     messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    for turn in record["conversations"]:
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise ValueError("'conversations' must be a list of {from, value} objects")
+    for turn in turns:
         speaker = turn.get("from", turn.get("role"))
         if speaker not in SHAREGPT_ROLES:
             raise ValueError(f"unknown sharegpt speaker '{speaker}'")
@@ -54,7 +57,10 @@ def to_messages(record: dict[str, Any], layout: str = "auto") -> list[dict[str, 
         return from_alpaca(record)
     if layout == "sharegpt":
         return from_sharegpt(record)
-    return [{"role": m.get("role"), "content": m.get("content")} for m in record["messages"]]
+    messages = record["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("'messages' must be a list of {role, content} objects")
+    return [{"role": m.get("role"), "content": m.get("content")} for m in messages]
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
@@ -89,7 +95,7 @@ def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Itera
         dataset = load_source(spec.model_copy(update={"field": _first_column(spec)}))
         rows = ((spec.path, i + 1, dict(row)) for i, row in enumerate(dataset))
     else:
-        raise LmlabError(f"a {spec.kind} source has no chat records", field="data.train",
+        raise LmlabError(f"a {spec.kind} source has no chat records", file=spec.path, field="data.train",
                          hint="use jsonl, parquet, a datasets directory, or math")
     count = 0
     for where, number, record in rows:

@@ -27,18 +27,42 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         import gzip
 
         opener = gzip.open  # type: ignore[assignment]
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LmlabError(f"malformed JSON ({exc.msg} at column {exc.colno})", file=str(path),
-                                 line=number) from None
-            if not isinstance(record, dict):
-                raise LmlabError("each line must be a JSON object", file=str(path), line=number)
-            yield number, record
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise LmlabError(f"malformed JSON ({exc.msg} at column {exc.colno})", file=str(path),
+                                     line=number) from None
+                if not isinstance(record, dict):
+                    raise LmlabError("each line must be a JSON object", file=str(path), line=number)
+                yield number, record
+    except UnicodeDecodeError:
+        raise LmlabError("not UTF-8 text", file=str(path), line=first_undecodable_line(path)) from None
+    except (EOFError, OSError) as exc:  # gzip.BadGzipFile is an OSError; a truncated .gz an EOFError
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise LmlabError(f"not a readable gzip file ({exc})", file=str(path)) from None
+
+
+def first_undecodable_line(path: str | Path) -> int | None:
+    """The 1-based line where UTF-8 decoding first fails (text-mode reads decode ahead in chunks)."""
+    import gzip
+
+    try:
+        data = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
+    except (OSError, EOFError):
+        return None
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return number
+    return None
 
 
 def local_files(pattern: str) -> list[Path]:
@@ -56,7 +80,7 @@ def _text_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise LmlabError("not UTF-8 text", file=str(path), field="path") from None
+            raise LmlabError("not UTF-8 text", file=str(path), line=first_undecodable_line(path)) from None
         if text.strip():
             yield {"text": text, "doc_id": str(path)}
 
@@ -124,6 +148,38 @@ def _from_generator(make_rows, spec: SourceSpec, streaming: bool, **kwargs):
     return Dataset.from_list(rows)
 
 
+def _arrow_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    """Parquet files (each schema read, then the column scanned) or a `save_to_disk` directory, row by row."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    if spec.kind == "disk":
+        yield from _arrow_source(spec, streaming=True)
+        return
+    for path in local_files(spec.path):
+        try:
+            table = pq.ParquetFile(str(path))
+        except (pyarrow.ArrowInvalid, OSError) as exc:
+            raise LmlabError(f"not a parquet file ({exc})", file=str(path)) from None
+        if spec.field not in table.schema_arrow.names:
+            raise LmlabError(f"missing column '{spec.field}' (has {', '.join(table.schema_arrow.names)})",
+                             file=str(path), field=spec.field)
+        for batch in table.iter_batches(columns=[spec.field]):
+            for value in batch.column(0).to_pylist():
+                yield {"text": value if isinstance(value, str) else "", "doc_id": str(path)}
+
+
+def source_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    """A local source's documents one at a time, checked as they are read (the preflight reads them all)."""
+    if spec.kind == "text":
+        return _limited(_text_rows(spec), spec.limit)
+    if spec.kind == "jsonl":
+        return _limited(_jsonl_rows(spec), spec.limit)
+    if spec.kind in ("parquet", "disk"):
+        return _limited(_arrow_rows(spec), spec.limit)
+    raise ValueError(f"not a local source: {spec.kind}")
+
+
 def _arrow_source(spec: SourceSpec, streaming: bool):
     """Parquet files or a `save_to_disk` directory, with `text` and `doc_id` columns added."""
     import datasets
@@ -133,7 +189,10 @@ def _arrow_source(spec: SourceSpec, streaming: bool):
         ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
         where = files[0]
     else:
-        loaded = datasets.load_from_disk(spec.path)
+        try:
+            loaded = datasets.load_from_disk(spec.path)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise LmlabError(f"not a datasets directory ({exc})", file=spec.path) from None
         if isinstance(loaded, datasets.DatasetDict):
             if spec.split not in loaded:
                 raise LmlabError(f"no split '{spec.split}' (has {', '.join(loaded)})", file=spec.path, field="split")

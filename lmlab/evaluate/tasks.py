@@ -44,10 +44,10 @@ def _check_items(task: Task) -> Task:
             if not isinstance(choices, list) or len(choices) < 2:
                 raise LmlabError("a cloze item needs at least two choices", file=task.where,
                                  line=item.get("_line", i), field="choices")
-            if not isinstance(gold, int) or not 0 <= gold < len(choices):
+            if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
                 raise LmlabError(f"gold {gold!r} is not an index into its {len(choices)} choices", file=task.where,
                                  line=item.get("_line", i), field="gold")
-        elif not isinstance(item.get("answer"), int):
+        elif isinstance(item.get("answer"), bool) or not isinstance(item.get("answer"), int):
             raise LmlabError("a generative item needs an integer 'answer'", file=task.where,
                              line=item.get("_line", i), field="answer")
     return task
@@ -100,7 +100,14 @@ def load_task(spec: str, n: int = 200) -> Task:
 
     from lmlab.data.sources import read_jsonl
 
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise LmlabError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=spec,
+                         line=mark.line + 1 if mark else None) from None
+    if not isinstance(config, dict):
+        raise LmlabError("a task file must be a mapping (name, kind, path, normalisation)", file=spec)
     unknown = set(config) - {"name", "kind", "path", "normalisation"}
     if unknown:
         raise LmlabError(f"unknown key '{sorted(unknown)[0]}'", file=spec, field=sorted(unknown)[0])

@@ -6,6 +6,7 @@ so a checkpoint it saves loads unchanged in transformers, vLLM and lm-eval.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,3 +118,49 @@ def active_parameters(model: "PreTrainedModel") -> int:
         return total
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or n.endswith(".experts"))
     return total - expert_params + expert_params * top_k // experts
+
+
+def check_checkpoint(path: Path, field: str, tokenizer_only: bool = False, needs_tokenizer: bool = True) -> None:
+    """A checkpoint (or tokenizer, reward model, ensemble) directory that loads: config, weights, tokenizer."""
+    if not path.is_dir():
+        raise LmlabError("directory not found", file=str(path), field=field)
+    if (path / "ensemble.json").is_file():
+        members = json.loads((path / "ensemble.json").read_text()).get("members", [])
+        for member in members:
+            check_checkpoint(Path(member), field)
+        return
+    if not tokenizer_only and not (path / "adapter_config.json").is_file():
+        config = path / "config.json"
+        if not config.is_file():
+            raise LmlabError("not a HF checkpoint: config.json is missing", file=str(path), field=field)
+        try:
+            json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LmlabError(f"config.json is not valid JSON ({exc})", file=str(config), field=field) from None
+    if needs_tokenizer and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise LmlabError("no tokenizer (tokenizer.json) in this directory", file=str(path), field=field)
+    if not tokenizer_only and not (path / "adapter_config.json").is_file():
+        check_weights(path, field)
+
+
+def check_weights(path: Path, field: str) -> None:
+    """Safetensors only, each file's header readable (a truncated download fails here, not mid-load)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        raise LmlabError("no *.safetensors weights" + (f" (only {pickled[0]}: lmlab never loads pickles)"
+                                                        if pickled else ""), file=str(path), field=field,
+                         hint="save it with `save_pretrained(safe_serialization=True)`")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                names = list(handle.keys())
+                if names:
+                    handle.get_slice(names[-1])  # the last tensor's offsets lie inside the file
+            size = file.stat().st_size
+            if size < 8:
+                raise ValueError("too short")
+        except Exception as exc:  # safetensors raises its own types for every kind of damage
+            raise LmlabError(f"unreadable safetensors file ({exc})", file=str(file), field=field) from None

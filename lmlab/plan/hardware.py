@@ -58,6 +58,8 @@ def lookup_gpu(name: str) -> Accelerator:
 
 def parse_gpus(spec: str) -> tuple[int, Accelerator]:
     """'8x4090', '4 x H100', 'h100' -> (count, accelerator)."""
+    if re.match(r"\s*[-+.\d]*[.-]", spec) and re.match(r"\s*-?\d*\.?\d+\s*[x×*]", spec):
+        raise LmlabError(f"'{spec}': the GPU count must be a whole number from 1 to 4096", field="--gpus")
     match = re.fullmatch(r"\s*(?:(\d+)\s*[x×*]\s*)?(.+?)\s*", spec)
     count = int(match.group(1)) if match and match.group(1) else 1
     if count < 1 or count > 4096:

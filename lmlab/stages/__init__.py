@@ -9,12 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_stage(recipe, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run a validated recipe with its stage's runner; returns the stage's final artifact."""
+def run_stage(recipe, resume: bool = False, overwrite: bool = False, force: bool = False) -> Path:
+    """Check every input, hold the run directory's lock, and run the recipe with its stage's runner;
+    returns the stage's final artifact. `force` lets `--resume` continue after a change to the recipe."""
     from lmlab.console import silence_libraries
+    from lmlab.paths import run_lock
+    from lmlab.stages.preflight import check_inputs
 
     silence_libraries()
-    stage = recipe.stage
+    if force:
+        from lmlab.stages.common import FORCED
+
+        FORCED.add(id(recipe))
+    check_inputs(recipe)  # before the run directory (and its lock) is created, let alone overwritten
+    with run_lock(recipe.run_dir):
+        return _runner(recipe.stage)(recipe, resume=resume, overwrite=overwrite)
+
+
+def _runner(stage: str):
+    """The stage's runner, imported by name (torch and TRL load only now)."""
     if stage in ("pretrain", "cpt"):
         from lmlab.stages.pretrain import run_pretrain as runner
     elif stage == "distill":
@@ -29,4 +42,4 @@ def run_stage(recipe, resume: bool = False, overwrite: bool = False) -> Path:
         from lmlab.stages.rl import run_rl as runner
     else:  # the recipe's Literal makes this unreachable for a validated recipe
         raise ValueError(f"no runner for stage {stage!r}")
-    return runner(recipe, resume=resume, overwrite=overwrite)
+    return runner

@@ -6,6 +6,7 @@ of them, so a recipe key means the same thing in pretraining, CPT and SFT.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +35,61 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) ->
 
 # ----------------------------------------------------------------------------- the stage skeleton
 
+LAUNCH = "launch.json"  # how the run was launched (world size), to compare global batches on resume
+FORCED: set[int] = set()  # recipes (by identity) whose --resume may change what the run was (--force)
+# what a resumed run may change freely: where and how often it logs, evaluates and saves, and its guard
+FREE_ON_RESUME = ("name", "output.", "eval.", "train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.save_every", "train.keep_last", "train.num_workers", "train.peak_tflops", "train.guard.",
+                  "train.micro_batch_size", "train.grad_accum")  # the last two: the global batch is compared
+
+
+def check_resumable(recipe: Recipe) -> None:
+    """`--resume` continues the same run: a changed budget, data, model, LR or global batch is refused."""
+    import yaml
+
+    from lmlab.recipe import Recipe as RecipeModel
+
+    saved_file = recipe.run_dir / "recipe.yaml"
+    if not saved_file.is_file():
+        return
+    saved = RecipeModel.model_validate(yaml.safe_load(saved_file.read_text()))
+    changed = [key for key, value in _flat(recipe.model_dump(mode="json")).items()
+               if not key.startswith(FREE_ON_RESUME) and _flat(saved.model_dump(mode="json")).get(key) != value]
+    launch = recipe.run_dir / LAUNCH
+    saved_world = json.loads(launch.read_text()).get("world_size", 1) if launch.is_file() else 1
+    batch = lambda r, world: r.train.micro_batch_size * r.train.grad_accum * world  # noqa: E731
+    if batch(saved, saved_world) != batch(recipe, world_size()):
+        changed.append("global batch (train.micro_batch_size x train.grad_accum x processes)")
+    if changed:
+        raise LmlabError(f"--resume would continue a different run: {', '.join(changed[:6])}"
+                         + (f" and {len(changed) - 6} more" if len(changed) > 6 else "") + " changed",
+                         file=str(saved_file), hint="undo the change, or pass --force to resume anyway")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
 
 def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path | None = None) -> Path | None:
     """Rank 0 prepares the run directory and writes the resolved recipe; every rank gets the resume point."""
-    from lmlab.paths import write_text_atomic
+    from lmlab.paths import write_json_atomic, write_text_atomic
+    from lmlab.stages.preflight import check_inputs
     from lmlab.trainers import last_checkpoint
 
+    check_inputs(recipe)  # every input, before the run directory is created or an old run deleted
+    if resume and id(recipe) not in FORCED:
+        check_resumable(recipe)
     with main_first() as main:
         if main:
             prepare_run_dir(recipe.run_dir, resume, overwrite, Path(recipe.output.dir))
             write_text_atomic(recipe.run_dir / "recipe.yaml", dump_recipe(recipe))
+            write_json_atomic(recipe.run_dir / LAUNCH, {"world_size": world_size()})
     if not resume:
         return None
     start = last_checkpoint(checkpoints or recipe.run_dir / "checkpoints")
@@ -52,8 +98,52 @@ def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path 
 
 
 def train(trainer, start: Path | None) -> None:
-    """The one place a stage's trainer trains (from `start` when resuming)."""
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    """The one place a stage's trainer trains (from `start` when resuming), with the guard's rollbacks.
+
+    When the divergence guard asks, training restarts from the last complete checkpoint (or the
+    weights it began with) at a lower LR; after `train.guard.rollbacks` of them the run stops.
+    """
+    guard = getattr(trainer, "guard", None)
+    initial = _initial_weights(trainer) if guard is not None and start is None else None
+    for rollback in range(guard.config.rollbacks + 1 if guard is not None else 1):
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
+        if guard is None or not guard.rollback_requested:
+            return
+        if rollback == guard.config.rollbacks:
+            break
+        start = _roll_back(trainer, guard, initial)
+    raise LmlabError(f"training diverged: {guard.config.patience} bad steps in a row even after "
+                     f"{guard.config.rollbacks} rollbacks with a lower LR, so no model is saved",
+                     file=str(trainer.args.output_dir), field="optim.lr",
+                     hint="lower optim.lr, raise optim.warmup_ratio, or see the guard/ events in metrics.jsonl")
+
+
+def _initial_weights(trainer) -> dict | None:
+    """A CPU copy of the weights training starts from, the rollback point before any checkpoint exists
+    (not under FSDP / ZeRO, whose shards only a checkpoint can restore)."""
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+
+
+def _roll_back(trainer, guard, initial: dict | None) -> Path | None:
+    """Lower the LR and return the checkpoint to resume from (None: the initial weights, restored here)."""
+    from lmlab.trainers import last_checkpoint
+
+    trainer.lr_scale *= guard.config.lr_factor
+    start = last_checkpoint(trainer.args.output_dir)
+    if start is None:
+        if initial is None:
+            raise LmlabError("training diverged before the first checkpoint, and sharded weights cannot be "
+                             "restored without one", file=str(trainer.args.output_dir), field="train.save_every",
+                             hint="save a checkpoint earlier, or lower optim.lr")
+        trainer.model.load_state_dict(initial)
+        trainer.optimizer = trainer.lr_scheduler = None  # fresh ones, at the lowered LR
+        trainer.args.learning_rate *= guard.config.lr_factor
+        trainer.lr_scale = 1.0  # already in the arguments
+    guard.log({"guard/event": "rollback", "guard/to": str(start or "initial weights"),
+               "guard/lr": float(f"{trainer.args.learning_rate * trainer.lr_scale:.6g}")})
+    return start
 
 
 def save_final(trainer, tokenizer, out_dir: Path, manifest: dict[str, Any], model=None) -> Path:
@@ -241,12 +331,19 @@ def task_eval_callbacks(recipe: Recipe, metrics, tokenizer) -> list:
     return [TaskEvalCallback(metrics, tokenizer, tasks, recipe.eval.every, recipe.eval.samples, scorer)]
 
 
-def stage_callbacks(trainer, recipe: Recipe, tokenizer, tokens_per_step: int = 0, **metric_fields: Any):
-    """Attach the shared callback set (metrics, progress, task/ORM evaluation); returns the metrics callback."""
-    from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
+def stage_callbacks(trainer, recipe: Recipe, tokenizer, tokens_per_step: int = 0, flops_per_token: float | None = None,
+                    peak_flops: float | None = None, **metric_fields: Any):
+    """Attach the one callback set (metrics, progress, task/ORM evaluation, divergence guard) to a trainer."""
+    from lmlab.callbacks import DivergenceGuard, MetricsCallback, RichProgressCallback, attach_callbacks
 
-    metrics = MetricsCallback(recipe.run_dir, tokens_per_step, stage=recipe.stage,
-                              tensorboard="tensorboard" in recipe.output.report_to, fields=metric_fields)
-    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name),
-                               *task_eval_callbacks(recipe, metrics, tokenizer)])
+    metrics = MetricsCallback(recipe.run_dir, tokens_per_step, flops_per_token, peak_flops=peak_flops,
+                              stage=recipe.stage, tensorboard="tensorboard" in recipe.output.report_to,
+                              fields=metric_fields)
+    callbacks = [metrics, RichProgressCallback(recipe.name), *task_eval_callbacks(recipe, metrics, tokenizer)]
+    if recipe.train.guard.enabled and hasattr(trainer, "guard"):
+        # RL and preference losses are not cross-entropies: near zero or negative, so only their gradients spike
+        trainer.guard = DivergenceGuard(recipe.train.guard, metrics,
+                                        loss_spikes=recipe.stage in ("pretrain", "cpt", "sft", "distill"))
+        callbacks.append(trainer.guard)
+    attach_callbacks(trainer, callbacks)
     return metrics

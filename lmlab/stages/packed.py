@@ -19,32 +19,11 @@ from lmlab.data.tokenizer import resolve_tokenizer
 from lmlab.distributed import world_size
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
-from lmlab.stages.common import (Budget, device_peak_flops, open_stage, save_final, task_eval_callbacks, train,
+from lmlab.stages.common import (Budget, device_peak_flops, open_stage, save_final, stage_callbacks, train,
                                  training_arguments, training_budget)
 
 # builds (trainer class, extra trainer kwargs) once the data exists: the distillation stage's teacher
 TrainerFactory = Callable[[Any, Any, Any], tuple[type, dict[str, Any]]]
-
-
-def check_checkpoint_fits(recipe: Recipe, tokenizer) -> None:
-    """Vocabulary and context checks against a local checkpoint's config, before its weights are read."""
-    if not recipe.model.from_pretrained:
-        return
-    config_path = Path(recipe.model.from_pretrained) / "config.json"
-    if not config_path.is_file():
-        raise LmlabError("not a HF checkpoint: config.json is missing", file=recipe.model.from_pretrained,
-                         field="model.from_pretrained")
-    config = json.loads(config_path.read_text())
-    config = config.get("text_config", config)
-    vocab = config.get("vocab_size")
-    if vocab is not None and len(tokenizer) > vocab:
-        raise LmlabError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}",
-                         file=str(config_path), field="vocab_size",
-                         hint="use the tokenizer saved with the checkpoint")
-    max_pos = config.get("max_position_embeddings")
-    if max_pos is not None and recipe.data.seq_len > max_pos:
-        raise LmlabError(f"data.seq_len ({recipe.data.seq_len}) exceeds the model's maximum ({max_pos})",
-                         file=str(config_path), field="max_position_embeddings")
 
 
 def z_loss_function(z_coef: float, vocab_size: int, aux_coef: float = 0.0):
@@ -141,18 +120,13 @@ def mix_in_replay(recipe: Recipe, data, replay, budget: Budget):
 
 
 def attach_packed_callbacks(trainer, recipe: Recipe, model, tokenizer, budget: Budget, n_active: int) -> None:
-    from lmlab.callbacks import MetricsCallback, RichProgressCallback, attach_callbacks
+    """The shared callback set, with throughput in FLOPs (MFU) since packed rows have a known token count."""
     from lmlab.plan.compute import flops_per_token
     from lmlab.plan.params import shape_from_config
 
     peak = recipe.train.peak_tflops * 1e12 * world_size() if recipe.train.peak_tflops else device_peak_flops()
-    metrics = MetricsCallback(recipe.run_dir, budget.tokens_per_step,
-                              flops_per_token(n_active, shape_from_config(model.config.to_dict()),
-                                              recipe.data.seq_len),
-                              peak_flops=peak, stage=recipe.stage,
-                              tensorboard="tensorboard" in recipe.output.report_to)
-    attach_callbacks(trainer, [metrics, RichProgressCallback(recipe.name),
-                               *task_eval_callbacks(recipe, metrics, tokenizer)])
+    stage_callbacks(trainer, recipe, tokenizer, budget.tokens_per_step,
+                    flops_per_token(n_active, shape_from_config(model.config.to_dict()), recipe.data.seq_len), peak)
 
 
 def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: TrainerFactory | None = None) -> PackedJob:
@@ -161,7 +135,6 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     from lmlab.trainers import LmlabTrainer
 
     tokenizer = resolve_tokenizer(recipe, recipe.run_dir)
-    check_checkpoint_fits(recipe, tokenizer)
     data, collator, replay = load_rows(recipe, tokenizer, rows)
     model = build_model(recipe.model, tokenizer, seed=recipe.seed)
     n_params, n_active = count_parameters(model), active_parameters(model)
@@ -184,15 +157,33 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     return PackedJob(recipe, trainer, tokenizer, data, budget, n_params, n_active, mix)
 
 
+def forgetting_baseline(job: PackedJob, start) -> dict[str, float]:
+    """CPT's general (replay) validation loss before any update, measured once and kept in the run directory,
+    so a resumed run still reports forgetting against the model it started from."""
+    from lmlab.distributed import is_main
+    from lmlab.paths import write_json_atomic
+
+    if job.replay_mix is None:
+        return {}
+    saved = job.recipe.run_dir / "metrics_before.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    if start is not None:  # a checkpoint from before this file existed: the baseline is lost, say so
+        console().print("[yellow]no forgetting baseline was saved before this checkpoint[/]")
+        return {}
+    before = job.trainer.evaluate()
+    if is_main():
+        write_json_atomic(saved, before)
+    return before
+
+
 def run_packed(recipe: Recipe, resume: bool, overwrite: bool, rows: Callable | None = None,
                factory: TrainerFactory | None = None) -> Path:
     """Open, prepare, train and close a packed-rows stage; returns the final artifact directory."""
     start = open_stage(recipe, resume, overwrite)
     job = prepare_packed(recipe, rows, factory)
     out, trainer = console(), job.trainer
-    before = {}
-    if job.replay_mix is not None and start is None:  # general ability before CPT, to measure forgetting
-        before = trainer.evaluate()
+    before = forgetting_baseline(job, start)
     train(trainer, start)
     final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     manifest = {

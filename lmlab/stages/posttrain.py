@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
@@ -135,3 +136,35 @@ def post_training_lr(recipe: Recipe, ratio: float) -> float:
 
     previous = read_manifest(recipe.model.from_pretrained or "").get("recipe", {}).get("optim", {}).get("lr")
     return (previous or recipe.optim.lr) * ratio
+
+
+def check_preference_inputs(recipe: Recipe, pairs: list, prompts: list) -> None:
+    """DPO / KTO / ORPO data: pairs or prompts to sample pairs from, never both; rounds need prompts."""
+    if pairs and prompts:
+        raise LmlabError("the preference data mixes pairs and prompt-only records", field="data.train",
+                         hint="give pairs (prompt/chosen/rejected) or prompts to sample pairs from, not both")
+    rounds = recipe.preference.rounds
+    if rounds > 1 and not prompts:
+        raise LmlabError(f"{rounds} rounds need prompts to sample fresh on-policy pairs from; fixed pairs "
+                         "would be trained on again", field="preference.rounds")
+
+
+def check_rl_inputs(recipe: Recipe, pairs: list, prompts: list) -> None:
+    """RL prompts (never pairs) with what the rewards read; each step holds whole groups; rewards exist."""
+    from lmlab.evaluate.orm import VERIFIERS
+
+    r, t = recipe.rl, recipe.train
+    if (t.micro_batch_size * t.grad_accum) % r.num_generations:
+        raise LmlabError(f"train.micro_batch_size x train.grad_accum ({t.micro_batch_size * t.grad_accum}) "
+                         f"must be a multiple of rl.num_generations ({r.num_generations}): each step holds "
+                         "whole groups", field="train.micro_batch_size")
+    if pairs:
+        raise LmlabError("RL samples its own responses: give prompts, not preference pairs", field="data.train")
+    missing = sum(isinstance(p.get("answer"), bool) or not isinstance(p.get("answer"), int) for p in prompts)
+    if "math_exact" in r.rewards and missing:
+        raise LmlabError(f"{missing} prompts have no integer 'answer', which the math_exact reward needs",
+                         field="data.train")
+    for reward in r.rewards:
+        if reward not in VERIFIERS and not Path(reward).is_dir():
+            raise LmlabError(f"unknown scorer '{reward}'", field="rl.rewards",
+                             hint=f"a verifier ({', '.join(VERIFIERS)}) or a reward-model directory")

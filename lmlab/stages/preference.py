@@ -69,15 +69,10 @@ def preference_data(recipe: Recipe, tokenizer):
     """(given pairs, prompts to sample from, scorer), checked against the number of rounds."""
     from lmlab.data.pairs import preference_inputs
     from lmlab.evaluate.orm import load_scorer
+    from lmlab.stages.posttrain import check_preference_inputs
 
-    p = recipe.preference
     given, prompts = preference_inputs(recipe.data.train, recipe.seed)
-    if given and prompts:
-        raise LmlabError("the preference data mixes pairs and prompt-only records", field="data.train",
-                         hint="give pairs (prompt/chosen/rejected) or prompts to sample pairs from, not both")
-    if p.rounds > 1 and not prompts:
-        raise LmlabError(f"{p.rounds} rounds need prompts to sample fresh on-policy pairs from; fixed pairs "
-                         "would be trained on again", field="preference.rounds")
+    check_preference_inputs(recipe, given, prompts)
     return given, prompts, load_scorer(p.scorer, tokenizer) if prompts else None
 
 

@@ -38,15 +38,10 @@ def trl_reward(spec: str, policy_tokenizer) -> Callable:
 def rl_prompts(recipe: Recipe) -> list[dict[str, Any]]:
     """Conversational prompts (with the answer column verifiers read), checked against the rewards."""
     from lmlab.data.pairs import preference_inputs, prompt_messages
+    from lmlab.stages.posttrain import check_rl_inputs
 
     pairs, prompts = preference_inputs(recipe.data.train, recipe.seed)
-    if pairs:
-        raise LmlabError("RL samples its own responses: give prompts, not preference pairs", field="data.train")
-    needs_answer = [r for r in recipe.rl.rewards if r == "math_exact"]
-    missing = sum(not isinstance(p.get("answer"), int) for p in prompts)
-    if needs_answer and missing:
-        raise LmlabError(f"{missing} prompts have no integer 'answer', which the math_exact reward needs",
-                         field="data.train")
+    check_rl_inputs(recipe, pairs, prompts)
     return [{"prompt": prompt_messages(p["prompt"], p.get("system")), "answer": p.get("answer")} for p in prompts]
 
 
@@ -59,10 +54,6 @@ def prepare_rl(recipe: Recipe):
     from lmlab.trainers import lmlab_trainer
 
     r, t = recipe.rl, recipe.train
-    if (t.micro_batch_size * t.grad_accum) % r.num_generations:
-        raise LmlabError(f"train.micro_batch_size x train.grad_accum ({t.micro_batch_size * t.grad_accum}) "
-                         f"must be a multiple of rl.num_generations ({r.num_generations}): each step holds "
-                         "whole groups", field="train.micro_batch_size")
     tokenizer = prepare_tokenizer(recipe)
     # TRL stops generation and masks the completion at the tokenizer's EOS; in a chat a turn ends at
     # <|im_end|>, so that is EOS while RL samples (run_rl restores the artifact's EOS afterwards)

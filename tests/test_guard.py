@@ -1,0 +1,105 @@
+"""The divergence guard: bad steps are skipped, runs of them roll back at a lower LR, a diverged run never
+becomes a model."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from lmlab.recipe import GuardConfig
+from tests.helpers import read_metrics, tiny_recipe, tiny_recipe_file
+
+
+def test_the_guard_flags_non_finite_and_spiking_steps_only():
+    from lmlab.callbacks import DivergenceGuard
+
+    guard = DivergenceGuard(GuardConfig(loss_spike=10, grad_spike=100, patience=2))
+    assert guard.reason(float("nan"), 1.0) and guard.reason(5.0, float("inf"))  # always, even without history
+    assert guard.reason(500.0, 1.0) is None  # no history yet: a spike needs a median to be a spike
+    for loss in (5.0, 4.8, 4.6):
+        assert guard.skip_step(loss, 1.0) is False
+    assert guard.reason(40.0, 50.0) is None  # 8x the loss, 50x the gradient norm: within bounds
+    assert "loss" in guard.reason(60.0, 1.0) and "gradient" in guard.reason(4.0, 150.0)
+    rl = DivergenceGuard(GuardConfig(), loss_spikes=False)  # RL / DPO losses are not cross-entropies
+    for _ in range(3):
+        rl.skip_step(0.01, 1.0)
+    assert rl.reason(5.0, 1.0) is None
+
+
+def test_an_lr_of_100_ends_with_exit_2_logged_rollbacks_and_no_model(tmp_path):
+    recipe = tiny_recipe_file(tmp_path, "blowup", optim={"lr": 100.0, "warmup_ratio": 0.0},
+                              train={"max_steps": 20, "log_every": 1, "save_every": 1000})
+    result = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "training diverged" in result.stderr and "Traceback" not in result.stderr
+    run_dir = tmp_path / "runs" / "blowup"
+    assert not (run_dir / "final").exists()
+    events = [r for r in read_metrics(run_dir) if "guard/event" in r]
+    rollbacks = [r for r in events if r["guard/event"] == "rollback"]
+    assert len(rollbacks) == 2 and [r["guard/lr"] for r in rollbacks] == [50.0, 25.0]  # halved each time
+    assert sum(r["guard/event"] == "skip" for r in events) == 9  # 3 bad steps x 3 attempts
+
+
+def test_a_nan_injected_mid_run_is_skipped_then_rolled_back_to_the_last_checkpoint(tmp_path, tok_dir):
+    """Fault injection: weights poisoned once at step 6; the run resumes from checkpoint-4 at half the LR."""
+    import torch
+    from transformers import TrainerCallback
+
+    from lmlab.stages.packed import prepare_packed
+    from lmlab.stages.common import save_final, train
+
+    class PoisonOnce(TrainerCallback):
+        done = False
+        lrs: list[tuple[int, float]] = []  # (step, LR) as logged, in both attempts
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "learning_rate" in logs:
+                self.lrs.append((state.global_step, logs["learning_rate"]))
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 5 and not self.done:
+                PoisonOnce.done = True
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+
+    recipe = tiny_recipe(tmp_path, tok_dir, name="poisoned", optim={"lr": 1e-2, "warmup_ratio": 0.0},
+                         train={"max_steps": 10, "save_every": 4, "log_every": 1, "eval_every": 100})
+    job = prepare_packed(recipe)
+    job.trainer.add_callback(PoisonOnce())
+    train(job.trainer, None)
+    final = save_final(job.trainer, job.tokenizer, recipe.run_dir / "final", {"stage": "pretrain"})
+    records = read_metrics(recipe.run_dir)
+    events = [r for r in records if "guard/event" in r]
+    assert [e["guard/event"] for e in events] == ["skip", "skip", "skip", "rollback"]
+    assert events[-1]["guard/to"].endswith("checkpoint-4") and events[-1]["guard/lr"] == pytest.approx(5e-3)
+    steps = [r["step"] for r in records if "loss" in r and "train_runtime" not in r]
+    assert steps == list(range(1, 11))  # steps 5-7 were redone after the rollback, and logged once
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r and r["step"] > 7)
+    from safetensors.torch import load_file
+
+    first, second = [lr for step, lr in PoisonOnce.lrs if step == 5]
+    assert second == pytest.approx(first / 2)  # step 5 redone at half the LR it first ran at
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(final / "model.safetensors")).values())
+
+
+def test_a_model_with_non_finite_weights_is_never_saved(tmp_path, tok_dir):
+    import torch
+
+    from lmlab.artifacts import save_artifact
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.errors import LmlabError
+    from lmlab.models.build import build_model
+
+    recipe = tiny_recipe(tmp_path, tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    model = build_model(recipe.model, tokenizer)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    with pytest.raises(LmlabError, match="training diverged"):
+        save_artifact(model, tokenizer, tmp_path / "final", {})
+    assert not (tmp_path / "final").exists() and not (tmp_path / "final.tmp").exists()
