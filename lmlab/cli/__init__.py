@@ -291,7 +291,9 @@ def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint director
         table.add_row(key, f"{value:.4f}")
     shared_console().print(table)
     if out:
-        out.write_text(json.dumps(results, indent=2))
+        from lmlab.paths import write_json_atomic
+
+        write_json_atomic(out, results)
 
 
 @app.command("export-tasks")

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from lmlab.errors import LmlabError
+from lmlab.paths import write_json_atomic
 
 ALIASES = {"epochs": "train.epochs", "lr": "optim.lr", "tokens": "train.tokens", "replay": "data.replay_ratio",
            "weight_decay": "optim.weight_decay"}
@@ -227,10 +228,10 @@ def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 
     pngs = plot_ablation(rows, next(iter(grid)), out_dir, metrics) if rows and metrics else []
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "ablation.json").write_text(json.dumps(
-        {"grid": {k: list(v) for k, v in grid.items()}, "seeds": seeds, "failed": failed,
-         "runs": [{"name": v.name, "values": v.values, "seed": v.seed, "metrics": m} for v, m in rows],
-         "summary": {p: {m: list(s) for m, s in bm.items()} for p, bm in table.items()}}, indent=2))
+    write_json_atomic(out_dir / "ablation.json",
+                      {"grid": {k: list(v) for k, v in grid.items()}, "seeds": seeds, "failed": failed,
+                       "runs": [{"name": v.name, "values": v.values, "seed": v.seed, "metrics": m} for v, m in rows],
+                       "summary": {p: {m: list(s) for m, s in bm.items()} for p, bm in table.items()}})
     console.print("\n".join(lines[:len(table) + 6]))
     if failed and len(failed) == len(todo):
         raise LmlabError(f"every ablation run failed; see {logs}")

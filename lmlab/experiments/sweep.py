@@ -19,6 +19,7 @@ import yaml
 
 from lmlab.experiments.ablate import Variant, run_variants
 from lmlab.errors import LmlabError
+from lmlab.paths import write_json_atomic
 
 # Kotha et al.'s ranges, relative to a base LR: weight decay 0.1 .. 3.2 (30x the usual), epochs 1 .. 16
 DEFAULT_GRID = {"optim.weight_decay": [0.1, 0.4, 0.8, 1.6, 3.2], "optim.lr": ["x0.5", "x1", "x2"],
@@ -99,7 +100,7 @@ def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = Non
     summary = {"best": {"config": current, METRIC: loss_of(current), "name": results[_key(current)]["name"]},
                "grid": grid, "runs": list(results.values())}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out_dir / "sweep.json", summary)
     lines = [f"# Sweep of {path.name} (coordinate descent, {len(results)} runs)", "",
              f"Best: {_key(current)} with {METRIC} {loss_of(current):.4f}", "",
              "| run | " + " | ".join(grid) + f" | {METRIC} |", "|---" * (len(grid) + 2) + "|"]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.paths import write_json_atomic
 
 ENSEMBLE_FILE = "ensemble.json"
 Combine = Literal["logits", "logprobs"]
@@ -121,7 +122,7 @@ def save_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: C
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizers[0].save_pretrained(out_dir)
     manifest = {"members": [str(Path(d).resolve()) for d in member_dirs], "combine": combine}
-    (out_dir / ENSEMBLE_FILE).write_text(json.dumps(manifest, indent=2))
+    write_json_atomic(out_dir / ENSEMBLE_FILE, manifest)
     return out_dir
 
 

@@ -22,6 +22,10 @@ def run_stage(recipe, resume: bool = False, overwrite: bool = False, force: bool
 
         FORCED.add(id(recipe))
     check_inputs(recipe)  # before the run directory (and its lock) is created, let alone overwritten
+    if resume:
+        from lmlab.stages.common import check_resume
+
+        check_resume(recipe)
     with run_lock(recipe.run_dir):
         return _runner(recipe.stage)(recipe, resume=resume, overwrite=overwrite)
 

@@ -80,11 +80,9 @@ def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path 
     """Rank 0 prepares the run directory and writes the resolved recipe; every rank gets the resume point."""
     from lmlab.paths import write_json_atomic, write_text_atomic
     from lmlab.stages.preflight import check_inputs
-    from lmlab.trainers import last_checkpoint
 
     check_inputs(recipe)  # every input, before the run directory is created or an old run deleted
-    if resume and id(recipe) not in FORCED:
-        check_resumable(recipe)
+    start = check_resume(recipe, checkpoints) if resume else None
     with main_first() as main:
         if main:
             prepare_run_dir(recipe.run_dir, resume, overwrite, Path(recipe.output.dir))
@@ -92,9 +90,37 @@ def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path 
             write_json_atomic(recipe.run_dir / LAUNCH, {"world_size": world_size()})
     if not resume:
         return None
-    start = last_checkpoint(checkpoints or recipe.run_dir / "checkpoints")
     console().print(f"resuming from {start}" if start else "no complete checkpoint yet: starting from step 0")
     return start
+
+
+def check_resume(recipe: Recipe, checkpoints: Path | None = None) -> Path | None:
+    """The checkpoint `--resume` continues from, checked: the same run (unless --force), readable files."""
+    from lmlab.trainers import last_checkpoint
+
+    if id(recipe) not in FORCED:
+        check_resumable(recipe)
+    start = last_checkpoint(checkpoints or recipe.run_dir / "checkpoints")
+    if start is not None:
+        check_checkpoint_files(start)
+    return start
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """A checkpoint to resume from: its trainer state parses and its weights' headers read."""
+    from lmlab.models.build import check_weights
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LmlabError(f"the checkpoint's trainer_state.json is damaged ({exc})", file=str(checkpoint),
+                         hint="delete this checkpoint to resume from the one before it") from None
+    if any(checkpoint.glob("*.safetensors")):
+        try:
+            check_weights(checkpoint, "--resume")
+        except LmlabError as exc:
+            raise LmlabError(exc.message, file=exc.file, field="--resume",
+                             hint="delete this checkpoint to resume from the one before it") from None
 
 
 def train(trainer, start: Path | None) -> None:

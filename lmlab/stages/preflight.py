@@ -53,6 +53,10 @@ def _check(recipe: Recipe, future: set[str]) -> None:
         if path and str(path) not in future and (field.endswith(("pretrained", "teacher", "path")) or Path(path).is_dir()):
             check_checkpoint(Path(path), field, tokenizer_only=field == "tokenizer.path",
                              needs_tokenizer=not (field == "model.from_pretrained" and recipe.tokenizer.path))
+    if recipe.stage in PAIR_STAGES + CHAT_STAGES and recipe.model.from_pretrained not in future:
+        from lmlab.stages.posttrain import prepare_tokenizer
+
+        prepare_tokenizer(recipe)  # the chat template exists and marks assistant turns
     if recipe.stage in PAIR_STAGES:
         check_pairs_and_prompts(recipe)
     if not recipe.model.from_pretrained and recipe.stage in ("pretrain", "distill"):

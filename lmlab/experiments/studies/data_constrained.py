@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
+from lmlab.paths import write_json_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
 from lmlab.experiments.studies.common import StudyRunner, load_study
 
@@ -351,7 +352,7 @@ def write_report(study: DataConstrainedStudy, results: dict, ensembles: dict[str
     from lmlab.scaling.fit import PowerLawFit, plot_fits
 
     out_dir, sizes, params = study.run_dir, list(study.models), results["parameters"]
-    (out_dir / "study.json").write_text(json.dumps(results, indent=2, default=str))
+    write_json_atomic(out_dir / "study.json", results)
     pngs = []
     plt, fig, ax = new_figure()
     for m in sizes:

@@ -292,7 +292,7 @@ def write_report(study: EvolmStudy, results: dict) -> Path:
     from lmlab.plots import new_figure, save_figure
 
     out, k, pngs = study.run_dir, study.samples, []
-    (out / "evolm.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(out / "evolm.json", results)
 
     def errorbar(ax, xs, series, label):
         from lmlab.experiments.ablate import mean_std
