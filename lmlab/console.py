@@ -27,7 +27,7 @@ def console(stderr: bool = False):
     terminal = stream.isatty()
     quiet = not is_main() or os.environ.get(QUIET_ENV) == "1"
     return Console(file=stream, soft_wrap=not terminal, force_terminal=terminal or None,
-                   width=None if terminal else 10_000, quiet=quiet, highlight=False)
+                   width=None if terminal else 120, quiet=quiet, highlight=False)  # soft wrap: lines never break
 
 
 def on_terminal() -> bool:

@@ -22,11 +22,15 @@ from tests.helpers import read_metrics, tiny_recipe_file
 TOLERANCE = 1e-4
 
 
-def launch(args: list[str], cwd: Path, nproc: int) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    result = subprocess.run([*launcher, "-m", "lmlab.cli", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=600)
+def launch(args: list[str], cwd: Path, nproc: int, own_launcher: bool = False) -> subprocess.CompletedProcess:
+    """The command on `nproc` processes: through an external torchrun, or lmlab's own `--nproc`."""
+    if own_launcher:
+        command = [sys.executable, "-m", "lmlab.cli", *args, "--nproc", str(nproc)]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        command = [*launcher, "-m", "lmlab.cli", *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -42,7 +46,7 @@ def two_runs(tmp_path_factory):
     recipe = tiny_recipe_file(root, "ddp", train={"max_steps": 6, "micro_batch_size": 2, "log_every": 1,
                                                   "save_every": 3, "keep_last": 3, "eval_every": 1000,
                                                   "eval_batches": 2})
-    two = launch(["pretrain", str(recipe)], root, nproc=2)
+    two = launch(["pretrain", str(recipe)], root, nproc=2, own_launcher=True)  # `lmlab pretrain --nproc 2`
     launch(["pretrain", str(recipe), "--set", "name=one", "--set", "train.micro_batch_size=4",
             "--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}"], root, nproc=1)
     return root, recipe, two
@@ -96,3 +100,27 @@ def test_checkpoints_resume_across_world_sizes(two_runs, tmp_path):
         resumed = train_losses(run_dir)
         assert (run_dir / "final" / "model.safetensors").is_file()
         assert max(abs(resumed[s] - reference[s]) / reference[s] for s in (4, 5, 6)) < TOLERANCE, (source, resumed)
+
+
+def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
+    """`lmlab run --nproc 2`: tokenizer, pretraining, SFT and the comparison; one set of artifacts, the
+    same table layout as one process, each step logged once."""
+    import yaml
+
+    from tests.test_pipeline import tiny_pipeline
+
+    results = {}
+    for nproc in (1, 2):
+        root = tmp_path / f"n{nproc}"
+        root.mkdir()
+        path = tiny_pipeline(root, pt_steps=4, sft_steps=2)
+        launch(["run", str(path)], root, nproc=nproc, own_launcher=True)
+        run_dir = root / "runs" / yaml.safe_load(path.read_text())["name"]
+        results[nproc] = json.loads((run_dir / "eval" / "results.json").read_text())
+        for stage in ("pt", "sft"):
+            assert (run_dir / stage / "final" / "model.safetensors").is_file()
+            steps = [r["step"] for r in read_metrics(run_dir / stage) if "loss" in r and "train_runtime" not in r]
+            assert steps == sorted(set(steps))
+        assert (run_dir / "report.md").is_file()
+    assert {k: sorted(v["metrics"]) for k, v in results[1].items()} == \
+        {k: sorted(v["metrics"]) for k, v in results[2].items()}

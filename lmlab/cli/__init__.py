@@ -15,6 +15,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from lmlab.cli.launch import MasterOption, NnodesOption, NodeRankOption, NprocOption, PortOption, relaunch
 from lmlab.errors import LmlabError
 from lmlab.recipe import STAGES
 
@@ -62,7 +63,8 @@ def user_errors(fn: Callable) -> Callable:
                 raise
             message = str(exc) if isinstance(exc, LmlabError) else \
                 f"{exc.filename or '?'}: {OS_REASONS[exc.errno]} ({exc.strerror})"
-            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line says so
+                typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -103,10 +105,15 @@ def errors_about(path: Path):
 @user_errors
 def run(recipe: Path = typer.Argument(..., help="A pipeline recipe: `stages:` in order (see recipes/quickstart.yaml)."),
         set_: Optional[List[str]] = SetOption,
-        dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show the stages; train nothing.")) -> None:
+        dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show the stages; train nothing."),
+        nproc: int = NprocOption, nnodes: int = NnodesOption, node_rank: int = NodeRankOption,
+        master_addr: Optional[str] = MasterOption, master_port: int = PortOption) -> None:
     """Run a whole lifecycle: each stage feeds the next; re-running skips finished stages and resumes."""
     from lmlab.pipeline import describe, load_pipeline, run_pipeline
 
+    if not dry_run:
+        load_pipeline(recipe, set_)  # a bad pipeline fails once, here, not on every rank
+        relaunch(nproc, nnodes, node_rank, master_addr, master_port)
     if dry_run:
         pipeline, planned = load_pipeline(recipe, set_)
         typer.echo(f"{pipeline.name} -> {pipeline.run_dir}")
@@ -134,7 +141,13 @@ def ablate(recipe: Path = typer.Argument(..., help="A stage recipe or a pipeline
 def _stage_command(stage: str, recipe_help: str, summary: str) -> Callable:
     """One command per stage of `lmlab.recipe.STAGES`: a recipe, --set, --resume, --overwrite."""
     def command(recipe: Path = typer.Argument(..., help=recipe_help), set_: Optional[List[str]] = SetOption,
-                resume: bool = ResumeOption, overwrite: bool = OverwriteOption, force: bool = ForceOption) -> None:
+                resume: bool = ResumeOption, overwrite: bool = OverwriteOption, force: bool = ForceOption,
+                nproc: int = NprocOption, nnodes: int = NnodesOption, node_rank: int = NodeRankOption,
+                master_addr: Optional[str] = MasterOption, master_port: int = PortOption) -> None:
+        from lmlab.recipe import load_recipe
+
+        load_recipe(recipe, [*(set_ or []), f"stage={stage}"])  # a bad recipe fails once, before any launch
+        relaunch(nproc, nnodes, node_rank, master_addr, master_port)
         _run_stage(stage, recipe, set_, resume, overwrite, force)
 
     command.__doc__ = summary
