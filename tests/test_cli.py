@@ -81,3 +81,23 @@ def test_debug_shows_the_traceback_of_an_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lmlab.cli", "--debug", "pretrain", str(recipe)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_full_disk_is_one_error_line_naming_the_path(tmp_path, monkeypatch):
+    """The machine's errors a user can fix (full disk, read-only directory) get the same one line and exit 2."""
+    import errno
+
+    import lmlab.paths
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\ntrain: {max_steps: 1}\n")
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lmlab.paths, "write_text_atomic", full)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["pretrain", str(recipe)])
+    assert result.exit_code == 2, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    assert "recipe.yaml" in line and "the disk is full" in line and "Traceback" not in result.output
