@@ -20,7 +20,7 @@ def run_stage(recipe, resume: bool = False, overwrite: bool = False, force: bool
     if force:
         from lmlab.stages.common import FORCED
 
-        FORCED.add(id(recipe))
+        FORCED[id(recipe)] = recipe
     check_inputs(recipe)  # before the run directory (and its lock) is created, let alone overwritten
     if resume:
         from lmlab.stages.common import check_resume

@@ -36,7 +36,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) ->
 # ----------------------------------------------------------------------------- the stage skeleton
 
 LAUNCH = "launch.json"  # how the run was launched (world size), to compare global batches on resume
-FORCED: set[int] = set()  # recipes (by identity) whose --resume may change what the run was (--force)
+FORCED: dict[int, Recipe] = {}  # recipes whose --resume may change what the run was (--force), held by identity
 # what a resumed run may change freely: where and how often it logs, evaluates and saves, and its guard
 FREE_ON_RESUME = ("name", "output.", "eval.", "train.log_every", "train.eval_every", "train.eval_batches",
                   "train.save_every", "train.keep_last", "train.num_workers", "train.peak_tflops", "train.guard.",
@@ -98,7 +98,7 @@ def check_resume(recipe: Recipe, checkpoints: Path | None = None) -> Path | None
     """The checkpoint `--resume` continues from, checked: the same run (unless --force), readable files."""
     from lmlab.trainers import last_checkpoint
 
-    if id(recipe) not in FORCED:
+    if FORCED.get(id(recipe)) is not recipe:
         check_resumable(recipe)
     start = last_checkpoint(checkpoints or recipe.run_dir / "checkpoints")
     if start is not None:

@@ -23,16 +23,17 @@ CHAT_STAGES = ("sft",)
 PAIR_STAGES = ("rm", "dpo", "kto", "orpo", "rl")
 
 
-_CHECKED: set[int] = set()  # recipes (by identity) already checked in this process: data is read once
+# recipes already checked in this process (held, so an id is never reused by another recipe): data is read once
+_CHECKED: dict[int, Recipe] = {}
 
 
 def check_inputs(recipe: Recipe, future: Iterable[str] = ()) -> None:
     """Raise the first problem in any input of `recipe` as one LmlabError naming its file, line and field."""
-    if id(recipe) in _CHECKED:
+    if _CHECKED.get(id(recipe)) is recipe:
         return
     _check(recipe, {str(p) for p in future})
     if not future:  # with artifacts still to come, the stage checks them again when it opens
-        _CHECKED.add(id(recipe))
+        _CHECKED[id(recipe)] = recipe
 
 
 def _check(recipe: Recipe, future: set[str]) -> None:
