@@ -140,7 +140,8 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     n_params, n_active = count_parameters(model), active_parameters(model)
     ratio = recipe.data.replay_ratio if replay else 0.0
     # default budget: one pass over the domain data, with the replay share on top
-    budget = training_budget(recipe.train, recipe.data.seq_len, n_params, data.train_tokens / (1 - ratio) if data.train_tokens else None)
+    unique = data.train_tokens / (1 - ratio) if data.train_tokens else None
+    budget = training_budget(recipe.train, recipe.data.seq_len, n_params, unique)
     print_summary(recipe, model, tokenizer, budget, data, replay, n_params, n_active)
     mix, evaluation = mix_in_replay(recipe, data, replay, budget)
     layer_class = next(iter(getattr(model, "_no_split_modules", None) or []), None)

@@ -51,7 +51,8 @@ def _check(recipe: Recipe, future: set[str]) -> None:
     directories += [("preference.scorer", recipe.preference.scorer)] if recipe.stage in PAIR_STAGES else []
     directories += [("eval.orm", recipe.eval.orm)] if recipe.eval.orm else []
     for field, path in directories:
-        if path and str(path) not in future and (field.endswith(("pretrained", "teacher", "path")) or Path(path).is_dir()):
+        named_directory = field.endswith(("pretrained", "teacher", "path"))  # scorers may be verifier names
+        if path and str(path) not in future and (named_directory or Path(path).is_dir()):
             check_checkpoint(Path(path), field, tokenizer_only=field == "tokenizer.path",
                              needs_tokenizer=not (field == "model.from_pretrained" and recipe.tokenizer.path))
     if recipe.stage in PAIR_STAGES + CHAT_STAGES and recipe.model.from_pretrained not in future:
@@ -122,7 +123,8 @@ def check_checkpoint_fits(recipe: Recipe) -> None:
     vocab = config.get("vocab_size")
     tokenizer_dir = Path(recipe.tokenizer.path or recipe.model.from_pretrained)
     if vocab is not None and (tokenizer_dir / "tokenizer.json").is_file() and len(_tokenizer(tokenizer_dir)) > vocab:
-        raise LmlabError(f"tokenizer has {len(_tokenizer(tokenizer_dir))} tokens but the model's vocabulary has {vocab}",
+        raise LmlabError(f"tokenizer has {len(_tokenizer(tokenizer_dir))} tokens but the model's vocabulary has "
+                         f"{vocab}",
                          file=str(config_path), field="vocab_size",
                          hint="use the tokenizer saved with the checkpoint")
     max_pos = config.get("max_position_embeddings")
