@@ -63,8 +63,9 @@ def user_errors(fn: Callable) -> Callable:
                 raise
             message = str(exc) if isinstance(exc, LmlabError) else \
                 f"{exc.filename or '?'}: {OS_REASONS[exc.errno]} ({exc.strerror})"
-            if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line says so
-                typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            rank = os.environ.get("RANK", "0")  # under several processes, say which one failed
+            typer.secho(("error: " if rank == "0" else f"[rank {rank}] error: ") + message, fg=typer.colors.RED,
+                        err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -83,6 +83,7 @@ def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path 
 
     check_inputs(recipe)  # every input, before the run directory is created or an old run deleted
     start = check_resume(recipe, checkpoints) if resume else None
+    barrier()  # every rank has read the previous run's files before rank 0 rewrites them
     with main_first() as main:
         if main:
             prepare_run_dir(recipe.run_dir, resume, overwrite, Path(recipe.output.dir))
