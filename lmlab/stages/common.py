@@ -53,8 +53,9 @@ def check_resumable(recipe: Recipe) -> None:
     if not saved_file.is_file():
         return
     saved = RecipeModel.model_validate(yaml.safe_load(saved_file.read_text()))
+    before = _flat(saved.model_dump(mode="json"))
     changed = [key for key, value in _flat(recipe.model_dump(mode="json")).items()
-               if not key.startswith(FREE_ON_RESUME) and _flat(saved.model_dump(mode="json")).get(key) != value]
+               if not key.startswith(FREE_ON_RESUME) and before.get(key) != value]
     launch = recipe.run_dir / LAUNCH
     saved_world = json.loads(launch.read_text()).get("world_size", 1) if launch.is_file() else 1
     batch = lambda r, world: r.train.micro_batch_size * r.train.grad_accum * world  # noqa: E731
@@ -145,10 +146,15 @@ def train(trainer, start: Path | None) -> None:
                      hint="lower optim.lr, raise optim.warmup_ratio, or see the guard/ events in metrics.jsonl")
 
 
+def _sharded(trainer) -> bool:
+    """Weights split across ranks (FSDP or DeepSpeed ZeRO): a full copy needs a gather or a checkpoint."""
+    return getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+
+
 def _initial_weights(trainer) -> dict | None:
     """A CPU copy of the weights training starts from, the rollback point before any checkpoint exists
     (not under FSDP / ZeRO, whose shards only a checkpoint can restore)."""
-    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+    if _sharded(trainer):
         return None
     return {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
 
@@ -181,8 +187,8 @@ def save_final(trainer, tokenizer, out_dir: Path, manifest: dict[str, Any], mode
     """
     from lmlab.artifacts import save_artifact
 
-    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded and model is None else None
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if _sharded(trainer) and model is None \
+        else None
     if model is None:
         model = trainer.accelerator.unwrap_model(trainer.model)
     error = None

@@ -23,26 +23,42 @@ CHAT_STAGES = ("sft",)
 PAIR_STAGES = ("rm", "dpo", "kto", "orpo", "rl")
 
 
-# recipes already checked in this process (held, so an id is never reused by another recipe): data is read once
+# recipes whose data was read in this process (held, so an id is never reused by another recipe), and those
+# whose every input was checked: a pipeline's preflight and the stage's own check read the data once
+_DATA_CHECKED: dict[int, Recipe] = {}
 _CHECKED: dict[int, Recipe] = {}
 
 
 def check_inputs(recipe: Recipe, future: Iterable[str] = ()) -> None:
-    """Raise the first problem in any input of `recipe` as one LmlabError naming its file, line and field."""
+    """Raise the first problem in any input of `recipe` as one LmlabError naming its file, line and field.
+
+    `future` are artifacts earlier pipeline stages will write: they are checked when the stage opens.
+    """
     if _CHECKED.get(id(recipe)) is recipe:
         return
-    _check(recipe, {str(p) for p in future})
-    if not future:  # with artifacts still to come, the stage checks them again when it opens
+    if _DATA_CHECKED.get(id(recipe)) is not recipe:
+        check_data(recipe)
+        _DATA_CHECKED[id(recipe)] = recipe
+    future = {str(p) for p in future}
+    check_artifacts(recipe, future)
+    if not future:
         _CHECKED[id(recipe)] = recipe
 
 
-def _check(recipe: Recipe, future: set[str]) -> None:
-    for spec in _sources(recipe):
-        check_source(spec, recipe)
+def check_data(recipe: Recipe) -> None:
+    """Data sources to their last record, task files, and preference / RL data as those stages use it."""
     from lmlab.evaluate.tasks import load_task
 
+    for spec in _sources(recipe):
+        check_source(spec, recipe)
     for task in recipe.eval.tasks:
         load_task(task, recipe.eval.n)
+    if recipe.stage in PAIR_STAGES:
+        check_pairs_and_prompts(recipe)
+
+
+def check_artifacts(recipe: Recipe, future: set[str]) -> None:
+    """Checkpoints, tokenizers, reward models, a fresh model's fields and the optimizer name."""
     if recipe.model.from_pretrained and recipe.model.from_pretrained not in future:
         check_checkpoint_fits(recipe)
     directories = [("model.from_pretrained", recipe.model.from_pretrained), ("distill.teacher", recipe.distill.teacher),
@@ -59,8 +75,6 @@ def _check(recipe: Recipe, future: set[str]) -> None:
         from lmlab.stages.posttrain import prepare_tokenizer
 
         prepare_tokenizer(recipe)  # the chat template exists and marks assistant turns
-    if recipe.stage in PAIR_STAGES:
-        check_pairs_and_prompts(recipe)
     if not recipe.model.from_pretrained and recipe.stage in ("pretrain", "distill"):
         check_model_fields(recipe)
     check_optimizer(recipe.optim.optimizer)
