@@ -181,6 +181,7 @@ def stage_fingerprint(recipe: Recipe, run_dir: Path, upstream: str) -> str:
     data and task file it reads (an edited file reruns the stage), and the fingerprints of its inputs."""
     tree = recipe.model_dump(mode="json")
     tree.pop("output", None)
+    tree.get("data", {}).pop("num_proc", None)  # the token store is the same for any number of processes
     text = json.dumps(tree, sort_keys=True, default=str)
     for root in {str(run_dir), str(run_dir.resolve())}:
         text = text.replace(root, "<run>")

@@ -197,7 +197,9 @@ class DataConfig(Strict):
     replay_ratio: float = Field(0.16, ge=0, lt=1)
     validation_fraction: float = Field(0.01, ge=0, lt=0.5)
     seq_len: int = Field(256, gt=1)
-    streaming: bool = False  # for sources larger than memory
+    streaming: bool = False  # for sources larger than the disk: tokenised on the fly instead of stored
+    # processes that tokenise into the token store (default: every core); the tokens do not depend on it
+    num_proc: int | None = Field(None, gt=0)
     shuffle_buffer: int = Field(10_000, gt=0)  # streaming shuffle window
     # data-constrained training (Kotha et al.): train on only this many unique tokens, the same subset for
     # every seed (chosen after the validation split, so validation stays the same held-out text)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# token stores built by the tests live in a cache of their own (subprocesses inherit it), never the user's
+os.environ["LMLAB_CACHE"] = tempfile.mkdtemp(prefix="lmlab-test-cache-")
 
 
 @pytest.fixture(scope="session")

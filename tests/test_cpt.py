@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lmlab.data.pretrain_data import _repeat_indices
+from lmlab.data.pretrain_data import repeat_indices
 from tests.helpers import tiny_recipe
 
 
@@ -18,7 +18,7 @@ def cpt_recipe(tmp_path, base, ratio, name, steps=40):
 
 
 def test_repeat_indices_cover_whole_passes_before_repeating():
-    idx = _repeat_indices(5, 12, seed=0)
+    idx = repeat_indices(5, 12, seed=0).tolist()
     assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5)) and len(idx) == 12
 
 

@@ -124,3 +124,42 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
         assert (run_dir / "report.md").is_file()
     assert {k: sorted(v["metrics"]) for k, v in results[1].items()} == \
         {k: sorted(v["metrics"]) for k, v in results[2].items()}
+
+
+RANK_ROWS = r'''
+import json, os, sys
+import torch
+from transformers import Trainer, TrainingArguments
+from lmlab.data.pretrain_data import build_packed_data
+from lmlab.data.tokenizer import load_tokenizer
+from lmlab.recipe import DataConfig
+
+corpus, tok_dir, out = sys.argv[1:4]
+data = DataConfig(train={"kind": "jsonl", "path": corpus}, seq_len=32, unique_tokens=32 * 40)
+packed = build_packed_data(data, load_tokenizer(tok_dir), 0, 4)  # rank 0 builds the store, rank 1 waits
+args = TrainingArguments(output_dir=os.path.join(out, "t"), per_device_train_batch_size=4, use_cpu=True,
+                         seed=0, data_seed=0, remove_unused_columns=False, report_to=[])
+trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=packed.train)
+rows = [row for batch in trainer.get_train_dataloader() for row in batch["input_ids"].tolist()]
+rank = int(os.environ["RANK"])
+json.dump({"rows": rows, "all": packed.train.to_dict()["input_ids"]}, open(os.path.join(out, f"{rank}.json"), "w"))
+'''
+
+
+def test_two_ranks_read_disjoint_rows_that_cover_the_epoch(tmp_path, tok_dir):
+    """40 rows, 2 ranks x micro-batch 4: each rank reads 20 rows from the one store, no row twice."""
+    from lmlab.data.general import general_documents
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in general_documents(limit=60)))
+    script = tmp_path / "rank_rows.py"
+    script.write_text(RANK_ROWS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(corpus), str(tok_dir), str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    seen = [list(map(tuple, r["rows"])) for r in ranks]
+    assert ranks[0]["all"] == ranks[1]["all"] and len(ranks[0]["all"]) == 40  # one validated dataset
+    assert len(seen[0]) == len(seen[1]) == 20 and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(map(tuple, ranks[0]["all"]))

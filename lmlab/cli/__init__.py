@@ -75,6 +75,14 @@ from lmlab.cli.plan import plan as _plan  # noqa: E402 - light: typer and the st
 
 app.command("plan")(user_errors(_plan))
 
+from lmlab.cli import data as _data  # noqa: E402 - light: typer only until a command runs
+
+data_app = typer.Typer(help="Token stores: prepare them ahead of a run, list, inspect and prune the cache.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+for _name in ("prepare", "ls", "rm", "inspect"):
+    data_app.command(_name)(user_errors(getattr(_data, _name)))
+
 
 ResumeOption = typer.Option(False, "--resume", help="Continue from the last complete checkpoint.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Delete an existing run directory first.")

@@ -1,28 +1,37 @@
-"""From a recipe's data block to packed train and validation datasets.
+"""From a recipe's data block to packed train and validation rows.
 
-Sources are loaded, mixed by weight, split train/validation by a stable hash of
-each document's id (so the split is the same streamed or not, in any order),
-shuffled by seed, tokenised and packed. Map-style datasets are cached by
-`datasets`, so a second run or a resume does not tokenise again.
+Map-style data goes through the token store (`lmlab.data.store`): each source is
+tokenised once, split train/validation by a stable hash of each document's id,
+and memory-mapped; rows are windows of it (`lmlab.data.rows`), mixed across
+sources by weight and shuffled by the trainer's sampler. A second run, a resume
+or another rank reuses the store and spends no time on tokenisation. Streaming
+data (`data.streaming: true`, for sources larger than the disk) is tokenised on
+the fly, a batch of documents at a time, with the same row semantics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
-from lmlab.data.packing import pack_batch
+import numpy as np
+
 from lmlab.errors import LmlabError
 from lmlab.recipe import DataConfig, SourceSpec
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
+
+    from lmlab.data.rows import PackedRows
+
+STREAM_DOCS = 512  # documents tokenised together when streaming
 
 
 @dataclass
 class PackedData:
-    train: Any  # datasets.Dataset or IterableDataset of packed rows
-    validation: Any  # always a map-style Dataset (it is small and re-read at every evaluation)
+    train: Any  # PackedRows (map-style), a datasets IterableDataset when streaming, or chat rows (distillation)
+    validation: Any  # map-style rows, or None
     train_rows: int | None  # None when streaming: the size is unknown until read
     seq_len: int
 
@@ -39,85 +48,170 @@ def load_documents(specs: list[SourceSpec], streaming: bool, seed: int):
     return mix_sources(loaded, [spec.weight for spec in specs], seed=seed)
 
 
-def tokenize_and_pack(docs, tokenizer: "PreTrainedTokenizerBase", seq_len: int):
-    """Tokenise `text` without special tokens (EOS separators are added when packing) and pack."""
-    if tokenizer.eos_token_id is None:
-        raise LmlabError("the tokenizer has no EOS token, which packing needs to separate documents")
-    eos = tokenizer.eos_token_id
-    columns = docs.column_names or ["text", "doc_id"]
-
-    def tokenize(batch):
-        return {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
-
-    tokens = docs.map(tokenize, batched=True, remove_columns=columns)
-    return tokens.map(pack_batch, batched=True, batch_size=1000, remove_columns=["input_ids"],
-                      fn_kwargs={"seq_len": seq_len, "eos_id": eos})
+def repeat_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """k row indices from n rows: whole shuffled passes, then part of one more (each pass its own order)."""
+    passes = [np.random.default_rng([seed, epoch]).permutation(n) for epoch in range(-(-k // n))] if n else []
+    return np.concatenate(passes)[:k] if passes else np.zeros(0, np.int64)
 
 
-def _leading_documents(docs, chars: int):
-    """The first documents holding at least `chars` characters (so a small subset is not tokenised in full)."""
-    total = 0
-    for i, text in enumerate(docs["text"]):
-        total += len(text)
-        if total >= chars:
-            return docs.select(range(i + 1))
-    return docs
+def mix_rows(sets: list["PackedRows"], weights: list[float], seed: int) -> "PackedRows":
+    """Several sources' rows in proportion to their weights, every source seen at least once whole
+    (the `all_exhausted` rule of `datasets.interleave_datasets`), in one shuffled order."""
+    from lmlab.data.rows import PackedRows
+
+    if len(sets) == 1:
+        return sets[0]
+    shares = np.asarray(weights, dtype=float) / sum(weights)
+    total = max(len(rows) / share for rows, share in zip(sets, shares))
+    picked = [rows.select(repeat_indices(len(rows), round(share * total), seed + i))
+              for i, (rows, share) in enumerate(zip(sets, shares))]
+    return PackedRows.concat(picked).shuffle(seed)
+
+
+def source_stores(specs: list[SourceSpec], tokenizer, fraction: float, data: DataConfig, seed: int) -> list:
+    from lmlab.data.store import prepare_store
+
+    return [prepare_store(spec, tokenizer, fraction, seed, data.num_proc) for spec in specs]
+
+
+def store_rows(stores: list, part: str, specs: list[SourceSpec], seq_len: int, seed: int) -> "PackedRows":
+    from lmlab.data.rows import PackedRows
+
+    return mix_rows([PackedRows([s.parts[part]], seq_len) for s in stores], [s.weight for s in specs], seed)
 
 
 def build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", seed: int,
                       max_validation_rows: int) -> PackedData:
-    """Packed train and validation sets, behind one status line instead of per-map progress bars."""
-    import datasets
-    from lmlab.console import console as shared_console
-
-    datasets.disable_progress_bars()
-    with shared_console(stderr=True).status("loading, tokenising and packing the data"):
-        return _build_packed_data(data, tokenizer, seed, max_validation_rows)
-
-
-def _build_packed_data(data: DataConfig, tokenizer: "PreTrainedTokenizerBase", seed: int,
-                       max_validation_rows: int) -> PackedData:
-    from lmlab.data.sources import shuffle_documents, split_validation
-
-    docs = load_documents(data.train, data.streaming, seed)
+    """Packed train and validation rows: from token stores, or streamed."""
+    if tokenizer.eos_token_id is None:
+        raise LmlabError("the tokenizer has no EOS token, which packing needs to separate documents")
+    if data.streaming:
+        return streamed_data(data, tokenizer, seed, max_validation_rows)
+    fraction = data.validation_fraction if data.validation is None else 0.0
+    stores = source_stores(data.train, tokenizer, fraction, data, seed)
+    train = store_rows(stores, "train", data.train, data.seq_len, seed)
     if data.validation is not None:
-        train_docs, val_docs = docs, load_documents(data.validation, False, seed)
+        validation = store_rows(source_stores(data.validation, tokenizer, 0.0, data, seed), "train",
+                                data.validation, data.seq_len, seed)
     else:
-        train_docs, val_docs = split_validation(docs, data.validation_fraction)
-        if data.streaming:
-            from datasets import Dataset
-
-            val_docs = Dataset.from_list(list(val_docs.take(max_validation_rows * 8)))
+        validation = store_rows(stores, "validation", data.train, data.seq_len, seed)
     if data.unique_tokens is not None:  # one fixed subset for every seed; the seed still sets the order
         rows = -(-data.unique_tokens // data.seq_len)
-        train = tokenize_and_pack(_leading_documents(shuffle_documents(train_docs, 0), 8 * data.unique_tokens),
-                                  tokenizer, data.seq_len)
-        if len(train) < rows:  # the 8 characters per token guess was short: tokenise everything
-            train = tokenize_and_pack(shuffle_documents(train_docs, 0), tokenizer, data.seq_len)
         if len(train) < rows:
             raise LmlabError(f"data.unique_tokens={data.unique_tokens:,} but the training data has only "
-                             f"{len(train) * data.seq_len:,} tokens", field="data.unique_tokens")
-        train = train.select(range(rows)).shuffle(seed=seed)
+                             f"{train.tokens():,} tokens", field="data.unique_tokens")
+        train = train.shuffle(0).select(np.arange(rows))
+    if len(train) == 0:
+        raise LmlabError(f"the training data has fewer than seq_len={data.seq_len} tokens",
+                         field="data.train", hint="add data or lower data.seq_len")
+    validation = validation.select(np.arange(min(len(validation), max_validation_rows)))
+    return PackedData(train=train, validation=validation if len(validation) else None, train_rows=len(train),
+                      seq_len=data.seq_len)
+
+
+def replay_block(data: DataConfig) -> DataConfig | None:
+    """CPT's replay sources as a data block of their own (split into train and held-out like any data)."""
+    return data.model_copy(update={"train": data.replay, "validation": None}) if data.replay else None
+
+
+def uses_token_store(recipe) -> bool:
+    """Whether a stage trains on packed text (pretraining, CPT, distillation on text) from token stores."""
+    text = recipe.stage == "pretrain" or (recipe.stage == "distill" and recipe.distill.data_format == "text")
+    return text and not recipe.data.streaming
+
+
+def prepare_recipe_data(recipe, tokenizer) -> list:
+    """Every token store a stage will read, found or built: its data and its replay sources."""
+    blocks = [recipe.data, replay_block(recipe.data)]
+    stores = []
+    for block in filter(None, blocks):
+        fraction = block.validation_fraction if block.validation is None else 0.0
+        stores += source_stores(block.train, tokenizer, fraction, block, recipe.seed)
+        stores += source_stores(block.validation or [], tokenizer, 0.0, block, recipe.seed)
+    return stores
+
+
+def stream_rows(docs, tokenizer, seq_len: int) -> Iterator[dict[str, "torch.Tensor"]]:
+    """Packed rows from a stream of `text` documents, a batch at a time, cut exactly as the store cuts them."""
+    import torch
+
+    from lmlab.data.rows import window_columns
+    from lmlab.data.store import StorePart
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    eos = tokenizer.eos_token_id
+    carry, carry_starts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def flush(texts: list[str]):
+        nonlocal carry, carry_starts
+        ids = ([e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)] if backend is not None
+               else tokenizer(texts, add_special_tokens=False)["input_ids"])
+        flat: list[int] = []
+        for doc in ids:
+            flat += doc
+            flat.append(eos)
+        lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) + len(carry)
+        tokens = np.concatenate([carry, np.asarray(flat, dtype=np.int64)])
+        all_starts = np.concatenate([carry_starts, starts])
+        n = len(tokens) // seq_len
+        if n:
+            cols = {k: torch.from_numpy(v) for k, v in
+                    window_columns(StorePart(tokens, all_starts), np.arange(n), seq_len).items()}
+            for i in range(n):
+                yield {k: v[i] for k, v in cols.items()}
+        cut = n * seq_len
+        carry, carry_starts = tokens[cut:], all_starts[all_starts >= cut] - cut
+
+    texts: list[str] = []
+    for row in docs:
+        texts.append(row["text"])
+        if len(texts) == STREAM_DOCS:
+            yield from flush(texts)
+            texts = []
+    if texts:
+        yield from flush(texts)
+
+
+class StreamedRows:
+    """Rows tokenised on the fly (a torch IterableDataset, built lazily to keep torch out of imports).
+
+    Each DataLoader worker tokenises every n-th document, so workers share the tokenisation. Under
+    several processes accelerate reads on rank 0 and sends each rank its slice of every batch, so
+    ranks never overlap.
+    """
+
+    def __new__(cls, documents, tokenizer, seq_len: int):
+        import torch
+
+        class _Streamed(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                info = torch.utils.data.get_worker_info()
+                docs = documents()
+                if info is not None and info.num_workers > 1:
+                    docs = (d for i, d in enumerate(docs) if i % info.num_workers == info.id)
+                return stream_rows(docs, tokenizer, seq_len)
+
+        return _Streamed()
+
+
+def streamed_data(data: DataConfig, tokenizer, seed: int, max_validation_rows: int) -> PackedData:
+    """Rows tokenised on the fly from streamed documents (split by document hash, shuffled in a buffer)."""
+    from lmlab.data.sources import shuffle_documents, split_validation
+
+    docs = load_documents(data.train, True, seed)
+    if data.validation is not None:
+        train_docs, val_docs = docs, load_documents(data.validation, True, seed)
     else:
-        train_docs = shuffle_documents(train_docs, seed, data.shuffle_buffer)
-        train = tokenize_and_pack(train_docs, tokenizer, data.seq_len)
-    validation = tokenize_and_pack(val_docs, tokenizer, data.seq_len) if len(val_docs) else None
-    if validation is not None:
-        validation = validation.select(range(min(len(validation), max_validation_rows)))
-        if len(validation) == 0:
-            validation = None
-    rows = None
-    if not data.streaming:
-        rows = len(train)
-        if rows == 0:
-            raise LmlabError(f"the training data has fewer than seq_len={data.seq_len} tokens",
-                             field="data.train", hint="add data or lower data.seq_len")
-        train = train.with_format("torch")
-    else:
-        train = train.with_format("torch")
-    if validation is not None:
-        validation = validation.with_format("torch")
-    return PackedData(train=train, validation=validation, train_rows=rows, seq_len=data.seq_len)
+        train_docs, val_docs = split_validation(docs, data.validation_fraction)
+    train_docs = shuffle_documents(train_docs, seed, data.shuffle_buffer)
+    train = StreamedRows(lambda: iter(train_docs), tokenizer, data.seq_len)
+    val_rows = []
+    for row in stream_rows(val_docs.take(max_validation_rows * 64), tokenizer, data.seq_len):
+        val_rows.append(row)
+        if len(val_rows) == max_validation_rows:
+            break
+    return PackedData(train=train, validation=val_rows or None, train_rows=None, seq_len=data.seq_len)
 
 
 @dataclass
@@ -138,32 +232,19 @@ class ReplayMix:
                 "replay_epochs": self.replay_rows / self.replay_unique_rows if self.replay_unique_rows else 0.0}
 
 
-def _repeat_indices(n: int, k: int, seed: int) -> list[int]:
-    """k row indices from n rows: whole shuffled passes, then part of one more (each pass its own order)."""
-    import random
-
-    out: list[int] = []
-    epoch = 0
-    while len(out) < k:
-        order = list(range(n))
-        random.Random(f"{seed}-{epoch}").shuffle(order)
-        out += order[: k - len(out)]
-        epoch += 1
-    return out
-
-
-def mix_replay(domain, replay, total_rows: int, ratio: float, seed: int, seq_len: int):
+def mix_replay(domain: "PackedRows", replay: "PackedRows | None", total_rows: int, ratio: float, seed: int,
+               seq_len: int):
     """Exactly round(ratio * total_rows) replay rows and the rest domain rows (EvoLM CPT replay).
 
     Rows all hold seq_len tokens, so the share is exact in tokens; a source smaller than
     its share is repeated (the report says how many epochs of each the budget implies).
     """
-    from datasets import concatenate_datasets
+    from lmlab.data.rows import PackedRows
 
     replay_rows = round(ratio * total_rows) if replay is not None else 0
     domain_rows = total_rows - replay_rows
-    parts = [domain.select(_repeat_indices(len(domain), domain_rows, seed))]
+    parts = [domain.select(repeat_indices(len(domain), domain_rows, seed))]
     if replay_rows:
-        parts.append(replay.select(_repeat_indices(len(replay), replay_rows, seed + 1)))
+        parts.append(replay.select(repeat_indices(len(replay), replay_rows, seed + 1)))
     mix = ReplayMix(domain_rows, replay_rows, len(domain), len(replay) if replay is not None else 0, seq_len)
-    return concatenate_datasets(parts).with_format("torch"), mix
+    return PackedRows.concat(parts), mix

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmlab.errors import LmlabError
-from lmlab.recipe import SourceSpec
+from lmlab.recipe import LOCAL_KINDS, SourceSpec
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".csv", ""}
 
@@ -178,6 +178,17 @@ def source_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     if spec.kind in ("parquet", "disk"):
         return _limited(_arrow_rows(spec), spec.limit)
     raise ValueError(f"not a local source: {spec.kind}")
+
+
+def document_rows(spec: SourceSpec, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Any source's documents one at a time; generated and local kinds without building a `datasets` object."""
+    if spec.kind == "general":
+        return _limited(_general_rows(spec), spec.limit)
+    if spec.kind == "math":
+        return _limited(_math_rows(spec, seed), spec.limit)
+    if spec.kind in LOCAL_KINDS:
+        return source_rows(spec)
+    return iter(_hub_source(spec, streaming=True))
 
 
 def _arrow_source(spec: SourceSpec, streaming: bool):

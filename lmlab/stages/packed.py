@@ -51,15 +51,14 @@ def z_loss_function(z_coef: float, vocab_size: int, aux_coef: float = 0.0):
 
 def build_replay_data(recipe: Recipe, tokenizer, max_val_rows: int):
     """Packed replay rows (and their held-out part) for CPT; None when the recipe has no replay."""
-    from lmlab.data.pretrain_data import build_packed_data
+    from lmlab.data.pretrain_data import build_packed_data, replay_block
 
     if not recipe.data.replay:
         return None
     if recipe.data.streaming:
         raise LmlabError("exact replay mixing needs map-style data", field="data.streaming",
                          hint="set data.streaming: false for CPT with replay")
-    replay_block = recipe.data.model_copy(update={"train": recipe.data.replay, "validation": None})
-    return build_packed_data(replay_block, tokenizer, recipe.seed, max_val_rows)
+    return build_packed_data(replay_block(recipe.data), tokenizer, recipe.seed, max_val_rows)
 
 
 @dataclass

@@ -124,7 +124,7 @@ def validation_loss(model, rows, batch_size: int = 32) -> float:
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+        batch = rows.columns(range(start, min(start + batch_size, len(rows))))
         ids, pos, labels = (torch.as_tensor(batch[k]) for k in ("input_ids", "position_ids", "labels"))
         with torch.no_grad():
             logits = model(input_ids=ids, position_ids=pos).logits.float()
