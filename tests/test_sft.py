@@ -193,3 +193,31 @@ def test_a_token_budget_sets_the_number_of_steps(tmp_path, base_model):
 
     recipe = sft_recipe(tmp_path, base_model, train={"epochs": None, "tokens": 4 * 160 * 7})
     assert prepare_sft(recipe).trainer.args.max_steps == 7
+
+
+def test_chat_records_are_cached_on_disk_and_not_read_or_measured_again(tmp_path, base_model, monkeypatch):
+    """A resume memory-maps the cached tables: no record is read or run through the chat template again."""
+    import lmlab.data.chat as chat
+    from lmlab.stages.posttrain import load_sft_data, prepare_tokenizer
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                     {"role": "assistant", "content": f"{i}"}]}) + "\n"
+                            for i in range(40)))
+    recipe = sft_recipe(tmp_path, base_model, data={"train": str(path)})
+    tokenizer = prepare_tokenizer(recipe)
+    first = load_sft_data(recipe, tokenizer)
+    assert first.train.cache_files and first.examples + len(first.validation) == 40  # disk-backed, not a list
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(chat, "chat_records", refuse)
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", refuse)
+    again = load_sft_data(recipe, tokenizer)
+    assert again.train["messages"] == first.train["messages"] and again.examples == first.examples
+    monkeypatch.undo()
+    with open(path, "a") as fh:  # an edited file is read again
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+                 + "\n")
+    assert load_sft_data(recipe, prepare_tokenizer(recipe)).examples + len(first.validation) >= 41

@@ -161,13 +161,15 @@ def test_mixed_sources_and_replay_share_are_exact_over_rows(tmp_path, cache, tin
     assert abs(float((part_of == 1).mean()) - 0.75) < 0.01
     for part in (0, 1):  # each source is seen whole at least once, whatever its weight
         assert set(train.index[part_of == part]) == set(range(train.offsets[part], train.offsets[part + 1]))
-    domain, replay = train.select(np.arange(50)), train.select(np.arange(50, 90))
+    domain, replay = (build_packed_data(DataConfig(train=[data.train[i]], seq_len=64), tiny_tokenizer, 0, 8).train
+                      for i in (0, 1))
+    domain, replay = domain.select(np.arange(100)), replay.select(np.arange(50))
     mixed, mix = mix_replay(domain, replay, 200, 0.16, 0, 64)
     assert len(mixed) == 200 and (mix.replay_rows, mix.domain_rows) == (32, 168)  # round(0.16 * 200)
-    rows = [tuple(r) for r in mixed.to_dict()["input_ids"]]
-    domain_rows = set(map(tuple, domain.to_dict()["input_ids"]))
-    replay_rows = set(map(tuple, replay.to_dict()["input_ids"]))
-    assert set(rows[:168]) == domain_rows and set(rows[168:]) <= replay_rows and len(set(rows[168:])) == 32
+    from_replay = mixed.index >= int(domain.offsets[-1])  # the replay rows' windows come after the domain's
+    assert int(from_replay.sum()) == 32 and not from_replay[:168].any()
+    assert set(mixed.index[:168]) == set(domain.index)  # every domain row, some twice
+    assert len(set(mixed.index[168:])) == 32 and set(mixed.index[168:] - int(domain.offsets[-1])) <= set(replay.index)
 
 
 def test_bad_input_names_file_line_and_field(tmp_path, cache, tiny_tokenizer):
@@ -205,11 +207,11 @@ def test_large_vocabularies_use_uint32(tmp_path, cache):
 
 
 def test_streaming_rows_equal_store_rows(tmp_path, cache, tiny_tokenizer):
-    from lmlab.data.pretrain_data import stream_rows
+    from lmlab.data.pretrain_data import stream_columns
 
     texts = write_corpus(tmp_path / "c.jsonl", n=80)
     _, rows = store_rows(SourceSpec(kind="jsonl", path=str(tmp_path / "c.jsonl")), tiny_tokenizer, 50)
-    streamed = list(stream_rows(({"text": t} for t in texts), tiny_tokenizer, 50))
+    streamed = list(stream_columns(({"text": t} for t in texts), tiny_tokenizer, 50))
     for key in ("input_ids", "position_ids", "labels"):
         assert [r[key].tolist() for r in streamed] == rows.to_dict()[key], key
 

@@ -20,7 +20,6 @@ from lmlab.errors import LmlabError
 from lmlab.recipe import DataConfig, SourceSpec
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from lmlab.data.rows import PackedRows
@@ -131,10 +130,8 @@ def prepare_recipe_data(recipe, tokenizer) -> list:
     return stores
 
 
-def stream_rows(docs, tokenizer, seq_len: int) -> Iterator[dict[str, "torch.Tensor"]]:
+def stream_columns(docs, tokenizer, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
     """Packed rows from a stream of `text` documents, a batch at a time, cut exactly as the store cuts them."""
-    import torch
-
     from lmlab.data.rows import window_columns
     from lmlab.data.store import StorePart
 
@@ -156,8 +153,7 @@ def stream_rows(docs, tokenizer, seq_len: int) -> Iterator[dict[str, "torch.Tens
         all_starts = np.concatenate([carry_starts, starts])
         n = len(tokens) // seq_len
         if n:
-            cols = {k: torch.from_numpy(v) for k, v in
-                    window_columns(StorePart(tokens, all_starts), np.arange(n), seq_len).items()}
+            cols = window_columns(StorePart(tokens, all_starts), np.arange(n), seq_len)
             for i in range(n):
                 yield {k: v[i] for k, v in cols.items()}
         cut = n * seq_len
@@ -173,45 +169,48 @@ def stream_rows(docs, tokenizer, seq_len: int) -> Iterator[dict[str, "torch.Tens
         yield from flush(texts)
 
 
-class StreamedRows:
-    """Rows tokenised on the fly (a torch IterableDataset, built lazily to keep torch out of imports).
+def streamed_rows(docs, tokenizer, seq_len: int):
+    """A `datasets.IterableDataset` of rows with one shard per shard of `docs` (files, hub shards).
 
-    Each DataLoader worker tokenises every n-th document, so workers share the tokenisation. Under
-    several processes accelerate reads on rank 0 and sends each rank its slice of every batch, so
-    ranks never overlap.
+    Each shard is tokenised on its own (positions and labels as in the store), so DataLoader
+    workers split the shards between them, and under several processes accelerate gives each
+    rank its own shards (`IterableDataset.shard`) when there are at least as many shards as
+    ranks; otherwise every rank reads the stream and keeps its slice of each batch.
     """
+    from datasets import IterableDataset
 
-    def __new__(cls, documents, tokenizer, seq_len: int):
-        import torch
+    n_shards = max(1, getattr(docs, "num_shards", None) or getattr(docs, "n_shards", 1))
 
-        class _Streamed(torch.utils.data.IterableDataset):
-            def __iter__(self):
-                info = torch.utils.data.get_worker_info()
-                docs = documents()
-                if info is not None and info.num_workers > 1:
-                    docs = (d for i, d in enumerate(docs) if i % info.num_workers == info.id)
-                return stream_rows(docs, tokenizer, seq_len)
+    def generate(shards: list[int]):
+        for index in shards:
+            part = docs.shard(num_shards=n_shards, index=index) if n_shards > 1 else docs
+            yield from stream_columns(part, tokenizer, seq_len)
 
-        return _Streamed()
+    return IterableDataset.from_generator(generate, gen_kwargs={"shards": list(range(n_shards))})
 
 
 def streamed_data(data: DataConfig, tokenizer, seed: int, max_validation_rows: int) -> PackedData:
-    """Rows tokenised on the fly from streamed documents (split by document hash, shuffled in a buffer)."""
-    from lmlab.data.sources import shuffle_documents, split_validation
+    """Rows tokenised on the fly from streamed documents (split by document hash, rows shuffled in a buffer)."""
+    from lmlab.data.sources import split_validation
 
     docs = load_documents(data.train, True, seed)
     if data.validation is not None:
         train_docs, val_docs = docs, load_documents(data.validation, True, seed)
     else:
         train_docs, val_docs = split_validation(docs, data.validation_fraction)
-    train_docs = shuffle_documents(train_docs, seed, data.shuffle_buffer)
-    train = StreamedRows(lambda: iter(train_docs), tokenizer, data.seq_len)
+    train = streamed_rows(train_docs, tokenizer, data.seq_len).shuffle(seed=seed, buffer_size=data.shuffle_buffer)
     val_rows = []
-    for row in stream_rows(val_docs.take(max_validation_rows * 64), tokenizer, data.seq_len):
+    for row in stream_columns(val_docs.take(max_validation_rows * 64), tokenizer, data.seq_len):
         val_rows.append(row)
         if len(val_rows) == max_validation_rows:
             break
-    return PackedData(train=train, validation=val_rows or None, train_rows=None, seq_len=data.seq_len)
+    validation = None
+    if val_rows:
+        from datasets import Dataset
+
+        validation = Dataset.from_dict({k: np.stack([r[k] for r in val_rows]) for k in val_rows[0]})
+        validation = validation.with_format("torch")
+    return PackedData(train=train.with_format("torch"), validation=validation, train_rows=None, seq_len=data.seq_len)
 
 
 @dataclass

@@ -40,7 +40,7 @@ from lmlab.recipe import SourceSpec
 
 STORE_VERSION = 1
 PARTS = ("train", "validation")
-CHUNK_BYTES = 4 << 20  # a jsonl work item; fixed, so the output never depends on the number of processes
+CHUNK_BYTES = 1 << 20  # a jsonl work item; fixed, so the output never depends on the number of processes
 DOCS_PER_CHUNK = 512  # a work item of documents read by the main process
 IN_FLIGHT_PER_PROC = 3  # work items queued per process: enough to keep them busy, few enough to bound memory
 
@@ -461,7 +461,13 @@ def prepare_store(spec: SourceSpec, tokenizer, validation_fraction: float, seed:
     barrier()
     if error is not None:
         raise error
-    return open_store(path)
+    store = open_store(path)
+    if progress is None or not progress.quiet:
+        from lmlab.console import console
+
+        tokens = store.meta["train"]["tokens"] + store.meta["validation"]["tokens"]
+        console().print(f"token store {key}: {tokens:,} tokens of {spec.path or spec.kind}")
+    return store
 
 
 # ---------------------------------------------------------------------------------------------------- progress

@@ -316,6 +316,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         use_cpu=not accelerator_available(),
         ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
         **distributed_arguments(t, layer_class),
+        # streamed rows: each rank reads its own shards (lmlab.data.pretrain_data.streamed_rows), none is sent
+        **({"accelerator_config": {"dispatch_batches": False}} if recipe.data.streaming else {}),
     )
     return (args_class or TrainingArguments)(**{**kwargs, **extra})
 

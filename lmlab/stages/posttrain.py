@@ -9,6 +9,7 @@ here, never from another stage.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,35 +47,62 @@ def prepare_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
-    """Chat records, checked, split, and measured against the sequence length."""
-    from datasets import Dataset
-
+def sft_records(recipe: Recipe):
+    """Every chat record of the recipe's sources as a disk-backed table (messages, doc_id), built once."""
     from lmlab.data.chat import chat_records
-    from lmlab.data.split import split_items
+    from lmlab.data.records import cached_records, records_fingerprint
+    from lmlab.data.store import source_fingerprint
 
-    rows = []
-    for spec in recipe.data.train:
-        for where, line, messages in chat_records(spec, recipe.sft.layout, recipe.seed):
-            row: dict[str, Any] = {"messages": messages, "doc_id": f"{where}:{line}"}
-            if recipe.sft.enable_thinking is not None:
-                row["chat_template_kwargs"] = {"enable_thinking": recipe.sft.enable_thinking}
-            rows.append(row)
-    if not rows:
+    def rows():
+        for spec in recipe.data.train:
+            for where, line, messages in chat_records(spec, recipe.sft.layout, recipe.seed):
+                row: dict[str, Any] = {"messages": messages, "doc_id": f"{where}:{line}"}
+                if recipe.sft.enable_thinking is not None:
+                    row["chat_template_kwargs"] = {"enable_thinking": recipe.sft.enable_thinking}
+                yield row
+
+    identity = records_fingerprint("sft", [source_fingerprint(s, recipe.seed) for s in recipe.data.train],
+                                   recipe.sft.layout, recipe.sft.enable_thinking)
+    return cached_records(rows, identity), identity
+
+
+def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
+    """Chat records, checked, split, and measured against the sequence length (all cached on disk)."""
+    import numpy as np
+
+    from lmlab.data.records import cached_map, records_fingerprint
+    from lmlab.data.split import doc_hash
+    from lmlab.data.store import tokenizer_hash
+
+    records, identity = sft_records(recipe)
+    if len(records) == 0:
         raise LmlabError("the SFT data has no records", field="data.train")
-    lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True,
-                                                 **r.get("chat_template_kwargs", {}))["input_ids"]) for r in rows]
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template)
+
+    def measure(batch):
+        kwargs = batch.get("chat_template_kwargs") or [{}] * len(batch["messages"])
+        return {"length": [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True, **(k or {}))
+                                ["input_ids"]) for m, k in zip(batch["messages"], kwargs)],
+                "hash": [doc_hash(i) for i in batch["doc_id"]]}
+
+    measured = cached_map(records, measure, records_fingerprint(identity, tokenizer_hash(tokenizer), template))
+    lengths, hashes = np.asarray(measured["length"]), np.asarray(measured["hash"])
     limit = recipe.data.seq_len
-    overlong = sum(n > limit for n in lengths)
+    overlong = int((lengths > limit).sum())
+    keep = np.arange(len(lengths))
     dropped = 0
     if recipe.sft.overlong == "drop":
-        rows = [r for r, n in zip(rows, lengths) if n <= limit]
+        keep = keep[lengths <= limit]
         dropped = overlong
-        if not rows:
+        if not len(keep):
             raise LmlabError(f"every record is longer than data.seq_len={limit}", field="data.seq_len")
-    train, validation = split_items(rows, [r["doc_id"] for r in rows], recipe.sft.validation_fraction)
-    strip = lambda rs: Dataset.from_list([{k: v for k, v in r.items() if k != "doc_id"} for r in rs])  # noqa: E731
-    return SFTData(strip(train).shuffle(seed=recipe.seed), strip(validation) if validation else None,
+    fraction = recipe.sft.validation_fraction
+    held = keep[hashes[keep] < fraction] if fraction else keep[:0]
+    if fraction and not len(held) and len(keep) > 1:  # at least one held out, as lmlab.data.split does
+        held = keep[[int(np.argmin(hashes[keep]))]]
+    train = np.setdiff1d(keep, held)
+    table = records.remove_columns("doc_id")
+    return SFTData(table.select(train).shuffle(seed=recipe.seed), table.select(held) if len(held) else None,
                    len(train), overlong, dropped)
 
 
