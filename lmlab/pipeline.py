@@ -200,7 +200,7 @@ def input_files(recipe: Recipe) -> list[Path]:
 
     d = recipe.data
     specs = [*d.train, *(d.validation or []), *(d.replay or []), *(recipe.tokenizer.train_sources or [])]
-    files = [f for s in specs if s.kind in LOCAL_KINDS for f in (local_files(s.path) if s.kind != "disk"
+    files = [f for s in specs if s.kind in LOCAL_KINDS for f in (local_files(s.path, s.kind) if s.kind != "disk"
                                                                   else sorted(Path(s.path).rglob("*")))]
     for task in recipe.eval.tasks:
         path = Path(task)

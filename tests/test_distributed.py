@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,47 @@ def test_two_ranks_read_disjoint_rows_that_cover_the_epoch(tmp_path, tok_dir):
     assert ranks[0]["all"] == ranks[1]["all"] and len(ranks[0]["all"]) == 40  # one validated dataset
     assert len(seen[0]) == len(seen[1]) == 20 and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(map(tuple, ranks[0]["all"]))
+
+
+STREAM_ROWS = r'''
+import json, os, sys
+import torch
+from transformers import Trainer, TrainingArguments
+from lmlab.data.pretrain_data import build_packed_data
+from lmlab.data.tokenizer import load_tokenizer
+from lmlab.recipe import DataConfig
+
+corpus, tok_dir, out = sys.argv[1:4]
+data = DataConfig(train={"kind": "jsonl", "path": corpus}, seq_len=32, streaming=True, validation_fraction=0.0)
+packed = build_packed_data(data, load_tokenizer(tok_dir), 0, 4)
+args = TrainingArguments(output_dir=os.path.join(out, "t"), per_device_train_batch_size=4, use_cpu=True, seed=0,
+                         remove_unused_columns=False, report_to=[], max_steps=1000,
+                         accelerator_config={"dispatch_batches": False})
+trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=packed.train)
+rows = [row for batch in trainer.get_train_dataloader() for row in batch["input_ids"].tolist()]
+json.dump(rows, open(os.path.join(out, f"{os.environ.get('RANK', 'single')}.json"), "w"))
+'''
+
+
+def test_two_ranks_stream_their_own_files(tmp_path, tok_dir):
+    """Streaming a directory of two jsonl files on 2 ranks: each rank tokenises one file (one shard per
+    file), no row is read twice, and together they are the rows one process streams."""
+    from lmlab.data.general import general_documents
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [t for _, t in general_documents(limit=40)]
+    for i in range(2):
+        (corpus / f"part-{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[i::2]))
+    script = tmp_path / "stream_rows.py"
+    script.write_text(STREAM_ROWS)
+    base = [str(script), str(corpus), str(tok_dir), str(tmp_path)]
+    single = subprocess.run([sys.executable, *base], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *base], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r: Counter(map(tuple, json.loads((tmp_path / f"{r}.json").read_text()))) for r in ("0", "1", "single")}
+    # the corpus repeats a few windows, so rows are compared as multisets: a row read by both ranks
+    # would be counted once more than one process reads it
+    assert rows["0"] and rows["1"] and rows["0"] + rows["1"] == rows["single"]

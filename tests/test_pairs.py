@@ -49,9 +49,14 @@ def test_pairs_with_equal_chosen_and_rejected_or_missing_fields_are_refused(tmp_
 
 
 def test_kto_rows_are_one_desirable_and_one_undesirable_per_pair():
-    rows = unpaired([{"prompt": "q", "chosen": "a", "rejected": "b"}])
-    assert rows == [{"prompt": "q", "completion": "a", "label": True},
-                    {"prompt": "q", "completion": "b", "label": False}]
+    from datasets import Dataset
+
+    rows = unpaired(Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                       {"prompt": "r", "chosen": "c", "rejected": "d"}]))
+    assert rows.to_list() == [{"prompt": "q", "completion": "a", "label": True},
+                              {"prompt": "q", "completion": "b", "label": False},
+                              {"prompt": "r", "completion": "c", "label": True},
+                              {"prompt": "r", "completion": "d", "label": False}]
 
 
 def test_preference_inputs_tell_pairs_from_prompts_and_name_bad_lines(tmp_path):
@@ -59,12 +64,37 @@ def test_preference_inputs_tell_pairs_from_prompts_and_name_bad_lines(tmp_path):
     path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
                     + json.dumps({"prompt": "What is 2 + 2?", "answer": 4}) + "\n")
     pairs, prompts = preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
-    assert len(pairs) == 1 and prompts == [{"prompt": "What is 2 + 2?", "answer": 4}]
+    assert pairs.to_list() == [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    assert prompts.to_list() == [{"prompt": "What is 2 + 2?", "answer": 4, "system": None}]
+    assert pairs.cache_files  # a disk-backed table, not a list of the whole file
     path.write_text(json.dumps({"question": "no prompt"}) + "\n")
     with pytest.raises(LmlabError, match=r"mixed\.jsonl:1: prompt:"):
         preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
     _, math = preference_inputs([SourceSpec(kind="math", num_examples=5)])
     assert len(math) == 5 and all(isinstance(p["answer"], int) and p["system"] for p in math)
+
+
+def test_preference_records_keep_one_type_per_field_and_are_not_read_again(tmp_path, monkeypatch):
+    import lmlab.data.pairs as pairs_module
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": 4}) + "\n" + json.dumps({"prompt": "b", "answer": "4"}) + "\n")
+    with pytest.raises(LmlabError, match=r"prompts\.jsonl:2: answer: 'answer' is text here but a number at .*:1"):
+        preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": i}) + "\n" for i in range(50)))
+    _, first = preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
+    monkeypatch.setattr(pairs_module, "_preference_records",
+                        lambda *a: (_ for _ in ()).throw(LmlabError("read again")))
+    _, again = preference_inputs([SourceSpec(kind="jsonl", path=str(path))])  # a resume: the cached table
+    assert again.to_list() == first.to_list() and len(again) == 50
+    path.write_text(path.read_text() + json.dumps({"prompt": "new", "answer": 1}) + "\n")
+    with pytest.raises(LmlabError, match="read again"):  # an edited file is read again
+        preference_inputs([SourceSpec(kind="jsonl", path=str(path))])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    monkeypatch.undo()
+    with pytest.raises(LmlabError, match="no records"):
+        preference_inputs([SourceSpec(kind="jsonl", path=str(empty))])
 
 
 def test_sampled_pairs_rank_by_the_scorer(base_model):

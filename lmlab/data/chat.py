@@ -88,7 +88,8 @@ def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Itera
             yield f"math-{split}", i, as_chat(problem)["messages"]
         return
     if spec.kind == "jsonl":
-        rows = ((str(path), number, record) for path in local_files(spec.path) for number, record in read_jsonl(path))
+        files = local_files(spec.path, spec.kind)
+        rows = ((str(path), number, record) for path in files for number, record in read_jsonl(path))
     elif spec.kind in ("parquet", "disk", "hub"):
         from lmlab.data.sources import load_source
 

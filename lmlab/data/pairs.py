@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmlab.errors import LmlabError
 
@@ -56,11 +56,11 @@ def pairs_from_scores(records: list[dict[str, Any]], responses: list[list[str]],
         if values[hi] == values[lo] or texts[hi] == texts[lo]:
             ties += 1
             continue
-        pair = {"prompt": prompt_messages(record["prompt"], record.get("system", system)),
+        pair = {"prompt": prompt_messages(record["prompt"], record.get("system") or system),
                 "chosen": [{"role": "assistant", "content": texts[hi]}],
                 "rejected": [{"role": "assistant", "content": texts[lo]}],
                 "chosen_score": float(values[hi]), "rejected_score": float(values[lo])}
-        if "answer" in record:
+        if record.get("answer") is not None:
             pair["answer"] = record["answer"]
         pairs.append(pair)
     n = max(1, len(records))
@@ -100,43 +100,67 @@ def check_pair(record: dict[str, Any], where: str, line: int) -> dict[str, Any]:
     return {k: record[k] for k in PAIR_FIELDS}
 
 
-def unpaired(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """KTO's layout: each pair becomes a desirable and an undesirable (prompt, completion, label) example."""
-    rows = []
-    for pair in pairs:
-        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
-        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
-    return rows
+def unpaired(pairs):
+    """KTO's layout: each pair (of a `datasets` table) becomes a desirable and an undesirable
+    (prompt, completion, label) example, side by side."""
+    def split(batch):
+        n = len(batch["prompt"])
+        return {"prompt": [p for p in batch["prompt"] for _ in range(2)],
+                "completion": [c for i in range(n) for c in (batch["chosen"][i], batch["rejected"][i])],
+                "label": [label for _ in range(n) for label in (True, False)]}
+
+    return pairs.map(split, batched=True, remove_columns=pairs.column_names)
 
 
-def preference_inputs(specs, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(pairs, prompts) from the recipe's sources: jsonl records with chosen/rejected are pairs; records
-    with only a prompt (and an optional integer answer for verifiers), or the math generator, are prompts."""
+PROMPT_FIELDS = ("prompt", "answer", "system")
+
+
+def _preference_records(specs, seed: int) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(file, line, row) for every record, checked; a row has every pair and prompt field (None if absent)."""
     from lmlab.data.mathgen import DEFAULT_SYSTEM, as_prompt_record, math_problems
     from lmlab.data.sources import local_files, read_jsonl
 
-    pairs: list[dict[str, Any]] = []
-    prompts: list[dict[str, Any]] = []
+    blank = dict.fromkeys(PAIR_FIELDS + PROMPT_FIELDS)
     for spec in specs:
         if spec.kind == "math":
             split = "id" if spec.split == "train" else spec.split
             problems = math_problems(split, spec.num_examples, spec.seed if spec.seed is not None else seed)
-            # the system prompt math SFT trains with, so sampling sees the SFT format
-            prompts += [{**as_prompt_record(p), "system": DEFAULT_SYSTEM} for p in problems][: spec.limit]
+            for i, problem in enumerate(problems[: spec.limit]):
+                # the system prompt math SFT trains with, so sampling sees the SFT format
+                yield "math", i + 1, {**blank, **as_prompt_record(problem), "system": DEFAULT_SYSTEM}
             continue
-        if spec.kind != "jsonl":
-            raise LmlabError(f"preference data must be jsonl or math, not {spec.kind}", field="data.train")
-        for path in local_files(spec.path):
+        for path in local_files(spec.path, spec.kind):
             for line, record in read_jsonl(path):
                 if "chosen" in record or "rejected" in record:
-                    pairs.append(check_pair(record, str(path), line))
+                    yield str(path), line, {**blank, **check_pair(record, str(path), line)}
                 elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
-                    prompts.append({k: record[k] for k in ("prompt", "answer", "system") if k in record})
+                    yield str(path), line, {**blank, **{k: record[k] for k in PROMPT_FIELDS if k in record}}
                 else:
                     raise LmlabError("a record needs a text 'prompt' (and chosen/rejected for a pair)",
                                      file=str(path), line=line, field="prompt")
-    if not pairs and not prompts:
+
+
+def preference_inputs(specs, seed: int = 0):
+    """(pairs, prompts) from the recipe's sources, as disk-backed `datasets` tables read once per content:
+    jsonl records with chosen/rejected are pairs; records with only a prompt (an optional integer answer for
+    verifiers, an optional system prompt), or the math generator, are prompts. Fields a record lacks are None.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from lmlab.data.records import cached_records, records_fingerprint, uniform_rows
+    from lmlab.data.store import source_fingerprint
+
+    for spec in specs:
+        if spec.kind not in ("jsonl", "math"):
+            raise LmlabError(f"preference data must be jsonl or math, not {spec.kind}", field="data.train")
+    identity = records_fingerprint("preference", [source_fingerprint(s, seed) for s in specs])
+    table = cached_records(lambda: uniform_rows(_preference_records(specs, seed)), identity)
+    if table is None:
         raise LmlabError("the preference data has no records", field="data.train")
+    is_pair = pc.is_valid(table.data.column("chosen")).to_numpy(zero_copy_only=False)
+    pairs = table.select(np.flatnonzero(is_pair)).select_columns(list(PAIR_FIELDS))
+    prompts = table.select(np.flatnonzero(~is_pair)).select_columns(list(PROMPT_FIELDS))
     return pairs, prompts
 
 
@@ -152,9 +176,23 @@ def pair_lengths(tokenizer, pair: dict[str, Any]) -> tuple[int, int]:
     return length(pair["chosen"]), length(pair["rejected"])
 
 
-def drop_overlong(tokenizer, pairs: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], int]:
-    """The pairs whose both sides fit in `limit` tokens, and how many were dropped (always reported)."""
-    kept = [p for p in pairs if max(pair_lengths(tokenizer, p)) <= limit]
-    if not kept:
+def drop_overlong(tokenizer, pairs, limit: int):
+    """The pairs (a `datasets` table) whose both sides fit in `limit` tokens, and how many were dropped
+    (always reported); the lengths are a cached `map`, so a resume does not render the pairs again."""
+    import numpy as np
+
+    from lmlab.data.records import cached_map, records_fingerprint
+    from lmlab.data.store import tokenizer_hash
+
+    def longest(batch):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        return {"longest": [max(pair_lengths(tokenizer, row)) for row in rows]}
+
+    template = json.dumps(tokenizer.chat_template)
+    lengths = cached_map(pairs.select_columns(list(PAIR_FIELDS)), longest,
+                         records_fingerprint(pairs._fingerprint, tokenizer_hash(tokenizer), template, "longest"),
+                         remove_columns=list(PAIR_FIELDS))
+    kept = np.flatnonzero(np.asarray(lengths["longest"]) <= limit)
+    if not len(kept):
         raise LmlabError(f"every preference pair is longer than data.seq_len={limit} tokens", field="data.seq_len")
-    return kept, len(pairs) - len(kept)
+    return pairs.select(kept), len(pairs) - len(kept)

@@ -24,7 +24,7 @@ def records_fingerprint(*parts: Any) -> str:
 
 
 def cached_records(rows: Callable[[], Iterator[dict[str, Any]]], fingerprint: str):
-    """A disk-backed `datasets.Dataset` of `rows()`, written once for this fingerprint."""
+    """A disk-backed `datasets.Dataset` of `rows()`, written once for this fingerprint; None if no rows."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
@@ -36,6 +36,8 @@ def cached_records(rows: Callable[[], Iterator[dict[str, Any]]], fingerprint: st
         return datasets.Dataset.from_generator(generate, gen_kwargs={"fingerprint": fingerprint},
                                                fingerprint=fingerprint, cache_dir=str(cache_dir() / "datasets"))
     except DatasetGenerationError as exc:  # a bad record: the error lmlab raised while reading it
+        if type(exc.__cause__).__name__ == "SchemaInferenceError":  # no rows at all
+            return None
         cause = exc.__cause__ or exc.__context__
         while cause is not None and not isinstance(cause, LmlabError):
             cause = cause.__cause__ or cause.__context__
@@ -47,3 +49,29 @@ def cached_records(rows: Callable[[], Iterator[dict[str, Any]]], fingerprint: st
 def cached_map(dataset, function: Callable, fingerprint: str, **kwargs):
     """`dataset.map` under a fixed fingerprint, so the result file is found again by the next run."""
     return dataset.map(function, batched=True, new_fingerprint=fingerprint, **kwargs)
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    return {bool: "a boolean", int: "a number", float: "a number", str: "text", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def uniform_rows(located: Iterator[tuple[str, int, dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """The rows of `(file, line, row)`, checked to keep one type per field (a table column has one).
+
+    An answer that is a number in one record and text in the next, or a pair whose chosen side is
+    text here and a message list there, is named at the record that differs, before anything is written.
+    """
+    first: dict[str, tuple[str, str, int]] = {}
+    for where, line, row in located:
+        for name, value in row.items():
+            kind = _kind(value)
+            if kind is None:
+                continue
+            seen = first.setdefault(name, (kind, where, line))
+            if seen[0] != kind:
+                raise LmlabError(f"'{name}' is {kind} here but {seen[0]} at {seen[1]}:{seen[2]}; every record "
+                                 "needs the same type", file=where, line=line, field=name)
+        yield row

@@ -18,6 +18,8 @@ from lmlab.errors import LmlabError
 from lmlab.recipe import LOCAL_KINDS, SourceSpec
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".csv", ""}
+# the files a directory given as a source holds, by source kind (a glob or a file path is taken as given)
+DIRECTORY_SUFFIXES = {"text": TEXT_SUFFIXES, "jsonl": {".jsonl", ".json", ".ndjson", ".gz"}, "parquet": {".parquet"}}
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -65,18 +67,19 @@ def first_undecodable_line(path: str | Path) -> int | None:
     return None
 
 
-def local_files(pattern: str) -> list[Path]:
+def local_files(pattern: str, kind: str = "text") -> list[Path]:
     path = Path(pattern)
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        suffixes = DIRECTORY_SUFFIXES.get(kind, TEXT_SUFFIXES)
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
 
 
 def _text_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
-    for path in local_files(spec.path):
+    for path in local_files(spec.path, spec.kind):
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -86,7 +89,7 @@ def _text_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
 
 
 def _jsonl_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
-    for path in local_files(spec.path):
+    for path in local_files(spec.path, spec.kind):
         for number, record in read_jsonl(path):
             if spec.field not in record:
                 raise LmlabError(f"missing field '{spec.field}'", file=str(path), line=number, field=spec.field)
@@ -131,16 +134,27 @@ def _limited(rows: Iterator[dict], limit: int | None) -> Iterator[dict]:
 
 
 def _from_generator(make_rows, spec: SourceSpec, streaming: bool, **kwargs):
-    """A Dataset or IterableDataset over a row generator; map-style ones are checked for emptiness."""
+    """A Dataset or IterableDataset over a row generator; map-style ones are checked for emptiness.
+
+    A streamed source of several local files has one shard per file (when no `limit` counts across
+    them), so DataLoader workers and ranks each read their own files instead of all reading everything.
+    """
     from datasets import Dataset, IterableDataset
 
-    def gen(**_):
-        yield from _limited(make_rows(spec, **kwargs), spec.limit)
+    def gen(files: list[str] | None = None, **_):
+        if files is None:
+            yield from _limited(make_rows(spec, **kwargs), spec.limit)
+            return
+        for file in files:
+            yield from make_rows(spec.model_copy(update={"path": file}), **kwargs)
 
     if streaming:
         first = next(gen(), None)
         if first is None:
             raise LmlabError(f"the {spec.kind} source has no documents", file=spec.path, field="data")
+        files = [str(p) for p in local_files(spec.path, spec.kind)] if spec.kind in ("text", "jsonl") else []
+        if len(files) > 1 and spec.limit is None:
+            return IterableDataset.from_generator(gen, gen_kwargs={"files": files})
         return IterableDataset.from_generator(gen, gen_kwargs={"_key": json.dumps(spec.model_dump(), sort_keys=True)})
     rows = list(gen())
     if not rows:
@@ -156,7 +170,7 @@ def _arrow_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     if spec.kind == "disk":
         yield from _arrow_source(spec, streaming=True)
         return
-    for path in local_files(spec.path):
+    for path in local_files(spec.path, spec.kind):
         try:
             table = pq.ParquetFile(str(path))
         except (pyarrow.ArrowInvalid, OSError) as exc:
@@ -196,7 +210,7 @@ def _arrow_source(spec: SourceSpec, streaming: bool):
     import datasets
 
     if spec.kind == "parquet":
-        files = [str(p) for p in local_files(spec.path)]
+        files = [str(p) for p in local_files(spec.path, spec.kind)]
         ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
         where = files[0]
     else:

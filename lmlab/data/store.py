@@ -69,7 +69,7 @@ def source_fingerprint(spec: SourceSpec, seed: int) -> dict[str, Any]:
 
     settings = spec.model_dump(mode="json", exclude={"weight"})
     if spec.kind in ("text", "jsonl", "parquet"):
-        return {"source": settings, "files": [[str(p), file_hash(p)] for p in local_files(spec.path)]}
+        return {"source": settings, "files": [[str(p), file_hash(p)] for p in local_files(spec.path, spec.kind)]}
     if spec.kind == "disk":
         files = sorted(p for p in Path(spec.path).rglob("*") if p.is_file())
         return {"source": settings, "files": [[str(p), file_hash(p)] for p in files]}
@@ -241,12 +241,12 @@ def plan_chunks(spec: SourceSpec, seed: int) -> tuple[Iterator[Chunk], int | Non
     """The work items of a source, and their total size when it is known up front (for the ETA)."""
     from lmlab.data.sources import local_files
 
-    files = local_files(spec.path) if spec.kind == "jsonl" else []
+    files = local_files(spec.path, spec.kind) if spec.kind == "jsonl" else []
     if files and spec.limit is None and not any(str(p).endswith(".gz") for p in files):
         total = sum(p.stat().st_size for p in files)
         return (chunk for p in files for chunk in _jsonl_chunks(p)), total
     if spec.kind == "text":
-        return _document_chunks(spec, seed), sum(p.stat().st_size for p in local_files(spec.path))
+        return _document_chunks(spec, seed), sum(p.stat().st_size for p in local_files(spec.path, spec.kind))
     return _document_chunks(spec, seed), None
 
 

@@ -20,7 +20,7 @@ def sample_pairs(model, tokenizer, records: list[dict[str, Any]], scorer, sample
     """Sample `samples` responses per prompt from the policy, score them, and pair best against worst."""
     if samples < 2:
         raise LmlabError("pairs need at least two samples per prompt", field="preference.samples")
-    prompts = [tokenizer.apply_chat_template(prompt_messages(r["prompt"], r.get("system", system)), tokenize=False,
+    prompts = [tokenizer.apply_chat_template(prompt_messages(r["prompt"], r.get("system") or system), tokenize=False,
                                             add_generation_prompt=True) for r in records]
     sampled = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                        batch_size=max(1, batch_size // samples), do_sample=True, temperature=temperature,

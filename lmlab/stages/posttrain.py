@@ -71,11 +71,11 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
     import numpy as np
 
     from lmlab.data.records import cached_map, records_fingerprint
-    from lmlab.data.split import doc_hash
+    from lmlab.data.split import doc_hash, held_out_indices
     from lmlab.data.store import tokenizer_hash
 
     records, identity = sft_records(recipe)
-    if len(records) == 0:
+    if records is None:
         raise LmlabError("the SFT data has no records", field="data.train")
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template)
 
@@ -96,10 +96,7 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
         dropped = overlong
         if not len(keep):
             raise LmlabError(f"every record is longer than data.seq_len={limit}", field="data.seq_len")
-    fraction = recipe.sft.validation_fraction
-    held = keep[hashes[keep] < fraction] if fraction else keep[:0]
-    if fraction and not len(held) and len(keep) > 1:  # at least one held out, as lmlab.data.split does
-        held = keep[[int(np.argmin(hashes[keep]))]]
+    held = keep[held_out_indices(hashes[keep], recipe.sft.validation_fraction)]
     train = np.setdiff1d(keep, held)
     table = records.remove_columns("doc_id")
     return SFTData(table.select(train).shuffle(seed=recipe.seed), table.select(held) if len(held) else None,
@@ -188,7 +185,7 @@ def check_rl_inputs(recipe: Recipe, pairs: list, prompts: list) -> None:
                          "whole groups", field="train.micro_batch_size")
     if pairs:
         raise LmlabError("RL samples its own responses: give prompts, not preference pairs", field="data.train")
-    missing = sum(isinstance(p.get("answer"), bool) or not isinstance(p.get("answer"), int) for p in prompts)
+    missing = sum(isinstance(a, bool) or not isinstance(a, int) for a in (prompts["answer"] if prompts else []))
     if "math_exact" in r.rewards and missing:
         raise LmlabError(f"{missing} prompts have no integer 'answer', which the math_exact reward needs",
                          field="data.train")

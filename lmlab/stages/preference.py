@@ -25,14 +25,18 @@ DONE = "round.json"
 
 def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, Any]], out_dir: Path, lr: float,
                        peft_config=None):
-    """TRL's trainer for the recipe's method, over one round's pairs."""
+    """TRL's trainer for the recipe's method, over one round's pairs (given ones: a disk-backed table)."""
     from datasets import Dataset
 
-    from lmlab.data.pairs import unpaired
+    from lmlab.data.pairs import PAIR_FIELDS, unpaired
     from lmlab.stages.common import steps_over_examples, training_arguments
     from lmlab.trainers import lmlab_trainer
 
     p, t = recipe.preference, recipe.train
+    if isinstance(pairs, list):  # sampled this round (bounded by generation), or given pairs in a table
+        pairs = Dataset.from_list([{k: pair[k] for k in PAIR_FIELDS} for pair in pairs])
+    else:
+        pairs = pairs.select_columns(list(PAIR_FIELDS))
     common: dict[str, Any] = dict(learning_rate=lr, num_train_epochs=t.epochs or 1, max_length=recipe.data.seq_len,
                                   beta=p.beta, dataset_num_proc=None)
     if recipe.stage == "dpo":
@@ -51,11 +55,10 @@ def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, A
         from trl.experimental.orpo import ORPOTrainer as Base
 
         data = pairs
-    rows = [{k: row[k] for k in ("prompt", "chosen", "rejected", "completion", "label") if k in row} for row in data]
     max_steps = t.max_steps or -1
     args = training_arguments(recipe, out_dir, max_steps, False, args_class=Config, **common)
-    args.warmup_steps = int(recipe.optim.warmup_ratio * steps_over_examples(t, len(rows)))
-    kwargs = dict(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    args.warmup_steps = int(recipe.optim.warmup_ratio * steps_over_examples(t, len(data)))
+    kwargs = dict(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
     return lmlab_trainer(Base)(**kwargs)

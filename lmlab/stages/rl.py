@@ -35,20 +35,25 @@ def trl_reward(spec: str, policy_tokenizer) -> Callable:
     return reward
 
 
-def rl_prompts(recipe: Recipe) -> list[dict[str, Any]]:
-    """Conversational prompts (with the answer column verifiers read), checked against the rewards."""
+def rl_prompts(recipe: Recipe):
+    """Conversational prompts (with the answer column verifiers read), checked against the rewards: a
+    disk-backed table, so a large prompt set is neither held in RAM nor converted again on a resume."""
     from lmlab.data.pairs import preference_inputs, prompt_messages
+    from lmlab.data.records import cached_map, records_fingerprint
     from lmlab.stages.posttrain import check_rl_inputs
 
     pairs, prompts = preference_inputs(recipe.data.train, recipe.seed)
     check_rl_inputs(recipe, pairs, prompts)
-    return [{"prompt": prompt_messages(p["prompt"], p.get("system")), "answer": p.get("answer")} for p in prompts]
+
+    def conversational(batch):
+        return {"prompt": [prompt_messages(p, s) for p, s in zip(batch["prompt"], batch["system"])]}
+
+    return cached_map(prompts, conversational, records_fingerprint(prompts._fingerprint, "rl-prompts"),
+                      remove_columns=["system"])
 
 
 def prepare_rl(recipe: Recipe):
     """Prompts, rewards, model and trainer; every input check happens here, before compute."""
-    from datasets import Dataset
-
     from lmlab.stages.common import stage_callbacks, steps_over_examples, training_arguments
     from lmlab.stages.posttrain import load_policy, lora_config, post_training_lr, prepare_tokenizer
     from lmlab.trainers import lmlab_trainer
@@ -79,7 +84,7 @@ def prepare_rl(recipe: Recipe):
     )
 
     peft = lora_config(recipe, len(prompts), model) if recipe.lora.enabled else None
-    trainer = lmlab_trainer(Base)(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(prompts),
+    trainer = lmlab_trainer(Base)(model=model, reward_funcs=rewards, args=args, train_dataset=prompts,
                       processing_class=tokenizer, peft_config=peft)
     stage_callbacks(trainer, recipe, tokenizer)
     console().print(f"[bold]{recipe.name}[/]: {r.algorithm} on {len(prompts):,} prompts, groups of "

@@ -27,10 +27,14 @@ def reward_model(path: str, tokenizer, trust_remote_code: bool = False):
     return model
 
 
-def reward_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], int]:
-    """(train, held-out) pairs and the number dropped as overlong: given pairs, plus verifier-ranked samples."""
-    from lmlab.data.pairs import drop_overlong, preference_inputs, write_pairs
-    from lmlab.data.split import split_items
+def reward_pairs(recipe: Recipe, tokenizer):
+    """(train, held-out or None) pair tables and the number dropped as overlong: given pairs, plus
+    verifier-ranked samples."""
+    import numpy as np
+    from datasets import Dataset, concatenate_datasets
+
+    from lmlab.data.pairs import PAIR_FIELDS, drop_overlong, preference_inputs, write_pairs
+    from lmlab.data.split import doc_hash, held_out_indices
     from lmlab.distributed import is_main
     from lmlab.evaluate.onpolicy import sample_pairs
     from lmlab.evaluate.orm import load_scorer
@@ -38,6 +42,7 @@ def reward_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], int
 
     p, out = recipe.preference, console()
     pairs, prompts = preference_inputs(recipe.data.train, recipe.seed)
+    pairs = pairs.select_columns(list(PAIR_FIELDS))
     if prompts:
         if p.scorer not in ("math_exact", "math_format"):
             raise LmlabError("a reward model learns from a verifier's rankings or from given pairs",
@@ -48,20 +53,23 @@ def reward_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], int
         if is_main():
             write_pairs(sampled, recipe.run_dir / "pairs.jsonl")
         out.print(f"{stats.pairs} pairs sampled from {stats.prompts} prompts ({stats.ties_dropped} ties dropped)")
-        pairs += sampled
+        if sampled:
+            sampled = Dataset.from_list([{k: pair[k] for k in PAIR_FIELDS} for pair in sampled])
+            pairs = concatenate_datasets([pairs, sampled]) if len(pairs) else sampled
+    if len(pairs) < 2:
+        raise LmlabError(f"{len(pairs)} preference pairs: too few to train a reward model", field="data.train")
     pairs, overlong = drop_overlong(tokenizer, pairs, recipe.data.seq_len)
     if overlong:
         out.print(f"{overlong} pairs longer than data.seq_len={recipe.data.seq_len} tokens dropped")
     if len(pairs) < 2:
         raise LmlabError(f"{len(pairs)} preference pairs: too few to train a reward model", field="data.train")
-    rows = [{k: pair[k] for k in ("prompt", "chosen", "rejected")} for pair in pairs]
-    train_rows, held = split_items(rows, [f"pair-{i}" for i in range(len(rows))], recipe.sft.validation_fraction)
-    return train_rows, held, overlong
+    held = held_out_indices([doc_hash(f"pair-{i}") for i in range(len(pairs))], recipe.sft.validation_fraction)
+    train = np.setdiff1d(np.arange(len(pairs)), held)
+    return pairs.select(train), pairs.select(held) if len(held) else None, overlong
 
 
 def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Train an ORM on pairs (given, or sampled and verifier-ranked); returns the artifact directory."""
-    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     from lmlab.stages.common import (open_stage, save_final, stage_callbacks, steps_over_examples, train,
@@ -72,8 +80,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     out = console()
     start = open_stage(recipe, resume, overwrite)
     tokenizer = prepare_tokenizer(recipe)
-    train_rows, held, overlong = reward_pairs(recipe, tokenizer)
-    validation = Dataset.from_list(held) if held else None
+    train_rows, validation, overlong = reward_pairs(recipe, tokenizer)
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
     steps = steps_over_examples(recipe.train, len(train_rows))
     lr = post_training_lr(recipe, recipe.preference.lr_ratio)  # a new head on a trained body: far below SFT's
@@ -81,16 +88,16 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
                               args_class=RewardConfig, max_length=recipe.data.seq_len, dataset_num_proc=None,
                               learning_rate=lr)
     trainer = lmlab_trainer(RewardTrainer)(model=model, args=args, eval_dataset=validation,
-                                           train_dataset=Dataset.from_list(train_rows).shuffle(seed=recipe.seed),
+                                           train_dataset=train_rows.shuffle(seed=recipe.seed),
                                            processing_class=tokenizer)
     stage_callbacks(trainer, recipe, tokenizer)
-    out.print(f"[bold]{recipe.name}[/]: reward model on {len(train_rows):,} pairs ({len(held)} held out), "
-              f"{steps} steps")
+    held_out = len(validation) if validation is not None else 0
+    out.print(f"[bold]{recipe.name}[/]: reward model on {len(train_rows):,} pairs ({held_out} held out), {steps} steps")
     train(trainer, start)
     metrics = trainer.evaluate() if validation is not None else {}
     manifest = {"stage": "rm", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "lr": lr, "pairs": len(train_rows),
-                "held_out_pairs": len(held), "overlong_dropped": overlong, "steps": trainer.state.global_step,
+                "held_out_pairs": held_out, "overlong_dropped": overlong, "steps": trainer.state.global_step,
                 "metrics": metrics}
     final = save_final(trainer, tokenizer, recipe.run_dir / "final", manifest)
     if "eval_accuracy" in metrics:
