@@ -5,31 +5,41 @@ Both train the same model (same config and seed), on the same packed batches
 step count, AdamW settings, cosine schedule and gradient clipping. The lmlab side
 is the real stage (`prepare_pretrain` then `trainer.train()`: HF Trainer,
 callbacks, progress bar, logging, final checkpoint) with evaluation turned off;
-the bare side is the loop nanoGPT would write. They alternate A B, B A so drift in
+the bare side is the loop nanoGPT would write (wrapped in DistributedDataParallel with a
+DistributedSampler on several processes). They alternate A B, B A so drift in
 machine speed hits both; the headline is the median of the pair-by-pair ratios.
+On a GPU both sides train in bf16 there (lmlab's `precision: auto`, autocast in the bare loop).
 
     python benchmarks/pretrain_throughput.py            # ~2M-parameter model, CPU
     python benchmarks/pretrain_throughput.py --steps 40 --rounds 3
+    python benchmarks/pretrain_throughput.py --nproc 2  # both sides on 2 processes (gloo on CPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-def recipe_for(workdir: Path, steps: int, seq_len: int, micro: int, name: str):
+TINY = {"hidden_size": 128, "num_layers": 8, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384,
+        "max_position_embeddings": 1024}
+VOCAB = 4096
+
+
+def recipe_for(workdir: Path, steps: int, seq_len: int, micro: int, name: str, model: dict | None = None):
     from lmlab.recipe import validate_recipe
 
     return validate_recipe({
         "name": name, "seed": 0,
-        "model": {"hidden_size": 128, "num_layers": 8, "num_heads": 4, "num_kv_heads": 2,
-                  "intermediate_size": 384, "max_position_embeddings": 1024},
-        "tokenizer": {"vocab_size": 4096, "max_train_bytes": 2_000_000,
+        "model": model or TINY,
+        "tokenizer": {"vocab_size": VOCAB, "max_train_bytes": 2_000_000,
                       "path": str(workdir / "tokenizer") if (workdir / "tokenizer").exists() else None},
         "data": {"train": {"kind": "general", "limit": 3000}, "seq_len": seq_len, "validation_fraction": 0.0},
         "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_ratio": 0.05},
@@ -39,20 +49,23 @@ def recipe_for(workdir: Path, steps: int, seq_len: int, micro: int, name: str):
     })
 
 
-def time_lmlab(workdir: Path, steps: int, seq_len: int, micro: int, name: str) -> float:
+def time_lmlab(workdir: Path, steps: int, seq_len: int, micro: int, name: str, model: dict | None = None) -> float:
     from lmlab.stages.packed import prepare_packed as prepare_pretrain
 
-    recipe = recipe_for(workdir, steps, seq_len, micro, name)
+    recipe = recipe_for(workdir, steps, seq_len, micro, name, model)
     job = prepare_pretrain(recipe)
+    synchronize()
     start = time.perf_counter()
     job.trainer.train()
+    synchronize()
     elapsed = time.perf_counter() - start
     step_seconds = job.trainer.callback_handler.callbacks[0].train_seconds
-    print(f"lmlab: {elapsed:.2f}s in train(), {step_seconds:.2f}s inside optimizer steps", flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"lmlab: {elapsed:.2f}s in train(), {step_seconds:.2f}s inside optimizer steps", flush=True)
     return steps * job.budget.tokens_per_step / elapsed
 
 
-def time_bare(workdir: Path, steps: int, seq_len: int, micro: int) -> float:
+def time_bare(workdir: Path, steps: int, seq_len: int, micro: int, model: dict | None = None) -> float:
     """The loop a person writes by hand: no Trainer, no callbacks, no logging."""
     import torch
 
@@ -60,10 +73,11 @@ def time_bare(workdir: Path, steps: int, seq_len: int, micro: int) -> float:
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.models.build import build_model
 
-    recipe = recipe_for(workdir, steps, seq_len, micro, "bare")
+    recipe = recipe_for(workdir, steps, seq_len, micro, "bare", model)
     tokenizer = load_tokenizer(workdir / "tokenizer")
     data = build_packed_data(recipe.data, tokenizer, recipe.seed, max_validation_rows=0)
-    model = build_model(recipe.model, tokenizer, seed=recipe.seed)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    model = build_model(recipe.model, tokenizer, seed=recipe.seed).to(device)
     model.config.use_cache = False
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -79,61 +93,108 @@ def time_bare(workdir: Path, steps: int, seq_len: int, micro: int) -> float:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    loader = torch.utils.data.DataLoader(data.train, batch_size=micro, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(data.train, shuffle=True, seed=0)
+        loader = torch.utils.data.DataLoader(data.train, batch_size=micro, sampler=sampler)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        loader = torch.utils.data.DataLoader(data.train, batch_size=micro, shuffle=True,
+                                             generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        batch = next(batches)
-        loss = model(**batch).loss
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        # the Trainer's bf16: fp32 weights and optimizer, matmuls under bf16 autocast
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+    synchronize()
     elapsed = time.perf_counter() - start
-    return steps * micro * seq_len / elapsed
+    return steps * micro * seq_len * world / elapsed
+
+
+def synchronize() -> None:
+    """Every rank (and the GPU) done with what came before, so a timer on rank 0 sees the whole job."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=8, help="per process")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--nproc", type=int, default=1, help="processes for both sides (torchrun)")
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)  # shared by the ranks
     args = parser.parse_args()
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks, each runs main() below
+        # the ranks get every option but --nproc, which torchrun's own parser would take for an abbreviation
+        forwarded = [f"--steps={args.steps}", f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}",
+                     f"--rounds={args.rounds}"]
+        with tempfile.TemporaryDirectory() as tmp:
+            raise SystemExit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              f"--nproc_per_node={args.nproc}", __file__, *forwarded,
+                                              f"--workdir={tmp}"]))
+    if args.workdir is not None:
+        measure(args, args.workdir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(args, Path(tmp))
 
+
+def measure(args, workdir: Path) -> None:
     import torch
 
     from lmlab.data.pretrain_data import load_documents
     from lmlab.data.tokenizer import save_tokenizer, train_tokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        recipe = recipe_for(workdir, args.steps, args.seq_len, args.micro_batch, "setup")
+    rank = int(os.environ.get("RANK", 0))
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    recipe = recipe_for(workdir, args.steps, args.seq_len, args.micro_batch, "setup")
+    if rank == 0:
         docs = load_documents(recipe.data.train, streaming=True, seed=0)
         save_tokenizer(train_tokenizer((r["text"] for r in docs), vocab_size=4096, max_bytes=2_000_000),
                        workdir / "tokenizer")
-        time_bare(workdir, 3, args.seq_len, args.micro_batch)  # warm-up: caches the packed data, JIT paths
-        lmlab_tps, bare_tps = [], []
-        for round_ in range(args.rounds):  # A B, then B A: neither side always runs first
-            run_lmlab = lambda: lmlab_tps.append(time_lmlab(workdir, args.steps, args.seq_len,  # noqa: E731
-                                                            args.micro_batch, f"bench{round_}"))
-            run_bare = lambda: bare_tps.append(time_bare(workdir, args.steps, args.seq_len, args.micro_batch))  # noqa: E731
-            for run in ((run_lmlab, run_bare) if round_ % 2 == 0 else (run_bare, run_lmlab)):
-                run()
-        lm, bare = statistics.median(lmlab_tps), statistics.median(bare_tps)
-        pair_ratios = [a / b for a, b in zip(lmlab_tps, bare_tps)]
-        print(f"device: cpu x {torch.get_num_threads()} threads")
-        print(f"steps: {args.steps}")
-        print(f"tokens_per_step: {args.micro_batch * args.seq_len}")
-        print(f"lmlab_tokens_per_s_runs: {', '.join(f'{x:.0f}' for x in lmlab_tps)}")
-        print(f"bare_tokens_per_s_runs: {', '.join(f'{x:.0f}' for x in bare_tps)}")
-        print(f"lmlab_tokens_per_s: {lm:.0f}")
-        print(f"bare_tokens_per_s: {bare:.0f}")
-        print(f"pair_ratios: {', '.join(f'{x:.3f}' for x in pair_ratios)}")
-        print(f"ratio_of_medians: {lm / bare:.3f}")
-        print(f"ratio: {statistics.median(pair_ratios):.3f}")
+    synchronize()
+    time_bare(workdir, 3, args.seq_len, args.micro_batch)  # warm-up: caches the packed data, JIT paths
+    lmlab_tps, bare_tps = [], []
+    for round_ in range(args.rounds):  # A B, then B A: neither side always runs first
+        run_lmlab = lambda: lmlab_tps.append(time_lmlab(workdir, args.steps, args.seq_len,  # noqa: E731
+                                                        args.micro_batch, f"bench{round_}"))
+        run_bare = lambda: bare_tps.append(time_bare(workdir, args.steps, args.seq_len, args.micro_batch))  # noqa: E731
+        for run in ((run_lmlab, run_bare) if round_ % 2 == 0 else (run_bare, run_lmlab)):
+            run()
+    if rank != 0:
+        return
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    lm, bare = statistics.median(lmlab_tps), statistics.median(bare_tps)
+    pair_ratios = [a / b for a, b in zip(lmlab_tps, bare_tps)]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
+    print(f"device: {device}")
+    print(f"processes: {world}")
+    print(f"steps: {args.steps}")
+    print(f"tokens_per_step: {args.micro_batch * args.seq_len * world}")
+    print(f"lmlab_tokens_per_s_runs: {', '.join(f'{x:.0f}' for x in lmlab_tps)}")
+    print(f"bare_tokens_per_s_runs: {', '.join(f'{x:.0f}' for x in bare_tps)}")
+    print(f"lmlab_tokens_per_s: {lm:.0f}")
+    print(f"bare_tokens_per_s: {bare:.0f}")
+    print(f"pair_ratios: {', '.join(f'{x:.3f}' for x in pair_ratios)}")
+    print(f"ratio_of_medians: {lm / bare:.3f}")
+    print(f"ratio: {statistics.median(pair_ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -249,9 +249,12 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a capable GPU
     gradient_checkpointing: bool = False
-    # parallelism over the GPUs of `accelerate launch` / `torchrun`, through FSDP2:
-    # ddp replicates; zero2 shards gradients and optimizer state; zero3 also weights; offload puts them on CPU
-    distributed: Literal["auto", "ddp", "zero2", "zero3", "zero3_offload"] = "auto"
+    # parallelism over the processes of `--nproc`, `torchrun` or `accelerate launch`, one accelerate config
+    # file each (configs/accelerate/): ddp replicates; zero2 shards gradients and optimizer state, zero3 also
+    # weights, offload keeps them on CPU, hybrid shards within a node (FSDP2); deepspeed_* the same stages
+    # through DeepSpeed; auto: DDP, or whatever the launch config sets
+    distributed: Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
+                         "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload"] = "auto"
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(20, gt=0)
     log_every: int = Field(10, gt=0)

@@ -10,9 +10,12 @@ wrong batch, which moves the loss by 1e-2.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -80,6 +83,22 @@ def test_two_processes_write_one_complete_artifact_and_log_each_step_once(two_ru
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+def test_accelerate_launch_with_a_config_file_trains_the_same_steps(two_runs):
+    """`--accelerate-config configs/accelerate/ddp.yaml`: the same recipe through `accelerate launch`
+    (gloo on CPU) gives the losses of lmlab's own torchrun launch."""
+    root, recipe, _ = two_runs
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
+    result = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--set", "name=acc",
+                             "--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}", "--nproc", "2",
+                             "--accelerate-config", str(config)], cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    via_accelerate, via_torchrun = train_losses(root / "runs" / "acc"), train_losses(root / "runs" / "ddp")
+    assert sorted(via_accelerate) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(via_accelerate[s] - via_torchrun[s]) / via_torchrun[s] for s in via_torchrun) < TOLERANCE
+    assert (root / "runs" / "acc" / "final" / "model.safetensors").is_file()
+
+
 def test_checkpoints_resume_across_world_sizes(two_runs, tmp_path):
     """A 2-process checkpoint continues in 1 process, and a 1-process one in 2, on the same losses."""
     root, recipe, _ = two_runs
@@ -101,6 +120,55 @@ def test_checkpoints_resume_across_world_sizes(two_runs, tmp_path):
         resumed = train_losses(run_dir)
         assert (run_dir / "final" / "model.safetensors").is_file()
         assert max(abs(resumed[s] - reference[s]) / reference[s] for s in (4, 5, 6)) < TOLERANCE, (source, resumed)
+
+
+def rank_pids(root: int) -> dict[int, int]:
+    """RANK -> pid of the training processes below `root` in the process tree."""
+    parents, envs = {}, {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            envs[int(proc.name)] = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+
+    def below(pid: int) -> bool:
+        while pid in parents and pid != root:
+            pid = parents[pid]
+        return pid == root
+
+    ranks = {}
+    for pid, raw in envs.items():
+        env = dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+        if "RANK" in env and "LOCAL_RANK" in env and below(pid):
+            ranks[int(env["RANK"])] = pid
+    return ranks
+
+
+def test_a_rank_killed_mid_stage_leaves_a_run_that_resumes(tmp_path):
+    """kill -9 of rank 1 once the first checkpoint exists: the job fails (never exit 0, no final/), and a
+    re-run with --resume continues from the last complete checkpoint, each step logged once."""
+    recipe = tiny_recipe_file(tmp_path, "killed", train={"max_steps": 30, "micro_batch_size": 2, "log_every": 1,
+                                                         "save_every": 3, "keep_last": 2, "eval_every": 1000,
+                                                         "eval_batches": 2})
+    job = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--nproc", "2"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "killed"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.02)
+    os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode != 0, output[-3000:]
+    assert not (run_dir / "final" / "model.safetensors").exists()
+    result = launch(["pretrain", str(recipe), "--resume"], tmp_path, nproc=2, own_launcher=True)
+    assert "resuming from" in result.stdout
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_runtime" not in r]
+    assert steps == list(range(1, 31))
+    assert (run_dir / "final" / "model.safetensors").is_file()
 
 
 def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):

@@ -185,6 +185,11 @@ def test_emitted_pipeline_carries_the_plan_into_every_stage(tmp_path):
     _, (pretrain,) = load_pipeline(tmp_path / "p.yaml")
     assert pretrain.model.arch == "qwen3" and pretrain.train.tokens == int(plan.stages[0].tokens)
     assert pretrain.train.distributed == "ddp" and pretrain.optim.schedule == "wsd"
+    assert "run it with `lmlab run p.yaml --nproc 8`" in (tmp_path / "p.yaml").read_text().splitlines()[0]
+    nodes = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 16, tokens=60e9)
+    emit_pipeline(nodes, tmp_path / "n.yaml")
+    assert "lmlab run n.yaml --nproc 8 --nnodes 2 --node-rank R --master-addr NODE0" in \
+        (tmp_path / "n.yaml").read_text().splitlines()[0]
 
     sharded = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, tokens=20e9)
     emit_pipeline(sharded, tmp_path / "s.yaml")

@@ -247,15 +247,6 @@ def test_training_continues_from_a_local_checkpoint(tmp_path, tok_dir):
     assert start_loss == pytest.approx(first_loss, rel=0.1)  # not a fresh model (that would be ~ln(vocab))
 
 
-def test_sharding_without_gpus_is_a_clear_error(tmp_path, tok_dir):
-    from lmlab.stages.common import distributed_arguments
-
-    recipe = tiny_recipe(tmp_path, tok_dir, train={"distributed": "zero3"})
-    with pytest.raises(LmlabError, match="none is visible"):
-        distributed_arguments(recipe.train, "LlamaDecoderLayer")
-    assert distributed_arguments(tiny_recipe(tmp_path, tok_dir, train={"distributed": "ddp"}).train, None) == {}
-
-
 def test_unique_tokens_is_one_fixed_subset_for_every_seed(tiny_tokenizer):
     from lmlab.data.pretrain_data import build_packed_data
     from lmlab.recipe import DataConfig

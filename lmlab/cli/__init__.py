@@ -15,7 +15,8 @@ from typing import Callable, List, Optional
 
 import typer
 
-from lmlab.cli.launch import MasterOption, NnodesOption, NodeRankOption, NprocOption, PortOption, relaunch
+from lmlab.cli.launch import (AccelerateConfigOption, MasterOption, NnodesOption, NodeRankOption, NprocOption,
+                              PortOption, relaunch)
 from lmlab.errors import LmlabError
 from lmlab.recipe import STAGES
 
@@ -116,13 +117,14 @@ def run(recipe: Path = typer.Argument(..., help="A pipeline recipe: `stages:` in
         set_: Optional[List[str]] = SetOption,
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show the stages; train nothing."),
         nproc: int = NprocOption, nnodes: int = NnodesOption, node_rank: int = NodeRankOption,
-        master_addr: Optional[str] = MasterOption, master_port: int = PortOption) -> None:
+        master_addr: Optional[str] = MasterOption, master_port: int = PortOption,
+        accelerate_config: Optional[Path] = AccelerateConfigOption) -> None:
     """Run a whole lifecycle: each stage feeds the next; re-running skips finished stages and resumes."""
     from lmlab.pipeline import describe, load_pipeline, run_pipeline
 
     if not dry_run:
         load_pipeline(recipe, set_)  # a bad pipeline fails once, here, not on every rank
-        relaunch(nproc, nnodes, node_rank, master_addr, master_port)
+        relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
     if dry_run:
         pipeline, planned = load_pipeline(recipe, set_)
         typer.echo(f"{pipeline.name} -> {pipeline.run_dir}")
@@ -152,11 +154,12 @@ def _stage_command(stage: str, recipe_help: str, summary: str) -> Callable:
     def command(recipe: Path = typer.Argument(..., help=recipe_help), set_: Optional[List[str]] = SetOption,
                 resume: bool = ResumeOption, overwrite: bool = OverwriteOption, force: bool = ForceOption,
                 nproc: int = NprocOption, nnodes: int = NnodesOption, node_rank: int = NodeRankOption,
-                master_addr: Optional[str] = MasterOption, master_port: int = PortOption) -> None:
+                master_addr: Optional[str] = MasterOption, master_port: int = PortOption,
+                accelerate_config: Optional[Path] = AccelerateConfigOption) -> None:
         from lmlab.recipe import load_recipe
 
         load_recipe(recipe, [*(set_ or []), f"stage={stage}"])  # a bad recipe fails once, before any launch
-        relaunch(nproc, nnodes, node_rank, master_addr, master_port)
+        relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
         _run_stage(stage, recipe, set_, resume, overwrite, force)
 
     command.__doc__ = summary

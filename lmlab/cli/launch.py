@@ -1,9 +1,10 @@
 """`--nproc N` (and `--nnodes`, `--node-rank`, `--master-addr`): run this same command on N processes.
 
 lmlab starts the processes through torchrun, the launcher accelerate also builds
-on; each rank then runs the ordinary command (rank 0 writes, the others wait at
-barriers). Under an external `torchrun` or `accelerate launch` (LOCAL_RANK is set)
-these flags do nothing, so both ways of launching run the same code.
+on, or through `accelerate launch --config_file FILE` when `--accelerate-config FILE`
+is given; each rank then runs the ordinary command (rank 0 writes, the others wait
+at barriers). Under an external `torchrun` or `accelerate launch` (LOCAL_RANK is set)
+these flags do nothing, so every way of launching runs the same code.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import typer
 
@@ -19,7 +21,9 @@ NnodesOption = typer.Option(1, "--nnodes", min=1, help="Nodes; with --node-rank 
 NodeRankOption = typer.Option(0, "--node-rank", min=0, help="This node's rank (0 .. nnodes - 1).")
 MasterOption = typer.Option(None, "--master-addr", help="Address of node 0 (several nodes only).")
 PortOption = typer.Option(29500, "--master-port", help="Port on node 0 for the rendezvous.")
-FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+AccelerateConfigOption = typer.Option(None, "--accelerate-config", help="Launch through `accelerate launch` with "
+                                      "this config file (e.g. configs/accelerate/zero3.yaml).")
+FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--accelerate-config")
 
 
 def command_without_launch_flags(argv: list[str]) -> list[str]:
@@ -49,9 +53,49 @@ def torchrun_command(argv: list[str], nproc: int, nnodes: int, node_rank: int, m
     return [*cmd, "-m", "lmlab.cli", *command_without_launch_flags(argv)]
 
 
-def relaunch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, master_port: int) -> None:
+def accelerate_command(argv: list[str], config: Path, nproc: int, nnodes: int, node_rank: int,
+                       master_addr: str | None, master_port: int) -> list[str]:
+    """`accelerate launch` with a user's config file; the process counts come from the lmlab flags.
+
+    A config that shards (FSDP, DeepSpeed) needs GPUs: accelerate would drop the sharding on CPU
+    without a word, so that is refused here. A DDP config on CPU still goes through accelerate's
+    multi-GPU launcher (torchrun underneath; the Trainer then picks gloo): accelerate's `--cpu`
+    would start one process, not N."""
+    import torch
+    import yaml
+
+    from lmlab.errors import LmlabError
+
+    try:
+        settings = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise LmlabError(f"cannot read the accelerate config ({exc.__class__.__name__})", file=str(config),
+                         field="--accelerate-config") from None
+    kind = settings.get("distributed_type") if isinstance(settings, dict) else None
+    if not kind:
+        raise LmlabError("not an accelerate config: no distributed_type", file=str(config), field="distributed_type",
+                         hint="write one with `accelerate config`, or start from configs/accelerate/")
+    cpu = not torch.cuda.is_available()
+    if cpu and kind in ("FSDP", "DEEPSPEED"):
+        raise LmlabError(f"distributed_type {kind} shards over GPUs, and none is visible", file=str(config),
+                         field="distributed_type", hint="on CPU use configs/accelerate/ddp.yaml (or --nproc alone)")
+    if nnodes > 1 and not master_addr:
+        raise LmlabError("several nodes need the address of node 0", field="--master-addr")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", str(nproc * nnodes), "--num_machines", str(nnodes), "--machine_rank", str(node_rank),
+           "--main_process_port", str(master_port)]
+    if nnodes > 1:
+        cmd += ["--main_process_ip", master_addr]
+    return [*cmd, "-m", "lmlab.cli", *command_without_launch_flags(argv)]
+
+
+def relaunch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, master_port: int,
+             accelerate_config: Path | None = None) -> None:
     """Start this command on every process and exit with their status; a no-op inside a launched process."""
-    if (nproc == 1 and nnodes == 1) or "LOCAL_RANK" in os.environ:
+    if "LOCAL_RANK" in os.environ or (nproc == 1 and nnodes == 1 and accelerate_config is None):
         return
-    cmd = torchrun_command(sys.argv[1:], nproc, nnodes, node_rank, master_addr, master_port)
+    if accelerate_config is not None:
+        cmd = accelerate_command(sys.argv[1:], accelerate_config, nproc, nnodes, node_rank, master_addr, master_port)
+    else:
+        cmd = torchrun_command(sys.argv[1:], nproc, nnodes, node_rank, master_addr, master_port)
     raise typer.Exit(subprocess.call(cmd))

@@ -49,7 +49,7 @@ def plan(
 
     from lmlab.plan.hardware import parse_gpus
     from lmlab.plan.params import resolve_shape
-    from lmlab.plan.planner import make_plan, render
+    from lmlab.plan.planner import launch_command, make_plan, render
 
     if method not in (None, "full", "lora", "qlora"):
         raise LmlabError(f"unknown method '{method}'", field="--method", hint="full, lora or qlora")
@@ -68,7 +68,7 @@ def plan(
         notes = emit_pipeline(result, emit, data=data, checkpoint=checkpoint, sft_data=sft_data, rl_prompts=rl_prompts)
         for note in notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
-        typer.echo(f"pipeline written to {emit}: run it with `lmlab run {emit}`")
+        typer.echo(f"pipeline written to {emit}: run it with `{launch_command(result, str(emit))}`")
 
 
 def emit_pipeline(plan, path, data: str | None = None, checkpoint: str | None = None,
@@ -79,7 +79,7 @@ def emit_pipeline(plan, path, data: str | None = None, checkpoint: str | None = 
     import yaml
 
     from lmlab.pipeline import Pipeline, plan_stages
-    from lmlab.plan.planner import plan_to_pipeline
+    from lmlab.plan.planner import launch_command, plan_to_pipeline
     from lmlab.recipe import validate_recipe
 
     path = Path(path)
@@ -88,6 +88,6 @@ def emit_pipeline(plan, path, data: str | None = None, checkpoint: str | None = 
     placeholder = {s["model"]["from_pretrained"] for s in tree["stages"] if "from_pretrained" in s.get("model", {})}
     plan_stages(validate_recipe(tree, str(path), model=Pipeline), str(path), assume_exists=placeholder)
     header = [f"# lmlab plan: {plan.goal} for {plan.model.name} on {plan.num_gpus} x {plan.gpu.name}; "
-              f"run it with `lmlab run {path.name}`"] + [f"# NOTE {n}" for n in notes]
+              f"run it with `{launch_command(plan, path.name)}`"] + [f"# NOTE {n}" for n in notes]
     path.write_text("\n".join(header) + "\n" + yaml.safe_dump(tree, sort_keys=False))
     return notes

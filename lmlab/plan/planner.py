@@ -220,6 +220,18 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
     return {"name": name, "seed": 0, "stages": stages}, notes
 
 
+GPUS_PER_NODE = 8  # a plan for more GPUs than this is laid out as whole nodes of 8
+
+
+def launch_command(plan: Plan, pipeline: str) -> str:
+    """The command that runs an emitted pipeline on the plan's GPUs (one line per node when several)."""
+    if plan.num_gpus <= GPUS_PER_NODE:
+        return f"lmlab run {pipeline}" + (f" --nproc {plan.num_gpus}" if plan.num_gpus > 1 else "")
+    nodes = -(-plan.num_gpus // GPUS_PER_NODE)
+    return (f"lmlab run {pipeline} --nproc {GPUS_PER_NODE} --nnodes {nodes} --node-rank R --master-addr NODE0"
+            f"  (on each node, R = 0 .. {nodes - 1}, NODE0 = node 0's address)")
+
+
 def render(plan: Plan, console) -> None:
     """Rich tables for people: the model, each stage's strategy, memory and time, then the advice."""
     from rich.table import Table

@@ -17,6 +17,7 @@ from lmlab.distributed import accelerator_available, barrier, is_main, main_firs
 from lmlab.errors import LmlabError
 from lmlab.paths import remove_run_dir
 from lmlab.recipe import OptimConfig, Recipe, TrainConfig, dump_recipe
+from lmlab.stages.sharding import sharding_arguments
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) -> None:
@@ -270,24 +271,6 @@ def scheduler_settings(o: OptimConfig, max_steps: int) -> tuple[str, dict[str, A
     return "constant_with_warmup", {}
 
 
-FSDP_MODES = {"zero2": "shard_grad_op auto_wrap", "zero3": "full_shard auto_wrap",
-              "zero3_offload": "full_shard auto_wrap offload"}
-
-
-def distributed_arguments(t: TrainConfig, layer_class: str | None) -> dict[str, Any]:
-    """FSDP2 settings for the Trainer; `auto` and `ddp` leave it to accelerate's launch config."""
-    mode = t.distributed
-    if mode in ("auto", "ddp"):
-        return {}
-    if not _cuda_available():
-        raise LmlabError(f"train.distributed={mode} shards over GPUs, and none is visible", field="train.distributed",
-                         hint="use ddp (or auto) on CPU; on GPUs launch with `accelerate launch` or `torchrun`")
-    config: dict[str, Any] = {"version": 2}
-    if layer_class:
-        config["transformer_layer_cls_to_wrap"] = [layer_class]
-    return {"fsdp": FSDP_MODES[mode], "fsdp_config": config}
-
-
 def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_validation: bool,
                        layer_class: str | None = None, args_class: Any = None, **extra: Any):
     """The recipe as HF TrainingArguments (or a TRL config class, which extends them); `extra` overrides."""
@@ -315,7 +298,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         dataloader_num_workers=t.num_workers, dataloader_pin_memory=_cuda_available(), remove_unused_columns=False,
         use_cpu=not accelerator_available(),
         ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
-        **distributed_arguments(t, layer_class),
+        **sharding_arguments(t.distributed, layer_class, gpu=_cuda_available()),
         # streamed rows: each rank reads its own shards (lmlab.data.pretrain_data.streamed_rows), none is sent
         **({"accelerator_config": {"dispatch_batches": False}} if recipe.data.streaming else {}),
     )
