@@ -42,7 +42,6 @@ def test_every_mode_has_a_config_file_accelerate_reads():
         config = load_config_from_file(str(sharding.config_file(mode)))
         kind = expected["ddp" if mode == "auto" else mode.split("_")[0].rstrip("23")]
         assert config.distributed_type.value == kind, mode
-    assert set(sharding.SHARDED_MODES) == set(MODES) - {"auto", "ddp"}
 
 
 @pytest.mark.parametrize("mode", FSDP_MODES)
@@ -102,7 +101,7 @@ def test_a_launch_config_that_shards_is_the_mode(monkeypatch):
         sharding.sharding_arguments("ddp", None, gpu=True)
 
 
-def test_lmlab_launches_a_users_accelerate_config(tmp_path):
+def test_lmlab_launches_a_users_accelerate_config(tmp_path, monkeypatch):
     """`--accelerate-config FILE` goes through `accelerate launch`; a sharding config on CPU is refused
     (accelerate would drop the sharding silently); a file that is not a config names itself."""
     from lmlab.cli.launch import accelerate_command
@@ -121,6 +120,12 @@ def test_lmlab_launches_a_users_accelerate_config(tmp_path):
     two_nodes = accelerate_command(argv, sharding.config_file("ddp"), 8, 2, 1, "node0", 29500)
     assert two_nodes[two_nodes.index("--num_processes") + 1] == "16"
     assert two_nodes[two_nodes.index("--main_process_ip") + 1] == "node0"
+    from lmlab.cli.launch import relaunch
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for config in (None, sharding.config_file("ddp")):  # either launcher: refused before it starts
+        with pytest.raises(LmlabError, match="address of node 0"):
+            relaunch(8, 2, 1, None, 29500, config)
     bad = tmp_path / "c.yaml"
     bad.write_text("just: text\n")
     with pytest.raises(LmlabError, match="no distributed_type"):

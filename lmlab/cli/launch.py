@@ -42,10 +42,6 @@ def torchrun_command(argv: list[str], nproc: int, nnodes: int, node_rank: int, m
                      master_port: int) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes > 1:
-        if not master_addr:
-            from lmlab.errors import LmlabError
-
-            raise LmlabError("several nodes need the address of node 0", field="--master-addr")
         cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
                 f"--master_port={master_port}"]
     else:
@@ -79,8 +75,6 @@ def accelerate_command(argv: list[str], config: Path, nproc: int, nnodes: int, n
     if cpu and kind in ("FSDP", "DEEPSPEED"):
         raise LmlabError(f"distributed_type {kind} shards over GPUs, and none is visible", file=str(config),
                          field="distributed_type", hint="on CPU use configs/accelerate/ddp.yaml (or --nproc alone)")
-    if nnodes > 1 and not master_addr:
-        raise LmlabError("several nodes need the address of node 0", field="--master-addr")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(nproc * nnodes), "--num_machines", str(nnodes), "--machine_rank", str(node_rank),
            "--main_process_port", str(master_port)]
@@ -94,6 +88,10 @@ def relaunch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, m
     """Start this command on every process and exit with their status; a no-op inside a launched process."""
     if "LOCAL_RANK" in os.environ or (nproc == 1 and nnodes == 1 and accelerate_config is None):
         return
+    if nnodes > 1 and not master_addr:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError("several nodes need the address of node 0", field="--master-addr")
     if accelerate_config is not None:
         cmd = accelerate_command(sys.argv[1:], accelerate_config, nproc, nnodes, node_rank, master_addr, master_port)
     else:

@@ -100,6 +100,16 @@ def check_pair(record: dict[str, Any], where: str, line: int) -> dict[str, Any]:
     return {k: record[k] for k in PAIR_FIELDS}
 
 
+def pairs_table(pairs):
+    """The pairs as a `datasets` table of exactly PAIR_FIELDS: a list (sampled this round, bounded by
+    generation) is converted, a table (given pairs, disk-backed) keeps its files."""
+    from datasets import Dataset
+
+    if isinstance(pairs, list):
+        return Dataset.from_list([{k: pair[k] for k in PAIR_FIELDS} for pair in pairs])
+    return pairs.select_columns(list(PAIR_FIELDS))
+
+
 def unpaired(pairs):
     """KTO's layout: each pair (of a `datasets` table) becomes a desirable and an undesirable
     (prompt, completion, label) example, side by side."""
@@ -181,16 +191,14 @@ def drop_overlong(tokenizer, pairs, limit: int):
     (always reported); the lengths are a cached `map`, so a resume does not render the pairs again."""
     import numpy as np
 
-    from lmlab.data.records import cached_map, records_fingerprint
-    from lmlab.data.store import tokenizer_hash
+    from lmlab.data.records import cached_map, chat_fingerprint, records_fingerprint
 
     def longest(batch):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         return {"longest": [max(pair_lengths(tokenizer, row)) for row in rows]}
 
-    template = json.dumps(tokenizer.chat_template)
     lengths = cached_map(pairs.select_columns(list(PAIR_FIELDS)), longest,
-                         records_fingerprint(pairs._fingerprint, tokenizer_hash(tokenizer), template, "longest"),
+                         records_fingerprint(pairs._fingerprint, chat_fingerprint(tokenizer), "longest"),
                          remove_columns=list(PAIR_FIELDS))
     kept = np.flatnonzero(np.asarray(lengths["longest"]) <= limit)
     if not len(kept):

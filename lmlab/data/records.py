@@ -23,6 +23,13 @@ def records_fingerprint(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
+def chat_fingerprint(tokenizer) -> str:
+    """What fixes a rendered chat's tokens: the tokenizer and its chat template (which tokenizer_hash omits)."""
+    from lmlab.data.store import tokenizer_hash
+
+    return records_fingerprint(tokenizer_hash(tokenizer), tokenizer.chat_template)
+
+
 def cached_records(rows: Callable[[], Iterator[dict[str, Any]]], fingerprint: str):
     """A disk-backed `datasets.Dataset` of `rows()`, written once for this fingerprint; None if no rows."""
     import datasets

@@ -9,7 +9,6 @@ here, never from another stage.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,14 +69,12 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
     """Chat records, checked, split, and measured against the sequence length (all cached on disk)."""
     import numpy as np
 
-    from lmlab.data.records import cached_map, records_fingerprint
+    from lmlab.data.records import cached_map, chat_fingerprint, records_fingerprint
     from lmlab.data.split import doc_hash, held_out_indices
-    from lmlab.data.store import tokenizer_hash
 
     records, identity = sft_records(recipe)
     if records is None:
         raise LmlabError("the SFT data has no records", field="data.train")
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template)
 
     def measure(batch):
         kwargs = batch.get("chat_template_kwargs") or [{}] * len(batch["messages"])
@@ -85,7 +82,7 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
                                 ["input_ids"]) for m, k in zip(batch["messages"], kwargs)],
                 "hash": [doc_hash(i) for i in batch["doc_id"]]}
 
-    measured = cached_map(records, measure, records_fingerprint(identity, tokenizer_hash(tokenizer), template))
+    measured = cached_map(records, measure, records_fingerprint(identity, chat_fingerprint(tokenizer)))
     lengths, hashes = np.asarray(measured["length"]), np.asarray(measured["hash"])
     limit = recipe.data.seq_len
     overlong = int((lengths > limit).sum())

@@ -26,17 +26,12 @@ DONE = "round.json"
 def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, Any]], out_dir: Path, lr: float,
                        peft_config=None):
     """TRL's trainer for the recipe's method, over one round's pairs (given ones: a disk-backed table)."""
-    from datasets import Dataset
-
-    from lmlab.data.pairs import PAIR_FIELDS, unpaired
+    from lmlab.data.pairs import pairs_table, unpaired
     from lmlab.stages.common import steps_over_examples, training_arguments
     from lmlab.trainers import lmlab_trainer
 
     p, t = recipe.preference, recipe.train
-    if isinstance(pairs, list):  # sampled this round (bounded by generation), or given pairs in a table
-        pairs = Dataset.from_list([{k: pair[k] for k in PAIR_FIELDS} for pair in pairs])
-    else:
-        pairs = pairs.select_columns(list(PAIR_FIELDS))
+    pairs = pairs_table(pairs)
     common: dict[str, Any] = dict(learning_rate=lr, num_train_epochs=t.epochs or 1, max_length=recipe.data.seq_len,
                                   beta=p.beta, dataset_num_proc=None)
     if recipe.stage == "dpo":

@@ -31,9 +31,9 @@ def reward_pairs(recipe: Recipe, tokenizer):
     """(train, held-out or None) pair tables and the number dropped as overlong: given pairs, plus
     verifier-ranked samples."""
     import numpy as np
-    from datasets import Dataset, concatenate_datasets
+    from datasets import concatenate_datasets
 
-    from lmlab.data.pairs import PAIR_FIELDS, drop_overlong, preference_inputs, write_pairs
+    from lmlab.data.pairs import drop_overlong, pairs_table, preference_inputs, write_pairs
     from lmlab.data.split import doc_hash, held_out_indices
     from lmlab.distributed import is_main
     from lmlab.evaluate.onpolicy import sample_pairs
@@ -42,7 +42,7 @@ def reward_pairs(recipe: Recipe, tokenizer):
 
     p, out = recipe.preference, console()
     pairs, prompts = preference_inputs(recipe.data.train, recipe.seed)
-    pairs = pairs.select_columns(list(PAIR_FIELDS))
+    pairs = pairs_table(pairs)
     if prompts:
         if p.scorer not in ("math_exact", "math_format"):
             raise LmlabError("a reward model learns from a verifier's rankings or from given pairs",
@@ -54,7 +54,7 @@ def reward_pairs(recipe: Recipe, tokenizer):
             write_pairs(sampled, recipe.run_dir / "pairs.jsonl")
         out.print(f"{stats.pairs} pairs sampled from {stats.prompts} prompts ({stats.ties_dropped} ties dropped)")
         if sampled:
-            sampled = Dataset.from_list([{k: pair[k] for k in PAIR_FIELDS} for pair in sampled])
+            sampled = pairs_table(sampled)
             pairs = concatenate_datasets([pairs, sampled]) if len(pairs) else sampled
     if len(pairs) < 2:
         raise LmlabError(f"{len(pairs)} preference pairs: too few to train a reward model", field="data.train")

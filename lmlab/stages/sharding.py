@@ -16,11 +16,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmlab.distributed import world_size
 from lmlab.errors import LmlabError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-SHARDED_MODES = ("zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2", "deepspeed_zero2_offload",
-                 "deepspeed_zero3", "deepspeed_zero3_offload")
 
 
 def config_file(mode: str) -> Path:
@@ -77,8 +76,8 @@ def _fsdp_arguments(config: dict[str, Any], layer_class: str | None) -> dict[str
     if "parallelism_config" in config:  # replicas across nodes, shards within one: sizes of this launch
         from accelerate.parallelism_config import ParallelismConfig
 
-        world, per_node = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        arguments["parallelism_config"] = ParallelismConfig(dp_replicate_size=world // per_node,
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        arguments["parallelism_config"] = ParallelismConfig(dp_replicate_size=world_size() // per_node,
                                                             dp_shard_size=per_node)
     return arguments
 
