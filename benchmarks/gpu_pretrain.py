@@ -55,45 +55,24 @@ def main() -> None:
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("gpu_pretrain: no CUDA GPU visible; run it on a GPU machine (nothing measured)")
         return
-    from lmlab.data.pretrain_data import load_documents
-    from lmlab.data.tokenizer import save_tokenizer, train_tokenizer
-
-    side_by_side.VOCAB = VOCAB
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (smoke run)'}")
-    headline = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        recipe = side_by_side.recipe_for(workdir, args.steps, args.seq_len, args.micro_batch, "setup")
-        docs = load_documents(recipe.data.train, streaming=True, seed=0)
-        save_tokenizer(train_tokenizer((r["text"] for r in docs), vocab_size=VOCAB, max_bytes=20_000_000),
-                       workdir / "tokenizer")
-        from lmlab.data.tokenizer import load_tokenizer
-
-        vocab = len(load_tokenizer(workdir / "tokenizer"))
+        vocab = side_by_side.write_tokenizer(workdir, VOCAB, 20_000_000)
         print(f"vocab: {vocab}")
         for size in args.sizes:
             model = {**SIZES[size], "max_position_embeddings": args.seq_len}
-            side_by_side.time_bare(workdir, 3, args.seq_len, args.micro_batch, model)  # warm-up
-            lmlab_tps, bare_tps = [], []
-            for round_ in range(args.rounds):  # A B, then B A
-                runs = [lambda: lmlab_tps.append(side_by_side.time_lmlab(workdir, args.steps, args.seq_len,
-                                                                         args.micro_batch, f"{size}-{round_}", model)),
-                        lambda: bare_tps.append(side_by_side.time_bare(workdir, args.steps, args.seq_len,
-                                                                       args.micro_batch, model))]
-                for run in runs if round_ % 2 == 0 else runs[::-1]:
-                    run()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+            lmlab_tps, bare_tps = side_by_side.alternate(workdir, args.steps, args.seq_len, args.micro_batch,
+                                                         args.rounds, model, name=size)
             ratio = statistics.median(a / b for a, b in zip(lmlab_tps, bare_tps))
             lm, bare = statistics.median(lmlab_tps), statistics.median(bare_tps)
             print(f"lmlab_tokens_per_s_{size}: {lm:.0f}")
             print(f"bare_tokens_per_s_{size}: {bare:.0f}")
             print(f"mfu_bare_{size}: {mfu(bare, model, args.seq_len, vocab):.3f}")
-            print(f"mfu_{size}: {mfu(lm, model, args.seq_len, vocab):.3f}")
+            lmlab_mfu = mfu(lm, model, args.seq_len, vocab)
+            print(f"mfu_{size}: {lmlab_mfu:.3f}")
             print(f"ratio_{size}: {ratio:.3f}")
-            headline.append((size, ratio, mfu(lm, model, args.seq_len, vocab)))
-    size, ratio, value = headline[-1]
-    print(f"mfu: {value:.3f}")
+    print(f"mfu: {lmlab_mfu:.3f}")  # the headline is the last (largest) size's
     print(f"ratio: {ratio:.3f}")
 
 

@@ -153,31 +153,48 @@ def main() -> None:
         measure(args, Path(tmp))
 
 
-def measure(args, workdir: Path) -> None:
+def write_tokenizer(workdir: Path, vocab_size: int, max_bytes: int) -> int:
+    """Train the benchmark's tokenizer on the recipe's corpus into `workdir/tokenizer` (rank 0; the
+    others wait); returns its vocabulary size."""
+    from lmlab.data.pretrain_data import load_documents
+    from lmlab.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        docs = load_documents(recipe_for(workdir, 1, 64, 1, "setup").data.train, streaming=True, seed=0)
+        save_tokenizer(train_tokenizer((r["text"] for r in docs), vocab_size=vocab_size, max_bytes=max_bytes),
+                       workdir / "tokenizer")
+    synchronize()
+    return len(load_tokenizer(workdir / "tokenizer"))
+
+
+def alternate(workdir: Path, steps: int, seq_len: int, micro: int, rounds: int, model: dict | None = None,
+              name: str = "bench") -> tuple[list[float], list[float]]:
+    """Tokens/s of lmlab and of the bare loop, `rounds` each, after a warm-up (it caches the packed data
+    and JIT paths); A B, then B A, so neither side always runs first."""
     import torch
 
-    from lmlab.data.pretrain_data import load_documents
-    from lmlab.data.tokenizer import save_tokenizer, train_tokenizer
+    time_bare(workdir, 3, seq_len, micro, model)
+    lmlab_tps, bare_tps = [], []
+    for round_ in range(rounds):
+        runs = [lambda: lmlab_tps.append(time_lmlab(workdir, steps, seq_len, micro, f"{name}{round_}", model)),
+                lambda: bare_tps.append(time_bare(workdir, steps, seq_len, micro, model))]
+        for run in runs if round_ % 2 == 0 else runs[::-1]:
+            run()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return lmlab_tps, bare_tps
+
+
+def measure(args, workdir: Path) -> None:
+    import torch
 
     rank = int(os.environ.get("RANK", 0))
     if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    recipe = recipe_for(workdir, args.steps, args.seq_len, args.micro_batch, "setup")
-    if rank == 0:
-        docs = load_documents(recipe.data.train, streaming=True, seed=0)
-        save_tokenizer(train_tokenizer((r["text"] for r in docs), vocab_size=4096, max_bytes=2_000_000),
-                       workdir / "tokenizer")
-    synchronize()
-    time_bare(workdir, 3, args.seq_len, args.micro_batch)  # warm-up: caches the packed data, JIT paths
-    lmlab_tps, bare_tps = [], []
-    for round_ in range(args.rounds):  # A B, then B A: neither side always runs first
-        run_lmlab = lambda: lmlab_tps.append(time_lmlab(workdir, args.steps, args.seq_len,  # noqa: E731
-                                                        args.micro_batch, f"bench{round_}"))
-        run_bare = lambda: bare_tps.append(time_bare(workdir, args.steps, args.seq_len, args.micro_batch))  # noqa: E731
-        for run in ((run_lmlab, run_bare) if round_ % 2 == 0 else (run_bare, run_lmlab)):
-            run()
+    write_tokenizer(workdir, VOCAB, 2_000_000)
+    lmlab_tps, bare_tps = alternate(workdir, args.steps, args.seq_len, args.micro_batch, args.rounds)
     if rank != 0:
         return
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
