@@ -59,3 +59,22 @@ def main_first() -> Iterator[bool]:
     yield is_main()
     if world_size() > 1 and is_main():
         barrier()
+
+
+def shard(items) -> list:
+    """This rank's share of `items` (a list or a datasets table): every world_size-th item from its rank on,
+    all of them in one process."""
+    return [items[i] for i in range(rank(), len(items), world_size())]
+
+
+def unshard(mine: list) -> list:
+    """The inverse of `shard` across ranks: every rank's share gathered and put back in the original order,
+    so all ranks hold the same full list (picklable items; one all-gather over accelerate's process group)."""
+    if world_size() == 1:
+        return list(mine)
+    import torch.distributed as dist
+
+    state()
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, mine)
+    return [parts[i % len(parts)][i // len(parts)] for i in range(sum(len(p) for p in parts))]

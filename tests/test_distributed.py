@@ -172,16 +172,21 @@ def test_a_rank_killed_mid_stage_leaves_a_run_that_resumes(tmp_path):
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
+STAGES = ("pt", "cpt", "sft", "distill")
+
+
 def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
     """`lmlab run --nproc 2` with micro-batch 2 against one process with micro-batch 4 (the same global
-    batch): tokenizer, pretraining, CPT with replay, SFT and the evaluation; pretraining on the same
-    losses, the replay share exact over the global batch, one set of artifacts and the same table
+    batch): tokenizer, pretraining, CPT with replay, SFT, distillation of the SFT model on chat rows and
+    the evaluation. Every stage trains on the
+    same losses, CPT's forgetting baseline is measured at step 0 on the same held-out rows, the replay
+    share is exact over the global batch, and there is one set of artifacts with the same table
     layout, each step logged once."""
     import yaml
 
-    from tests.test_pipeline import tiny_pipeline
+    from tests.test_pipeline import TINY_MODEL, tiny_pipeline
 
-    results, losses, mixes = {}, {}, {}
+    results, losses, mixes, baselines = {}, {}, {}, {}
     for nproc in (1, 2):
         root = tmp_path / f"n{nproc}"
         root.mkdir()
@@ -192,23 +197,28 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
                                   "data": {"train": {"kind": "math", "num_examples": 200}, "seq_len": 64,
                                            "replay": {"kind": "general", "limit": 150}, "replay_ratio": 0.25,
                                            "validation_fraction": 0.05}})
+        # the SFT model distilled into a fresh student on chat rows (labels vary per row) from a cached top-k
+        tree["stages"].insert(4, {"stage": "distill", "name": "distill", "model": TINY_MODEL,
+                                  "train": {"max_steps": 3},
+                                  "data": {"train": {"kind": "math", "num_examples": 64}, "seq_len": 96},
+                                  "distill": {"data_format": "chat", "top_k": 8, "cache_teacher": True}})
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         launch(["run", str(path)], root, nproc=nproc, own_launcher=True)
         run_dir = root / "runs" / tree["name"]
         results[nproc] = json.loads((run_dir / "eval" / "results.json").read_text())
-        for stage in ("pt", "cpt", "sft"):
+        for stage in STAGES:
             assert (run_dir / stage / "final" / "model.safetensors").is_file()
             steps = [r["step"] for r in read_metrics(run_dir / stage) if "loss" in r and "train_loss" not in r]
             assert steps == sorted(set(steps))
             losses[nproc, stage] = train_losses(run_dir / stage)
-        mixes[nproc] = json.loads((run_dir / "cpt" / "final" / "lmlab.json").read_text())["replay_mix"]
+        manifest = json.loads((run_dir / "cpt" / "final" / "lmlab.json").read_text())
+        mixes[nproc], baselines[nproc] = manifest["replay_mix"], manifest["metrics_before"]
         assert (run_dir / "report.md").is_file()
-    one, two = losses[1, "pt"], losses[2, "pt"]
-    assert sorted(one) == sorted(two) and max(abs(two[s] - one[s]) / one[s] for s in one) < TOLERANCE
-    # CPT and SFT train the same steps; their losses differ between the two layouts (about 1% by step 3)
-    # for a reason not found yet, so they are compared step for step but not yet value for value
-    for stage in ("cpt", "sft"):
-        assert sorted(losses[1, stage]) == sorted(losses[2, stage]) and losses[1, stage], stage
+    for stage in STAGES:  # every stage on the same losses, step for step
+        one, two = losses[1, stage], losses[2, stage]
+        assert sorted(one) == sorted(two) and one, stage
+        assert max(abs(two[s] - one[s]) / one[s] for s in one) < TOLERANCE, (stage, one, two)
+    assert abs(baselines[1]["eval_replay_loss"] - baselines[2]["eval_replay_loss"]) < TOLERANCE * 10
     assert mixes[1]["replay_tokens"] == mixes[2]["replay_tokens"] == round(0.25 * 4 * 4) * 64
     assert {k: sorted(v["metrics"]) for k, v in results[1].items()} == \
         {k: sorted(v["metrics"]) for k, v in results[2].items()}
@@ -295,3 +305,60 @@ def test_two_ranks_stream_their_own_files(tmp_path, tok_dir):
     # the corpus repeats a few windows, so rows are compared as multisets: a row read by both ranks
     # would be counted once more than one process reads it
     assert rows["0"] and rows["1"] and rows["0"] + rows["1"] == rows["single"]
+
+
+ON_POLICY = r'''
+import json, os, sys
+from lmlab.data.tokenizer import load_tokenizer
+from lmlab.evaluate.onpolicy import sample_pairs
+from lmlab.models.build import load_model
+from lmlab.stages.rl import prepare_rl
+from tests.helpers import tiny_recipe
+
+base, out = sys.argv[1:3]
+rank = int(os.environ.get("RANK", "0"))
+scored = []
+def by_length(prompts, responses, items):
+    scored.extend(responses)
+    return [float(len(r)) for r in responses]
+
+records = [{"prompt": "What is 2 + 3?", "answer": 5}] * 6  # one prompt: only the seed tells samples apart
+pairs, stats = sample_pairs(load_model(base), load_tokenizer(base), records, by_length, samples=3,
+                            max_new_tokens=12, seed=1)
+
+# GRPO: one group of 4 completions of one prompt spans both ranks (micro-batch 2 each)
+prompts = os.path.join(out, "prompts.jsonl")
+with open(prompts, "w") as fh:
+    fh.write(json.dumps({"prompt": "What is 2 + 3?", "answer": 5}) + "\n")
+recipe = tiny_recipe(__import__("pathlib").Path(out), None, name="grpo", stage="rl", tokenizer={},
+                     model={"from_pretrained": base}, data={"train": {"kind": "jsonl", "path": prompts},
+                                                            "seq_len": 96},
+                     train={"max_steps": 1, "micro_batch_size": 2 if "WORLD_SIZE" in os.environ else 4,
+                            "save_every": 1000},
+                     rl={"num_generations": 4, "rewards": ["math_format"], "max_completion_length": 12})
+trainer = prepare_rl(recipe)[0]
+trainer.train()
+completions = [c[-1]["content"] for c in trainer._logs["completion"]]  # TRL gathers them from every rank
+json.dump({"pairs": pairs, "scored": scored, "grpo": completions},
+          open(os.path.join(out, f"{os.environ.get('RANK', 'single')}.json"), "w"))
+'''
+
+
+def test_on_policy_sampling_splits_prompts_and_seeds_each_rank(tmp_path, base_model):
+    """On-policy pairs: each rank samples and scores its half of the prompts with its own seed, and every
+    rank ends with the same pairs. GRPO (TRL seeds each rank apart; lmlab's evaluations fork the RNG):
+    the group's completions drawn on rank 1 are not rank 0's again."""
+    script = tmp_path / "on_policy.py"
+    script.write_text(ON_POLICY)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(base_model), str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["pairs"] == ranks[1]["pairs"]  # gathered: the same pairs everywhere
+    assert len(ranks[0]["scored"]) == len(ranks[1]["scored"]) == 3 * 3  # 3 of the 6 prompts each, 3 samples
+    assert not set(ranks[0]["scored"]) & set(ranks[1]["scored"])  # different seeds, different samples
+    grpo = ranks[0]["grpo"]
+    assert len(grpo) == 4 and ranks[1]["grpo"] == grpo
+    assert grpo[:2] != grpo[2:]  # rank 0 drew the first two, rank 1 the last two

@@ -117,6 +117,16 @@ def test_overlong_samples_are_counted_and_dropped_on_request(tmp_path, base_mode
     assert data.examples + len(data.validation or []) == 300 - data.dropped
 
 
+def test_a_window_that_truncates_every_answer_away_is_an_error_before_training(tmp_path, base_model):
+    """TRL drops samples left with no loss token after truncation; with none left, lmlab says why
+    (rather than the sampler's `num_samples=0` traceback)."""
+    from lmlab.stages.sft import prepare_sft
+
+    recipe = sft_recipe(tmp_path, base_model, data={"seq_len": 24})
+    with pytest.raises(LmlabError, match=r"no training record keeps an assistant token within data.seq_len=24"):
+        prepare_sft(recipe)
+
+
 def test_default_epochs_follow_the_size_rule_and_warn_outside_2_to_4(tmp_path, base_model):
     from lmlab.stages.sft import sft_epochs
 

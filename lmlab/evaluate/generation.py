@@ -41,7 +41,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     """`num_return_sequences` completions per prompt (text after the prompt), batched with the KV cache.
 
     `min_new_tokens` suppresses the stop tokens until that many are generated (benchmarks use it
-    so every sample has the same length).
+    so every sample has the same length). Sampling draws from its own RNG seeded with `seed`: an
+    evaluation in the middle of training leaves the training RNG (dropout, TRL's per-rank sampling
+    seeds) where it was.
     """
     import torch
 
@@ -50,23 +52,27 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
     model.eval()
-    torch.manual_seed(seed)
-    out: list[list[str]] = []
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  num_return_sequences=num_return_sequences, eos_token_id=stop,
+                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if do_sample:
+        kwargs["temperature"] = temperature
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                          num_return_sequences=num_return_sequences, eos_token_id=stop,
-                                          pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            if do_sample:
-                kwargs["temperature"] = temperature
-            if min_new_tokens:
-                kwargs["min_new_tokens"] = min_new_tokens
-            with torch.no_grad():
-                generated = model.generate(**batch, **kwargs)
-            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            out += [texts[i:i + num_return_sequences] for i in range(0, len(texts), num_return_sequences)]
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            return [group for begin in range(0, len(prompts), batch_size)
+                    for group in _generate_batch(model, tokenizer, prompts[begin:begin + batch_size], kwargs)]
     finally:
         tokenizer.padding_side = side
-    return out
+
+
+def _generate_batch(model, tokenizer, prompts: list[str], kwargs: dict[str, Any]) -> list[list[str]]:
+    """One left-padded batch: the completions of each prompt, as text after the prompt."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    generated = model.generate(**batch, **kwargs)
+    texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    n = kwargs["num_return_sequences"]
+    return [texts[i:i + n] for i in range(0, len(texts), n)]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lmlab.console import console
+from lmlab.distributed import main_first
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
 from lmlab.trainers import LmlabTrainer
@@ -43,14 +44,18 @@ def from_top_k(indices: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) -
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
-                      teacher_logp: torch.Tensor | None = None) -> torch.Tensor:
+                      teacher_logp: torch.Tensor | None = None, num_items: torch.Tensor | int | None = None
+                      ) -> torch.Tensor:
     """alpha * next-token CE + (1 - alpha) * T^2 * KL(teacher || student), averaged over labelled tokens.
 
-    The teacher is given as logits, or (from a cache) as its log-distribution at temperature T."""
+    The teacher is given as logits, or (from a cache) as its log-distribution at temperature T. The
+    sum over this batch's labelled tokens is divided by `num_items` when given: the Trainer's count
+    over the whole optimizer step (every micro-batch and every rank), so that rows with different
+    numbers of labels weigh the same on 1 process as on N, with or without accumulation."""
     student = student_logits[:, :-1].float()
     targets = labels[:, 1:]
     keep = targets != -100
-    ce = torch.nn.functional.cross_entropy(student[keep], targets[keep])
+    ce = torch.nn.functional.cross_entropy(student[keep], targets[keep], reduction="sum")
     if teacher_logp is not None:
         teacher_logp = teacher_logp[:, :-1][keep]
     else:
@@ -59,8 +64,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
             teacher_logp = from_top_k(*teacher_top_k(teacher_logp, 1.0, top_k), teacher_logp.shape[-1])
     student_logp = torch.log_softmax(student[keep] / temperature, dim=-1)
     teacher_p = teacher_logp.exp()
-    kl = (teacher_p * (teacher_logp - student_logp)).nan_to_num().sum(-1).mean()  # 0 * -inf terms are 0
-    return alpha * ce + (1 - alpha) * temperature ** 2 * kl
+    kl = (teacher_p * (teacher_logp - student_logp)).nan_to_num().sum()  # 0 * -inf terms are 0
+    denominator = num_items if num_items is not None else keep.sum()
+    return (alpha * ce + (1 - alpha) * temperature ** 2 * kl) / denominator
 
 
 class DistillTrainer(LmlabTrainer):
@@ -86,7 +92,9 @@ class DistillTrainer(LmlabTrainer):
             with torch.no_grad():
                 teacher_logits = self.teacher(**model_inputs).logits
         loss = distillation_loss(outputs.logits, teacher_logits, labels, self.alpha, self.temperature, self.top_k,
-                                 teacher_logp=teacher_logp)
+                                 teacher_logp=teacher_logp, num_items=num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count is global
         return (loss, outputs) if return_outputs else loss
 
 
@@ -195,7 +203,8 @@ def teacher_factory(recipe: Recipe):
         extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k)
         if d.cache_teacher:  # rows carry their index, so each batch finds its teacher top-k on disk
             data.train = data.train.add_column("row_id", list(range(len(data.train))))
-            with console().status("caching the teacher's top-k over the training rows"):
+            # rank 0 runs the teacher and writes the cache; the other ranks then read the same file
+            with main_first(), console().status("caching the teacher's top-k over the training rows"):
                 extra["cache"] = cache_teacher(teacher, data.train, collator, d.top_k, d.temperature,
                                                recipe.run_dir / "teacher_top_k.safetensors")
         return DistillTrainer, extra

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from transformers import TrainerCallback
+
 from lmlab.console import console
 from lmlab.data.tokenizer import resolve_tokenizer
 from lmlab.distributed import world_size
@@ -81,7 +83,8 @@ def load_rows(recipe: Recipe, tokenizer, rows: Callable | None = None):
 
     from lmlab.data.pretrain_data import build_packed_data
 
-    max_val_rows = recipe.train.eval_batches * recipe.train.micro_batch_size
+    # eval_batches global batches: the same held-out rows whatever the number of processes
+    max_val_rows = recipe.train.eval_batches * recipe.train.micro_batch_size * world_size()
     if rows is not None:
         data, collator = rows(recipe, tokenizer)
     else:
@@ -157,24 +160,43 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     return PackedJob(recipe, trainer, tokenizer, data, budget, n_params, n_active, mix)
 
 
-def forgetting_baseline(job: PackedJob, start) -> dict[str, float]:
-    """CPT's general (replay) validation loss before any update, measured once and kept in the run directory,
-    so a resumed run still reports forgetting against the model it started from."""
-    from lmlab.distributed import is_main
-    from lmlab.paths import write_json_atomic
+class BaselineCallback(TrainerCallback):
+    """Keeps the evaluation at step 0 (`eval_on_start`) as CPT's forgetting baseline.
 
+    Why not `trainer.evaluate()` before `train()`: under DDP that call marks the model as
+    prepared by accelerate without wrapping it, so `train()` then skips the DDP wrapper and
+    every rank steps on its own gradients. `eval_on_start` evaluates inside the training
+    loop, on the model the loop wraps.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.metrics = path, {}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        from lmlab.distributed import is_main
+        from lmlab.paths import write_json_atomic
+
+        if state.global_step == 0:  # one call per evaluation set (domain, replay)
+            self.metrics.update(metrics or {})
+            if is_main():
+                write_json_atomic(self.path, self.metrics)
+
+
+def forgetting_baseline(job: PackedJob, start) -> BaselineCallback | None:
+    """CPT's general (replay) validation loss before any update, measured once at step 0 and kept in the run
+    directory, so a resumed run still reports forgetting against the model it started from."""
     if job.replay_mix is None:
-        return {}
+        return None
     saved = job.recipe.run_dir / "metrics_before.json"
+    baseline = BaselineCallback(saved)
     if saved.is_file():
-        return json.loads(saved.read_text())
-    if start is not None:  # a checkpoint from before this file existed: the baseline is lost, say so
+        baseline.metrics = json.loads(saved.read_text())
+    elif start is not None:  # a checkpoint from before this file existed: the baseline is lost, say so
         console().print("[yellow]no forgetting baseline was saved before this checkpoint[/]")
-        return {}
-    before = job.trainer.evaluate()
-    if is_main():
-        write_json_atomic(saved, before)
-    return before
+    else:
+        job.trainer.args.eval_on_start = True
+        job.trainer.add_callback(baseline)
+    return baseline
 
 
 def run_packed(recipe: Recipe, resume: bool, overwrite: bool, rows: Callable | None = None,
@@ -183,8 +205,9 @@ def run_packed(recipe: Recipe, resume: bool, overwrite: bool, rows: Callable | N
     start = open_stage(recipe, resume, overwrite)
     job = prepare_packed(recipe, rows, factory)
     out, trainer = console(), job.trainer
-    before = forgetting_baseline(job, start)
+    baseline = forgetting_baseline(job, start)
     train(trainer, start)
+    before = baseline.metrics if baseline is not None else {}
     final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     manifest = {
         "stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),

@@ -175,11 +175,14 @@ def check_rl_inputs(recipe: Recipe, pairs: list, prompts: list) -> None:
     """RL prompts (never pairs) with what the rewards read; each step holds whole groups; rewards exist."""
     from lmlab.evaluate.orm import VERIFIERS
 
+    from lmlab.distributed import world_size
+
     r, t = recipe.rl, recipe.train
-    if (t.micro_batch_size * t.grad_accum) % r.num_generations:
-        raise LmlabError(f"train.micro_batch_size x train.grad_accum ({t.micro_batch_size * t.grad_accum}) "
-                         f"must be a multiple of rl.num_generations ({r.num_generations}): each step holds "
-                         "whole groups", field="train.micro_batch_size")
+    completions = t.micro_batch_size * t.grad_accum * world_size()  # a group may span ranks (TRL gathers it)
+    if completions % r.num_generations:
+        raise LmlabError(f"train.micro_batch_size x train.grad_accum x processes ({completions}) must be a "
+                         f"multiple of rl.num_generations ({r.num_generations}): each step holds whole groups",
+                         field="train.micro_batch_size")
     if pairs:
         raise LmlabError("RL samples its own responses: give prompts, not preference pairs", field="data.train")
     missing = sum(isinstance(a, bool) or not isinstance(a, int) for a in (prompts["answer"] if prompts else []))

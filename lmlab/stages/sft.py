@@ -72,6 +72,21 @@ def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
     return args, patience
 
 
+def check_truncation(trainer, data: SFTData, seq_len: int, packed: bool) -> None:
+    """TRL drops samples whose truncation to seq_len leaves no loss token (a prompt that fills the
+    window): say how many, and refuse a run that would have nothing to train on."""
+    from lmlab.errors import LmlabError
+
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise LmlabError(f"no training record keeps an assistant token within data.seq_len={seq_len} "
+                         f"({data.overlong:,} of {data.examples:,} are longer)", field="data.seq_len",
+                         hint="raise data.seq_len, or shorten the prompts")
+    if kept < data.examples and not packed:  # packed rows are not records
+        console().print(f"[yellow]{data.examples - kept:,} records have no assistant token within "
+                        f"data.seq_len={seq_len} and are left out[/]")
+
+
 def prepare_sft(recipe: Recipe) -> SFTJob:
     """Records, tokenizer, model and trainer; every input check happens here, before compute."""
     from transformers import EarlyStoppingCallback
@@ -94,6 +109,7 @@ def prepare_sft(recipe: Recipe) -> SFTJob:
     trainer = lmlab_trainer(SFTTrainer)(model=model, args=args, train_dataset=data.train,
                                         eval_dataset=data.validation, processing_class=tokenizer,
                                         peft_config=peft_config, callbacks=callbacks)
+    check_truncation(trainer, data, recipe.data.seq_len, recipe.sft.packing)
     t = recipe.train
     stage_callbacks(trainer, recipe, tokenizer, t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len)
     return SFTJob(recipe, trainer, tokenizer, data, epochs)
