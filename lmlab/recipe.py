@@ -128,7 +128,7 @@ def _existing_dir(field: str, what: str):
     return field_validator(field)(classmethod(check))
 
 
-ATTENTION_KERNELS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION_KERNELS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 class ModelConfig(Strict):
@@ -149,7 +149,9 @@ class ModelConfig(Strict):
     num_experts: int = Field(4, gt=0)
     num_experts_per_tok: int = Field(2, gt=0)
     moe_intermediate_size: int | None = None
-    attn_implementation: str = "sdpa"  # eager, sdpa, flash_attention_2/3, flex_attention, or a hub kernel
+    # auto: FlashAttention-2 on CUDA with flash-attn (variable-length on packed rows), else SDPA
+    # (lmlab.stages.speed); or eager, sdpa, flash_attention_2/3, flex_attention, a hub kernel
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False
     overrides: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config
 
@@ -215,7 +217,7 @@ class DataConfig(Strict):
 
 
 class OptimConfig(Strict):
-    optimizer: str = "adamw_torch"  # any HF Trainer `optim` name
+    optimizer: str = "auto"  # any HF Trainer `optim` name; auto: adamw_torch_fused on CUDA, adamw_torch on CPU
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)  # never applied to embeddings, norms or biases
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -248,7 +250,9 @@ class TrainConfig(Strict):
     micro_batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a capable GPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # `lmlab plan` turns it on when activations would not fit
+    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA for packed rows (fixed shapes)
+    liger: bool | Literal["auto"] = "auto"  # Liger's fused kernels; auto: on CUDA when liger-kernel is installed
     # parallelism over the processes of `--nproc`, `torchrun` or `accelerate launch`, one accelerate config
     # file each (configs/accelerate/): ddp replicates; zero2 shards gradients and optimizer state, zero3 also
     # weights, offload keeps them on CPU, hybrid shards within a node (FSDP2); deepspeed_* the same stages

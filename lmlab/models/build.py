@@ -55,11 +55,36 @@ def build_config(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase") -> "Pre
     return config
 
 
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def attention_kernel(requested: str) -> str:
+    """`auto`: FlashAttention-2 (variable-length for packed rows) on CUDA with flash_attn, else SDPA."""
+    if requested != "auto":
+        if requested.startswith("flash_attention") and not cuda():
+            raise LmlabError(f"{requested} needs a CUDA GPU", field="model.attn_implementation",
+                             hint="use auto or sdpa on this machine")
+        if requested == "flash_attention_2" and not installed("flash_attn"):
+            raise LmlabError("flash_attention_2 needs the flash-attn package", field="model.attn_implementation",
+                             hint="pip install flash-attn --no-build-isolation, or use auto / sdpa")
+        return requested
+    return "flash_attention_2" if cuda() and installed("flash_attn") else "sdpa"
+
+
 def build_model(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase", seed: int = 0) -> "PreTrainedModel":
     """A freshly initialised model (seeded), or the local checkpoint `cfg.from_pretrained`."""
     if cfg.from_pretrained:
         model = load_model(cfg.from_pretrained, trust_remote_code=cfg.trust_remote_code,
-                           attn_implementation=cfg.attn_implementation)
+                           attn_implementation=attention_kernel(cfg.attn_implementation))
         check_vocab(model, tokenizer, cfg.from_pretrained)
         return model
     import torch
@@ -67,7 +92,7 @@ def build_model(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase", seed: in
 
     torch.manual_seed(seed)
     config = build_config(cfg, tokenizer)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention_kernel(cfg.attn_implementation))
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa",

@@ -18,6 +18,7 @@ from lmlab.errors import LmlabError
 from lmlab.paths import remove_run_dir
 from lmlab.recipe import OptimConfig, Recipe, TrainConfig, dump_recipe
 from lmlab.stages.sharding import sharding_arguments
+from lmlab.stages.speed import speed_arguments
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) -> None:
@@ -285,7 +286,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         max_steps=max_steps, per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
         # the optimizer and its schedule
-        optim=o.optimizer, learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.beta1, adam_beta2=o.beta2,
+        learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.beta1, adam_beta2=o.beta2,
         adam_epsilon=o.eps, max_grad_norm=o.grad_clip if o.grad_clip > 0 else None,
         lr_scheduler_type=scheduler, lr_scheduler_kwargs=scheduler_kwargs, warmup_steps=int(o.warmup_ratio * max_steps),
         # precision and memory
@@ -299,6 +300,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         use_cpu=not accelerator_available(),
         ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
         **sharding_arguments(t.distributed, layer_class, gpu=_cuda_available()),
+        # fused AdamW, torch.compile and Liger kernels where they help (lmlab.stages.speed)
+        **speed_arguments(recipe),
         # streamed rows: each rank reads its own shards (lmlab.data.pretrain_data.streamed_rows), none is sent
         **({"accelerator_config": {"dispatch_batches": False}} if recipe.data.streaming else {}),
     )

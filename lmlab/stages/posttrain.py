@@ -125,7 +125,7 @@ def load_policy(recipe: Recipe, tokenizer):
     """The base model; QLoRA loads it in NF4 with double quantisation (CUDA and bitsandbytes only)."""
     import torch
 
-    from lmlab.models.build import check_vocab, load_model
+    from lmlab.models.build import attention_kernel, check_vocab, load_model
 
     if recipe.lora.enabled and recipe.lora.quantize == "nf4":
         if not torch.cuda.is_available():
@@ -141,10 +141,12 @@ def load_policy(recipe: Recipe, tokenizer):
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(recipe.model.from_pretrained, quantization_config=quant,
                                                      use_safetensors=True, dtype=torch.bfloat16,
-                                                     trust_remote_code=recipe.model.trust_remote_code)
+                                                     trust_remote_code=recipe.model.trust_remote_code,
+                                                     attn_implementation=attention_kernel(
+                                                         recipe.model.attn_implementation))
     else:
         model = load_model(recipe.model.from_pretrained, trust_remote_code=recipe.model.trust_remote_code,
-                           attn_implementation=recipe.model.attn_implementation)
+                           attn_implementation=attention_kernel(recipe.model.attn_implementation))
     check_vocab(model, tokenizer, recipe.model.from_pretrained)
     return model
 

@@ -18,6 +18,7 @@ from typing import Iterable
 from lmlab.errors import LmlabError
 from lmlab.models.build import check_checkpoint
 from lmlab.recipe import LOCAL_KINDS, Recipe, SourceSpec
+from lmlab.stages.speed import check_speed_options
 
 CHAT_STAGES = ("sft",)
 PAIR_STAGES = ("rm", "dpo", "kto", "orpo", "rl")
@@ -78,6 +79,7 @@ def check_artifacts(recipe: Recipe, future: set[str]) -> None:
     if not recipe.model.from_pretrained and recipe.stage in ("pretrain", "distill"):
         check_model_fields(recipe)
     check_optimizer(recipe.optim.optimizer)
+    check_speed_options(recipe)
 
 
 def _sources(recipe: Recipe) -> list[SourceSpec]:
@@ -161,7 +163,7 @@ def check_model_fields(recipe: Recipe) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmlab.models.build import build_config
+    from lmlab.models.build import attention_kernel, build_config
 
     cfg = recipe.model
 
@@ -174,7 +176,7 @@ def check_model_fields(recipe: Recipe) -> None:
     try:
         config = build_config(cfg, Vocabulary())
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+            AutoModelForCausalLM.from_config(config, attn_implementation=attention_kernel(cfg.attn_implementation))
     except LmlabError:
         raise
     except Exception as exc:  # transformers' message says what is wrong; the field is the model block
@@ -185,6 +187,6 @@ def check_optimizer(name: str) -> None:
     from transformers.training_args import OptimizerNames
 
     known = [o.value for o in OptimizerNames]
-    if name not in known:
+    if name != "auto" and name not in known:
         raise LmlabError(f"unknown optimizer '{name}'", field="optim.optimizer",
-                         hint="an HF Trainer `optim` name, e.g. adamw_torch, adamw_torch_fused, adafactor")
+                         hint="auto, or an HF Trainer `optim` name, e.g. adamw_torch, adamw_torch_fused, adafactor")
