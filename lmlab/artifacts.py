@@ -30,6 +30,22 @@ def non_finite_parameters(model, state_dict: dict | None = None) -> list[str]:
             and not bool(torch.isfinite(t).all())]
 
 
+def stop_at_end_of_turn(model, tokenizer) -> None:
+    """The generation config lists EOS and the template's end-of-turn token, so plain `generate`,
+    `pipeline` and vLLM (which stop on the generation config's EOS) end where a chat turn ends."""
+    from lmlab.data.tokenizer import end_of_turn_ids
+
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return
+    given = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = list(dict.fromkeys([*end_of_turn_ids(tokenizer), *(i for i in given if i is not None)]))
+    if stops:
+        config.eos_token_id = stops
+    if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
 def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any],
                   state_dict: dict | None = None) -> Path:
     """Write model + tokenizer + manifest atomically; returns the artifact directory.
@@ -46,6 +62,7 @@ def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     remove_tree(tmp, out_dir.parent)
     model.config.use_cache = True  # training turns the KV cache off; generation wants it on
+    stop_at_end_of_turn(model, tokenizer)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     record = {"lmlab_version": lmlab.__version__, **manifest}

@@ -84,6 +84,7 @@ def test_two_processes_write_one_complete_artifact_and_log_each_step_once(two_ru
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+@pytest.mark.slow  # the launch path differs from torchrun's in the command only (tests/test_sharding.py checks it)
 def test_accelerate_launch_with_a_config_file_trains_the_same_steps(two_runs):
     """`--accelerate-config configs/accelerate/ddp.yaml`: the same recipe through `accelerate launch`
     (gloo on CPU) gives the losses of lmlab's own torchrun launch."""

@@ -57,6 +57,27 @@ def chat_template(name: str = "chatml") -> str:
     return source.read_text(encoding="utf-8")
 
 
+TURN_PROBE = "lmlab-end-of-turn-probe"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """EOS and the special token the chat template closes an assistant turn with (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`...), found by rendering a probe turn: what a generation config
+    must list so transformers and vLLM stop where the turn ends."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": TURN_PROBE}], tokenize=False)
+        except Exception:  # a template that needs other roles or fields: EOS is all that is known
+            text = ""
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        tail = text.split(TURN_PROBE, 1)[1] if TURN_PROBE in text else ""
+        closing = [i for i in tokenizer.encode(tail, add_special_tokens=False) if i in special][:1]
+        ids += closing
+    return list(dict.fromkeys(ids))
+
+
 def _bounded(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
     """The texts up to `max_bytes` UTF-8 bytes in all; the source is not read past the text that fills the budget."""
     if max_bytes is None:

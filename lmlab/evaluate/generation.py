@@ -35,6 +35,17 @@ def render_prompts(tokenizer, prompts: list[str], system: str | None = None) -> 
     return rendered
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Where a completion ends: the checkpoint's generation-config EOS ids and the tokenizer's
+    end of turn (the same ids an lmlab artifact writes for transformers and vLLM)."""
+    from lmlab.data.tokenizer import end_of_turn_ids
+
+    config = getattr(model, "generation_config", None)
+    given = getattr(config, "eos_token_id", None)
+    given = given if isinstance(given, list) else [given]
+    return list(dict.fromkeys([*(i for i in given if isinstance(i, int) and i >= 0), *end_of_turn_ids(tokenizer)]))
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 32,
              do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1,
              seed: int = 0, min_new_tokens: int | None = None) -> list[list[str]]:
@@ -49,8 +60,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
-    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    stop = stop_ids(model, tokenizer)
     model.eval()
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   num_return_sequences=num_return_sequences, eos_token_id=stop,

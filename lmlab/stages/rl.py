@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from lmlab.artifacts import stop_at_end_of_turn
 from lmlab.console import console
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
@@ -60,14 +61,11 @@ def prepare_rl(recipe: Recipe):
 
     r, t = recipe.rl, recipe.train
     tokenizer = prepare_tokenizer(recipe)
-    # TRL stops generation and masks the completion at the tokenizer's EOS; in a chat a turn ends at
-    # <|im_end|>, so that is EOS while RL samples (run_rl restores the artifact's EOS afterwards)
-    original_eos = tokenizer.eos_token
-    if "<|im_end|>" in tokenizer.get_vocab():
-        tokenizer.eos_token = "<|im_end|>"
     prompts = rl_prompts(recipe)
     rewards = [trl_reward(spec, tokenizer) for spec in r.rewards]
     model = load_policy(recipe, tokenizer)
+    # TRL ends a completion at every EOS id of the generation config: the template's end of turn too
+    stop_at_end_of_turn(model, tokenizer)
     lr = post_training_lr(recipe, r.lr_ratio)
     steps = steps_over_examples(t, len(prompts), per_example=r.num_generations)  # completions per step
     if r.algorithm == "grpo":
@@ -90,7 +88,7 @@ def prepare_rl(recipe: Recipe):
     console().print(f"[bold]{recipe.name}[/]: {r.algorithm} on {len(prompts):,} prompts, groups of "
                     f"{r.num_generations}, KL beta {r.beta}, rewards {', '.join(r.rewards)}, lr {lr:.2e}, "
                     f"{steps} steps")
-    return trainer, tokenizer, lr, original_eos
+    return trainer, tokenizer, lr
 
 
 def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
@@ -98,11 +96,9 @@ def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Pat
     from lmlab.stages.common import open_stage, save_final, train
 
     start = open_stage(recipe, resume, overwrite)
-    trainer, tokenizer, lr, original_eos = prepare_rl(recipe)
+    trainer, tokenizer, lr = prepare_rl(recipe)
     train(trainer, start)
     model = trainer.model.merge_and_unload() if recipe.lora.enabled else trainer.model
-    tokenizer.eos_token = original_eos  # the Trainer aligned the configs to the RL-time EOS; undo both
-    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     manifest = {"stage": "rl", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "lr": lr, "steps": trainer.state.global_step,

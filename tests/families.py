@@ -1,0 +1,92 @@
+"""Tiny checkpoints in the style of other model families, built here (nothing is downloaded): their own
+special tokens, EOS conventions and chat templates, as a user's local Llama 3 or Qwen3 would have.
+
+- llama3: `<|begin_of_text|>` BOS, headers, turns end in `<|eot_id|>`, EOS `<|end_of_text|>`; no
+  `<|im_start|>` in the vocabulary.
+- qwen3: ChatML turns, EOS `<|im_end|>`, pad `<|endoftext|>`, `<think>` blocks from `reasoning_content`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.reasoning_content %}{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+FAMILIES = {
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>"],
+                   bos="<|begin_of_text|>", eos="<|end_of_text|>", pad=None, template=LLAMA3_TEMPLATE,
+                   end_of_turn="<|eot_id|>", document_end="<|end_of_text|>"),
+    "qwen3": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], extra=["<think>", "</think>"],
+                  bos=None, eos="<|im_end|>", pad="<|endoftext|>", template=QWEN3_TEMPLATE,
+                  end_of_turn="<|im_end|>", document_end="<|endoftext|>"),
+}
+
+
+def family_tokenizer(family: str, vocab_size: int = 400):
+    """A byte-level BPE with the family's special tokens and chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmlab.data.general import general_documents
+    from lmlab.data.mathgen import as_chat, math_problems
+
+    spec = FAMILIES[family]
+    texts = [t for _, t in general_documents(limit=80)]
+    texts += [m["content"] for p in math_problems("id", 200) for m in as_chat(p)["messages"]]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["special"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if spec.get("extra"):
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec["extra"]])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=spec["bos"], eos_token=spec["eos"],
+                                      pad_token=spec["pad"], clean_up_tokenization_spaces=False)
+    wrapped.chat_template = spec["template"]
+    return wrapped
+
+
+def family_checkpoint(family: str, out_dir: Path) -> Path:
+    """A randomly initialised tiny Llama with the family's tokenizer, saved as a user's checkpoint would be
+    (`save_pretrained`, with the family's own generation config), not as an lmlab artifact."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = family_tokenizer(family)
+    spec = FAMILIES[family]
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in dict.fromkeys([spec["end_of_turn"], spec["eos"]])]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos[0],
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
