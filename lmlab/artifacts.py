@@ -46,6 +46,19 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
         config.pad_token_id = tokenizer.pad_token_id
 
 
+def absolute_adapter_base(directory: Path) -> None:
+    """A LoRA adapter names its base as the path the run was given; written absolute, it loads from any
+    working directory (peft, `lmlab export`, every lmlab command)."""
+    config = directory / "adapter_config.json"
+    if not config.is_file():
+        return
+    record = json.loads(config.read_text())
+    base = record.get("base_model_name_or_path")
+    if base and Path(base).is_dir():
+        record["base_model_name_or_path"] = str(Path(base).resolve())
+        config.write_text(json.dumps(record, indent=2))
+
+
 def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any],
                   state_dict: dict | None = None) -> Path:
     """Write model + tokenizer + manifest atomically; returns the artifact directory.
@@ -64,6 +77,7 @@ def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any
     model.config.use_cache = True  # training turns the KV cache off; generation wants it on
     stop_at_end_of_turn(model, tokenizer)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    absolute_adapter_base(tmp)
     tokenizer.save_pretrained(tmp)
     record = {"lmlab_version": lmlab.__version__, **manifest}
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2, default=str))
@@ -83,22 +97,15 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
 
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Merge a LoRA adapter into its base model: a full HF checkpoint with the tokenizer and chat template."""
-    import json
-
-    from peft import PeftModel
-
     from lmlab.data.tokenizer import load_tokenizer
-    from lmlab.models.build import load_model
+    from lmlab.models.build import adapter_base, load_adapter
 
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise LmlabError("not a LoRA adapter: adapter_config.json is missing", file=str(adapter_dir))
-    base = json.loads(config_path.read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise LmlabError(f"the adapter's base model '{base}' is not a local directory", file=str(config_path),
-                         field="base_model_name_or_path")
-    model = PeftModel.from_pretrained(load_model(base), adapter_dir).merge_and_unload()
+    base = adapter_base(adapter_dir)
+    model = load_adapter(adapter_dir)
     manifest = {**read_manifest(adapter_dir), "stage": "export", "adapter": False, "merged_from": str(adapter_dir),
-                "base_model": base}
+                "base_model": str(base)}
     return save_artifact(model, load_tokenizer(adapter_dir), out_dir, manifest)

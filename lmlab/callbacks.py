@@ -265,7 +265,10 @@ class DivergenceGuard(TrainerCallback):
             median_loss, median_norm = _median(self.losses), _median(self.norms)
             if self.loss_spikes and median_loss > 0 and loss > self.config.loss_spike * median_loss:
                 return f"loss {loss:.4g} > {self.config.loss_spike:g} x median {median_loss:.4g}"
-            if median_norm > 0 and norm > self.config.grad_spike * median_norm:
+            # and above the clipping threshold: a norm clipping leaves alone is no spike, however small the
+            # median (RL steps whose groups all scored alike have gradients near zero)
+            clip = (self._args.max_grad_norm if self._args is not None else None) or 0.0
+            if median_norm > 0 and norm > max(self.config.grad_spike * median_norm, clip):
                 return f"gradient norm {norm:.4g} > {self.config.grad_spike:g} x median {median_norm:.4g}"
         return None
 

@@ -242,6 +242,9 @@ class GuardConfig(Strict):
     lr_factor: float = Field(0.5, gt=0, lt=1)  # the LR is multiplied by this at each rollback
 
 
+BUDGET_KEYS = ("tokens", "tokens_per_param", "max_steps", "epochs")  # one of them is the training budget
+
+
 class TrainConfig(Strict):
     tokens: int | None = Field(None, gt=0)  # training budget in tokens...
     tokens_per_param: float | None = Field(None, gt=0)  # ...or as a multiple of parameters
@@ -270,7 +273,7 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
-        given = [k for k in ("tokens", "tokens_per_param", "max_steps", "epochs") if getattr(self, k) is not None]
+        given = [k for k in BUDGET_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one training budget, not {' and '.join(given)}")
         return self
@@ -280,7 +283,9 @@ class SFTConfig(Strict):
     """Supervised fine-tuning on chat records, through TRL's SFTTrainer."""
 
     layout: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto"  # how records are written
-    chat_template: Literal["tokenizer", "chatml", "chatml_think"] = "chatml"  # lmlab's carry generation markers
+    # auto: the checkpoint's own template (lmlab's ChatML for an lmlab vocabulary without one); tokenizer: the
+    # checkpoint's, never replaced; chatml / chatml_think: lmlab's, with generation markers (lmlab.stages.posttrain)
+    chat_template: Literal["auto", "tokenizer", "chatml", "chatml_think"] = "auto"
     enable_thinking: bool | None = None  # chatml_think: None leaves the choice to each record
     assistant_only_loss: bool = True
     packing: bool = False  # padding-free packing; faster, but hurts small or diverse sets (playbook)
@@ -459,6 +464,9 @@ def apply_override(tree: dict, assignment: str) -> None:
         node = child
     if not isinstance(node, dict):
         raise LmlabError(f"cannot set '{key}': '{parts[-2]}' is a list", field="--set")
+    if len(parts) > 1 and parts[-2] == "train" and parts[-1] in BUDGET_KEYS:
+        for other in BUDGET_KEYS:  # a budget from the command line replaces the recipe's, whichever kind it is
+            node.pop(other, None)
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError as exc:
@@ -519,18 +527,55 @@ def validate_recipe(tree: dict, file: str = "<recipe>", root: yaml.Node | None =
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         field = prefix + (".".join(str(p) for p in loc) or "<top>")
+        suggestion = None
         if err["type"] == "extra_forbidden":
             message = f"unknown key '{loc[-1]}'"
             line = _key_line(root, loc)
+            suggestion = suggest_key(model or Recipe, loc)
         else:
             message = err["msg"].removeprefix("Value error, ")
             line = _line_of(root, loc)
         more = len(exc.errors()) - 1
-        hint = f"and {more} more problem{'s' if more > 1 else ''}" if more else None
+        hint = "; ".join(filter(None, [suggestion, f"and {more} more problem{'s' if more > 1 else ''}" if more
+                                       else None])) or None
         flag = next((key for key in overridden or [] if field == key or field.startswith(key + ".")), None)
         if flag is not None:  # the value came from the command line, not from the file
             raise LmlabError(message, field=f"--set {field}", hint=hint) from None
         raise LmlabError(message, file=file, line=line, field=field, hint=hint) from None
+
+
+# the HF Trainer / TRL names users type, and where lmlab keeps the same setting
+HF_NAMES = {"learning_rate": "optim.lr", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+            "per_device_train_batch_size": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+            "max_length": "data.seq_len", "max_seq_length": "data.seq_len", "cutoff_len": "data.seq_len",
+            "warmup_ratio": "optim.warmup_ratio", "weight_decay": "optim.weight_decay",
+            "max_grad_norm": "optim.grad_clip", "lr_scheduler_type": "optim.schedule", "optim": "optim.optimizer",
+            "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+            "model_name_or_path": "model.from_pretrained", "output_dir": "output.dir", "seed": "seed",
+            "logging_steps": "train.log_every", "save_steps": "train.save_every", "eval_steps": "train.eval_every",
+            "bf16": "train.precision", "gradient_checkpointing": "train.gradient_checkpointing"}
+
+
+def suggest_key(model: type[BaseModel], loc: tuple) -> str | None:
+    """'did you mean ...' for an unknown key: a close spelling in its block, or the lmlab key an HF name maps to."""
+    import difflib
+
+    node: Any = model
+    for part in loc[:-1]:
+        field = node.model_fields.get(str(part)) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        node = field.annotation if field is not None else None
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            node = None
+            break
+    unknown = str(loc[-1])
+    if unknown in HF_NAMES:
+        return f"lmlab calls it {HF_NAMES[unknown]}"
+    if node is not None:
+        close = difflib.get_close_matches(unknown, list(node.model_fields), n=1, cutoff=0.6)
+        if close:
+            prefix = ".".join(str(p) for p in loc[:-1])
+            return f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:

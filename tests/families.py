@@ -1,5 +1,5 @@
 """Tiny checkpoints in the style of other model families, built here (nothing is downloaded): their own
-special tokens, EOS conventions and chat templates, as a user's local Llama 3 or Qwen3 would have.
+special tokens, EOS conventions and published chat templates, as a user's local Llama 3 or Qwen3 would have.
 
 - llama3: `<|begin_of_text|>` BOS, headers, turns end in `<|eot_id|>`, EOS `<|end_of_text|>`; no
   `<|im_start|>` in the vocabulary.
@@ -10,37 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LLAMA3_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-    " + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
+def published_template(name: str) -> str:
+    """A family's published chat template, as the installed TRL ships it (chat_templates/NAME.jinja)."""
+    from importlib import resources
 
-QWEN3_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if message.reasoning_content %}{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{{- message.content + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}{%- endif %}"
-)
+    return resources.files("trl").joinpath("chat_templates", f"{name}.jinja").read_text(encoding="utf-8")
+
 
 FAMILIES = {
     "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                             "<|eot_id|>"],
-                   bos="<|begin_of_text|>", eos="<|end_of_text|>", pad=None, template=LLAMA3_TEMPLATE,
+                   bos="<|begin_of_text|>", eos="<|end_of_text|>", pad=None, template="llama3",
                    end_of_turn="<|eot_id|>", document_end="<|end_of_text|>"),
-    "qwen3": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], extra=["<think>", "</think>"],
-                  bos=None, eos="<|im_end|>", pad="<|endoftext|>", template=QWEN3_TEMPLATE,
+    "qwen3": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                  extra=["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"],
+                  bos=None, eos="<|im_end|>", pad="<|endoftext|>", template="qwen3",
                   end_of_turn="<|im_end|>", document_end="<|endoftext|>"),
 }
 
@@ -66,7 +50,7 @@ def family_tokenizer(family: str, vocab_size: int = 400):
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec["extra"]])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=spec["bos"], eos_token=spec["eos"],
                                       pad_token=spec["pad"], clean_up_tokenization_spaces=False)
-    wrapped.chat_template = spec["template"]
+    wrapped.chat_template = published_template(spec["template"])
     return wrapped
 
 

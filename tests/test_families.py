@@ -81,3 +81,57 @@ def test_lmlab_generation_reads_the_stops_from_the_checkpoint(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(source)
     assert set(stop_ids(model, tokenizer)) == set(tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]))
     assert "<|im_end|>" not in tokenizer.get_vocab()  # nothing of lmlab's ChatML is assumed
+
+
+def family_sft_recipe(tmp_path, family, **blocks):
+    from tests.test_sft import sft_recipe
+
+    checkpoint = family_checkpoint(family, tmp_path / family)
+    return sft_recipe(tmp_path, checkpoint, name=f"sft-{family}", train={"epochs": None, "max_steps": 2},
+                      data={"train": {"kind": "math", "num_examples": 40}, "seq_len": 160}, **blocks), checkpoint
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sft_keeps_the_checkpoints_template_and_labels_only_assistant_tokens(tmp_path, family):
+    """The default template is the checkpoint's own: TRL's training version of it marks the assistant
+    turns for the loss, and the artifact is saved with the original, unchanged."""
+    from transformers import AutoTokenizer
+
+    from lmlab.stages.sft import prepare_sft, run_sft
+
+    recipe, checkpoint = family_sft_recipe(tmp_path, family)
+    job = prepare_sft(recipe)
+    batch = next(iter(job.trainer.get_train_dataloader()))
+    tokenizer = job.tokenizer
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        kept = [int(i) for i, label in zip(ids, labels) if label != -100]
+        text = tokenizer.decode(kept)
+        assert "user" not in text and FAMILIES[family]["end_of_turn"] in text and "The answer is" in text, text
+    final = run_sft(recipe)
+    assert AutoTokenizer.from_pretrained(final).chat_template == AutoTokenizer.from_pretrained(checkpoint).chat_template
+
+
+def test_lmlab_chatml_on_a_vocabulary_without_its_tokens_is_refused(tmp_path):
+    from lmlab.errors import LmlabError
+    from lmlab.stages.posttrain import prepare_tokenizer
+
+    recipe, _ = family_sft_recipe(tmp_path, "llama3", sft={"chat_template": "chatml", "eval_math": 0})
+    with pytest.raises(LmlabError, match=r"writes <\|im_start\|>, <\|im_end\|>, which this vocabulary lacks"):
+        prepare_tokenizer(recipe)
+
+
+def test_a_template_without_assistant_markers_that_trl_cannot_patch_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmlab.errors import LmlabError
+    from lmlab.stages.posttrain import prepare_tokenizer
+
+    recipe, checkpoint = family_sft_recipe(tmp_path, "qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+                               "+ '<|im_end|>\\n' }}{% endfor %}")  # a home-made ChatML: unknown to TRL
+    tokenizer.save_pretrained(checkpoint)
+    with pytest.raises(LmlabError, match=r"assistant-only loss needs a chat template that marks assistant turns"):
+        prepare_tokenizer(recipe)
+    assert prepare_tokenizer(recipe.model_copy(update={"sft": recipe.sft.model_copy(
+        update={"assistant_only_loss": False})}))  # and without assistant-only loss it is fine

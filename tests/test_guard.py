@@ -29,6 +29,20 @@ def test_the_guard_flags_non_finite_and_spiking_steps_only():
     assert rl.reason(5.0, 1.0) is None
 
 
+def test_a_gradient_under_the_clipping_threshold_is_never_a_spike():
+    """RL steps whose groups all scored alike have near-zero gradients; the first real one is no spike."""
+    from types import SimpleNamespace
+
+    from lmlab.callbacks import DivergenceGuard
+
+    guard = DivergenceGuard(GuardConfig(grad_spike=100))
+    guard.on_train_begin(SimpleNamespace(max_grad_norm=1.0), None, None)
+    for _ in range(4):
+        guard.skip_step(0.0, 2e-6)
+    assert guard.reason(0.0, 0.85) is None  # 400,000x the median, but clipping would not even touch it
+    assert "gradient" in guard.reason(0.0, 3.0)  # above the clip and 100x the median: a spike
+
+
 def test_an_lr_of_100_ends_with_exit_2_logged_rollbacks_and_no_model(tmp_path):
     recipe = tiny_recipe_file(tmp_path, "blowup", optim={"lr": 100.0, "warmup_ratio": 0.0},
                               train={"max_steps": 20, "log_every": 1, "save_every": 1000})

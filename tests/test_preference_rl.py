@@ -107,12 +107,35 @@ def test_preference_stages_train_on_pairs_and_write_artifacts(tmp_path, base_mod
 
 def test_default_lr_is_the_input_models_lr_over_ten_unless_the_recipe_sets_one(base_model):
     """docs/rules.md §5: preference optimisation and RL train 5-20x below the SFT LR (the base used 1e-2)."""
+    from lmlab.models.build import load_model
     from lmlab.recipe import validate_recipe
-    from lmlab.stages.posttrain import post_training_lr
+    from lmlab.stages.posttrain import fine_tuning_lr
 
+    model = load_model(base_model)
     tree = {"name": "d", "stage": "dpo", "model": {"from_pretrained": str(base_model)}}
-    assert post_training_lr(validate_recipe(tree), 0.1) == pytest.approx(1e-3)
-    assert post_training_lr(validate_recipe({**tree, "optim": {"lr": 5e-6}}), 0.1) == 5e-6
+    assert fine_tuning_lr(validate_recipe(tree), model, 0.1) == pytest.approx(1e-3)
+    assert fine_tuning_lr(validate_recipe({**tree, "optim": {"lr": 5e-6}}), model, 0.1) == 5e-6
+
+
+def test_someone_elses_checkpoint_gets_the_literatures_fine_tuning_lr(tmp_path):
+    """Not an lmlab artifact: full SFT, LoRA and DPO LRs from docs/rules.md §4-5 for the model's size, and a
+    warning for an LR far outside that range (3e-3, lmlab's tiny-model default, would wreck a real model)."""
+    from lmlab.models.build import load_model
+    from lmlab.recipe import validate_recipe
+    from lmlab.stages.posttrain import fine_tuning_lr
+    from tests.families import family_checkpoint
+
+    checkpoint = family_checkpoint("qwen3", tmp_path / "qwen3")
+    model = load_model(checkpoint)  # tens of thousands of parameters: the sub-1B row
+    tree = {"name": "s", "stage": "sft", "model": {"from_pretrained": str(checkpoint)}}
+    full = fine_tuning_lr(validate_recipe(tree), model, from_previous=False)
+    assert 3e-5 <= full <= 1e-4
+    lora = fine_tuning_lr(validate_recipe({**tree, "lora": {"enabled": True}}), model, from_previous=False)
+    assert 5e-4 <= lora <= 1e-3
+    dpo = fine_tuning_lr(validate_recipe({**tree, "stage": "dpo"}), model, 0.1)
+    assert dpo == pytest.approx(full * 0.1, rel=0.05)
+    with pytest.warns(UserWarning, match="optim.lr 3.0e-03 is far from the usual"):
+        fine_tuning_lr(validate_recipe({**tree, "optim": {"lr": 3e-3}}), model, from_previous=False)
 
 
 def test_dpo_pairs_improve_the_chosen_margin(tmp_path, base_model):

@@ -91,7 +91,39 @@ def test_shipped_recipes_validate(tmp_path):
 
             assert load_study_file(path).name == tree["name"]
             continue
-        upstream = (tree.get("model") or {}).get("from_pretrained")
-        if upstream:
-            (tmp_path / upstream).mkdir(parents=True, exist_ok=True)
+        for block, key in (("model", "from_pretrained"), ("tokenizer", "path"), ("distill", "teacher")):
+            upstream = (tree.get(block) or {}).get(key)
+            if upstream:
+                (tmp_path / upstream).mkdir(parents=True, exist_ok=True)
         assert isinstance(load_recipe(path), Recipe)
+
+
+def test_a_budget_on_the_command_line_replaces_the_recipes(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ntrain: {tokens: 100000, micro_batch_size: 2}\n")
+    recipe = load_recipe(path, ["train.max_steps=20"])
+    assert recipe.train.max_steps == 20 and recipe.train.tokens is None and recipe.train.micro_batch_size == 2
+    assert load_recipe(path, ["train.epochs=2"]).train.epochs == 2
+
+
+def test_an_unknown_key_gets_a_suggestion_or_its_lmlab_name(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\n")
+    with pytest.raises(LmlabError, match=r"unknown key 'learning_rate' \(lmlab calls it optim.lr\)"):
+        load_recipe(path, ["optim.learning_rate=1e-4"])
+    with pytest.raises(LmlabError, match=r"unknown key 'lrr' \(did you mean optim.lr\?\)"):
+        load_recipe(path, ["optim.lrr=1e-4"])
+    path.write_text("name: r\ntrain:\n  micro_batch: 4\n")
+    with pytest.raises(LmlabError, match=r"r.yaml:3: train.micro_batch: unknown key 'micro_batch' "
+                                         r"\(did you mean train.micro_batch_size\?\)"):
+        load_recipe(path)
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    import lmlab
+    from lmlab.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"lmlab {lmlab.__version__}"

@@ -33,9 +33,19 @@ OS_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is
               errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}
 
 
+def _version(value: bool) -> None:
+    if value:
+        import lmlab
+
+        typer.echo(f"lmlab {lmlab.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors only."),
-            debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
+            debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error."),
+            version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                         help="Print the version and exit.")) -> None:
     """Plan and run the training lifecycle of a language model by recipe."""
     from lmlab.console import quiet_libraries_env
 
@@ -75,6 +85,11 @@ def user_errors(fn: Callable) -> Callable:
 from lmlab.cli.plan import plan as _plan  # noqa: E402 - light: typer and the stdlib only
 
 app.command("plan")(user_errors(_plan))
+
+from lmlab.cli import chat as _chat  # noqa: E402 - light: typer only until a command runs
+
+app.command("chat")(user_errors(_chat.chat))
+app.command("generate")(user_errors(_chat.generate))
 
 from lmlab.cli import data as _data  # noqa: E402 - light: typer only until a command runs
 

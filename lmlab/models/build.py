@@ -105,6 +105,8 @@ def load_model(path: str | Path, trust_remote_code: bool = False, attn_implement
     path = Path(path)
     if is_ensemble(path):
         return load_ensemble(path, lambda member: load_model(member, trust_remote_code, attn_implementation, dtype))
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return load_adapter(path, trust_remote_code, attn_implementation, dtype)
     if not (path / "config.json").is_file():
         raise LmlabError("not a HF checkpoint: config.json is missing", file=str(path))
     if not any(path.glob("*.safetensors")):
@@ -112,6 +114,27 @@ def load_model(path: str | Path, trust_remote_code: bool = False, attn_implement
                          file=str(path), hint="convert the checkpoint with `save_pretrained(safe_serialization=True)`")
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
                                                 attn_implementation=attn_implementation, dtype=dtype)
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base checkpoint a LoRA adapter was trained on (lmlab writes it as an absolute path)."""
+    config = adapter_dir / "adapter_config.json"
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise LmlabError(f"the adapter's base model '{base}' is not a local directory", file=str(config),
+                         field="base_model_name_or_path",
+                         hint="point base_model_name_or_path at the base checkpoint's directory")
+    return Path(base)
+
+
+def load_adapter(adapter_dir: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+                 dtype: Any = None) -> "PreTrainedModel":
+    """A LoRA adapter merged into its base: a plain model every command can use as a checkpoint."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base(adapter_dir), trust_remote_code, attn_implementation, dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return merged.requires_grad_(True)  # peft froze the base; as a checkpoint, all of it is trainable again
 
 
 def check_vocab(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", where: str = "model") -> None:
@@ -154,6 +177,8 @@ def check_checkpoint(path: Path, field: str, tokenizer_only: bool = False, needs
         for member in members:
             check_checkpoint(Path(member), field)
         return
+    if not tokenizer_only and (path / "adapter_config.json").is_file():
+        adapter_base(path)  # the base it merges into exists
     if not tokenizer_only and not (path / "adapter_config.json").is_file():
         config = path / "config.json"
         if not config.is_file():

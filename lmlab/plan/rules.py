@@ -99,17 +99,20 @@ def sft_epoch_warning(epochs: float) -> Advice | None:
                   "fewer under-fits; more raises in-domain scores while out-of-domain generalisation falls", EVOLM)
 
 
-def learning_rate(params: int, method: str) -> Advice:
+def learning_rate_range(params: float, method: str) -> tuple[float, float]:
+    """The usual fine-tuning LR range for a pretrained model of `params` parameters (docs/rules.md §4)."""
     if method in ("lora", "qlora"):
         if params < 1e9:
-            lr = (5e-4, 1e-3)
-        elif params < 20e9:
-            lr = (1e-4, 5e-4)
-        else:
-            lr = (5e-5, 2e-4)
+            return 5e-4, 1e-3
+        return (1e-4, 5e-4) if params < 20e9 else (5e-5, 2e-4)
+    return (1e-5, 3e-5) if params >= 1e9 else (3e-5, 1e-4)
+
+
+def learning_rate(params: int, method: str) -> Advice:
+    lr = learning_rate_range(params, method)
+    if method in ("lora", "qlora"):
         reason = "LoRA LR by model size: <1B 5e-4..1e-3, 7-13B 1e-4..5e-4, 30B+ 5e-5..2e-4"
     else:
-        lr = (1e-5, 3e-5) if params >= 1e9 else (3e-5, 1e-4)
         reason = "full fine-tuning needs far lower LRs than LoRA (1e-5..3e-5 at billions of parameters); " \
                  "SFT LR about 10x below pretraining"
     return Advice("lr", "info", f"{method} LR {lr[0]:.0e}-{lr[1]:.0e}", reason, f"{FT}; {PLAYBOOK}")

@@ -136,17 +136,15 @@ def chat_data(recipe, tokenizer):
     from datasets import Dataset
 
     from lmlab.data.pretrain_data import PackedData
-    from lmlab.data.tokenizer import chat_template
-    from lmlab.stages.posttrain import load_sft_data
+    from lmlab.stages.posttrain import load_sft_data, training_template
 
-    if recipe.sft.chat_template != "tokenizer":
-        tokenizer.chat_template = chat_template(recipe.sft.chat_template)
+    template = training_template(tokenizer)  # the labels are on assistant tokens: the template marks them
     records = load_sft_data(recipe, tokenizer)
 
     def tokenise(split):
         rows = []
         for messages in split["messages"]:
-            enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+            enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template,
                                                 return_assistant_tokens_mask=True, truncation=True,
                                                 max_length=recipe.data.seq_len)
             ids, mask = enc["input_ids"], enc["assistant_masks"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmlab.console import console
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
 
@@ -31,19 +32,58 @@ class SFTData:
 
 
 def prepare_tokenizer(recipe: Recipe):
-    """The checkpoint's tokenizer with the training chat template the recipe asks for."""
-    from lmlab.data.tokenizer import chat_template, load_tokenizer
+    """The checkpoint's tokenizer with the chat template the recipe asks for, checked before compute.
+
+    `auto` keeps the checkpoint's own template (a Qwen3 keeps its tools and thinking, and that is
+    what the artifact is saved with); only a tokenizer without one that has lmlab's ChatML tokens
+    gets lmlab's ChatML. `chatml` / `chatml_think` replace it on request, if their markers are tokens
+    of this vocabulary. SFT's assistant-only loss then needs a template with generation markers:
+    the template's own, or TRL's training version of a known family's template.
+    """
+    from lmlab.data.tokenizer import CHAT_TOKENS, chat_template, load_tokenizer
 
     tokenizer = load_tokenizer(recipe.tokenizer.path or recipe.model.from_pretrained)
-    if recipe.sft.chat_template != "tokenizer":
-        tokenizer.chat_template = chat_template(recipe.sft.chat_template)
+    choice = recipe.sft.chat_template
+    lmlab_vocabulary = all(t in tokenizer.get_vocab() for t in CHAT_TOKENS)
+    if choice in ("chatml", "chatml_think"):
+        if not lmlab_vocabulary:
+            missing = [t for t in CHAT_TOKENS if t not in tokenizer.get_vocab()]
+            raise LmlabError(f"sft.chat_template: {choice} writes {', '.join(missing)}, which this vocabulary lacks "
+                             "(it would become several byte tokens, and no turn would end on a stop token)",
+                             field="sft.chat_template", hint="use sft.chat_template: auto (the checkpoint's own)")
+        tokenizer.chat_template = chat_template(choice)
+    elif not tokenizer.chat_template:
+        if choice == "auto" and lmlab_vocabulary:
+            tokenizer.chat_template = chat_template("chatml")
+        else:
+            raise LmlabError("the tokenizer has no chat template", field="sft.chat_template",
+                             hint="save the checkpoint with its template, or set sft.chat_template: chatml on a "
+                                  "vocabulary with <|im_start|> and <|im_end|>")
+    if recipe.sft.assistant_only_loss and (recipe.stage == "sft" or recipe.distill.data_format == "chat"):
+        training_template(tokenizer)  # fails now, not at the trainer
+    return tokenizer
+
+
+def training_template(tokenizer) -> str:
+    """A template that marks assistant turns with `{% generation %}` (what assistant-only labels need):
+    the tokenizer's own when it has the markers, else TRL's training version of its family's template."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
     if not tokenizer.chat_template:
         raise LmlabError("the tokenizer has no chat template", field="sft.chat_template",
-                         hint="set sft.chat_template: chatml")
-    if recipe.sft.assistant_only_loss and "generation" not in tokenizer.chat_template:
-        raise LmlabError("assistant_only_loss needs {% generation %} markers, which this chat template lacks",
-                         field="sft.chat_template", hint="use sft.chat_template: chatml (lmlab's training template)")
-    return tokenizer
+                         hint="set sft.chat_template: chatml on a vocabulary with <|im_start|> and <|im_end|>")
+    if has_generation_markers(tokenizer.chat_template):
+        return tokenizer.chat_template
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:
+        patched = None
+    if patched is None or not has_generation_markers(patched):
+        raise LmlabError("assistant-only loss needs a chat template that marks assistant turns "
+                         "({% generation %}); this one does not, and TRL has no training version of it",
+                         field="sft.chat_template",
+                         hint="set sft.assistant_only_loss: false, or give a template with generation markers")
+    return patched
 
 
 def sft_records(recipe: Recipe):
@@ -151,15 +191,39 @@ def load_policy(recipe: Recipe, tokenizer):
     return model
 
 
-def post_training_lr(recipe: Recipe, ratio: float) -> float:
-    """optim.lr when the recipe sets it; else the input model's training LR x `ratio` (docs/rules.md §5:
-    preference optimisation and RL train 5-20x below the SFT LR)."""
-    if "lr" in recipe.optim.model_fields_set:
-        return recipe.optim.lr
-    from lmlab.artifacts import read_manifest
+def fine_tuning_lr(recipe: Recipe, model, ratio: float = 1.0, from_previous: bool = True) -> float:
+    """The stage's LR, printed with where it comes from.
 
-    previous = read_manifest(recipe.model.from_pretrained or "").get("recipe", {}).get("optim", {}).get("lr")
-    return (previous or recipe.optim.lr) * ratio
+    - optim.lr when the recipe sets it (with a warning when it is far outside the usual range for a
+      pretrained model of this size and method);
+    - after an lmlab stage: the previous stage's LR x `ratio` (`from_previous`; docs/rules.md §5:
+      preference optimisation and RL train 5-20x below the SFT LR), or the recipe's default;
+    - on someone else's checkpoint: the literature's fine-tuning LR for its size and method (full,
+      LoRA), x `ratio` for preference optimisation, RL and reward models.
+    """
+    import math
+
+    from lmlab.artifacts import read_manifest
+    from lmlab.models.build import count_parameters
+    from lmlab.plan.rules import FT, learning_rate_range
+
+    method = ("qlora" if recipe.lora.quantize == "nf4" else "lora") if recipe.lora.enabled else "full"
+    params = count_parameters(model)
+    low, high = (bound * ratio for bound in learning_rate_range(params, method))
+    manifest = read_manifest(recipe.model.from_pretrained or "")
+    if "lr" in recipe.optim.model_fields_set:
+        lr = recipe.optim.lr
+        if not manifest and not low / 3 <= lr <= high * 3:
+            warnings.warn(f"optim.lr {lr:.1e} is far from the usual {low:.0e}..{high:.0e} for {method} "
+                          f"{recipe.stage} of a {params / 1e9:.2g}B-parameter pretrained model ({FT})", stacklevel=2)
+        return lr
+    if manifest:  # an lmlab chain: its own tiny-model LRs
+        previous = manifest.get("recipe", {}).get("optim", {}).get("lr") if from_previous else None
+        return (previous or recipe.optim.lr) * ratio
+    lr = float(f"{math.sqrt(low * high):.1e}")
+    console().print(f"optim.lr {lr:.1e}: the usual {method} {recipe.stage} LR for a {params / 1e9:.2g}B-parameter "
+                    f"pretrained model ({low:.0e}..{high:.0e}; {FT}); set optim.lr to choose another")
+    return lr
 
 
 def check_preference_inputs(recipe: Recipe, pairs: list, prompts: list) -> None:

@@ -121,15 +121,15 @@ def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False
     """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
     from lmlab.models.build import load_model
     from lmlab.stages.common import open_stage, save_final
-    from lmlab.stages.posttrain import load_policy, post_training_lr, prepare_tokenizer
+    from lmlab.stages.posttrain import fine_tuning_lr, load_policy, prepare_tokenizer
 
     out, p, run_dir = console(), recipe.preference, recipe.run_dir
     open_stage(recipe, resume, overwrite)
     tokenizer = prepare_tokenizer(recipe)
     given, prompts, scorer = preference_data(recipe, tokenizer)
-    lr = post_training_lr(recipe, p.lr_ratio)
     done = _finished_rounds(run_dir) if resume else []
     model = load_model(run_dir / f"round-{done[-1]}" / "model") if done else load_policy(recipe, tokenizer)
+    lr = fine_tuning_lr(recipe, model, p.lr_ratio)
     out.print(f"[bold]{recipe.name}[/]: {recipe.stage} (beta {p.beta}"
               + (f", loss {'+'.join(p.loss_type)}" if recipe.stage == "dpo" else "")
               + f", lr {lr:.2e}), {p.rounds} round(s)" + (f", resuming after round {done[-1]}" if done else ""))

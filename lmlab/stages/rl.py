@@ -56,7 +56,7 @@ def rl_prompts(recipe: Recipe):
 def prepare_rl(recipe: Recipe):
     """Prompts, rewards, model and trainer; every input check happens here, before compute."""
     from lmlab.stages.common import stage_callbacks, steps_over_examples, training_arguments
-    from lmlab.stages.posttrain import load_policy, lora_config, post_training_lr, prepare_tokenizer
+    from lmlab.stages.posttrain import fine_tuning_lr, load_policy, lora_config, prepare_tokenizer
     from lmlab.trainers import lmlab_trainer
 
     r, t = recipe.rl, recipe.train
@@ -66,7 +66,7 @@ def prepare_rl(recipe: Recipe):
     model = load_policy(recipe, tokenizer)
     # TRL ends a completion at every EOS id of the generation config: the template's end of turn too
     stop_at_end_of_turn(model, tokenizer)
-    lr = post_training_lr(recipe, r.lr_ratio)
+    lr = fine_tuning_lr(recipe, model, r.lr_ratio)
     steps = steps_over_examples(t, len(prompts), per_example=r.num_generations)  # completions per step
     if r.algorithm == "grpo":
         from trl import GRPOConfig as Config

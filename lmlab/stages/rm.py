@@ -74,7 +74,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
 
     from lmlab.stages.common import (open_stage, save_final, stage_callbacks, steps_over_examples, train,
                                      training_arguments)
-    from lmlab.stages.posttrain import post_training_lr, prepare_tokenizer
+    from lmlab.stages.posttrain import fine_tuning_lr, prepare_tokenizer
     from lmlab.trainers import lmlab_trainer
 
     out = console()
@@ -83,7 +83,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     train_rows, validation, overlong = reward_pairs(recipe, tokenizer)
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
     steps = steps_over_examples(recipe.train, len(train_rows))
-    lr = post_training_lr(recipe, recipe.preference.lr_ratio)  # a new head on a trained body: far below SFT's
+    lr = fine_tuning_lr(recipe, model, recipe.preference.lr_ratio)  # a new head on a trained body: below SFT's
     args = training_arguments(recipe, recipe.run_dir / "checkpoints", steps, validation is not None,
                               args_class=RewardConfig, max_length=recipe.data.seq_len, dataset_num_proc=None,
                               learning_rate=lr)

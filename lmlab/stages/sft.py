@@ -16,7 +16,8 @@ from typing import Any
 
 from lmlab.console import console
 from lmlab.recipe import Recipe
-from lmlab.stages.posttrain import SFTData, load_policy, load_sft_data, lora_config, prepare_tokenizer
+from lmlab.stages.posttrain import (SFTData, fine_tuning_lr, load_policy, load_sft_data, lora_config,
+                                    prepare_tokenizer)
 
 def sft_epochs(recipe: Recipe, examples: int) -> float | None:
     """Epochs from the recipe, else the dataset-size rule; warns outside EvoLM's 2-4 window."""
@@ -62,6 +63,7 @@ def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
         from lmlab.models.build import count_parameters
 
         max_steps = training_budget(recipe.train, recipe.data.seq_len, count_parameters(model), None).max_steps
+    extra["learning_rate"] = fine_tuning_lr(recipe, model, from_previous=False)
     args = training_arguments(recipe, recipe.run_dir / "checkpoints", max_steps, has_val, args_class=SFTConfig,
                               **extra)
     if epochs is not None:  # warmup (and WSD's decay) as a share of the real number of steps
