@@ -13,6 +13,7 @@ On a GPU both sides train in bf16 there (lmlab's `precision: auto`, autocast in 
     python benchmarks/pretrain_throughput.py            # ~2M-parameter model, CPU
     python benchmarks/pretrain_throughput.py --steps 40 --rounds 3
     python benchmarks/pretrain_throughput.py --nproc 2  # both sides on 2 processes (gloo on CPU)
+    python benchmarks/pretrain_throughput.py --nproc 2 --fsdp2   # and the bare loop under FSDP2 vs DDP
 """
 
 from __future__ import annotations
@@ -65,8 +66,11 @@ def time_lmlab(workdir: Path, steps: int, seq_len: int, micro: int, name: str, m
     return steps * job.budget.tokens_per_step / elapsed
 
 
-def time_bare(workdir: Path, steps: int, seq_len: int, micro: int, model: dict | None = None) -> float:
-    """The loop a person writes by hand: no Trainer, no callbacks, no logging."""
+def time_bare(workdir: Path, steps: int, seq_len: int, micro: int, model: dict | None = None,
+              shard: str = "ddp", losses: list | None = None) -> float:
+    """The loop a person writes by hand: no Trainer, no callbacks, no logging. On several processes the
+    model is wrapped in DDP, or (`shard="fsdp2"`) sharded with FSDP2's `fully_shard`, one unit per
+    decoder layer and one for the rest; `losses` collects every step's loss (a sync per step)."""
     import torch
 
     from lmlab.data.pretrain_data import build_packed_data
@@ -80,10 +84,6 @@ def time_bare(workdir: Path, steps: int, seq_len: int, micro: int, model: dict |
     model = build_model(recipe.model, tokenizer, seed=recipe.seed).to(device)
     model.config.use_cache = False
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
     warmup = int(0.05 * steps)
 
     def lr_lambda(step):
@@ -92,15 +92,26 @@ def time_bare(workdir: Path, steps: int, seq_len: int, micro: int, model: dict |
         progress = (step - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(data.train, shuffle=True, seed=0)
         loader = torch.utils.data.DataLoader(data.train, batch_size=micro, sampler=sampler)
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        if shard == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
     else:
         loader = torch.utils.data.DataLoader(data.train, batch_size=micro, shuffle=True,
                                              generator=torch.Generator().manual_seed(0))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     batches = iter(loader)
     synchronize()
     start = time.perf_counter()
@@ -110,6 +121,11 @@ def time_bare(workdir: Path, steps: int, seq_len: int, micro: int, model: dict |
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**batch).loss
         loss.backward()
+        if losses is not None:
+            mean = loss.detach().clone()
+            if world > 1:
+                torch.distributed.all_reduce(mean)
+            losses.append(float(mean) / world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -136,12 +152,14 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8, help="per process")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--nproc", type=int, default=1, help="processes for both sides (torchrun)")
+    parser.add_argument("--fsdp2", action="store_true", help="also train the bare loop under FSDP2 (fully_shard) "
+                        "and compare its losses and speed with DDP's (needs --nproc 2 or more)")
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)  # shared by the ranks
     args = parser.parse_args()
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks, each runs main() below
         # the ranks get every option but --nproc, which torchrun's own parser would take for an abbreviation
         forwarded = [f"--steps={args.steps}", f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}",
-                     f"--rounds={args.rounds}"]
+                     f"--rounds={args.rounds}", *(["--fsdp2"] if args.fsdp2 else [])]
         with tempfile.TemporaryDirectory() as tmp:
             raise SystemExit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                               f"--nproc_per_node={args.nproc}", __file__, *forwarded,
@@ -185,6 +203,18 @@ def alternate(workdir: Path, steps: int, seq_len: int, micro: int, rounds: int, 
     return lmlab_tps, bare_tps
 
 
+def compare_fsdp2(workdir: Path, steps: int, seq_len: int, micro: int) -> dict[str, str]:
+    """The bare loop under DDP and under FSDP2 on the same batches: the losses agree (sharding changes
+    where the parameters live, not the arithmetic), and the speed ratio says what sharding costs here."""
+    ddp_losses: list[float] = []
+    fsdp_losses: list[float] = []
+    ddp = time_bare(workdir, steps, seq_len, micro, shard="ddp", losses=ddp_losses)
+    fsdp = time_bare(workdir, steps, seq_len, micro, shard="fsdp2", losses=fsdp_losses)
+    diff = max(abs(a - b) / abs(a) for a, b in zip(ddp_losses, fsdp_losses))
+    return {"fsdp2_last_loss": f"{fsdp_losses[-1]:.4f}", "ddp_last_loss": f"{ddp_losses[-1]:.4f}",
+            "fsdp2_max_relative_loss_difference": f"{diff:.2e}", "fsdp2_over_ddp_tokens_per_s": f"{fsdp / ddp:.3f}"}
+
+
 def measure(args, workdir: Path) -> None:
     import torch
 
@@ -194,10 +224,11 @@ def measure(args, workdir: Path) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     write_tokenizer(workdir, VOCAB, 2_000_000)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    fsdp2 = compare_fsdp2(workdir, args.steps, args.seq_len, args.micro_batch) if args.fsdp2 and world > 1 else None
     lmlab_tps, bare_tps = alternate(workdir, args.steps, args.seq_len, args.micro_batch, args.rounds)
     if rank != 0:
         return
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     lm, bare = statistics.median(lmlab_tps), statistics.median(bare_tps)
     pair_ratios = [a / b for a, b in zip(lmlab_tps, bare_tps)]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
@@ -211,6 +242,9 @@ def measure(args, workdir: Path) -> None:
     print(f"bare_tokens_per_s: {bare:.0f}")
     print(f"pair_ratios: {', '.join(f'{x:.3f}' for x in pair_ratios)}")
     print(f"ratio_of_medians: {lm / bare:.3f}")
+    if fsdp2 is not None:
+        for key, value in fsdp2.items():
+            print(f"{key}: {value}")
     print(f"ratio: {statistics.median(pair_ratios):.3f}")
 
 

@@ -124,6 +124,34 @@ def test_checkpoints_resume_across_world_sizes(two_runs, tmp_path):
         assert max(abs(resumed[s] - reference[s]) / reference[s] for s in (4, 5, 6)) < TOLERANCE, (source, resumed)
 
 
+def gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.skipif(gpus() < 2, reason="FSDP2 through accelerate needs GPUs: with use_cpu the Trainer turns FSDP "
+                                       "off (is_fsdp_enabled is False), so on CPU FSDP2 is checked with fully_shard "
+                                       "in the bare loop of benchmarks/pretrain_throughput.py --fsdp2")
+def test_fsdp2_trains_the_losses_of_ddp_and_its_checkpoint_resumes_on_one_process(two_runs, tmp_path):
+    """train.distributed: zero3 (FSDP2 full shard) on 2 GPUs against DDP on the same global batch; its
+    sharded checkpoint resumes on 1 process, and final/ is one plain HF checkpoint."""
+    root, recipe, _ = two_runs
+    tokenizer = ["--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}"]
+    launch(["pretrain", str(recipe), "--set", "name=fsdp", "--set", "train.distributed=zero3", *tokenizer],
+           root, nproc=2, own_launcher=True)
+    launch(["pretrain", str(recipe), "--set", "name=gpu_ddp", "--set", "train.distributed=ddp", *tokenizer],
+           root, nproc=2, own_launcher=True)
+    fsdp, ddp = train_losses(root / "runs" / "fsdp"), train_losses(root / "runs" / "gpu_ddp")
+    assert sorted(fsdp) == sorted(ddp) and max(abs(fsdp[s] - ddp[s]) / ddp[s] for s in ddp) < 1e-2  # bf16 sums
+    run_dir = root / "runs" / "fsdp"
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(run_dir / "final")
+    result = launch(["pretrain", str(recipe), "--resume", "--set", "name=fsdp", "--set", "train.distributed=zero3",
+                     "--set", "train.micro_batch_size=4", *tokenizer], root, nproc=1)
+    assert "resuming from" in result.stdout and (run_dir / "final" / "model.safetensors").is_file()
+
+
 def rank_pids(root: int) -> dict[int, int]:
     """RANK -> pid of the training processes below `root` in the process tree."""
     parents, envs = {}, {}
@@ -173,19 +201,20 @@ def test_a_rank_killed_mid_stage_leaves_a_run_that_resumes(tmp_path):
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
-STAGES = ("pt", "cpt", "sft", "distill")
+STAGES = ("pt", "cpt", "sft", "distill", "dpo")  # the stages whose losses 1 and 2 processes share
 
 
 def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
     """`lmlab run --nproc 2` with micro-batch 2 against one process with micro-batch 4 (the same global
-    batch): tokenizer, pretraining, CPT with replay, SFT, distillation of the SFT model on chat rows and
-    the evaluation. Every stage trains on the
+    batch): tokenizer, pretraining, CPT with replay, SFT, distillation of the SFT model on chat rows, DPO,
+    GRPO and the evaluation. Every stage but GRPO (whose samples depend on each rank's seed) trains on the
     same losses, CPT's forgetting baseline is measured at step 0 on the same held-out rows, the replay
     share is exact over the global batch, and there is one set of artifacts with the same table
     layout, each step logged once."""
     import yaml
 
     from tests.test_pipeline import TINY_MODEL, tiny_pipeline
+    from tests.test_preference_rl import write_pairs_file
 
     results, losses, mixes, baselines = {}, {}, {}, {}
     for nproc in (1, 2):
@@ -203,14 +232,23 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
                                   "train": {"max_steps": 3},
                                   "data": {"train": {"kind": "math", "num_examples": 64}, "seq_len": 96},
                                   "distill": {"data_format": "chat", "top_k": 8, "cache_teacher": True}})
+        # DPO on fixed pairs from the SFT model, then GRPO (sampled per rank: its losses are not compared)
+        pairs = root / "pairs.jsonl"
+        write_pairs_file(pairs, n=16)
+        tree["stages"].insert(5, {"stage": "dpo", "name": "dpo", "from": "sft", "train": {"max_steps": 3},
+                                  "data": {"train": {"kind": "jsonl", "path": str(pairs)}, "seq_len": 96}})
+        tree["stages"].insert(6, {"stage": "rl", "name": "rl", "train": {"max_steps": 2},
+                                  "data": {"train": {"kind": "math", "num_examples": 16}, "seq_len": 96},
+                                  "rl": {"num_generations": 4, "rewards": ["math_format"],
+                                         "max_completion_length": 12}})
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         launch(["run", str(path)], root, nproc=nproc, own_launcher=True)
         run_dir = root / "runs" / tree["name"]
         results[nproc] = json.loads((run_dir / "eval" / "results.json").read_text())
-        for stage in STAGES:
+        for stage in (*STAGES, "rl"):
             assert (run_dir / stage / "final" / "model.safetensors").is_file()
             steps = [r["step"] for r in read_metrics(run_dir / stage) if "loss" in r and "train_loss" not in r]
-            assert steps == sorted(set(steps))
+            assert steps == sorted(set(steps)) and steps, stage
             losses[nproc, stage] = train_losses(run_dir / stage)
         manifest = json.loads((run_dir / "cpt" / "final" / "lmlab.json").read_text())
         mixes[nproc], baselines[nproc] = manifest["replay_mix"], manifest["metrics_before"]
