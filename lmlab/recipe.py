@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +81,11 @@ class SourceSpec(Strict):
     split: str = "train"  # hub / disk split; for math: "id" or "ood"
     weight: float = Field(1.0, gt=0)  # relative share when several sources are mixed
     limit: int | None = Field(None, gt=0)  # keep at most this many documents
+    # chat records written with other names (LLaMA-Factory's dataset_info columns / tags): lmlab's name -> the
+    # file's, for record fields (messages, instruction, output, prompt, completion, system, ...) and for the
+    # keys inside a message (role, content); `roles` maps the file's role names to user / assistant / system / tool
+    columns: dict[str, str] = Field(default_factory=dict)
+    roles: dict[str, str] = Field(default_factory=dict)
     # math generator only
     format: Literal["text", "chat", "prompt"] = "text"
     num_examples: int = Field(20000, gt=0)
@@ -119,13 +125,41 @@ def _future(info: ValidationInfo) -> set[str]:
     return (info.context or {}).get("future_artifacts", set())
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def from_hub_cache(name: str) -> str | None:
+    """The local snapshot of hub model `name` in the HF cache (HF_HOME), if it was downloaded; never fetches."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True, cache_dir=_hf_home())
+    except Exception:  # not cached (or no huggingface_hub): the caller says how to get it
+        return None
+
+
 def _existing_dir(field: str, what: str):
-    """A validator for a directory field: it must exist, or be an artifact an earlier stage will write."""
+    """A validator for a directory field: it must exist, or be an artifact an earlier stage will write;
+    a hub id (`Qwen/Qwen3-0.6B`) resolves to its snapshot in the local HF cache."""
     def check(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not Path(value).is_dir() and value not in _future(info):
-            raise ValueError(f"{what} directory not found: {value}")
-        return value
+        if value is None or Path(value).is_dir() or value in _future(info):
+            return value
+        if HUB_ID.fullmatch(value):
+            cached = from_hub_cache(value)
+            if cached:
+                return cached
+            raise ValueError(f"{what} directory not found: {value} is not a local directory, and the hub model "
+                             f"{value} is not in the local HF cache ({_hf_home()}); nothing is downloaded at run "
+                             f"time: get it with `hf download {value} --local-dir models/{value.split('/')[-1]}` "
+                             "and give that directory")
+        raise ValueError(f"{what} directory not found: {value}")
     return field_validator(field)(classmethod(check))
+
+
+def _hf_home() -> str:
+    """The hub cache directory as the environment says now (huggingface_hub reads it once, at import)."""
+    home = os.environ.get("HF_HOME", os.path.join("~", ".cache", "huggingface"))
+    return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
 
 
 ATTENTION_KERNELS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -282,7 +316,7 @@ class TrainConfig(Strict):
 class SFTConfig(Strict):
     """Supervised fine-tuning on chat records, through TRL's SFTTrainer."""
 
-    layout: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto"  # how records are written
+    layout: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"] = "auto"  # how records are written
     # auto: the checkpoint's own template (lmlab's ChatML for an lmlab vocabulary without one); tokenizer: the
     # checkpoint's, never replaced; chatml / chatml_think: lmlab's, with generation markers (lmlab.stages.posttrain)
     chat_template: Literal["auto", "tokenizer", "chatml", "chatml_think"] = "auto"

@@ -135,3 +135,22 @@ def test_a_template_without_assistant_markers_that_trl_cannot_patch_is_refused(t
         prepare_tokenizer(recipe)
     assert prepare_tokenizer(recipe.model_copy(update={"sft": recipe.sft.model_copy(
         update={"assistant_only_loss": False})}))  # and without assistant-only loss it is fine
+
+
+def test_a_hub_id_resolves_from_the_local_hf_cache_and_says_how_to_get_it_otherwise(tmp_path, monkeypatch):
+    import shutil
+
+    from lmlab.errors import LmlabError
+    from lmlab.recipe import validate_recipe
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someorg--tiny-qwen3" / "snapshots" / ("a" * 40)
+    shutil.copytree(family_checkpoint("qwen3", tmp_path / "user"), snapshot)
+    (cache / "models--someorg--tiny-qwen3" / "refs").mkdir()
+    (cache / "models--someorg--tiny-qwen3" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    recipe = validate_recipe({"name": "s", "stage": "sft", "model": {"from_pretrained": "someorg/tiny-qwen3"}})
+    assert recipe.model.from_pretrained == str(snapshot)
+    with pytest.raises(LmlabError, match=r"not in the local HF cache .*hf download Qwen/Qwen3-0.6B --local-dir "
+                                         r"models/Qwen3-0.6B"):
+        validate_recipe({"name": "s", "stage": "sft", "model": {"from_pretrained": "Qwen/Qwen3-0.6B"}})

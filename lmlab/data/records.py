@@ -30,8 +30,9 @@ def chat_fingerprint(tokenizer) -> str:
     return records_fingerprint(tokenizer_hash(tokenizer), tokenizer.chat_template)
 
 
-def cached_records(rows: Callable[[], Iterator[dict[str, Any]]], fingerprint: str):
-    """A disk-backed `datasets.Dataset` of `rows()`, written once for this fingerprint; None if no rows."""
+def cached_records(rows: Callable[[], Iterator[dict[str, Any]]], fingerprint: str, features=None):
+    """A disk-backed `datasets.Dataset` of `rows()`, written once for this fingerprint; None if no rows.
+    `features` fixes the schema where rows differ in shape (chat messages with and without tool calls)."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
@@ -40,7 +41,7 @@ def cached_records(rows: Callable[[], Iterator[dict[str, Any]]], fingerprint: st
 
     datasets.disable_progress_bars()  # lmlab's own status line says what is happening
     try:
-        return datasets.Dataset.from_generator(generate, gen_kwargs={"fingerprint": fingerprint},
+        return datasets.Dataset.from_generator(generate, gen_kwargs={"fingerprint": fingerprint}, features=features,
                                                fingerprint=fingerprint, cache_dir=str(cache_dir() / "datasets"))
     except DatasetGenerationError as exc:  # a bad record: the error lmlab raised while reading it
         if type(exc.__cause__).__name__ == "SchemaInferenceError":  # no rows at all

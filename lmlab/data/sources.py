@@ -22,8 +22,36 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".csv",
 DIRECTORY_SUFFIXES = {"text": TEXT_SUFFIXES, "jsonl": {".jsonl", ".json", ".ndjson", ".gz"}, "parquet": {".parquet"}}
 
 
+def read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """`(line_number, record)` for each object of a JSON array file (LLaMA-Factory's alpaca / sharegpt
+    files), each numbered by the line its object starts on."""
+    decoder, position = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return
+        line = text.count("\n", 0, position) + 1
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as exc:
+            raise LmlabError(f"malformed JSON ({exc.msg})", file=str(path), line=exc.lineno) from None
+        if not isinstance(record, dict):
+            raise LmlabError("each element of the array must be a JSON object", file=str(path), line=line)
+        yield line, record
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """`(line_number, record)` for each non-blank line; a bad line is an error naming file and line."""
+    """`(line_number, record)` for each non-blank line, or each object of a file holding one JSON array;
+    a bad line is an error naming file and line."""
+    if str(path).endswith(".json"):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LmlabError("not UTF-8 text", file=str(path), line=first_undecodable_line(path)) from None
+        if text.lstrip().startswith("["):
+            yield from read_json_array(Path(path), text)
+            return
     opener = open
     if str(path).endswith(".gz"):
         import gzip

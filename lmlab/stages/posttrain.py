@@ -88,7 +88,7 @@ def training_template(tokenizer) -> str:
 
 def sft_records(recipe: Recipe):
     """Every chat record of the recipe's sources as a disk-backed table (messages, doc_id), built once."""
-    from lmlab.data.chat import chat_records
+    from lmlab.data.chat import chat_features, chat_records
     from lmlab.data.records import cached_records, records_fingerprint
     from lmlab.data.store import source_fingerprint
 
@@ -100,9 +100,11 @@ def sft_records(recipe: Recipe):
                     row["chat_template_kwargs"] = {"enable_thinking": recipe.sft.enable_thinking}
                 yield row
 
-    identity = records_fingerprint("sft", [source_fingerprint(s, recipe.seed) for s in recipe.data.train],
-                                   recipe.sft.layout, recipe.sft.enable_thinking)
-    return cached_records(rows, identity), identity
+    identity = records_fingerprint("sft-v2", [source_fingerprint(s, recipe.seed) for s in recipe.data.train],
+                                   recipe.sft.layout, recipe.sft.enable_thinking,
+                                   [(s.columns, s.roles) for s in recipe.data.train])
+    features = chat_features(template_kwargs=recipe.sft.enable_thinking is not None)
+    return cached_records(rows, identity, features), identity
 
 
 def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
