@@ -53,7 +53,7 @@ def test_generate_answers_a_file_of_prompts(tmp_path):
 
 def test_a_lora_adapter_is_a_checkpoint_for_every_command_from_any_directory(tmp_path, base_model, monkeypatch):
     """SFT with LoRA from a base given as a relative path; then, from another directory, DPO continues
-    from the adapter, and eval, chat and export take it."""
+    from the adapter, and pairs, eval, chat and export take it."""
     from lmlab.stages.preference import run_preference
     from lmlab.stages.sft import run_sft
     from tests.test_preference_rl import post_recipe, write_pairs_file
@@ -77,6 +77,9 @@ def test_a_lora_adapter_is_a_checkpoint_for_every_command_from_any_directory(tmp
                                      train={"max_steps": 2}))
     assert (dpo / "model.safetensors").is_file()
     runner = CliRunner()
+    sampled = runner.invoke(app, ["pairs", str(adapter.resolve()), "--n", "4", "-k", "2", "--scorer", "math_format",
+                                  "--out", str(elsewhere / "sampled.jsonl")])
+    assert sampled.exit_code == 0 and (elsewhere / "sampled.jsonl").is_file(), sampled.output
     evaluated = runner.invoke(app, ["eval", str(adapter.resolve()), "--tasks", "math_id", "--n", "4"])
     assert evaluated.exit_code == 0, evaluated.output
     chatted = runner.invoke(app, ["chat", str(adapter.resolve()), "--max-new-tokens", "8"], input="What is 2 + 3?\n")

@@ -154,3 +154,27 @@ def test_a_hub_id_resolves_from_the_local_hf_cache_and_says_how_to_get_it_otherw
     with pytest.raises(LmlabError, match=r"not in the local HF cache .*hf download Qwen/Qwen3-0.6B --local-dir "
                                          r"models/Qwen3-0.6B"):
         validate_recipe({"name": "s", "stage": "sft", "model": {"from_pretrained": "Qwen/Qwen3-0.6B"}})
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dpo_and_grpo_on_the_familys_checkpoint_keep_its_template_and_stops(tmp_path, family):
+    """DPO on given pairs, then GRPO from the DPO model, in the checkpoint's own template; each saved model
+    keeps that template and stops at the family's end-of-turn token."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lmlab.stages.preference import run_preference
+    from lmlab.stages.rl import run_rl
+    from tests.test_preference_rl import post_recipe, write_pairs_file
+
+    checkpoint = family_checkpoint(family, tmp_path / family)
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs_file(pairs)
+    dpo = run_preference(post_recipe(tmp_path, checkpoint, "dpo", data={"train": {"kind": "jsonl", "path": str(pairs)}},
+                                     train={"max_steps": 2}))
+    rl = run_rl(post_recipe(tmp_path, dpo, "rl", train={"max_steps": 2},
+                            rl={"num_generations": 4, "rewards": ["math_format"], "max_completion_length": 8}))
+    original = AutoTokenizer.from_pretrained(checkpoint).chat_template
+    turn_end = AutoTokenizer.from_pretrained(checkpoint).convert_tokens_to_ids(FAMILIES[family]["end_of_turn"])
+    for final in (dpo, rl):
+        assert AutoTokenizer.from_pretrained(final).chat_template == original
+        assert turn_end in GenerationConfig.from_pretrained(final).eos_token_id

@@ -130,3 +130,20 @@ def test_sft_trains_on_each_layout_with_a_qwen3_style_checkpoint(tmp_path, layou
     final = run_sft(recipe)
     assert (final / "model.safetensors").is_file()
     assert AutoTokenizer.from_pretrained(final).chat_template == AutoTokenizer.from_pretrained(checkpoint).chat_template
+
+
+def test_pretraining_text_from_a_json_array_builds_the_same_store_as_jsonl(tmp_path, tok_dir):
+    """A JSON array is not line-delimited, so it is read whole rather than split into byte ranges."""
+    from lmlab.data.pretrain_data import build_packed_data
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.recipe import DataConfig
+
+    docs = [{"text": f"document {i}: " + "some words to pack " * (i % 7 + 3)} for i in range(60)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs, indent=2))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tokenizer = load_tokenizer(tok_dir)
+    rows = {}
+    for name in ("docs.json", "docs.jsonl"):
+        data = DataConfig(train={"kind": "jsonl", "path": str(tmp_path / name)}, seq_len=32, validation_fraction=0.0)
+        rows[name] = build_packed_data(data, tokenizer, 0, 0).train.to_dict()["input_ids"]
+    assert rows["docs.json"] and rows["docs.json"] == rows["docs.jsonl"]

@@ -120,6 +120,12 @@ def test_lmlab_fit_reads_points_fits_each_recipe_and_reports_efficiency(tmp_path
     assert "standard: L = " in result.output and "asymptote E = 2.0000" in result.output
     assert "data efficiency of joint over standard: 4.00x" in result.output
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
+    below = "\n".join(rows[:-1] + ["joint,1e8,1.95"]) + "\n"  # joint ends under standard's asymptote
+    points.write_text(below)
+    unbounded = CliRunner().invoke(app, ["fit", str(points), "--x", "tokens", "--group", "recipe", "--bootstrap", "0",
+                                         "--efficiency", "standard,joint"])
+    assert "data efficiency of joint over standard: unbounded (joint reaches a loss of 1.9500" in unbounded.output
+    assert "infx" not in unbounded.output
     points.write_text("recipe,tokens,loss\nstandard,1e6,oops\n")
     bad = CliRunner().invoke(app, ["fit", str(points), "--x", "tokens"])
     assert bad.exit_code == 2 and "points.csv:2: loss: 'oops' is not a number" in bad.output

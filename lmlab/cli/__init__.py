@@ -226,7 +226,12 @@ def fit(points: Path = typer.Argument(..., help="A .csv or .jsonl file of points
         if base not in series or other not in series:
             raise LmlabError(f"--efficiency names unknown groups; known: {', '.join(series)}", field="--efficiency")
         ratio = data_efficiency(*series[base], *series[other])
-        typer.echo(f"data efficiency of {other} over {base}: {ratio:.2f}x")
+        if ratio == float("inf"):
+            typer.echo(f"data efficiency of {other} over {base}: unbounded ({other} reaches a loss of "
+                       f"{min(series[other][1]):.4f}, below {base}'s fitted asymptote E = {fits[base].E:.4f}: "
+                       f"no amount of {base}'s data matches it)")
+        else:
+            typer.echo(f"data efficiency of {other} over {base}: {ratio:.2f}x")
     if out:
         plot_fits({name: (*series[name], f) for name, f in fits.items()}, out, xlabel=x)
         typer.echo(f"plot: {out}")

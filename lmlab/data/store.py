@@ -197,6 +197,14 @@ class Chunk:
     size: int = 0  # bytes or characters, for the progress bar
 
 
+def is_json_array(path: Path) -> bool:
+    """A `.json` file holding one JSON array (not one object per line)."""
+    if path.suffix != ".json":
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4096).lstrip().startswith(b"[")
+
+
 def _jsonl_chunks(path: Path) -> Iterator[Chunk]:
     """Byte ranges of about CHUNK_BYTES ending at a newline, with the line number each starts at."""
     size = path.stat().st_size
@@ -242,7 +250,8 @@ def plan_chunks(spec: SourceSpec, seed: int) -> tuple[Iterator[Chunk], int | Non
     from lmlab.data.sources import local_files
 
     files = local_files(spec.path, spec.kind) if spec.kind == "jsonl" else []
-    if files and spec.limit is None and not any(str(p).endswith(".gz") for p in files):
+    # line-delimited files split into byte ranges; a gzip file or a JSON array is read whole, in order
+    if files and spec.limit is None and not any(str(p).endswith(".gz") or is_json_array(p) for p in files):
         total = sum(p.stat().st_size for p in files)
         return (chunk for p in files for chunk in _jsonl_chunks(p)), total
     if spec.kind == "text":
