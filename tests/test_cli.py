@@ -101,3 +101,23 @@ def test_a_full_disk_is_one_error_line_naming_the_path(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("error:"))
     assert "recipe.yaml" in line and "the disk is full" in line and "Traceback" not in result.output
+
+
+def test_dry_run_of_a_stage_shows_model_budget_memory_and_time_and_writes_nothing(tmp_path, base_model):
+    from tests.helpers import tiny_recipe_file
+
+    recipe = tiny_recipe_file(tmp_path, "dry", train={"tokens": 4096, "max_steps": None, "micro_batch_size": 2})
+    result = CliRunner().invoke(app, ["pretrain", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for expected in ("model: a fresh llama, ", "budget: 64 steps x 64 tokens = 4,096 tokens", "memory per device: ",
+                     "time: about "):
+        assert expected in result.output, (expected, result.output)
+    assert not (tmp_path / "runs" / "dry").exists()
+    sft = tiny_recipe_file(tmp_path, "dry_sft", stage="sft", model={"from_pretrained": str(base_model)},
+                           tokenizer={}, data={"train": {"kind": "math", "num_examples": 100}, "seq_len": 96},
+                           train={"micro_batch_size": 4, "max_steps": None})
+    shown = CliRunner().invoke(app, ["sft", str(sft), "--dry-run"])
+    assert shown.exit_code == 0, shown.output
+    assert "data: 90 conversations, 3 epochs" in shown.output and "budget: 69 steps x 4 sequences" in shown.output
+    bad = CliRunner().invoke(app, ["sft", str(sft), "--dry-run", "--set", "data.seq_len=4096"])
+    assert bad.exit_code == 2 and "exceeds the model's maximum" in bad.output

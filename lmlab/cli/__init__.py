@@ -170,10 +170,23 @@ def _stage_command(stage: str, recipe_help: str, summary: str) -> Callable:
                 resume: bool = ResumeOption, overwrite: bool = OverwriteOption, force: bool = ForceOption,
                 nproc: int = NprocOption, nnodes: int = NnodesOption, node_rank: int = NodeRankOption,
                 master_addr: Optional[str] = MasterOption, master_port: int = PortOption,
-                accelerate_config: Optional[Path] = AccelerateConfigOption) -> None:
+                accelerate_config: Optional[Path] = AccelerateConfigOption,
+                dry_run: bool = typer.Option(False, "--dry-run", help="Check every input and show the model, "
+                                             "budget, memory and time; train and write nothing.")) -> None:
         from lmlab.recipe import load_recipe
 
-        load_recipe(recipe, [*(set_ or []), f"stage={stage}"])  # a bad recipe fails once, before any launch
+        loaded = load_recipe(recipe, [*(set_ or []), f"stage={stage}"])  # a bad recipe fails once, before any launch
+        if dry_run:
+            from lmlab.console import silence_libraries
+            from lmlab.stages.dryrun import describe
+
+            silence_libraries()
+            if nproc * nnodes > 1:
+                os.environ.setdefault("WORLD_SIZE", str(nproc * nnodes))  # the batch and memory of that many
+            with errors_about(recipe):
+                for line in describe(loaded):
+                    typer.echo(line)
+            return
         relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
         _run_stage(stage, recipe, set_, resume, overwrite, force)
 
