@@ -49,8 +49,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-SourceKind = Literal["general", "math", "text", "jsonl", "parquet", "disk", "hub"]
-LOCAL_KINDS = ("text", "jsonl", "parquet", "disk")
+SourceKind = Literal["general", "math", "text", "jsonl", "csv", "parquet", "disk", "hub"]
+LOCAL_KINDS = ("text", "jsonl", "csv", "parquet", "disk")
+RECORD_KINDS = ("jsonl", "csv")  # files of records read line by line (a JSON array counts as jsonl)
 
 
 def infer_source_kind(path: str) -> SourceKind:
@@ -62,6 +63,8 @@ def infer_source_kind(path: str) -> SourceKind:
     lower = path.lower()
     if lower.endswith((".jsonl", ".json", ".jsonl.gz")):
         return "jsonl"
+    if lower.endswith(".csv"):
+        return "csv"
     if lower.endswith(".parquet"):
         return "parquet"
     p = Path(path)

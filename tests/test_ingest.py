@@ -147,3 +147,33 @@ def test_pretraining_text_from_a_json_array_builds_the_same_store_as_jsonl(tmp_p
         data = DataConfig(train={"kind": "jsonl", "path": str(tmp_path / name)}, seq_len=32, validation_fraction=0.0)
         rows[name] = build_packed_data(data, tokenizer, 0, 0).train.to_dict()["input_ids"]
     assert rows["docs.json"] and rows["docs.json"] == rows["docs.jsonl"]
+
+
+def test_csv_files_of_chats_text_and_prompts(tmp_path):
+    """A header row, then one record per row (cells may hold newlines); whole numbers become ints."""
+    import csv
+
+    from lmlab.data.pairs import preference_inputs
+    from lmlab.data.sources import source_rows
+
+    path = tmp_path / "alpaca.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["instruction", "input", "output"])
+        writer.writerow(["What is 2 + 3?", "", "2 + 3 = 5.\nThe answer is 5."])
+        writer.writerow(["Say hi", "", ""])  # an empty answer: nothing to train on
+    spec = SourceSpec(kind="csv", path=str(path))
+    assert SourceSpec.model_validate(str(path)).kind == "csv"
+    with pytest.raises(LmlabError, match=r"alpaca.csv:4: messages: no assistant turn"):
+        list(chat_records(spec))  # the first record spans lines 2-3, so the second is on line 4
+    path.write_text("instruction,input,output\nWhat is 2 + 3?,,The answer is 5.\n")
+    assert messages(path, kind="csv")[0][-1] == {"role": "assistant", "content": "The answer is 5."}
+
+    text = tmp_path / "docs.csv"
+    text.write_text("text,source\nfirst document,a\nsecond document,b\n")
+    assert [r["text"] for r in source_rows(SourceSpec(kind="csv", path=str(text)))] == ["first document",
+                                                                                       "second document"]
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,answer\nWhat is 2 + 3?,5\nWhat is 7 - 9?,-2\n")
+    _, records = preference_inputs([SourceSpec(kind="csv", path=str(prompts))], 0)
+    assert list(records["answer"]) == [5, -2]

@@ -157,7 +157,7 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
 
 def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Iterator[tuple[str, int | None, list]]:
     """`(file, line, messages)` for each record of a source, converted and checked."""
-    from lmlab.data.sources import local_files, read_jsonl
+    from lmlab.data.sources import local_files, read_records
 
     if spec.kind == "math":
         from lmlab.data.mathgen import as_chat, math_problems
@@ -166,9 +166,9 @@ def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Itera
         for i, problem in enumerate(math_problems(split, spec.num_examples, spec.seed if spec.seed is not None else seed)):
             yield f"math-{split}", i, as_chat(problem)["messages"]
         return
-    if spec.kind == "jsonl":
+    if spec.kind in ("jsonl", "csv"):
         files = local_files(spec.path, spec.kind)
-        rows = ((str(path), number, record) for path in files for number, record in read_jsonl(path))
+        rows = ((str(path), number, record) for path in files for number, record in read_records(path))
     elif spec.kind == "parquet":
         rows = parquet_records(spec)
     elif spec.kind in ("disk", "hub"):

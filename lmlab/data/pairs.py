@@ -128,7 +128,7 @@ PROMPT_FIELDS = ("prompt", "answer", "system")
 def _preference_records(specs, seed: int) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(file, line, row) for every record, checked; a row has every pair and prompt field (None if absent)."""
     from lmlab.data.mathgen import DEFAULT_SYSTEM, as_prompt_record, math_problems
-    from lmlab.data.sources import local_files, read_jsonl
+    from lmlab.data.sources import local_files, read_records
 
     blank = dict.fromkeys(PAIR_FIELDS + PROMPT_FIELDS)
     for spec in specs:
@@ -140,7 +140,7 @@ def _preference_records(specs, seed: int) -> Iterator[tuple[str, int, dict[str, 
                 yield "math", i + 1, {**blank, **as_prompt_record(problem), "system": DEFAULT_SYSTEM}
             continue
         for path in local_files(spec.path, spec.kind):
-            for line, record in read_jsonl(path):
+            for line, record in read_records(path):
                 if "chosen" in record or "rejected" in record:
                     yield str(path), line, {**blank, **check_pair(record, str(path), line)}
                 elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
@@ -162,8 +162,8 @@ def preference_inputs(specs, seed: int = 0):
     from lmlab.data.store import source_fingerprint
 
     for spec in specs:
-        if spec.kind not in ("jsonl", "math"):
-            raise LmlabError(f"preference data must be jsonl or math, not {spec.kind}", field="data.train")
+        if spec.kind not in ("jsonl", "csv", "math"):
+            raise LmlabError(f"preference data must be jsonl, csv or math, not {spec.kind}", field="data.train")
     identity = records_fingerprint("preference", [source_fingerprint(s, seed) for s in specs])
     table = cached_records(lambda: uniform_rows(_preference_records(specs, seed)), identity)
     if table is None:

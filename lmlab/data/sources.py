@@ -8,18 +8,49 @@ an unreachable hub) is an LmlabError naming the file, line and field.
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from lmlab.errors import LmlabError
-from lmlab.recipe import LOCAL_KINDS, SourceSpec
+from lmlab.recipe import LOCAL_KINDS, RECORD_KINDS, SourceSpec
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".csv", ""}
 # the files a directory given as a source holds, by source kind (a glob or a file path is taken as given)
-DIRECTORY_SUFFIXES = {"text": TEXT_SUFFIXES, "jsonl": {".jsonl", ".json", ".ndjson", ".gz"}, "parquet": {".parquet"}}
+DIRECTORY_SUFFIXES = {"text": TEXT_SUFFIXES, "jsonl": {".jsonl", ".json", ".ndjson", ".gz"}, "csv": {".csv"},
+                      "parquet": {".parquet"}}
+INTEGER = re.compile(r"-?\d+")
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """`(line_number, record)` of a records file: csv (a header row, then one record per row), or jsonl."""
+    if str(path).lower().endswith(".csv"):
+        return read_csv(Path(path))
+    return read_jsonl(path)
+
+
+def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    """Rows of a csv file with a header, numbered by file line; whole-number cells become ints (an answer
+    column), as a csv loader that infers column types would make them."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames:
+                raise LmlabError("a csv file needs a header row naming its columns", file=str(path), line=1)
+            for row in reader:
+                if None in row:
+                    raise LmlabError(f"more cells than the {len(reader.fieldnames)} columns of the header",
+                                     file=str(path), line=reader.line_num)
+                yield reader.line_num, {k: int(v) if v is not None and INTEGER.fullmatch(v) else v
+                                        for k, v in row.items()}
+    except UnicodeDecodeError:
+        raise LmlabError("not UTF-8 text", file=str(path), line=first_undecodable_line(path)) from None
+    except csv.Error as exc:
+        raise LmlabError(f"malformed csv ({exc})", file=str(path)) from None
 
 
 def read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
@@ -118,7 +149,7 @@ def _text_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
 
 def _jsonl_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     for path in local_files(spec.path, spec.kind):
-        for number, record in read_jsonl(path):
+        for number, record in read_records(path):
             if spec.field not in record:
                 raise LmlabError(f"missing field '{spec.field}'", file=str(path), line=number, field=spec.field)
             value = record[spec.field]
@@ -180,7 +211,7 @@ def _from_generator(make_rows, spec: SourceSpec, streaming: bool, **kwargs):
         first = next(gen(), None)
         if first is None:
             raise LmlabError(f"the {spec.kind} source has no documents", file=spec.path, field="data")
-        files = [str(p) for p in local_files(spec.path, spec.kind)] if spec.kind in ("text", "jsonl") else []
+        files = [str(p) for p in local_files(spec.path, spec.kind)] if spec.kind in ("text", *RECORD_KINDS) else []
         if len(files) > 1 and spec.limit is None:
             return IterableDataset.from_generator(gen, gen_kwargs={"files": files})
         return IterableDataset.from_generator(gen, gen_kwargs={"_key": json.dumps(spec.model_dump(), sort_keys=True)})
@@ -215,7 +246,7 @@ def source_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     """A local source's documents one at a time, checked as they are read (the preflight reads them all)."""
     if spec.kind == "text":
         return _limited(_text_rows(spec), spec.limit)
-    if spec.kind == "jsonl":
+    if spec.kind in RECORD_KINDS:
         return _limited(_jsonl_rows(spec), spec.limit)
     if spec.kind in ("parquet", "disk"):
         return _limited(_arrow_rows(spec), spec.limit)
@@ -299,7 +330,7 @@ def load_source(spec: SourceSpec, *, streaming: bool = False, seed: int = 0):
         return _from_generator(_math_rows, spec, streaming, seed=seed)
     if spec.kind == "text":
         return _from_generator(_text_rows, spec, streaming)
-    if spec.kind == "jsonl":
+    if spec.kind in RECORD_KINDS:
         if streaming:  # validate lazily while streaming; errors still name file and line
             return _from_generator(_jsonl_rows, spec, streaming)
         return _from_generator(_jsonl_rows, spec, False)

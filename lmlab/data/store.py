@@ -68,7 +68,7 @@ def source_fingerprint(spec: SourceSpec, seed: int) -> dict[str, Any]:
     from lmlab.data.sources import local_files
 
     settings = spec.model_dump(mode="json", exclude={"weight"})
-    if spec.kind in ("text", "jsonl", "parquet"):
+    if spec.kind in ("text", "jsonl", "csv", "parquet"):
         return {"source": settings, "files": [[str(p), file_hash(p)] for p in local_files(spec.path, spec.kind)]}
     if spec.kind == "disk":
         files = sorted(p for p in Path(spec.path).rglob("*") if p.is_file())
