@@ -53,7 +53,7 @@ def test_generate_answers_a_file_of_prompts(tmp_path):
 
 def test_a_lora_adapter_is_a_checkpoint_for_every_command_from_any_directory(tmp_path, base_model, monkeypatch):
     """SFT with LoRA from a base given as a relative path; then, from another directory, DPO continues
-    from the adapter, and pairs, eval, chat and export take it."""
+    from the adapter, a reward model is trained on it, and pairs, eval, chat and export take it."""
     from lmlab.stages.preference import run_preference
     from lmlab.stages.sft import run_sft
     from tests.test_preference_rl import post_recipe, write_pairs_file
@@ -76,6 +76,21 @@ def test_a_lora_adapter_is_a_checkpoint_for_every_command_from_any_directory(tmp
                                      data={"train": {"kind": "jsonl", "path": str(pairs)}},
                                      train={"max_steps": 2}))
     assert (dpo / "model.safetensors").is_file()
+    from lmlab.stages.rm import run_reward_model
+
+    rm = run_reward_model(post_recipe(elsewhere, adapter.resolve(), "rm", name="rm",
+                                      data={"train": {"kind": "jsonl", "path": str(pairs)}, "seq_len": 160},
+                                      train={"max_steps": 2}))
+    assert (rm / "model.safetensors").is_file()
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.stages.rm import reward_model
+
+    body = reward_model(str(adapter.resolve()), load_tokenizer(adapter)).model.layers[0].self_attn.q_proj.weight
+    plain = AutoModelForSequenceClassification.from_pretrained(work / "base", num_labels=1).model.layers[0]
+    assert not torch.allclose(body, plain.self_attn.q_proj.weight)  # the adapter was merged into the body
     runner = CliRunner()
     sampled = runner.invoke(app, ["pairs", str(adapter.resolve()), "--n", "4", "-k", "2", "--scorer", "math_format",
                                   "--out", str(elsewhere / "sampled.jsonl")])

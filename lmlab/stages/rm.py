@@ -18,11 +18,23 @@ from lmlab.recipe import Recipe
 
 
 def reward_model(path: str, tokenizer, trust_remote_code: bool = False):
-    """The input checkpoint with a fresh single-output head (the ORM), padding aware."""
+    """The input checkpoint with a fresh single-output head (the ORM), padding aware; a LoRA adapter is
+    merged into the body of its base first."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True,
+    from lmlab.models.build import adapter_base
+
+    adapter = Path(path) if (Path(path) / "adapter_config.json").is_file() and \
+        not (Path(path) / "config.json").is_file() else None
+    model = AutoModelForSequenceClassification.from_pretrained(adapter_base(adapter) if adapter else path,
+                                                               num_labels=1, use_safetensors=True,
                                                                trust_remote_code=trust_remote_code)
+    if adapter is not None:  # the adapter's names are the causal LM's body, which the classifier shares
+        from peft import PeftConfig, PeftModel
+
+        config = PeftConfig.from_pretrained(adapter)
+        config.task_type = None  # a plain PeftModel: the classifier has no generation methods to wrap
+        model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload().requires_grad_(True)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     return model
 
