@@ -178,3 +178,30 @@ def test_dpo_and_grpo_on_the_familys_checkpoint_keep_its_template_and_stops(tmp_
     for final in (dpo, rl):
         assert AutoTokenizer.from_pretrained(final).chat_template == original
         assert turn_end in GenerationConfig.from_pretrained(final).eos_token_id
+
+
+def test_an_architecture_the_planner_does_not_count_still_trains(tmp_path):
+    """GPT-2's layout is outside the planner's formula, so `lmlab plan` refuses it by name; training it
+    (here CPT, LoRA SFT) works, with no MFU figure instead of a wrong one."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmlab.recipe import validate_recipe
+    from lmlab.stages.pretrain import run_pretrain
+    from lmlab.stages.sft import run_sft
+    from tests.test_sft import sft_recipe
+
+    tokenizer = family_tokenizer("qwen3")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    cpt = validate_recipe({"name": "gpt2-cpt", "stage": "cpt", "model": {"from_pretrained": str(tmp_path / "gpt2")},
+                           "data": {"train": {"kind": "math", "num_examples": 200}, "seq_len": 64,
+                                    "validation_fraction": 0.05},
+                           "train": {"max_steps": 2, "micro_batch_size": 2, "save_every": 100, "eval_every": 100},
+                           "output": {"dir": str(tmp_path / "runs")}})
+    assert (run_pretrain(cpt) / "model.safetensors").is_file()
+    lora = sft_recipe(tmp_path, tmp_path / "gpt2", name="gpt2-lora", lora={"enabled": True, "r": 4},
+                      train={"epochs": None, "max_steps": 2}, data={"train": {"kind": "math", "num_examples": 20},
+                                                                    "seq_len": 160})
+    assert (run_sft(lora) / "adapter_config.json").is_file()

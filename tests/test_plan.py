@@ -244,3 +244,51 @@ def test_cli_bad_input_exits_2_without_traceback():
     assert result.exit_code == 2 and "unknown GPU" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["plan", "--model", "qwen3-1.7b", "--tokens", "lots"])
     assert result.exit_code == 2 and "--tokens" in result.output
+
+
+TINY_ARCHITECTURES = {
+    "llama": {}, "mistral": {}, "qwen3": {}, "smollm3": {}, "qwen2": {}, "gemma": {},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))
+def test_every_supported_architecture_counts_like_transformers_with_its_implicit_defaults(model_type):
+    """A tiny config of each supported family, written as users' configs are (tie_word_embeddings and
+    attention_bias left out): the count equals the model transformers builds from it."""
+    from lmlab.plan.params import ARCHITECTURES
+
+    assert set(TINY_ARCHITECTURES) == set(ARCHITECTURES)
+    from transformers import AutoConfig
+
+    config = {"model_type": model_type, "vocab_size": 500, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "head_dim": 16,
+              "pad_token_id": None, **TINY_ARCHITECTURES[model_type]}
+    model = _meta_model(config)
+    built = sum(p.numel() for p in model.parameters())
+    saved = AutoConfig.for_model(**config).to_dict()  # a config.json as save_pretrained writes it
+    assert count_params(shape_from_config(saved)).total == built
+    partial = {k: v for k, v in saved.items() if k not in ("tie_word_embeddings", "attention_bias")}
+    assert count_params(shape_from_config(partial)).total == built  # what the config leaves to its class
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257},
+     "unsupported architecture 'gpt2'"),
+    ({"model_type": "mamba", "hidden_size": 768, "num_hidden_layers": 24, "vocab_size": 50280},
+     "unsupported architecture 'mamba'"),
+    ({"model_type": "phi", "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
+      "vocab_size": 51200}, "unsupported architecture 'phi'"),
+    ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 0, "vocab_size": 500},
+     "'num_attention_heads' must be a positive whole number, not 0"),
+    ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": -5},
+     "'vocab_size' must be a positive whole number, not -5"),
+    ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "num_key_value_heads": 3, "vocab_size": 500}, "not a multiple of num_key_value_heads"),
+])
+def test_configs_the_formula_cannot_count_are_refused_by_name(config, match):
+    with pytest.raises(LmlabError, match=match):
+        shape_from_config(config)

@@ -20,6 +20,14 @@ from lmlab.errors import LmlabError
 
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 QK_NORM_TYPES = {"qwen3", "qwen3_moe", "olmo2", "gemma3"}
+# the architectures whose layout the formula above counts exactly (tests/test_plan.py checks each against
+# transformers on the meta device), with what their config leaves implicit: transformers' own defaults
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": {}, "mistral": {}, "mixtral": {}, "qwen3": {}, "qwen3_moe": {},
+    "smollm3": {"tie_word_embeddings": True},
+    "qwen2": {"attention_bias": True}, "qwen2_moe": {"attention_bias": True},  # q, k and v carry biases
+    "gemma": {"tie_word_embeddings": True},  # Gemma ties its embeddings unless the config says otherwise
+}
 
 
 @dataclass(frozen=True)
@@ -80,13 +88,27 @@ def load_preset(name: str) -> dict[str, Any]:
 def shape_from_config(config: dict[str, Any], name: str = "model", where: str | None = None) -> ModelShape:
     """A ModelShape from a transformers config dict; missing essentials are an error naming the field."""
     config = config.get("text_config", config)
+    model_type = config.get("model_type", "llama")
+    if model_type not in ARCHITECTURES:
+        raise LmlabError(f"unsupported architecture '{model_type}': lmlab counts the parameters and memory of "
+                         f"{', '.join(sorted(ARCHITECTURES))} exactly, and would miscount this one",
+                         file=where, field="model_type",
+                         hint="plan with the closest supported config, and check its count against the model")
+    config = {**ARCHITECTURES[model_type], **config}
     for key in REQUIRED:
         if key not in config:
             raise LmlabError(f"config is missing '{key}'", file=where, field=key)
+    for key in (*REQUIRED, "num_key_value_heads", "intermediate_size", "head_dim"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise LmlabError(f"'{key}' must be a positive whole number, not {value!r}", file=where, field=key)
+    if config["num_attention_heads"] % (config.get("num_key_value_heads") or config["num_attention_heads"]):
+        raise LmlabError(f"num_attention_heads ({config['num_attention_heads']}) is not a multiple of "
+                         f"num_key_value_heads ({config['num_key_value_heads']})", file=where,
+                         field="num_key_value_heads")
     h, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or h // heads
-    model_type = config.get("model_type", "llama")
     experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts") or 0
     layers = config["num_hidden_layers"]
     moe_layers = 0

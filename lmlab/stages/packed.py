@@ -127,8 +127,11 @@ def attach_packed_callbacks(trainer, recipe: Recipe, model, tokenizer, budget: B
     from lmlab.plan.params import shape_from_config
 
     peak = recipe.train.peak_tflops * 1e12 * world_size() if recipe.train.peak_tflops else device_peak_flops()
-    stage_callbacks(trainer, recipe, tokenizer, budget.tokens_per_step,
-                    flops_per_token(n_active, shape_from_config(model.config.to_dict()), recipe.data.seq_len), peak)
+    try:
+        flops = flops_per_token(n_active, shape_from_config(model.config.to_dict()), recipe.data.seq_len)
+    except LmlabError:  # an architecture the planner does not count: train it, without an MFU figure
+        flops = None
+    stage_callbacks(trainer, recipe, tokenizer, budget.tokens_per_step, flops, peak)
 
 
 def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: TrainerFactory | None = None) -> PackedJob:

@@ -156,7 +156,10 @@ def lora_config(recipe: Recipe, examples: int, model) -> Any:
     from lmlab.plan.params import shape_from_config
 
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
-    trainable = lora_params(shape_from_config(model.config.to_dict()), lora.r, targets)
+    try:
+        trainable = lora_params(shape_from_config(model.config.to_dict()), lora.r, targets)
+    except LmlabError:  # an architecture the planner does not count: no estimate, no warning
+        return config
     if trainable / max(1, examples) > TRAINABLE_PER_SAMPLE_LIMIT:
         warnings.warn(f"{trainable:,} trainable parameters for {examples:,} samples "
                       f"({trainable / examples:,.0f} per sample): expect overfitting; lower lora.r", stacklevel=2)
