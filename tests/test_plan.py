@@ -174,6 +174,9 @@ def test_bad_budgets_are_errors():
         make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 1, tokens=-5)
     with pytest.raises(LmlabError, match="goal"):
         make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 1, goal="world-domination")
+    for examples in (0, 10 ** 12):  # a trillion conversations planned 224,046 days of SFT
+        with pytest.raises(LmlabError, match="sft-examples must be from 1 to 1e"):
+            make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 1, goal="sft", sft_examples=examples)
 
 
 def test_emitted_pipeline_carries_the_plan_into_every_stage(tmp_path):
@@ -217,6 +220,23 @@ def test_emitting_without_a_checkpoint_names_the_placeholder(tmp_path):
     text = (tmp_path / "e.yaml").read_text()
     assert "from_pretrained: checkpoints/qwen3-1.7b" in text.replace("'", "") or "checkpoints/" in text
     assert any("put a local HF copy" in n for n in notes) and text.startswith("# lmlab plan:")
+
+
+def test_emit_never_swaps_the_architecture_and_warns_of_replay_passes(tmp_path):
+    """A Mistral planned for pretraining is not emitted as a Llama; a replay budget of thousands of passes
+    over the embedded corpus is said, with the number."""
+    from lmlab.cli.plan import emit_pipeline
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "mistral", "vocab_size": 32000, "hidden_size": 1024,
+                                  "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
+                                  "intermediate_size": 2816, "max_position_embeddings": 4096}))
+    mistral = make_plan(resolve_shape(str(config)), lookup_gpu("h100"), 1, tokens=1e9)
+    with pytest.raises(LmlabError, match="not mistral, so this pretraining plan cannot be emitted"):
+        emit_pipeline(mistral, tmp_path / "m.yaml")
+    expert = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, goal="domain-expert", domain_tokens=20e9)
+    notes = emit_pipeline(expert, tmp_path / "e.yaml")
+    assert any("passes over the embedded general corpus" in n and "1,411" in n for n in notes), notes
 
 
 def _cli():

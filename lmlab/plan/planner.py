@@ -16,6 +16,11 @@ from lmlab.plan.strategy import Choice, choose_strategy, what_would_fit
 GOALS = ("pretrain", "cpt", "sft", "domain-expert", "general-reasoning")
 SFT_TOKENS_PER_EXAMPLE = 512  # assumed mean length of an SFT example when only a count is given
 MAX_TOKENS = 1e15
+MAX_SFT_EXAMPLES = 1e9
+# the architectures lmlab's recipes build from scratch (model.arch), by transformers model_type
+BUILDABLE = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+GENERAL_CORPUS_TOKENS = 2.7e6  # the embedded general corpus under a ~150k-entry tokenizer (3.3M at 4k entries)
+MAX_REPLAY_PASSES = 4  # data-constrained scaling: repeats up to ~4 epochs are nearly as good as fresh data
 DISTRIBUTED = {"DDP": "ddp", "ZeRO-2": "zero2", "ZeRO-3 / FSDP2": "zero3", "ZeRO-3 + CPU offload": "zero3_offload",
                "LoRA": "ddp", "QLoRA": "ddp"}  # strategy name -> recipe train.distributed
 
@@ -76,6 +81,9 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         raise LmlabError(f"unknown goal '{goal}'", field="--goal", hint=f"one of {', '.join(GOALS)}")
     for name, value in (("tokens", tokens), ("domain-tokens", domain_tokens), ("unique-tokens", unique_tokens)):
         _check_budget(name, value)
+    if sft_examples is not None and not 0 < sft_examples <= MAX_SFT_EXAMPLES:
+        raise LmlabError(f"sft-examples must be from 1 to {MAX_SFT_EXAMPLES:.0e}, not {sft_examples:g} (the largest "
+                         "public SFT sets hold tens of millions of conversations)", field="--sft-examples")
     if not 0 < mfu <= 1:
         raise LmlabError(f"MFU must be in (0, 1], not {mfu}", field="--mfu")
     if seq_len < 16 or (shape.max_position_embeddings and seq_len > shape.max_position_embeddings):
@@ -172,7 +180,12 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
                                  "data": {"seq_len": plan.seq_len}}
         lr = float(f"{s.settings['lr']:.3g}")
         if s.stage == "pretrain":
-            arch = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}.get(shape.model_type, "llama")
+            arch = BUILDABLE.get(shape.model_type)
+            if arch is None:  # never emit another architecture in its place
+                raise LmlabError(f"lmlab builds {', '.join(sorted(set(BUILDABLE.values())))} models from scratch, "
+                                 f"not {shape.model_type}, so this pretraining plan cannot be emitted",
+                                 field="--emit", hint="plan one of those, or continue a checkpoint (--goal cpt "
+                                                      "or sft with --checkpoint)")
             block["model"] = {
                 "arch": arch, "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
                 "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
@@ -191,6 +204,12 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
             block["train"]["tokens"] = int(s.tokens)
             if not data:
                 notes.append("cpt: data.train is the embedded general corpus; point it at your domain data")
+            passes = s.tokens * s.settings["replay_ratio"] / GENERAL_CORPUS_TOKENS
+            if passes > MAX_REPLAY_PASSES:
+                notes.append(f"cpt: the replay budget ({s.tokens * s.settings['replay_ratio']:.3g} tokens) is about "
+                             f"{passes:,.0f} passes over the embedded general corpus (~{GENERAL_CORPUS_TOKENS:.1e} "
+                             "tokens): replay memorises it instead of keeping general ability; point data.replay "
+                             "at general pretraining data of at least that size")
         elif s.stage == "sft":
             block["data"].update(train=sft_data or {"kind": "math", "format": "chat"})
             block["optim"] = {"lr": lr}
