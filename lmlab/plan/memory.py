@@ -122,8 +122,20 @@ def activation_bytes(shape: ModelShape, setup: TrainSetup, include_recompute: bo
     tokens = setup.micro_batch * setup.seq_len
     parts = activation_elements_per_token(shape, setup)
     elements = parts["kept"] + parts["outside"] + (parts["recompute"] if include_recompute else 0)
-    logits = shape.vocab_size * 4  # fp32 log-softmax kept for the loss
-    return tokens * (elements * setup.precision_bytes + logits)
+    return tokens * (elements * setup.precision_bytes + loss_bytes_per_token(shape, setup, peak=include_recompute))
+
+
+def loss_bytes_per_token(shape: ModelShape, setup: TrainSetup, peak: bool = True) -> float:
+    """The LM head and the loss, per token. Cross-entropy saves its fp32 log-softmax for backward (4 bytes
+    per vocabulary entry, what the forward keeps); at the peak of the step the model's returned logits
+    are alive too (fp32, plus the compute-dtype logits they were upcast from under bf16) and so is the
+    log-softmax's fp32 gradient. In fp32 that is 12 bytes per entry, what transformers' default
+    causal-LM loss was measured to peak at."""
+    saved = 4
+    if not peak:
+        return shape.vocab_size * saved
+    logits = 4 + (setup.precision_bytes if setup.precision_bytes != 4 else 0)
+    return shape.vocab_size * (saved + logits + 4)
 
 
 def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
