@@ -45,6 +45,16 @@ def state():
     return PartialState(cpu=not accelerator_available())
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destructors, a rank
+    can abort with "terminate called without an active exception" after its work is done."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every rank; nothing to do in a single process."""
     if world_size() > 1:

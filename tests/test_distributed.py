@@ -380,6 +380,8 @@ trainer.train()
 completions = [c[-1]["content"] for c in trainer._logs["completion"]]  # TRL gathers them from every rank
 json.dump({"pairs": pairs, "scored": scored, "grpo": completions},
           open(os.path.join(out, f"{os.environ.get('RANK', 'single')}.json"), "w"))
+from lmlab.distributed import shutdown
+shutdown()  # as lmlab's CLI does on exit
 '''
 
 

@@ -436,4 +436,9 @@ def tokenizer_eval(
 
 
 def main() -> None:  # pragma: no cover - entry point
-    app()
+    from lmlab.distributed import shutdown
+
+    try:
+        app()
+    finally:
+        shutdown()
