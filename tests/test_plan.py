@@ -130,6 +130,20 @@ def test_gpu_catalogue_lookup_and_errors():
         lookup_gpu("voodoo5")
 
 
+@pytest.mark.parametrize("device, name", [
+    ("NVIDIA A100-SXM4-80GB", "A100 80GB"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A10", "A10"),
+    ("NVIDIA A10G", "A10G"), ("NVIDIA H100 PCIe", "H100 PCIe 80GB"), ("NVIDIA H200", "H200 141GB"),
+    ("NVIDIA GeForce RTX 3090", "RTX 3090"), ("NVIDIA RTX A6000", "RTX A6000"), ("NVIDIA L4", "L4"),
+    ("Tesla T4", "T4"), ("Tesla V100-SXM2-32GB", "V100 SXM2 32GB"), ("NVIDIA H20", "H20 96GB"),
+    ("AMD Instinct MI300X", "AMD MI300X 192GB"),
+])
+def test_device_names_as_torch_reports_them_find_their_card_and_never_a_prefix(device, name):
+    """A10 is not A100 (a substring match took one for the other); cards without bf16 say so."""
+    gpu = lookup_gpu(device)
+    assert gpu.name == name
+    assert gpu.bf16 == (name not in ("T4", "V100 SXM2 32GB"))
+
+
 def test_small_model_on_many_gpus_uses_plain_ddp():
     plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9, seq_len=2048)
     assert plan.stages[0].strategy.name == "DDP"

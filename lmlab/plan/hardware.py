@@ -13,8 +13,13 @@ from lmlab.errors import LmlabError
 class Accelerator:
     name: str
     memory_gb: float  # usable device memory, GB (1e9 bytes) as vendors state it
-    bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak with fp32 accumulate
+    bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak with fp32 accumulate (fp16 where no bf16)
     interconnect: str  # what links several of them in one box
+    bf16: bool = True  # False: no bf16 tensor cores (Volta, Turing): fp16 mixed precision with loss scaling
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16"
 
 
 CATALOGUE = {
@@ -22,6 +27,10 @@ CATALOGUE = {
     "rtx4090": Accelerator("RTX 4090", 24, 165.2, "PCIe 4.0 (no NVLink)"),
     "rtx5090": Accelerator("RTX 5090", 32, 209.5, "PCIe 5.0 (no NVLink)"),
     "a10g": Accelerator("A10G", 24, 70, "PCIe 4.0"),  # AWS variant of the A10; vendor figure as reported by AWS
+    "a10": Accelerator("A10", 24, 125, "PCIe 4.0"),
+    "t4": Accelerator("T4", 16, 65, "PCIe 3.0", bf16=False),  # fp16 tensor cores only
+    "v100": Accelerator("V100 SXM2 32GB", 32, 125, "NVLink 300 GB/s", bf16=False),  # fp16 tensor cores only
+    "a6000": Accelerator("RTX A6000", 48, 154.8, "PCIe 4.0 (NVLink bridge between pairs)"),
     "l4": Accelerator("L4", 24, 121, "PCIe 4.0"),
     "l40s": Accelerator("L40S", 48, 362, "PCIe 4.0"),
     "a100-40gb": Accelerator("A100 40GB", 40, 312, "NVLink 600 GB/s"),
@@ -30,9 +39,12 @@ CATALOGUE = {
     "h100-pcie": Accelerator("H100 PCIe 80GB", 80, 756, "PCIe 5.0"),
     "h200": Accelerator("H200 141GB", 141, 989, "NVLink 900 GB/s"),
     "b200": Accelerator("B200 180GB", 180, 2250, "NVLink 1.8 TB/s"),
+    "h20": Accelerator("H20 96GB", 96, 148, "NVLink 900 GB/s"),
+    "mi300x": Accelerator("AMD MI300X 192GB", 192, 1307.4, "Infinity Fabric 896 GB/s"),
     "cpu": Accelerator("CPU (laptop, 2-8 cores)", 16, 0.1, "none"),  # order of magnitude, for tiny demos only
 }
-ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "5090": "rtx5090", "a100": "a100-80gb", "a10": "a10g",
+ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "5090": "rtx5090", "a100": "a100-80gb", "rtxa6000": "a6000",
+           "v100-sxm2": "v100", "tesla-t4": "t4", "tesla-v100": "v100",
            "h100-sxm": "h100", "a100-80": "a100-80gb", "a100-40": "a100-40gb"}
 
 
@@ -43,14 +55,35 @@ def _key(name: str) -> str:
     return ALIASES.get(key, key)
 
 
+VENDOR_WORDS = {"nvidia", "geforce", "tesla", "amd", "instinct", "radeon"}
+
+
+def _candidates(name: str):
+    """Catalogue keys a device or user name may mean, most specific first: "NVIDIA A100-SXM4-80GB" ->
+    a100-sxm4, a100-80gb, a100; "NVIDIA GeForce RTX 4090" -> rtx4090; never a substring match (A10 is
+    not A100)."""
+    yield _key(name)
+    words = [w for w in re.split(r"[\s_-]+", name.strip().lower()) if w and w not in VENDOR_WORDS]
+    memory = next((w for w in words if re.fullmatch(r"\d+gb", w)), None)
+    for width in (2, 1):
+        if len(words) < width:
+            continue
+        model = "".join(words[:width])
+        if len(words) > width:
+            yield f"{model}-{words[width]}"
+        if memory:
+            yield f"{model}-{memory}"
+        yield model
+
+
 def lookup_gpu(name: str) -> Accelerator:
-    """An accelerator by a loose name ("4090", "RTX 4090", "NVIDIA H100 80GB HBM3", "a100-40gb")."""
+    """An accelerator by a loose name ("4090", "RTX 4090", "NVIDIA H100 80GB HBM3", "a100-40gb") or the
+    device name torch reports."""
+    for key in _candidates(name):
+        key = ALIASES.get(key, key)
+        if key in CATALOGUE:
+            return CATALOGUE[key]
     key = _key(name)
-    if key in CATALOGUE:
-        return CATALOGUE[key]
-    for known in sorted(CATALOGUE, key=len, reverse=True):  # device names such as "NVIDIA H100 80GB HBM3"
-        if known in key or known.replace("rtx", "") in key:
-            return CATALOGUE[known]
     close = difflib.get_close_matches(key, list(CATALOGUE) + list(ALIASES), n=3, cutoff=0.3)
     raise LmlabError(f"unknown GPU '{name}'", field="--gpus",
                      hint=f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(CATALOGUE)}")

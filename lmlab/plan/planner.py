@@ -260,7 +260,11 @@ def render(plan: Plan, console) -> None:
     if p.active != p.total:
         head += f" ({p.active / 1e9:.3f}B active, {shape.num_experts} experts, top-{shape.experts_per_token})"
     console.print(head + f", on {plan.num_gpus} x {plan.gpu.name} ({plan.gpu.memory_gb:g} GB, "
-                  f"{plan.gpu.bf16_tflops:g} bf16 TFLOPS), seq {plan.seq_len}, assuming MFU {plan.mfu:.0%}")
+                  f"{plan.gpu.bf16_tflops:g} {plan.gpu.precision} TFLOPS), seq {plan.seq_len}, "
+                  f"assuming MFU {plan.mfu:.0%}")
+    if not plan.gpu.bf16:
+        console.print(f"[yellow]{plan.gpu.name} has no bf16 tensor cores: train in fp16 with loss scaling "
+                      "(train.precision: fp16); `auto` would fall back to fp32[/]")
     table = Table(title=f"plan for goal '{plan.goal}'")
     for col in ("stage", "tokens", "strategy", "micro x accum x GPUs", "ckpt", "weights", "grads", "optim",
                 "activ.", "total/GPU", "time"):
