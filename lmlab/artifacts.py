@@ -33,13 +33,12 @@ def non_finite_parameters(model, state_dict: dict | None = None) -> list[str]:
 def stop_at_end_of_turn(model, tokenizer) -> None:
     """The generation config lists EOS and the template's end-of-turn token, so plain `generate`,
     `pipeline` and vLLM (which stop on the generation config's EOS) end where a chat turn ends."""
-    from lmlab.data.tokenizer import end_of_turn_ids
+    from lmlab.evaluate.generation import stop_ids
 
     config = getattr(model, "generation_config", None)
     if config is None:
         return
-    given = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = list(dict.fromkeys([*end_of_turn_ids(tokenizer), *(i for i in given if i is not None)]))
+    stops = stop_ids(model, tokenizer)
     if stops:
         config.eos_token_id = stops
     if config.pad_token_id is None and tokenizer.pad_token_id is not None:

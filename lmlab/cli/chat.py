@@ -94,32 +94,33 @@ def generate(checkpoint: Path = typer.Argument(..., help="A checkpoint or LoRA a
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """Prompt records from jsonl (`prompt`: a string or a list of messages) or plain text, one per line."""
+    """Prompt records from a records file (jsonl, a JSON array or csv; `prompt`: a string or a list of
+    messages), or plain text, one prompt per line."""
+    from lmlab.data.sources import read_records
+
     if not path.is_file():
         raise LmlabError("prompts file not found", file=str(path), field="--prompts")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            records.append({"prompt": line.strip()})
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmlabError(f"not JSON: {exc.msg}", file=f"{path}:{number}") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
-            raise LmlabError("needs 'prompt': a string or a list of messages", file=f"{path}:{number}",
-                             field="prompt")
-        records.append(record)
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        records = [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        records = []
+        for number, record in read_records(path):
+            prompt = record.get("prompt")
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
+                raise LmlabError("needs 'prompt': a string or a list of messages", file=str(path), line=number,
+                                 field="prompt")
+            records.append(record)
     if not records:
         raise LmlabError("the prompts file is empty", file=str(path), field="--prompts")
     return records
 
 
 def messages_of(record: dict, system: str | None) -> list[dict]:
+    """The prompt as messages, with `system` first unless the record brings its own."""
+    from lmlab.data.pairs import prompt_messages
+
     prompt = record["prompt"]
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    has_system = any(m.get("role") == "system" for m in messages)
-    return ([{"role": "system", "content": system}] if system and not has_system else []) + messages
+    if isinstance(prompt, str):
+        return prompt_messages(prompt, system)
+    has_system = any(m.get("role") == "system" for m in prompt)
+    return ([{"role": "system", "content": system}] if system and not has_system else []) + prompt

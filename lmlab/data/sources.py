@@ -53,6 +53,14 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
         raise LmlabError(f"malformed csv ({exc})", file=str(path)) from None
 
 
+def is_json_array(path: Path) -> bool:
+    """A `.json` file holding one JSON array (not one object per line): read whole, never split by lines."""
+    if path.suffix != ".json":
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4096).lstrip().startswith(b"[")
+
+
 def read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
     """`(line_number, record)` for each object of a JSON array file (LLaMA-Factory's alpaca / sharegpt
     files), each numbered by the line its object starts on."""
@@ -75,14 +83,13 @@ def read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """`(line_number, record)` for each non-blank line, or each object of a file holding one JSON array;
     a bad line is an error naming file and line."""
-    if str(path).endswith(".json"):
+    if is_json_array(Path(path)):
         try:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise LmlabError("not UTF-8 text", file=str(path), line=first_undecodable_line(path)) from None
-        if text.lstrip().startswith("["):
-            yield from read_json_array(Path(path), text)
-            return
+        yield from read_json_array(Path(path), text)
+        return
     opener = open
     if str(path).endswith(".gz"):
         import gzip

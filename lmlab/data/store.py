@@ -197,14 +197,6 @@ class Chunk:
     size: int = 0  # bytes or characters, for the progress bar
 
 
-def is_json_array(path: Path) -> bool:
-    """A `.json` file holding one JSON array (not one object per line)."""
-    if path.suffix != ".json":
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4096).lstrip().startswith(b"[")
-
-
 def _jsonl_chunks(path: Path) -> Iterator[Chunk]:
     """Byte ranges of about CHUNK_BYTES ending at a newline, with the line number each starts at."""
     size = path.stat().st_size
@@ -247,7 +239,7 @@ def _document_chunks(spec: SourceSpec, seed: int) -> Iterator[Chunk]:
 
 def plan_chunks(spec: SourceSpec, seed: int) -> tuple[Iterator[Chunk], int | None]:
     """The work items of a source, and their total size when it is known up front (for the ETA)."""
-    from lmlab.data.sources import local_files
+    from lmlab.data.sources import is_json_array, local_files
 
     files = local_files(spec.path, spec.kind) if spec.kind == "jsonl" else []
     # line-delimited files split into byte ranges; a gzip file or a JSON array is read whole, in order

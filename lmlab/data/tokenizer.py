@@ -235,18 +235,22 @@ def compare_tokenizers(first, second, texts: Iterable[str]) -> dict[str, dict]:
     return {"first": a, "second": b, "ratios": ratios}
 
 
+def tokenizer_dir(recipe: Recipe, run_dir: Path) -> tuple[Path, bool]:
+    """Where the recipe's tokenizer is, and whether it is the run's own: a given directory, the checkpoint's,
+    the teacher's for a fresh distillation student, or else the run's `tokenizer/` (trained there on first use)."""
+    given = recipe.tokenizer.path or recipe.model.from_pretrained or \
+        (recipe.distill.teacher if recipe.stage == "distill" else None)  # a fresh student speaks the teacher's tokens
+    return (Path(given), False) if given else (run_dir / "tokenizer", True)
+
+
 def resolve_tokenizer(recipe: Recipe, run_dir: Path):
-    """The recipe's tokenizer: a given directory, the checkpoint's own, or one trained (and saved) for this run."""
+    """The recipe's tokenizer (`tokenizer_dir`), trained and saved first when it is the run's own."""
     from lmlab.console import console
     from lmlab.distributed import main_first
 
-    if recipe.tokenizer.path:
-        return load_tokenizer(recipe.tokenizer.path)
-    if recipe.model.from_pretrained:
-        return load_tokenizer(recipe.model.from_pretrained)
-    if recipe.stage == "distill":  # a fresh student speaks the teacher's tokens
-        return load_tokenizer(recipe.distill.teacher)
-    saved = run_dir / "tokenizer"
+    saved, own = tokenizer_dir(recipe, run_dir)
+    if not own:
+        return load_tokenizer(saved)
     with main_first() as main:  # rank 0 trains and saves it; the other ranks load what it saved
         if main and not (saved / "tokenizer.json").is_file():  # else: trained by an earlier (interrupted) run
             from lmlab.data.pretrain_data import load_documents

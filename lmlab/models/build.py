@@ -105,7 +105,7 @@ def load_model(path: str | Path, trust_remote_code: bool = False, attn_implement
     path = Path(path)
     if is_ensemble(path):
         return load_ensemble(path, lambda member: load_model(member, trust_remote_code, attn_implementation, dtype))
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    if is_adapter(path):
         return load_adapter(path, trust_remote_code, attn_implementation, dtype)
     if not (path / "config.json").is_file():
         raise LmlabError("not a HF checkpoint: config.json is missing", file=str(path))
@@ -114,6 +114,11 @@ def load_model(path: str | Path, trust_remote_code: bool = False, attn_implement
                          file=str(path), hint="convert the checkpoint with `save_pretrained(safe_serialization=True)`")
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
                                                 attn_implementation=attn_implementation, dtype=dtype)
+
+
+def is_adapter(path: str | Path) -> bool:
+    """A LoRA adapter directory (adapter weights, no model config of its own), which loads merged into its base."""
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
 
 
 def adapter_base(adapter_dir: Path) -> Path:
@@ -177,9 +182,10 @@ def check_checkpoint(path: Path, field: str, tokenizer_only: bool = False, needs
         for member in members:
             check_checkpoint(Path(member), field)
         return
-    if not tokenizer_only and (path / "adapter_config.json").is_file():
+    adapter = is_adapter(path)
+    if not tokenizer_only and adapter:
         adapter_base(path)  # the base it merges into exists
-    if not tokenizer_only and not (path / "adapter_config.json").is_file():
+    if not tokenizer_only and not adapter:
         config = path / "config.json"
         if not config.is_file():
             raise LmlabError("not a HF checkpoint: config.json is missing", file=str(path), field=field)
@@ -189,7 +195,7 @@ def check_checkpoint(path: Path, field: str, tokenizer_only: bool = False, needs
             raise LmlabError(f"config.json is not valid JSON ({exc})", file=str(config), field=field) from None
     if needs_tokenizer and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise LmlabError("no tokenizer (tokenizer.json) in this directory", file=str(path), field=field)
-    if not tokenizer_only and not (path / "adapter_config.json").is_file():
+    if not tokenizer_only and not adapter:
         check_weights(path, field)
 
 

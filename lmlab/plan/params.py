@@ -19,7 +19,7 @@ from typing import Any
 from lmlab.errors import LmlabError
 
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-QK_NORM_TYPES = {"qwen3", "qwen3_moe", "olmo2", "gemma3"}
+QK_NORM_TYPES = {"qwen3", "qwen3_moe"}
 # the architectures whose layout the formula above counts exactly (tests/test_plan.py checks each against
 # transformers on the meta device), with what their config leaves implicit: transformers' own defaults
 ARCHITECTURES: dict[str, dict[str, Any]] = {

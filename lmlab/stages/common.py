@@ -15,6 +15,7 @@ from typing import Any
 from lmlab.console import console
 from lmlab.distributed import accelerator_available, barrier, is_main, main_first, world_size
 from lmlab.errors import LmlabError
+from lmlab.models.build import cuda
 from lmlab.paths import remove_run_dir
 from lmlab.recipe import OptimConfig, Recipe, TrainConfig, dump_recipe
 from lmlab.stages.sharding import sharding_arguments
@@ -246,12 +247,6 @@ def steps_over_examples(t: TrainConfig, examples: int, per_example: int = 1, epo
     return max(1, math.ceil(per_epoch * (epochs or t.epochs or 1)))
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def use_bf16(precision: str) -> bool:
     import torch
 
@@ -296,10 +291,10 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         eval_strategy="steps" if has_validation else "no", eval_steps=t.eval_every,
         save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_last,
         # data loading and devices: CPU runs under torchrun train with DDP over gloo
-        dataloader_num_workers=t.num_workers, dataloader_pin_memory=_cuda_available(), remove_unused_columns=False,
+        dataloader_num_workers=t.num_workers, dataloader_pin_memory=cuda(), remove_unused_columns=False,
         use_cpu=not accelerator_available(),
         ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
-        **sharding_arguments(t.distributed, layer_class, gpu=_cuda_available()),
+        **sharding_arguments(t.distributed, layer_class, gpu=cuda()),
         # fused AdamW, torch.compile and Liger kernels where they help (lmlab.stages.speed)
         **speed_arguments(recipe),
         # streamed rows: each rank reads its own shards (lmlab.data.pretrain_data.streamed_rows), none is sent

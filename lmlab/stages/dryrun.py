@@ -14,18 +14,17 @@ from pathlib import Path
 from lmlab.distributed import world_size
 from lmlab.recipe import Recipe
 
-PACKED_STAGES = ("pretrain", "cpt")
 GB = 1024 ** 3
 
 
 def model_shape(recipe: Recipe):
     """The model's shape from its checkpoint's config.json (an adapter: its base's), or from the model block."""
-    from lmlab.models.build import adapter_base
+    from lmlab.models.build import adapter_base, is_adapter
     from lmlab.plan.params import shape_from_config, shape_from_model_block
 
     if recipe.model.from_pretrained:
         path = Path(recipe.model.from_pretrained)
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        if is_adapter(path):
             path = adapter_base(path)
         return shape_from_config(json.loads((path / "config.json").read_text()), name=path.name, where=str(path))
     tokenizer = known_tokenizer(recipe)
@@ -34,13 +33,10 @@ def model_shape(recipe: Recipe):
 
 def known_tokenizer(recipe: Recipe):
     """The tokenizer the run will use when it exists already (none while it is still to be trained)."""
-    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.data.tokenizer import load_tokenizer, tokenizer_dir
 
-    for path in (recipe.tokenizer.path, recipe.model.from_pretrained,
-                 recipe.distill.teacher if recipe.stage == "distill" else None, recipe.run_dir / "tokenizer"):
-        if path and (Path(path) / "tokenizer.json").is_file():
-            return load_tokenizer(path)
-    return None
+    path, _ = tokenizer_dir(recipe, recipe.run_dir)
+    return load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
 
 
 def stored_train_tokens(recipe: Recipe) -> int | None:
@@ -76,10 +72,11 @@ def examples(recipe: Recipe) -> int:
 def budget_lines(recipe: Recipe, params: int) -> tuple[list[str], int | None, int | None]:
     """What the budget comes to: printed lines, optimizer steps and tokens (None where not known yet)."""
     from lmlab.stages.common import steps_over_examples, training_budget
+    from lmlab.stages.speed import packed_rows
 
     t, seq_len = recipe.train, recipe.data.seq_len
     batch = t.micro_batch_size * t.grad_accum * world_size()
-    if recipe.stage in PACKED_STAGES or recipe.stage == "distill" and recipe.distill.data_format == "text":
+    if packed_rows(recipe):
         unique = stored_train_tokens(recipe)
         if not (t.max_steps or t.tokens or t.tokens_per_param) and unique is None:
             return [f"budget: one pass over the data; its tokens are counted when the token store is built "
@@ -111,9 +108,9 @@ def memory_line(recipe: Recipe, shape) -> str:
 
     lora = recipe.lora
     method = ("qlora" if lora.quantize == "nf4" else "lora") if lora.enabled else "full"
-    sharding = {"zero2": "zero2", "zero3": "zero3", "zero3_offload": "zero3", "deepspeed_zero2": "zero2",
-                "deepspeed_zero3": "zero3", "deepspeed_zero3_offload": "zero3"}.get(recipe.train.distributed, "ddp")
-    setup = TrainSetup(method=method, sharding=sharding, num_gpus=world_size(),
+    mode = recipe.train.distributed  # zero2 / zero3 (FSDP2 or DeepSpeed), with or without offload; else DDP
+    sharding = "zero3" if "zero3" in mode else "zero2" if "zero2" in mode else "ddp"
+    setup = TrainSetup(method=method, sharding=sharding, offload=mode.endswith("offload"), num_gpus=world_size(),
                        micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
                        gradient_checkpointing=recipe.train.gradient_checkpointing,
                        precision_bytes=2 if use_bf16(recipe.train.precision) else 4, lora_rank=lora.r,

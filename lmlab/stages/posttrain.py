@@ -170,15 +170,13 @@ def load_policy(recipe: Recipe, tokenizer):
     """The base model; QLoRA loads it in NF4 with double quantisation (CUDA and bitsandbytes only)."""
     import torch
 
-    from lmlab.models.build import attention_kernel, check_vocab, load_model
+    from lmlab.models.build import attention_kernel, check_vocab, installed, load_model
 
     if recipe.lora.enabled and recipe.lora.quantize == "nf4":
         if not torch.cuda.is_available():
             raise LmlabError("QLoRA (lora.quantize: nf4) needs a CUDA GPU and bitsandbytes", field="lora.quantize",
                              hint="use plain LoRA (lora.quantize: none) on CPU")
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
+        if not installed("bitsandbytes"):
             raise LmlabError("QLoRA needs bitsandbytes: pip install 'lmlab[gpu]'", field="lora.quantize")
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -129,11 +129,10 @@ def check_pairs_and_prompts(recipe: Recipe) -> None:
 
 def check_checkpoint_fits(recipe: Recipe) -> None:
     """Vocabulary and context checks against a local checkpoint's config, before its weights are read."""
-    from lmlab.models.build import adapter_base
+    from lmlab.models.build import adapter_base, is_adapter
 
     checkpoint = Path(recipe.model.from_pretrained)
-    is_adapter = (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file()
-    config_path = (adapter_base(checkpoint) if is_adapter else checkpoint) / "config.json"  # an adapter: its base's
+    config_path = (adapter_base(checkpoint) if is_adapter(checkpoint) else checkpoint) / "config.json"  # an adapter: its base's
     if not config_path.is_file():
         raise LmlabError("not a HF checkpoint: config.json is missing", file=recipe.model.from_pretrained,
                          field="model.from_pretrained")

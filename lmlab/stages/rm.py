@@ -22,10 +22,9 @@ def reward_model(path: str, tokenizer, trust_remote_code: bool = False):
     merged into the body of its base first."""
     from transformers import AutoModelForSequenceClassification
 
-    from lmlab.models.build import adapter_base
+    from lmlab.models.build import adapter_base, is_adapter
 
-    adapter = Path(path) if (Path(path) / "adapter_config.json").is_file() and \
-        not (Path(path) / "config.json").is_file() else None
+    adapter = Path(path) if is_adapter(path) else None
     model = AutoModelForSequenceClassification.from_pretrained(adapter_base(adapter) if adapter else path,
                                                                num_labels=1, use_safetensors=True,
                                                                trust_remote_code=trust_remote_code)
