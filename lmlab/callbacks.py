@@ -243,7 +243,7 @@ class DivergenceGuard(TrainerCallback):
     """
 
     HISTORY = 50  # steps in the running medians
-    WARMUP = 3  # steps of history before spikes count (non-finite values always do)
+    WARMUP = 3  # steps of history before gradient spikes count (non-finite values always do)
 
     def __init__(self, config, metrics: MetricsCallback | None = None, loss_spikes: bool = True):
         self.config, self.metrics, self.loss_spikes = config, metrics, loss_spikes
@@ -261,10 +261,13 @@ class DivergenceGuard(TrainerCallback):
         """Why this step is bad, or None."""
         if not math.isfinite(loss) or not math.isfinite(norm):
             return "non-finite loss or gradient"
+        # one good step is history enough for the loss: no healthy run ever reaches 10x its first loss, and
+        # a blow-up admitted into the history during a warm-up would hide every later spike behind its median
+        median_loss = _median(self.losses)
+        if self.loss_spikes and median_loss > 0 and loss > self.config.loss_spike * median_loss:
+            return f"loss {loss:.4g} > {self.config.loss_spike:g} x median {median_loss:.4g}"
         if len(self.norms) >= self.WARMUP:
-            median_loss, median_norm = _median(self.losses), _median(self.norms)
-            if self.loss_spikes and median_loss > 0 and loss > self.config.loss_spike * median_loss:
-                return f"loss {loss:.4g} > {self.config.loss_spike:g} x median {median_loss:.4g}"
+            median_norm = _median(self.norms)
             # and above the clipping threshold: a norm clipping leaves alone is no spike, however small the
             # median (RL steps whose groups all scored alike have gradients near zero)
             clip = (self._args.max_grad_norm if self._args is not None else None) or 0.0

@@ -446,6 +446,9 @@ class Recipe(Strict):
             raise ValueError(f"the {self.stage} stage continues a model: set model.from_pretrained to a checkpoint")
         if self.lora.enabled and self.stage in ("pretrain", "cpt", "distill"):
             raise ValueError(f"LoRA is for post-training stages, not {self.stage}")
+        if self.stage == "distill" and self.distill.cache_teacher and self.data.streaming:
+            raise ValueError("distill.cache_teacher runs the teacher over every training row first, and streamed "
+                             "data has no fixed rows: set data.streaming: false or cache_teacher: false")
         return self
 
     @model_validator(mode="after")

@@ -69,6 +69,9 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, base_model, tok_d
         prepare_distill(recipe)
     with pytest.raises(LmlabError, match="needs distill.teacher"):
         tiny_recipe(tmp_path, None, name="s2", stage="distill")
+    with pytest.raises(LmlabError, match="streamed data has no fixed rows"):
+        tiny_recipe(tmp_path, None, name="s3", stage="distill", data={"streaming": True},
+                    distill={"teacher": str(base_model), "top_k": 4, "cache_teacher": True})
 
 
 def test_cached_top_k_gives_the_same_loss_as_the_teacher_on_the_fly():
@@ -110,3 +113,23 @@ def test_chat_distillation_with_a_cached_teacher(tmp_path, base_model):
     assert cache["indices"].shape[0] == data.train_rows and cache["indices"].shape[-1] == 4
     assert (final / "model.safetensors").is_file()
     assert load_tokenizer(final).chat_template  # the student keeps the chat template it was trained with
+
+
+def test_a_cached_teacher_on_packed_rows_gives_each_shuffled_batch_its_own_rows(tmp_path, base_model):
+    from lmlab.stages.distill import prepare_distill
+
+    recipe = tiny_recipe(tmp_path, None, name="packed_student", stage="distill", tokenizer={},
+                         distill={"teacher": str(base_model), "top_k": 4, "cache_teacher": True},
+                         train={"max_steps": 2})
+    recipe.run_dir.mkdir(parents=True)  # run_distill makes it before preparing; the cache is written there
+    trainer = prepare_distill(recipe).trainer
+    assert trainer.cache["indices"].shape[0] == len(trainer.train_dataset)
+    batch = next(iter(trainer.get_train_dataloader()))  # the sampler shuffles: row ids are not 0..n
+    assert batch["row_id"].tolist() != list(range(len(batch["row_id"])))
+    batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
+    trainer.model.train()
+    with torch.no_grad():
+        cached = trainer.compute_loss(trainer.model, batch)
+        trainer.cache = None  # the same top-k, computed by the teacher on these rows now
+        live = trainer.compute_loss(trainer.model, batch)
+    assert torch.allclose(cached, live, rtol=1e-5)

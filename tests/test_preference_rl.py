@@ -224,3 +224,119 @@ def test_a_resumed_rl_run_continues_from_its_step(tmp_path, base_model):
     run_rl(recipe, resume=True)
     steps_after = [r["step"] for r in read_metrics(recipe.run_dir) if "reward" in r][len(steps_before):]
     assert steps_before == [1, 2] and steps_after == [3, 4]  # resumed from checkpoint-2, not from step 0
+
+
+def _policy_reward_model(tmp_path, policy):
+    """A randomly initialised reward model on the policy's tokenizer: continuous scores, so sampled answers
+    never tie and every prompt gives a pair (a tiny policy answers every math prompt wrong, which ties)."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from lmlab.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(policy)
+    torch_seed = __import__("torch").manual_seed(0)
+    del torch_seed
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path / "policy_rm"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (policy / name).is_file():
+            shutil.copy(policy / name, out / name)
+    return out
+
+
+def test_on_policy_dpo_rounds_sample_fresh_pairs_and_each_round_starts_at_its_reference(tmp_path, base_model):
+    """recipes/math_dpo.yaml's path: prompts, not pairs; each round samples from the current policy, a
+    learned reward model ranks the samples, and DPO trains one epoch against the round's starting policy."""
+    from lmlab.stages.preference import run_preference
+
+    scorer = _policy_reward_model(tmp_path, base_model)
+    recipe = post_recipe(tmp_path, base_model, "dpo", data={"train": {"kind": "math", "format": "prompt",
+                                                                      "num_examples": 8, "seed": 7}},
+                         preference={"rounds": 2, "samples": 3, "scorer": str(scorer), "max_new_tokens": 12},
+                         optim={"lr": 5e-3}, train={"max_steps": None, "epochs": 1, "micro_batch_size": 4,
+                                                    "log_every": 1})
+    final = run_preference(recipe)
+    rounds = [[json.loads(line) for line in (recipe.run_dir / f"round-{r}" / "pairs.jsonl").read_text().splitlines()]
+              for r in (1, 2)]
+    assert len(rounds[0]) == len(rounds[1]) == 8  # continuous scores: one pair per prompt in each round
+    assert [p["chosen"] for p in rounds[0]] != [p["chosen"] for p in rounds[1]]  # fresh samples, not a replay
+    logged = [r for r in read_metrics(recipe.run_dir) if "rewards/margins" in r]
+    firsts = [next(r for r in logged if r["round"] == n) for n in (1, 2)]
+    # the second round's reference is the first round's model: its first margins are zero again
+    assert [f["rewards/margins"] for f in firsts] == [pytest.approx(0.0, abs=1e-6)] * 2
+    assert any(abs(r["rewards/margins"]) > 1e-4 for r in logged if r["round"] == 1)  # and the check can fail
+    assert (final / "model.safetensors").is_file()
+
+
+def test_on_policy_dpo_with_the_verifier_samples_and_scores_before_it_can_refuse(tmp_path, base_model):
+    """The README's `lmlab dpo recipes/math_dpo.yaml` scorer: a barely trained policy answers every prompt
+    wrong, so all of its samples tie, which is one error line after sampling (not a crash before it)."""
+    from lmlab.stages.preference import run_preference
+
+    recipe = post_recipe(tmp_path, base_model, "dpo", data={"train": {"kind": "math", "format": "prompt",
+                                                                      "num_examples": 4}},
+                         preference={"rounds": 2, "samples": 2, "scorer": "math_exact", "max_new_tokens": 8})
+    with pytest.raises(LmlabError, match="round 1: every prompt's 2 samples scored the same"):
+        run_preference(recipe)
+
+
+def _adapter(tmp_path, base_model):
+    """A LoRA SFT adapter trained far enough to move the model away from its base."""
+    from lmlab.stages.sft import run_sft
+
+    return run_sft(post_recipe(tmp_path, base_model, "sft", name="lora_sft", lora={"enabled": True, "r": 4, "alpha": 8},
+                               optim={"lr": 2e-2}, data={"train": {"kind": "math", "num_examples": 48}},
+                               train={"max_steps": 6}, sft={"eval_math": 0}))
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("stage", ["rl", "dpo"])
+def test_the_reference_is_the_policys_starting_weights_for_checkpoints_and_adapters(tmp_path, base_model, stage):
+    """RL and DPO from a LoRA adapter: the reference is base + adapter, never the adapter's base."""
+    import torch
+
+    from lmlab.models.build import load_model
+    from lmlab.stages.posttrain import load_policy, prepare_tokenizer
+    from lmlab.stages.preference import preference_trainer
+    from lmlab.stages.rl import prepare_rl
+
+    adapter = _adapter(tmp_path, base_model)
+    ids = torch.randint(5, 300, (2, 16))
+    assert not torch.allclose(_logits(load_model(adapter), ids), _logits(load_model(base_model), ids), atol=1e-3)
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl")
+    for start in (base_model, adapter):
+        recipe = post_recipe(tmp_path, start, stage, name=f"{stage}_{start.parent.name}", rl={"beta": 0.1})
+        if stage == "rl":
+            trainer = prepare_rl(recipe)[0]
+        else:  # as run_preference builds its first round's trainer
+            tokenizer = prepare_tokenizer(recipe)
+            given = [json.loads(line) for line in pairs.read_text().splitlines()]
+            trainer = preference_trainer(recipe, load_policy(recipe, tokenizer), tokenizer, given,
+                                         recipe.run_dir / "checkpoints", 1e-3)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+        assert torch.allclose(_logits(reference, ids), _logits(policy, ids), atol=1e-5), start
+        assert torch.allclose(_logits(reference, ids), _logits(load_model(start), ids), atol=1e-5), start
+
+
+def test_grpo_from_an_adapter_starts_with_zero_kl(tmp_path, base_model):
+    from lmlab.stages.rl import run_rl
+
+    adapter = _adapter(tmp_path, base_model)
+    recipe = post_recipe(tmp_path, adapter, "rl", name="rl_adapter",
+                         rl={"num_generations": 4, "beta": 0.1, "rewards": ["math_format"], "max_completion_length": 12},
+                         train={"max_steps": 1, "micro_batch_size": 4, "log_every": 1})
+    run_rl(recipe)
+    first = next(r for r in read_metrics(recipe.run_dir) if "kl" in r)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # against the adapter's base it was far from zero

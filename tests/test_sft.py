@@ -113,8 +113,12 @@ def test_overlong_samples_are_counted_and_dropped_on_request(tmp_path, base_mode
     recipe = sft_recipe(tmp_path, base_model, data={"seq_len": 112}, sft={"overlong": "drop", "eval_math": 0})
     tokenizer = prepare_tokenizer(recipe)
     data = load_sft_data(recipe, tokenizer)
-    assert data.overlong > 0 and data.dropped == data.overlong
+    assert data.dropped > 0 and data.overlong == 0  # `overlong` counts the trained records that get truncated
     assert data.examples + len(data.validation or []) == 300 - data.dropped
+    kept = load_sft_data(sft_recipe(tmp_path, base_model, name="kept", data={"seq_len": 112},
+                                    sft={"overlong": "truncate", "eval_math": 0}), tokenizer)
+    assert kept.dropped == 0 and 0 < kept.overlong <= data.dropped  # the held-out ones are not counted
+    assert kept.examples + len(kept.validation or []) == 300
 
 
 def test_a_window_that_truncates_every_answer_away_is_an_error_before_training(tmp_path, base_model):

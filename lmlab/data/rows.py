@@ -97,3 +97,21 @@ class PackedRows(torch.utils.data.Dataset):
     def to_dict(self) -> dict[str, Any]:
         """All rows as lists (tests and small validation sets)."""
         return {k: v.tolist() for k, v in self.columns(range(len(self))).items()}
+
+
+class Numbered(torch.utils.data.Dataset):
+    """`dataset` (packed rows or a datasets.Dataset) whose rows also carry their position as `row_id`: the key
+    of a per-row cache (distillation's teacher top-k), read back in whatever order the sampler draws rows."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        rows = self.dataset.__getitems__(list(indices))
+        return [{**row, "row_id": int(i)} for row, i in zip(rows, indices)]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i % len(self)])[0]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lmlab.console import console
+from lmlab.data.rows import Numbered
 from lmlab.distributed import main_first
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
@@ -113,17 +114,20 @@ def cache_teacher(teacher, dataset, collator, top_k: int, temperature: float, pa
                 return load_file(str(path))
     device = next(teacher.parameters()).device
     indices, logprobs = [], []
-    width = max(len(ids) for ids in dataset["input_ids"])
     teacher.eval()
     for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = collator(dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset))))))
         inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "row_id")}
         with torch.no_grad():
             idx, logp = teacher_top_k(teacher(**inputs).logits, temperature, top_k)
-        pad = width - idx.shape[1]  # chat rows vary in length: pad every row to the longest
-        indices.append(torch.nn.functional.pad(idx, (0, 0, 0, pad)).to(torch.int32).cpu())
-        logprobs.append(torch.nn.functional.pad(logp, (0, 0, 0, pad)).cpu())
-    tensors = {"indices": torch.cat(indices), "logprobs": torch.cat(logprobs)}
+        indices.append(idx.to(torch.int32).cpu())
+        logprobs.append(logp.cpu())
+    width = max(idx.shape[1] for idx in indices)  # chat rows vary in length: pad every row to the longest
+
+    def padded(batches):
+        return torch.cat([torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[1])) for b in batches])
+
+    tensors = {"indices": padded(indices), "logprobs": padded(logprobs)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -200,7 +204,7 @@ def teacher_factory(recipe: Recipe):
         teacher = load_teacher(d.teacher, tokenizer)
         extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k)
         if d.cache_teacher:  # rows carry their index, so each batch finds its teacher top-k on disk
-            data.train = data.train.add_column("row_id", list(range(len(data.train))))
+            data.train = Numbered(data.train)
             # rank 0 runs the teacher and writes the cache; the other ranks then read the same file
             with main_first(), console().status("caching the teacher's top-k over the training rows"):
                 extra["cache"] = cache_teacher(teacher, data.train, collator, d.top_k, d.temperature,

@@ -138,8 +138,9 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
     held = keep[held_out_indices(hashes[keep], recipe.sft.validation_fraction)]
     train = np.setdiff1d(keep, held)
     table = records.remove_columns("doc_id")
+    overlong_train = int((lengths[train] > limit).sum())  # of the records trained on, as `examples` counts
     return SFTData(table.select(train).shuffle(seed=recipe.seed), table.select(held) if len(held) else None,
-                   len(train), overlong, dropped)
+                   len(train), overlong_train, dropped)
 
 
 def lora_config(recipe: Recipe, examples: int, model) -> Any:
@@ -191,7 +192,33 @@ def load_policy(recipe: Recipe, tokenizer):
         model = load_model(recipe.model.from_pretrained, trust_remote_code=recipe.model.trust_remote_code,
                            attn_implementation=attention_kernel(recipe.model.attn_implementation))
     check_vocab(model, tokenizer, recipe.model.from_pretrained)
+    anchor_reference(recipe, model, tokenizer)
     return model
+
+
+def anchor_reference(recipe: Recipe, model, tokenizer) -> None:
+    """Name the checkpoint that holds the policy's starting weights in `config._name_or_path`, the path TRL
+    loads again as the reference model of DPO / KTO and of GRPO / RLOO with a KL term.
+
+    A checkpoint directory already names itself. A LoRA adapter does not: its merged model still carries its
+    base's path, so the KL reference became the model before the adapter's training (KL 1.45 at RL's first
+    step). Its merged weights are written once to the run's `reference/` and named there. Training a new LoRA
+    needs neither: TRL's reference is then the policy with the new adapter disabled.
+    """
+    from lmlab.artifacts import save_artifact
+    from lmlab.distributed import main_first
+    from lmlab.models.build import is_adapter
+
+    start = Path(recipe.model.from_pretrained or "")
+    if recipe.lora.enabled or recipe.stage not in ("dpo", "kto", "rl"):
+        return
+    if is_adapter(start):
+        reference = recipe.run_dir / "reference"
+        with main_first() as main:
+            if main and not (reference / "config.json").is_file():
+                save_artifact(model, tokenizer, reference, {"stage": "reference", "adapter": str(start.resolve())})
+        start = reference
+    model.config._name_or_path = str(start.resolve())
 
 
 def fine_tuning_lr(recipe: Recipe, model, ratio: float = 1.0, from_previous: bool = True) -> float:

@@ -71,7 +71,7 @@ def preference_data(recipe: Recipe, tokenizer):
 
     given, prompts = preference_inputs(recipe.data.train, recipe.seed)
     check_preference_inputs(recipe, given, prompts)
-    return given, prompts, load_scorer(p.scorer, tokenizer) if prompts else None
+    return given, prompts, load_scorer(recipe.preference.scorer, tokenizer) if prompts else None
 
 
 def round_pairs(recipe: Recipe, model, tokenizer, prompts, scorer, round_no: int, round_dir: Path):
@@ -140,6 +140,9 @@ def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False
         pairs, record = round_pairs(recipe, model, tokenizer, prompts, scorer, round_no, round_dir) if prompts \
             else (given, {"round": round_no, "pairs": len(given)})
         trainer, model = train_round(recipe, model, tokenizer, pairs, record, round_dir, lr, resume)
+        # the next round's reference is the policy it starts from (as a resume loads it): TRL builds the
+        # reference from `_name_or_path`, which still named the first round's input
+        model.config._name_or_path = str((round_dir / "model").resolve())
         history.append(record)
     manifest = {"stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "lr": lr, "rounds": history}

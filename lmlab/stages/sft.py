@@ -101,8 +101,8 @@ def prepare_sft(recipe: Recipe) -> SFTJob:
     tokenizer = prepare_tokenizer(recipe)
     data = load_sft_data(recipe, tokenizer)
     console().print(f"SFT on {data.examples:,} conversations ({len(data.validation or [])} held out); "
-                    f"{data.overlong} longer than {recipe.data.seq_len} tokens "
-                    + ("dropped" if data.dropped else "truncated"))
+                    + (f"{data.dropped} longer than {recipe.data.seq_len} tokens dropped" if data.dropped
+                       else f"{data.overlong} longer than {recipe.data.seq_len} tokens truncated"))
     model = load_policy(recipe, tokenizer)
     epochs = sft_epochs(recipe, data.examples)
     peft_config = lora_config(recipe, data.examples, model) if recipe.lora.enabled else None
