@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lmlab.stats import median
+
 
 class MetricsCallback(TrainerCallback):
     """Enriches every log with tokens seen, tokens/s, TFLOP/s and MFU, then writes jsonl + TensorBoard.
@@ -229,8 +231,15 @@ class TaskEvalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every or not state.is_world_process_zero:
             return  # rank 0 evaluates; the other ranks wait for it at the next step's gradient all-reduce
-        results = self.evaluate(model, state.global_step)
-        self.metrics.on_log(args, state, control, logs={f"task/{k}": v for k, v in results.items()})
+        from lmlab.stats import Estimate
+
+        logs: dict[str, float] = {}
+        for key, value in self.evaluate(model, state.global_step).items():
+            logs[f"task/{key}"] = float(value)
+            if isinstance(value, Estimate):  # each score with its 95% interval and item count
+                logs.update({f"task/{key}/ci_low": value.low, f"task/{key}/ci_high": value.high,
+                             f"task/{key}/n": value.n})
+        self.metrics.on_log(args, state, control, logs=logs)
 
 
 class DivergenceGuard(TrainerCallback):
@@ -263,11 +272,11 @@ class DivergenceGuard(TrainerCallback):
             return "non-finite loss or gradient"
         # one good step is history enough for the loss: no healthy run ever reaches 10x its first loss, and
         # a blow-up admitted into the history during a warm-up would hide every later spike behind its median
-        median_loss = _median(self.losses)
+        median_loss = median(self.losses)
         if self.loss_spikes and median_loss > 0 and loss > self.config.loss_spike * median_loss:
             return f"loss {loss:.4g} > {self.config.loss_spike:g} x median {median_loss:.4g}"
         if len(self.norms) >= self.WARMUP:
-            median_norm = _median(self.norms)
+            median_norm = median(self.norms)
             # and above the clipping threshold: a norm clipping leaves alone is no spike, however small the
             # median (RL steps whose groups all scored alike have gradients near zero)
             clip = (self._args.max_grad_norm if self._args is not None else None) or 0.0
@@ -296,8 +305,3 @@ class DivergenceGuard(TrainerCallback):
                         + ", ".join(f"{k.split('/')[1]} {v}" for k, v in fields.items()) + "[/]")
         if self.metrics is not None and self._state is not None:
             self.metrics.on_log(self._args, self._state, self._control, logs=dict(fields))
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else 0.0

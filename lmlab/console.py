@@ -17,13 +17,18 @@ from functools import lru_cache
 QUIET_ENV = "LMLAB_QUIET"
 
 
-@lru_cache(maxsize=None)
 def console(stderr: bool = False):
+    """The console on the current standard output (or error): one per stream, so a caller that swaps
+    sys.stdout (a test runner capturing a command) never leaves lmlab printing to a closed one."""
+    return _console_on(sys.stderr if stderr else sys.stdout)
+
+
+@lru_cache(maxsize=None)
+def _console_on(stream):
     from rich.console import Console
 
     from lmlab.distributed import is_main
 
-    stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
     quiet = not is_main() or os.environ.get(QUIET_ENV) == "1"
     return Console(file=stream, soft_wrap=not terminal, force_terminal=terminal or None,

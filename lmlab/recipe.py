@@ -230,8 +230,8 @@ class TokenizerConfig(Strict):
 class DataConfig(Strict):
     train: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="general")])
     validation: list[SourceSpec] | None = None  # default: a held-out fraction of train
-    # CPT: general data replayed into the domain data, as an exact share of training tokens (EvoLM: 16%).
-    # Its held-out part is also evaluated, so forgetting shows as `eval_replay_loss`.
+    # CPT and SFT: general data replayed into the domain data, as an exact share of training tokens (EvoLM: 16%).
+    # Its held-out part is also evaluated, so forgetting shows as `eval_replay_loss` (before and after).
     replay: list[SourceSpec] | None = None
     replay_ratio: float = Field(0.16, ge=0, lt=1)
     validation_fraction: float = Field(0.01, ge=0, lt=0.5)
@@ -449,6 +449,9 @@ class Recipe(Strict):
         if self.stage == "distill" and self.distill.cache_teacher and self.data.streaming:
             raise ValueError("distill.cache_teacher runs the teacher over every training row first, and streamed "
                              "data has no fixed rows: set data.streaming: false or cache_teacher: false")
+        if self.data.replay and self.stage not in ("pretrain", "cpt", "sft"):
+            raise ValueError(f"data.replay mixes general text into language-model training (cpt, sft); the "
+                             f"{self.stage} stage has no such loss to mix it into")
         return self
 
     @model_validator(mode="after")

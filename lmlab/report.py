@@ -34,21 +34,10 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [s for s, _ in points], [v for _, v in points]
 
 
-def pearson_r(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson correlation (its sign says which way a predictor points); None when either side has no spread."""
-    n = len(xs)
-    if n < 3:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sxx * syy) ** 0.5
-
-
 def r_squared(xs: list[float], ys: list[float]) -> float | None:
     """Squared Pearson correlation; None when either side has no spread."""
+    from lmlab.stats import pearson_r
+
     r = pearson_r(xs, ys)
     return None if r is None else r * r
 

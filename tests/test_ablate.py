@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from lmlab.experiments.ablate import mean_std, parse_grid, resolve_key, run_ablation, summarise, variants
+from lmlab.stats import mean_std
+from lmlab.experiments.ablate import parse_grid, resolve_key, run_ablation, summarise, variants
 from lmlab.errors import LmlabError
 from tests.helpers import tiny_recipe_file
 

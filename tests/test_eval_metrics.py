@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmlab.evaluate.likelihood import OptionScore, pick, score_options, text_bits_per_byte
-from lmlab.evaluate.metrics import bits_per_byte, maj_at_k, majority, pass_at_k
+from lmlab.evaluate.metrics import maj_at_k, majority, pass_at_k
 
 
 def test_pass_at_k_unbiased_estimator():
@@ -24,10 +24,6 @@ def test_maj_at_k_votes_over_the_first_k_samples():
     assert maj_at_k(answers, gold=5, k=3) == 0.0  # 3 wins two votes to one
     assert maj_at_k(answers, gold=5, k=6) == 1.0  # 5 wins three to two
     assert majority([5, 3]) == 5 and majority([None, None]) is None
-
-
-def test_bits_per_byte_of_nats():
-    assert bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
 
 
 class FixedLogits(torch.nn.Module):
@@ -68,5 +64,6 @@ def test_token_normalisation_divides_by_token_count():
 
 def test_bits_per_byte_of_a_known_string_under_a_uniform_model():
     model = FixedLogits([0.2] * 5)  # 5 tokens, uniform: each costs log2(5) bits
-    bpb = text_bits_per_byte(model, char_tokenizer(), ["abcab"])
-    assert bpb == pytest.approx(math.log2(5))  # 5 one-byte tokens, each scored after the start token
+    bpb = text_bits_per_byte(model, char_tokenizer(), ["abcab", "ab"])
+    assert bpb == pytest.approx(math.log2(5))  # one-byte tokens, each scored after the start token
+    assert bpb.num == pytest.approx([5 * math.log2(5), 2 * math.log2(5)]) and bpb.den == [5, 2]  # per document

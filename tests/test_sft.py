@@ -235,3 +235,40 @@ def test_chat_records_are_cached_on_disk_and_not_read_or_measured_again(tmp_path
         fh.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
                  + "\n")
     assert load_sft_data(recipe, prepare_tokenizer(recipe)).examples + len(first.validation) >= 41
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_replay_is_an_exact_share_of_tokens_drawn_from_the_replay_source(tmp_path, base_model, packing):
+    """data.replay in SFT: general windows join the chat rows as exactly replay_ratio of the training tokens,
+    every replay row comes from the general source's token store (not the math chats), and the general
+    validation loss is measured before and after training."""
+    from lmlab.data.pretrain_data import build_packed_data, replay_block
+    from lmlab.stages.sft import prepare_sft, run_sft
+
+    recipe = sft_recipe(tmp_path, base_model, name=f"replay{int(packing)}",
+                        data={"train": {"kind": "math", "num_examples": 120}, "seq_len": 96,
+                              "replay": {"kind": "general", "limit": 60}, "replay_ratio": 0.25},
+                        sft={"packing": packing, "eval_math": 0}, train={"epochs": 1, "micro_batch_size": 8})
+    job = prepare_sft(recipe)
+    report, rows = job.replay.report, job.trainer.train_dataset
+    total = sum(len(ids) for ids in rows["input_ids"])
+    assert total == report["domain_tokens"] + report["replay_tokens"]
+    assert abs(report["replay_tokens"] - 0.25 * total) <= 1  # exact up to rounding to whole tokens
+    store = build_packed_data(replay_block(recipe.data), job.tokenizer, recipe.seed, 0).train
+    windows = {tuple(w) for w in store.columns(range(len(store)))["input_ids"].tolist()}
+    chat_start = job.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    replay_rows = [ids for ids in rows["input_ids"] if chat_start not in ids]
+    assert sum(len(r) for r in replay_rows) == report["replay_tokens"]
+    for ids in replay_rows:  # each a general window (the last one cut to the exact count)
+        assert any(w[:len(ids)] == tuple(ids) for w in windows)
+        assert "The answer is" not in job.tokenizer.decode(ids)
+    chat_rows = [labels for ids, labels in zip(rows["input_ids"], rows["labels"]) if chat_start in ids]
+    assert all(-100 in labels for labels in chat_rows)  # prompts stay out of the loss; replay is all loss
+    if packing:
+        assert all(sum(n) == len(ids) for ids, n in zip(rows["input_ids"], rows["seq_lengths"]))
+    if not packing:
+        final = run_sft(recipe)
+        manifest = json.loads((final / "lmlab.json").read_text())
+        assert manifest["replay_mix"]["replay_share"] == pytest.approx(0.25, abs=0.01)
+        before, after = manifest["metrics_before"]["eval_replay_loss"], manifest["metrics"]["eval_replay_loss"]
+        assert 0 < before and 0 < after and before != after

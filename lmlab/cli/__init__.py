@@ -323,35 +323,47 @@ def export(adapter: Path = typer.Argument(..., help="A LoRA adapter directory wr
 
 @app.command("eval")
 @user_errors
-def eval_(checkpoint: Path = typer.Argument(..., help="An HF checkpoint directory (with its tokenizer)."),
+def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint directory (with its tokenizer); "
+                                                  "give two to compare them item by item (second - first)."),
           tasks: str = typer.Option("math_id,math_ood,general_cloze", "--tasks",
                                     help="Comma-separated embedded task names or task YAML files."),
-          n: int = typer.Option(200, "--n", min=1, help="Items per embedded task."),
+          n: int = typer.Option(500, "--n", min=1, help="Items per embedded task."),
           samples: int = typer.Option(1, "--samples", min=1, help="Samples per prompt for maj@k and pass@k."),
           orm: Optional[str] = typer.Option(None, "--orm", help="ORM score of the samples: a verifier "
                                             "(math_exact) or a reward-model directory."),
+          as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (value, ci_low, ci_high, "
+                                       "n per metric) instead of a table."),
           out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON.")) -> None:
-    """Score a checkpoint on cloze and generative tasks."""
+    """Score a checkpoint on cloze and generative tasks, each score with its 95% interval; or two, paired."""
     import json
 
     from lmlab.console import console as shared_console
-    from rich.table import Table
-
+    from lmlab.evaluate.compare import comparison_table, stage_changes
     from lmlab.evaluate.evaluator import evaluate_checkpoint
     from lmlab.evaluate.tasks import load_task
+    from lmlab.stats import Estimate
 
+    if len(checkpoints) > 2:
+        raise LmlabError(f"lmlab eval takes one checkpoint, or two to compare; got {len(checkpoints)}",
+                         field="CHECKPOINTS")
     loaded = [load_task(spec.strip(), n) for spec in tasks.split(",") if spec.strip()]  # bad tasks fail first
-    results = evaluate_checkpoint(checkpoint, loaded, samples, orm)
-    table = Table(title=f"evaluation of {checkpoint}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in results.items():
-        table.add_row(key, f"{value:.4f}")
-    shared_console().print(table)
+    results = {str(path): evaluate_checkpoint(path, loaded, samples, orm) for path in checkpoints}
+    changes = stage_changes(results)
+    payload: dict = {name: {k: v.as_dict(items=False) if isinstance(v, Estimate) else v for k, v in row.items()}
+                     for name, row in results.items()}
+    if changes:
+        payload = {"a": payload[str(checkpoints[0])], "b": payload[str(checkpoints[1])],
+                   "change": {k: d.as_dict() for k, d in changes[str(checkpoints[1])].items()}}
+    else:
+        payload = payload[str(checkpoints[0])]
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        shared_console().print(comparison_table(results, changes, list(results[str(checkpoints[0])])))
     if out:
         from lmlab.paths import write_json_atomic
 
-        write_json_atomic(out, results)
+        write_json_atomic(out, payload)
 
 
 @app.command("export-tasks")

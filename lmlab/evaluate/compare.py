@@ -20,42 +20,115 @@ def _cache_key(stage, path: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[str, dict[str, float]]:
-    """Evaluate each (name, artifact) pair; writes results.json and comparison.md, prints the table."""
-    from rich.table import Table
+def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Evaluate each (name, artifact) pair; writes results.json and comparison.md, prints the table.
 
+    Every score carries its 95% interval and n, and each stage is compared with the one before it on the
+    same items (a paired interval of the change, and McNemar's test for accuracies), so the table says which
+    stage moved which metric beyond the noise.
+    """
     from lmlab.console import console as shared_console
     from lmlab.evaluate.evaluator import evaluate_checkpoint
     from lmlab.evaluate.tasks import load_task
     from lmlab.paths import write_json_atomic, write_text_atomic
+    from lmlab.stats import Estimate, estimate
 
     tasks = [load_task(spec, stage.n) for spec in stage.tasks]  # bad tasks fail before any model loads
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_file = out_dir / "results.json"
     cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     console = shared_console()
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for name, path in models:
         key = _cache_key(stage, path)
-        if cache.get(name, {}).get("key") == key:
-            results[name] = cache[name]["metrics"]
+        cached = cache.get(name, {})
+        if cached.get("key") == key and "estimates" in cached:
+            results[name] = {k: estimate(v) or v for k, v in cached["estimates"].items()}
             continue
         with console.status(f"evaluating {name}"):
             results[name] = evaluate_checkpoint(path, tasks, stage.samples, stage.orm, stage.general_bpb,
                                                 stage.math_bpb)
-        cache[name] = {"key": key, "artifact": path, "metrics": results[name]}
+        cache[name] = {"key": key, "artifact": path, "metrics": {k: float(v) for k, v in results[name].items()},
+                       "estimates": {k: v.as_dict() if isinstance(v, Estimate) else v
+                                     for k, v in results[name].items()}}
         write_json_atomic(cache_file, cache)
+    changes = stage_changes(results)
+    for name, by_metric in changes.items():
+        cache[name]["change"] = {k: d.as_dict() for k, d in by_metric.items()}
+    cache = {name: cache[name] for name in results}  # stages no longer in the pipeline drop out
+    write_json_atomic(cache_file, cache)
     columns = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "general_bpb", k))
-    # on screen one row per metric and one column per stage, so it fits a terminal; markdown the other way
-    table = Table(title="every stage's model on the same evaluation")
-    table.add_column("metric")
-    for name in results:
-        table.add_column(name, justify="right")
-    for column in columns:
-        table.add_row(column, *(f"{row[column]:.3f}" if column in row else "-" for row in results.values()))
-    lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in columns) + " |")
-    console.print(table)
-    write_text_atomic(out_dir / "comparison.md", "\n".join(lines) + "\n")
+    console.print(comparison_table(results, changes, columns))
+    write_text_atomic(out_dir / "comparison.md", comparison_markdown(results, changes, columns))
     return results
+
+
+def stage_changes(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each stage against the one before it: the paired difference of every metric both were scored on."""
+    from lmlab.stats import Estimate, paired
+
+    names, changes = list(results), {}
+    for before, after in zip(names, names[1:]):
+        changes[after] = {k: paired(results[before][k], v) for k, v in results[after].items()
+                          if isinstance(v, Estimate) and isinstance(results[before].get(k), Estimate)
+                          and results[before][k].n == v.n}
+    return changes
+
+
+def _cell(value, digits: int = 3) -> str:
+    from lmlab.stats import Estimate
+
+    if isinstance(value, Estimate):
+        return f"{float(value):.{digits}f} [{value.low:.{digits}f}, {value.high:.{digits}f}]"
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def _change(diff) -> str:
+    if diff is None:
+        return "-"
+    mark = "" if diff.distinguishable else " (noise)"
+    return f"{diff.delta:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]{mark}"
+
+
+def comparison_table(results, changes, columns):
+    """On screen: one row per metric (value [95% interval]) and, after the first stage, its change."""
+    from rich.table import Table
+
+    table = Table(title="every stage's model on the same items: value [95% interval], change from the stage before")
+    table.add_column("metric")
+    table.add_column("n", justify="right")
+    names = list(results)
+    for i, name in enumerate(names):
+        table.add_column(name, justify="right")
+        if i:
+            table.add_column(f"{name} - {names[i - 1]}", justify="right")
+    for column in columns:
+        n = next((getattr(row[column], "n", None) for row in results.values() if column in row), None)
+        cells = []
+        for i, name in enumerate(names):
+            cells.append(_cell(results[name].get(column)))
+            if i:
+                cells.append(_change(changes.get(name, {}).get(column)))
+        table.add_row(column, str(n or "-"), *cells)
+    return table
+
+
+def comparison_markdown(results, changes, columns) -> str:
+    """Stages in pipeline order: every metric with its interval and n; then each stage's paired change."""
+    def n_of(column):
+        return next((getattr(row[column], "n", None) for row in results.values() if column in row), None)
+
+    header = [f"{c} (n={n_of(c)})" if n_of(c) else c for c in columns]
+    lines = ["Each value with its 95% interval (Wilson for accuracies, bootstrap over items or documents "
+             "otherwise).", "", "| stage | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    if changes:
+        lines += ["", "Change from the stage before, paired over the same items (95% interval; "
+                  "\"(noise)\": the interval includes zero).", "",
+                  "| change | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        names = list(results)
+        for before, after in zip(names, names[1:]):
+            lines.append(f"| {after} - {before} | "
+                         + " | ".join(_change(changes[after].get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"

@@ -70,21 +70,24 @@ def pick(scores: Sequence[OptionScore], how: Normalisation = "chars") -> int:
     return values.index(max(values))
 
 
-def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int = 1024) -> float:
-    """Bits per UTF-8 byte of `texts` under the model.
+def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int = 1024) -> "Estimate":
+    """Bits per UTF-8 byte of `texts` under the model, with a bootstrap interval over the texts.
 
     Each text is scored in full after a document-start token (BOS, else EOS, as a
     packed pretraining row would see it); a text longer than `max_length` tokens
-    counts only the bytes of the tokens scored.
+    counts only the bytes of the tokens scored. The estimate keeps each text's bits and
+    bytes, so two models are compared document by document.
     """
+    import math
+
     import torch
 
-    from lmlab.evaluate.metrics import bits_per_byte
+    from lmlab.stats import Estimate
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("bits per byte needs a BOS or EOS token to start each text")
-    total_nll, total_bytes = 0.0, 0
+    bits, sizes = [], []
     model.eval()
     for text in texts:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -95,6 +98,9 @@ def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int =
         row = torch.tensor([[start] + ids], device=model.device)
         with torch.no_grad():
             logits = model(input_ids=row).logits.float()
-        total_nll += torch.nn.functional.cross_entropy(logits[0, :-1], row[0, 1:], reduction="sum").item()
-        total_bytes += len(text[:end].encode("utf-8"))
-    return bits_per_byte(total_nll, total_bytes)
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], row[0, 1:], reduction="sum").item()
+        bits.append(nll / math.log(2))
+        sizes.append(len(text[:end].encode("utf-8")))
+    if not sum(sizes):
+        raise ValueError("bits per byte needs a non-empty text")
+    return Estimate(bits, sizes, binary=False)

@@ -1,4 +1,4 @@
-"""Sample-based metrics: unbiased pass@k, majority vote (maj@k), and bits per byte."""
+"""Sample-based metrics: unbiased pass@k and majority vote (maj@k)."""
 
 from __future__ import annotations
 
@@ -30,13 +30,3 @@ def maj_at_k(answers: Sequence[Hashable | None], gold: Hashable, k: int) -> floa
     if not 1 <= k <= len(answers):
         raise ValueError(f"k={k} needs 1..{len(answers)} samples")
     return float(majority(answers[:k]) == gold)
-
-
-def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
-    """Summed token negative log-likelihood (nats) over the UTF-8 bytes it covers, in bits.
-
-    Dividing by bytes instead of tokens makes models with different tokenizers comparable.
-    """
-    if n_bytes <= 0:
-        raise ValueError("bits per byte needs a non-empty text")
-    return total_nll_nats / (n_bytes * math.log(2))

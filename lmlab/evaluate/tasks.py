@@ -124,15 +124,18 @@ def load_task(spec: str, n: int = 200) -> Task:
 
 
 def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float = 0.8,
-             batch_size: int = 32, seed: int = 0, scorer=None) -> dict[str, float]:
-    """Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k (k = samples);
-    with a scorer, also the ORM score: its mean over the same sampled responses (sampled once, used twice)."""
+             batch_size: int = 64, seed: int = 0, scorer=None) -> dict[str, "Estimate"]:
+    """Each metric as an Estimate over the task's items (interval, n, and the per-item scores a paired
+    comparison needs). Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k
+    (k = samples); with a scorer, also the ORM score: its mean over the same sampled responses."""
+    from lmlab.stats import Estimate
+
     if task.kind == "cloze":
         from lmlab.evaluate.likelihood import pick, score_options
 
-        correct = sum(pick(score_options(model, tokenizer, it["prompt"], it["choices"], batch_size),
-                           task.normalisation) == it["gold"] for it in task.items)
-        return {f"{task.name}/accuracy": correct / len(task.items)}
+        correct = [float(pick(score_options(model, tokenizer, it["prompt"], it["choices"], batch_size),
+                              task.normalisation) == it["gold"]) for it in task.items]
+        return {f"{task.name}/accuracy": Estimate(correct, binary=True)}
     from lmlab.data.mathgen import DEFAULT_SYSTEM
     from lmlab.evaluate.generation import extract_integer, generate, render_prompts
     from lmlab.evaluate.metrics import maj_at_k, pass_at_k
@@ -140,7 +143,7 @@ def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float 
     prompts = render_prompts(tokenizer, [it["prompt"] for it in task.items], system=DEFAULT_SYSTEM)
     greedy = generate(model, tokenizer, prompts, batch_size=batch_size)
     out = {f"{task.name}/greedy_accuracy":
-           sum(extract_integer(g[0]) == it["answer"] for g, it in zip(greedy, task.items)) / len(task.items)}
+           Estimate([float(extract_integer(g[0]) == it["answer"]) for g, it in zip(greedy, task.items)], binary=True)}
     if samples > 1 or scorer is not None:
         sampled = generate(model, tokenizer, prompts, batch_size=max(1, batch_size // samples), do_sample=True,
                            temperature=temperature, num_return_sequences=samples, seed=seed)
@@ -149,11 +152,12 @@ def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float 
 
         scores = checked_scores(scorer, [p for p, g in zip(prompts, sampled) for _ in g],
                                 [r for g in sampled for r in g], [it for it, g in zip(task.items, sampled) for _ in g])
-        out[f"{task.name}/orm_score"] = sum(scores) / len(scores)
+        per_item = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(sampled))]
+        out[f"{task.name}/orm_score"] = Estimate(per_item, binary=False)
     if samples > 1:
         answers = [[extract_integer(s) for s in group] for group in sampled]
-        out[f"{task.name}/maj@{samples}"] = sum(maj_at_k(a, it["answer"], samples)
-                                                for a, it in zip(answers, task.items)) / len(task.items)
-        out[f"{task.name}/pass@{samples}"] = sum(pass_at_k(samples, sum(x == it["answer"] for x in a), samples)
-                                                 for a, it in zip(answers, task.items)) / len(task.items)
+        out[f"{task.name}/maj@{samples}"] = Estimate([maj_at_k(a, it["answer"], samples)
+                                                      for a, it in zip(answers, task.items)], binary=True)
+        out[f"{task.name}/pass@{samples}"] = Estimate([pass_at_k(samples, sum(x == it["answer"] for x in a), samples)
+                                                       for a, it in zip(answers, task.items)])
     return out

@@ -25,6 +25,7 @@ import yaml
 
 from lmlab.errors import LmlabError
 from lmlab.paths import write_json_atomic
+from lmlab.stats import mean_std
 
 ALIASES = {"epochs": "train.epochs", "lr": "optim.lr", "tokens": "train.tokens", "replay": "data.replay_ratio",
            "weight_decay": "optim.weight_decay"}
@@ -112,22 +113,37 @@ def variant_metrics(run_dir: Path, pipeline: bool) -> dict[str, float]:
             and not k.endswith(("_runtime", "_per_second", "epoch"))}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+def grouped(rows: list[tuple[Variant, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """Per grid point (`k=v,...`) and metric: the value of each seed's run."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for variant, metrics in rows:
+        point = ",".join(f"{k}={v}" for k, v in variant.values.items())
+        for metric, value in metrics.items():
+            out.setdefault(point, {}).setdefault(metric, []).append(value)
+    return out
 
 
 def summarise(rows: list[tuple[Variant, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """Per grid point (`k=v,...`) and metric: (mean, std, runs)."""
-    grouped: dict[str, dict[str, list[float]]] = {}
-    for variant, metrics in rows:
-        point = ",".join(f"{k}={v}" for k, v in variant.values.items())
-        for metric, value in metrics.items():
-            grouped.setdefault(point, {}).setdefault(metric, []).append(value)
-    return {point: {m: (*mean_std(v), len(v)) for m, v in by_metric.items()} for point, by_metric in grouped.items()}
+    return {point: {m: (*mean_std(v), len(v)) for m, v in by_metric.items()}
+            for point, by_metric in grouped(rows).items()}
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in ("loss", "bpb", "perplexity"))
+
+
+def best_and_ties(rows: list[tuple[Variant, dict[str, float]]], metric: str) -> tuple[str, list[str]] | None:
+    """The best grid point by its mean over seeds, and every point within the noise of it: Welch's 95%
+    interval of the difference of the two means includes zero (with one seed, nothing can be told apart)."""
+    from lmlab.stats import welch_tied
+
+    runs = {point: by_metric[metric] for point, by_metric in grouped(rows).items() if metric in by_metric}
+    if not runs:
+        return None
+    sign = 1 if lower_is_better(metric) else -1
+    best = min(runs, key=lambda point: sign * mean_std(runs[point])[0])
+    return best, [p for p in runs if p != best and welch_tied(runs[best], runs[p])]
 
 
 def plot_ablation(rows, key: str, out_dir: Path, metrics: list[str]) -> list[Path]:
@@ -148,6 +164,15 @@ def plot_ablation(rows, key: str, out_dir: Path, metrics: list[str]) -> list[Pat
         written.append(save_figure(plt, fig, ax, path, key, metric, f"{metric} vs {key} (mean ± std over seeds)",
                                    legend=False))
     return written
+
+
+def _mean_cell(summary: tuple[float, float, int], values: list[float]) -> str:
+    from lmlab.stats import mean_interval
+
+    mean, std, n = summary
+    low, high = mean_interval(values)
+    interval = f" [{low:.4f}, {high:.4f}]" if n > 1 else ""
+    return f"{mean:.4f} ± {std:.4f}{interval} (n={n})"
 
 
 def run_variants(path: Path, command: list[str], todo: list[Variant], out_dir: Path, jobs: int,
@@ -220,11 +245,20 @@ def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 
     lines = [f"# Ablation of {path.name}: {', '.join(grid_specs)}; {seeds} seed(s)", ""]
     if failed:
         lines += [f"Failed runs (see logs/): {', '.join(failed)}", ""]
-    lines += ["| grid point | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    seeds_of = grouped(rows)
+    lines += ["Mean ± std over seeds, then the 95% t interval of the mean.", "",
+              "| grid point | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for point, by_metric in table.items():
-        cells = [f"{by_metric[m][0]:.4f} ± {by_metric[m][1]:.4f} (n={by_metric[m][2]})" if m in by_metric else "-"
-                 for m in metrics]
+        cells = [_mean_cell(by_metric[m], seeds_of[point][m]) if m in by_metric else "-" for m in metrics]
         lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    lines += ["", f"Best per metric (mean over {seeds} seed(s)) and the grid points tied with it within the noise "
+              "(Welch's 95% interval of the difference of means includes zero):", ""]
+    for metric in metrics:
+        found = best_and_ties(rows, metric)
+        if found:
+            lines.append(f"- {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better): best {found[0]}; "
+                         f"tied: {', '.join(found[1]) or 'none'}" + (" (one seed: no run can be told apart)"
+                                                                     if seeds < 2 else ""))
     pngs = plot_ablation(rows, next(iter(grid)), out_dir, metrics) if rows and metrics else []
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")

@@ -6,6 +6,11 @@ coordinate descent, one hyperparameter at a time with the others held, until no
 change helps. Each configuration is one ordinary run (its own process, in
 parallel where cores allow) judged by its final validation loss; every run is
 recorded, and a configuration already run is never run again.
+
+Every run is scored on the same held-out rows, so two configurations are compared row by
+row (a paired bootstrap of the difference in loss): the descent moves only to a
+configuration better beyond that noise, and the summary names every configuration tied
+with the best within it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import yaml
 
 from lmlab.experiments.ablate import Variant, run_variants
 from lmlab.errors import LmlabError
-from lmlab.paths import write_json_atomic
+from lmlab.paths import write_json_atomic, write_text_atomic
+from lmlab.stats import Estimate, paired
 
 # Kotha et al.'s ranges, relative to a base LR: weight decay 0.1 .. 3.2 (30x the usual), epochs 1 .. 16
 DEFAULT_GRID = {"optim.weight_decay": [0.1, 0.4, 0.8, 1.6, 3.2], "optim.lr": ["x0.5", "x1", "x2"],
@@ -37,6 +43,19 @@ def _key(config: dict[str, Any]) -> str:
     def norm(v: Any) -> Any:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
     return ",".join(f"{k}={norm(config[k])}" for k in sorted(config))
+
+
+def beats(candidate: dict[str, Any], incumbent: dict[str, Any]) -> bool:
+    """Whether a run's validation loss is lower than another's beyond the noise of their held-out rows: the
+    paired 95% interval of the difference excludes zero (a run without rows is judged on its loss alone)."""
+    def loss(run: dict[str, Any]) -> float:
+        return run[METRIC] if run.get(METRIC) is not None else float("inf")
+
+    if loss(candidate) >= loss(incumbent):
+        return False
+    if loss(incumbent) == float("inf") or not candidate.get("rows") or not incumbent.get("rows"):
+        return True
+    return paired(Estimate.from_dict(incumbent["rows"]), Estimate.from_dict(candidate["rows"])).distinguishable
 
 
 def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = None, rounds: int = 2,
@@ -76,14 +95,18 @@ def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = Non
         failed = run_variants(path, [base_recipe.stage], [v for _, v in todo], out_dir, jobs, extra)
         for config, variant in todo:
             manifest = out_dir / variant.name / "final" / "lmlab.json"
-            metrics = json.loads(manifest.read_text()).get("metrics", {}) if manifest.is_file() else {}
-            loss = metrics.get(METRIC) if variant.name not in failed else None
-            results[_key(config)] = {"name": variant.name, "config": config, METRIC: loss}
+            record = json.loads(manifest.read_text()) if manifest.is_file() and variant.name not in failed else {}
+            loss = record.get("metrics", {}).get(METRIC)
+            results[_key(config)] = {"name": variant.name, "config": config, METRIC: loss,
+                                     "rows": record.get("validation_rows")}
             console.print(f"{variant.name} {_key(config)}: {METRIC} = {loss}")
 
     def loss_of(config: dict[str, Any]) -> float:
         value = results[_key(config)][METRIC]
         return value if value is not None else float("inf")
+
+    def better(candidate: dict[str, Any], than: dict[str, Any]) -> bool:
+        return beats(results[_key(candidate)], results[_key(than)])
 
     evaluate([current])
     for round_no in range(1, rounds + 1):
@@ -92,20 +115,28 @@ def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = Non
             candidates = [{**current, name: v} for v in values]
             evaluate(candidates)
             best = min(candidates, key=loss_of)
-            if loss_of(best) < loss_of(current):
+            if better(best, current):
                 current, changed = best, True
         console.print(f"round {round_no}: best {_key(current)} ({METRIC} {loss_of(current):.4f})")
         if not changed:
             break
+    tied = [run["name"] for key, run in results.items() if run["name"] != results[_key(current)]["name"]
+            and run[METRIC] is not None and not better(current, run["config"]) and not better(run["config"], current)]
     summary = {"best": {"config": current, METRIC: loss_of(current), "name": results[_key(current)]["name"]},
-               "grid": grid, "runs": list(results.values())}
+               "tied_with_best": tied, "grid": grid,
+               "runs": [{k: v for k, v in run.items() if k != "rows"} for run in results.values()]}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "sweep.json", summary)
     lines = [f"# Sweep of {path.name} (coordinate descent, {len(results)} runs)", "",
-             f"Best: {_key(current)} with {METRIC} {loss_of(current):.4f}", "",
-             "| run | " + " | ".join(grid) + f" | {METRIC} |", "|---" * (len(grid) + 2) + "|"]
+             f"Best: {_key(current)} with {METRIC} {loss_of(current):.4f}",
+             f"Tied with it within the noise of the held-out rows (paired 95% interval of the difference "
+             f"includes zero): {', '.join(tied) or 'none'}", "",
+             "| run | " + " | ".join(grid) + f" | {METRIC} [95% interval] |", "|---" * (len(grid) + 2) + "|"]
     for run in results.values():
-        loss = f"{run[METRIC]:.4f}" if run[METRIC] is not None else "failed"
-        lines.append(f"| {run['name']} | " + " | ".join(str(run["config"][k]) for k in grid) + f" | {loss} |")
-    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+        rows = Estimate.from_dict(run["rows"]) if run.get("rows") else None
+        loss = "failed" if run[METRIC] is None else f"{run[METRIC]:.4f}" + (
+            f" [{rows.low:.4f}, {rows.high:.4f}]" if rows is not None else "")
+        mark = " (best)" if run["name"] == summary["best"]["name"] else " (tied)" if run["name"] in tied else ""
+        lines.append(f"| {run['name']}{mark} | " + " | ".join(str(run["config"][k]) for k in grid) + f" | {loss} |")
+    write_text_atomic(out_dir / "sweep.md", "\n".join(lines) + "\n")
     return summary

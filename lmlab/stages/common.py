@@ -182,6 +182,41 @@ def _roll_back(trainer, guard, initial: dict | None) -> Path | None:
     return start
 
 
+def row_losses(trainer, dataset, collator=None) -> Any:
+    """Each held-out row's summed next-token loss and its token count, gathered over ranks in row order: the
+    validation loss as an Estimate whose items a paired comparison of two runs resamples (`lmlab sweep` moves
+    only to a configuration better beyond that noise; SFT's replay rows measure forgetting). `collator`
+    replaces the trainer's, for rows of another kind than it trains on (general windows in SFT).
+
+    Not `trainer.evaluate()`: before `train()` that call leaves a DDP model unwrapped (packed.BaselineCallback).
+    """
+    import torch
+
+    from lmlab.stats import Estimate
+
+    model = trainer.model_wrapped
+    was_training = model.training
+    model.eval()
+    sums: list[float] = []
+    counts: list[float] = []
+    if collator is None:
+        batches = trainer.get_eval_dataloader(dataset)
+    else:
+        batches = trainer.accelerator.prepare(torch.utils.data.DataLoader(
+            dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=collator))
+    for batch in batches:
+        labels = batch.pop("labels")[:, 1:]
+        with torch.no_grad():
+            logits = model(**batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        mask = labels != -100
+        total, n = trainer.accelerator.gather_for_metrics(((nll * mask).sum(1), mask.sum(1)))
+        sums += total.tolist()
+        counts += n.tolist()
+    model.train(was_training)
+    return Estimate(sums, counts, binary=False)
+
+
 def save_final(trainer, tokenizer, out_dir: Path, manifest: dict[str, Any], model=None) -> Path:
     """Every rank hands over its weights; rank 0 writes the artifact; all ranks wait until it exists.
 

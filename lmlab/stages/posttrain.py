@@ -289,3 +289,77 @@ def check_rl_inputs(recipe: Recipe, pairs: list, prompts: list) -> None:
         if reward not in VERIFIERS and not Path(reward).is_dir():
             raise LmlabError(f"unknown scorer '{reward}'", field="rl.rewards",
                              hint=f"a verifier ({', '.join(VERIFIERS)}) or a reward-model directory")
+
+
+@dataclass
+class ChatReplay:
+    """General text mixed into SFT's prepared rows: what was mixed, and its held-out rows for forgetting."""
+
+    report: dict[str, float]
+    validation: Any  # held-out general windows (input_ids, labels), or None
+
+
+def _windows(rows, indices, lengths, eos_id: int, packed: bool) -> list[dict[str, list[int]]]:
+    """Replay rows as SFT rows: every token is a loss token; packed rows split at each document's end
+    so no document attends to another (the `seq_lengths` TRL's padding-free packing reads)."""
+    ids = rows.columns(indices)["input_ids"].tolist()
+    out = []
+    for window, length in zip(ids, lengths):
+        window = window[:length]
+        row = {"input_ids": window, "labels": list(window)}
+        if packed:
+            ends = [i + 1 for i, t in enumerate(window) if t == eos_id]
+            bounds = [0, *[e for e in ends if e < len(window)], len(window)]
+            row["seq_lengths"] = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+        out.append(row)
+    return out
+
+
+def mix_chat_replay(recipe: Recipe, trainer, tokenizer) -> ChatReplay | None:
+    """Mix general text into the SFT trainer's prepared rows as an exact share of the training tokens.
+
+    SFT on a narrow domain forgets general ability (the quickstart's general bits per byte nearly doubled);
+    CPT's cure is replay, and the same cure works here (docs/rules.md §2): `data.replay` names the general
+    sources and `data.replay_ratio` the share. The rows TRL prepared (tokenised, truncated, packed) hold D
+    tokens; round(ratio / (1 - ratio) * D) tokens of general windows join them, the last window cut to the
+    exact count, so replay is `ratio` of every token trained on, in every epoch. Replay tokens are all loss
+    tokens, as in pretraining.
+    """
+    from datasets import Dataset, concatenate_datasets
+
+    from lmlab.data.pretrain_data import build_packed_data, repeat_indices, replay_block
+
+    if not recipe.data.replay:
+        return None
+    if recipe.data.streaming:
+        raise LmlabError("exact replay mixing needs map-style data", field="data.streaming",
+                         hint="set data.streaming: false for SFT with replay")
+    train = trainer.train_dataset
+    domain_tokens = int(sum(len(ids) for ids in train["input_ids"]))
+    domain_loss = int(sum(sum(label != -100 for label in labels) for labels in train["labels"]))
+    ratio, seq_len = recipe.data.replay_ratio, recipe.data.seq_len
+    replay_tokens = round(ratio / (1 - ratio) * domain_tokens)
+    data = build_packed_data(replay_block(recipe.data), tokenizer, recipe.seed, recipe.train.eval_batches
+                             * recipe.train.micro_batch_size)
+    if not len(data.train):
+        raise LmlabError("the replay sources hold no full window of data.seq_len tokens", field="data.replay")
+    full, rest = divmod(replay_tokens, seq_len)
+    indices = repeat_indices(len(data.train), full + bool(rest), recipe.seed + 1)
+    lengths = [seq_len] * full + ([rest] if rest else [])
+    packed = "seq_lengths" in train.column_names
+    rows = Dataset.from_list(_windows(data.train, indices, lengths, tokenizer.eos_token_id, packed))
+    rows = rows.cast(train.select_columns(rows.column_names).features)
+    trainer.train_dataset = concatenate_datasets([train.select_columns(rows.column_names), rows]).shuffle(
+        seed=recipe.seed)
+    validation = None
+    if data.validation is not None and len(data.validation):
+        held = range(len(data.validation))
+        validation = Dataset.from_list(_windows(data.validation, held, [seq_len] * len(held),
+                                                tokenizer.eos_token_id, False))
+    report = {"domain_tokens": domain_tokens, "domain_loss_tokens": domain_loss, "replay_tokens": replay_tokens,
+              "replay_share": replay_tokens / (replay_tokens + domain_tokens),
+              "replay_epochs": replay_tokens / (len(data.train) * seq_len)}
+    console().print(f"replay mix: {domain_tokens:,} SFT tokens ({domain_loss:,} trained on) + {replay_tokens:,} "
+                    f"general tokens ({report['replay_epochs']:.2f} epochs of the replay data) = "
+                    f"{report['replay_share']:.1%} replay")
+    return ChatReplay(report, validation)

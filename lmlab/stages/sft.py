@@ -16,8 +16,8 @@ from typing import Any
 
 from lmlab.console import console
 from lmlab.recipe import Recipe
-from lmlab.stages.posttrain import (SFTData, fine_tuning_lr, load_policy, load_sft_data, lora_config,
-                                    prepare_tokenizer)
+from lmlab.stages.posttrain import (ChatReplay, SFTData, fine_tuning_lr, load_policy, load_sft_data, lora_config,
+                                    mix_chat_replay, prepare_tokenizer)
 
 def sft_epochs(recipe: Recipe, examples: int) -> float | None:
     """Epochs from the recipe, else the dataset-size rule; warns outside EvoLM's 2-4 window."""
@@ -40,13 +40,14 @@ class SFTJob:
     tokenizer: Any
     data: SFTData
     epochs: float | None
+    replay: ChatReplay | None = None  # general text mixed in (data.replay), with its held-out rows
 
 
 def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
     """TRL's SFTConfig from the recipe: epochs or a step budget, early stopping, warmup over the real steps."""
     from trl import SFTConfig
 
-    from lmlab.stages.common import steps_over_examples, training_arguments, training_budget
+    from lmlab.stages.common import training_arguments, training_budget
 
     has_val = data.validation is not None
     patience = recipe.sft.early_stopping_patience if has_val else None
@@ -66,12 +67,20 @@ def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
     extra["learning_rate"] = fine_tuning_lr(recipe, model, from_previous=False)
     args = training_arguments(recipe, recipe.run_dir / "checkpoints", max_steps, has_val, args_class=SFTConfig,
                               **extra)
-    if epochs is not None:  # warmup (and WSD's decay) as a share of the real number of steps
-        steps = steps_over_examples(recipe.train, data.examples, epochs=epochs)
-        args.warmup_steps = int(recipe.optim.warmup_ratio * steps)
-        if recipe.optim.schedule == "wsd":
-            args.lr_scheduler_kwargs["num_decay_steps"] = max(1, int(recipe.optim.decay_ratio * steps))
+    if epochs is not None:
+        schedule_over(args, recipe, data.examples, epochs)
     return args, patience
+
+
+def schedule_over(args, recipe: Recipe, rows: int, epochs: float) -> None:
+    """Warmup (and WSD's decay) as a share of the real number of steps over `rows` training rows (packed
+    rows are fewer than records; replay rows add to them)."""
+    from lmlab.stages.common import steps_over_examples
+
+    steps = steps_over_examples(recipe.train, rows, epochs=epochs)
+    args.warmup_steps = int(recipe.optim.warmup_ratio * steps)
+    if recipe.optim.schedule == "wsd":
+        args.lr_scheduler_kwargs["num_decay_steps"] = max(1, int(recipe.optim.decay_ratio * steps))
 
 
 def check_truncation(trainer, data: SFTData, seq_len: int, packed: bool) -> None:
@@ -112,9 +121,37 @@ def prepare_sft(recipe: Recipe) -> SFTJob:
                                         eval_dataset=data.validation, processing_class=tokenizer,
                                         peft_config=peft_config, callbacks=callbacks)
     check_truncation(trainer, data, recipe.data.seq_len, recipe.sft.packing)
+    replay = mix_chat_replay(recipe, trainer, tokenizer)
+    if epochs is not None:  # the rows TRL prepared (and replay joined) are what the steps run over
+        schedule_over(trainer.args, recipe, len(trainer.train_dataset), epochs)
     t = recipe.train
     stage_callbacks(trainer, recipe, tokenizer, t.micro_batch_size * t.grad_accum * world_size() * recipe.data.seq_len)
-    return SFTJob(recipe, trainer, tokenizer, data, epochs)
+    return SFTJob(recipe, trainer, tokenizer, data, epochs, replay)
+
+
+def general_loss_before(job: SFTJob, start) -> dict[str, float]:
+    """The replay (general) validation loss of the model SFT starts from, measured once before the first
+    step and kept in the run directory, so a resumed run still reports forgetting against its start."""
+    import json
+
+    from transformers import default_data_collator
+
+    from lmlab.distributed import is_main
+    from lmlab.paths import write_json_atomic
+    from lmlab.stages.common import row_losses
+
+    if job.replay is None or job.replay.validation is None:
+        return {}
+    saved = job.recipe.run_dir / "metrics_before.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    if start is not None:
+        console().print("[yellow]no forgetting baseline was saved before this checkpoint[/]")
+        return {}
+    before = {"eval_replay_loss": float(row_losses(job.trainer, job.replay.validation, default_data_collator))}
+    if is_main():
+        write_json_atomic(saved, before)
+    return before
 
 
 def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
@@ -126,8 +163,18 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Pa
     job = prepare_sft(recipe)
     out, trainer, tokenizer, data, run_dir = console(), job.trainer, job.tokenizer, job.data, recipe.run_dir
     has_val, epochs = data.validation is not None, job.epochs
+    before = general_loss_before(job, start)
     train(trainer, start)
     final_metrics = trainer.evaluate() if has_val else {}
+    if job.replay is not None and job.replay.validation is not None:
+        from transformers import default_data_collator
+
+        from lmlab.stages.common import row_losses
+
+        final_metrics["eval_replay_loss"] = float(row_losses(trainer, job.replay.validation, default_data_collator))
+        if "eval_replay_loss" in before:
+            out.print(f"general (replay) validation loss: {before['eval_replay_loss']:.4f} before, "
+                      f"{final_metrics['eval_replay_loss']:.4f} after")
     if recipe.sft.eval_math and is_main():  # rank 0 measures; the manifest is its to write
         from lmlab.evaluate.evaluator import evaluate
         from lmlab.evaluate.tasks import load_task
@@ -141,6 +188,8 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Pa
                 "input_artifact": recipe.model.from_pretrained, "examples": data.examples,
                 "overlong": data.overlong, "dropped": data.dropped, "epochs": epochs,
                 "steps": trainer.state.global_step, "adapter": recipe.lora.enabled, "metrics": final_metrics}
+    if job.replay is not None:
+        manifest.update(replay_mix=job.replay.report, metrics_before=before)
     final = save_final(trainer, tokenizer, run_dir / "final", manifest)
     out.print(f"[bold green]{'LoRA adapter' if recipe.lora.enabled else 'HF checkpoint'}:[/] {final}"
                   + ("  (merge it with `lmlab export`)" if recipe.lora.enabled else ""))

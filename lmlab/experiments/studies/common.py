@@ -47,7 +47,7 @@ class StudyRunner:
 
 
 def mean_std_text(values: list[float], digits: int = 3) -> str:
-    from lmlab.experiments.ablate import mean_std
+    from lmlab.stats import mean_std
 
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"

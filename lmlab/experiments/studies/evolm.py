@@ -29,6 +29,7 @@ from lmlab.console import console
 from lmlab.experiments.studies.common import StudyRunner, load_study, mean_std_text
 from lmlab.paths import write_json_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
+from lmlab.stats import mean_std
 
 
 class PretrainScaling(Strict):
@@ -197,18 +198,14 @@ def run_evolm(path: str | Path) -> Path:
     return write_report(study, results)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def findings(study: EvolmStudy, results: dict) -> list[dict]:
-    from lmlab.report import pearson_r
+    from lmlab.stats import pearson_r
 
     k, out = study.samples, []
     # 1. diminishing returns of pretraining tokens per parameter
     scaling = results["pretrain_scaling"]["by_budget"]
     budgets = sorted(scaling, key=float)
-    bpb = {b: _mean(scaling[b]["general_bpb"]) for b in budgets}
+    bpb = {b: mean_std(scaling[b]["general_bpb"])[0] for b in budgets}
     lo, mid = budgets[0], min(budgets[1:], key=lambda b: abs(float(b) - 80))
     hi_a, hi_b = budgets[-2], budgets[-1]
     early = (bpb[lo] - bpb[mid]) / math.log2(float(mid) / float(lo))
@@ -223,8 +220,8 @@ def findings(study: EvolmStudy, results: dict) -> list[dict]:
     # 2. replay: less forgetting, most of the domain gain kept
     rep = results["replay"]["by_ratio"]
     ratios = sorted(rep, key=float)
-    forget = {r: _mean(rep[r]["forgetting"]) for r in ratios}
-    gain = {r: _mean(rep[r]["domain_gain"]) for r in ratios}
+    forget = {r: mean_std(rep[r]["forgetting"])[0] for r in ratios}
+    gain = {r: mean_std(rep[r]["domain_gain"])[0] for r in ratios}
     r16 = min(ratios, key=lambda r: abs(float(r) - 0.16))
     fewer = all(forget[a] > forget[b] for a, b in zip(ratios, ratios[1:]))
     kept = gain[r16] >= 0.8 * gain[ratios[0]]
@@ -236,8 +233,8 @@ def findings(study: EvolmStudy, results: dict) -> list[dict]:
     # 3. SFT epochs: ID rises, OOD peaks early then falls
     sft = results["sft_epochs"]
     epochs = sorted(sft, key=float)
-    id_acc = {e: _mean(sft[e]["math_id/greedy_accuracy"]) for e in epochs}
-    ood = {e: _mean(sft[e][f"math_ood/maj@{k}"]) + _mean(sft[e]["math_ood/greedy_accuracy"]) for e in epochs}
+    id_acc = {e: mean_std(sft[e]["math_id/greedy_accuracy"])[0] for e in epochs}
+    ood = {e: mean_std(sft[e][f"math_ood/maj@{k}"])[0] + mean_std(sft[e]["math_ood/greedy_accuracy"])[0] for e in epochs}
     peak = max(epochs, key=lambda e: ood[e])
     rises = id_acc[epochs[-1]] > id_acc[epochs[0]]
     early_peak = peak != epochs[-1] and ood[epochs[-1]] < ood[peak]
@@ -250,9 +247,9 @@ def findings(study: EvolmStudy, results: dict) -> list[dict]:
     # 4. RL lifts OOD
     # a lift counts only when it clears one standard error of an accuracy measured on eval_n prompts
     rl = results["rl_minus_sft"]
-    start = _mean(sft[f"{study.rl_from_epochs:g}"]["math_ood/greedy_accuracy"])
+    start = mean_std(sft[f"{study.rl_from_epochs:g}"]["math_ood/greedy_accuracy"])[0]
     se = math.sqrt(max(start, 0.01) * (1 - max(start, 0.01)) / study.eval_n)
-    lifts = {m: _mean(rl[m]) for m in ("math_ood/greedy_accuracy", f"math_ood/maj@{k}")}
+    lifts = {m: mean_std(rl[m])[0] for m in ("math_ood/greedy_accuracy", f"math_ood/maj@{k}")}
     out.append({"claim": f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
                 "reproduced": max(lifts.values()) > se,
                 "numbers": f"RL minus SFT, OOD greedy {_pct(rl['math_ood/greedy_accuracy'])}, OOD maj@{k} "
@@ -295,8 +292,6 @@ def write_report(study: EvolmStudy, results: dict) -> Path:
     write_json_atomic(out / "evolm.json", results)
 
     def errorbar(ax, xs, series, label):
-        from lmlab.experiments.ablate import mean_std
-
         stats = [mean_std(v) for v in series]
         ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=label)
 
