@@ -20,17 +20,21 @@ def read_jsonl_records(path: Path) -> list[dict[str, Any]]:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """The run directory itself, or every run directory below it (those with a metrics.jsonl)."""
+    """The run directory itself, or every run directory below it (those with a metrics.jsonl): a pipeline's
+    stages in pipeline order (pipeline.json lists them so), other runs by name."""
     if (root / "metrics.jsonl").is_file():
         return [root]
     runs = sorted(p.parent for p in root.glob("*/metrics.jsonl"))
     if not runs:
         raise LmlabError("no metrics.jsonl here or one level below", file=str(root))
-    return runs
+    state = root / "pipeline.json"
+    order = list(json.loads(state.read_text())) if state.is_file() else []
+    return sorted(runs, key=lambda run: (order.index(run.name) if run.name in order else len(order), run.name))
 
 
-def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[int], list[float]]:
+    """(x, value) of every record that has both: x is the step, or `tokens_seen` for curves against data."""
+    points = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r.get(x) is not None]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -42,7 +46,8 @@ def r_squared(xs: list[float], ys: list[float]) -> float | None:
     return None if r is None else r * r
 
 
-def _plot(path: Path, title: str, curves: dict[str, tuple[list[int], list[float]]], ylabel: str) -> bool:
+def _plot(path: Path, title: str, curves: dict[str, tuple[list[int], list[float]]], ylabel: str,
+          xlabel: str = "step") -> bool:
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return False
@@ -51,7 +56,42 @@ def _plot(path: Path, title: str, curves: dict[str, tuple[list[int], list[float]
     plt, fig, ax = new_figure()
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
-    save_figure(plt, fig, ax, path, "step", ylabel, title)
+    save_figure(plt, fig, ax, path, xlabel, ylabel, title)
+    return True
+
+
+def stage_figure(results: dict[str, Any], path: Path) -> bool:
+    """One figure across a pipeline's stages: general bits per byte and ID / OOD greedy accuracy per stage,
+    each with its 95% interval as an error bar (the closing evaluation's estimates)."""
+    from lmlab.plots import new_figure, save_figure
+    from lmlab.stats import estimate
+
+    names = list(results)
+    panels = [("general_bpb", "general bits per byte (lower: less forgetting)"),
+              ("math_id/greedy_accuracy", "accuracy"), ("math_ood/greedy_accuracy", "accuracy")]
+    found = [(key, label) for key, label in panels if any(key in results[n].get("estimates", {}) for n in names)]
+    if not found:
+        return False
+    plt, fig, ax = new_figure((8, 3.6))
+    axes = [ax] + ([ax.twinx()] if found[0][0] == "general_bpb" and len(found) > 1 else [])
+    for index, (key, _) in enumerate(found):
+        points = [(i, estimate(results[n]["estimates"][key])) for i, n in enumerate(names)
+                  if key in results[n].get("estimates", {})]
+        xs = [i + (index - 1) * 0.08 for i, _ in points]
+        ys = [float(e) for _, e in points]
+        err = [[y - e.low for y, (_, e) in zip(ys, points)], [e.high - y for y, (_, e) in zip(ys, points)]]
+        target = axes[-1] if key != "general_bpb" and len(axes) > 1 else axes[0]
+        target.errorbar(xs, ys, yerr=err, marker="os^"[index % 3], capsize=3, label=key,
+                        color=f"C{index}")
+    ax.set_xticks(range(len(names)), names)
+    if len(axes) > 1:
+        axes[1].set_ylabel("accuracy (ID, OOD)")
+        handles = [h for a in axes for h in a.get_legend_handles_labels()[0]]
+        labels = [lab for a in axes for lab in a.get_legend_handles_labels()[1]]
+        ax.legend(handles, labels, fontsize=8, loc="best")
+    save_figure(plt, fig, ax, path, "stage", found[0][1] if len(axes) > 1 or len(found) == 1 else "value",
+                "every stage's model: general bits per byte and math accuracy, with 95% intervals",
+                legend=len(axes) == 1)
     return True
 
 
@@ -73,8 +113,9 @@ def run_report(run: Path, out: Path) -> list[str]:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if manifest:
         metrics = manifest.get("metrics", {})
-        lines += [f"stage `{manifest.get('stage')}`, input `{manifest.get('input_artifact')}`, "
-                  f"{manifest.get('steps', '?')} steps", ""]
+        source = manifest.get("input_artifact")
+        lines += [f"stage `{manifest.get('stage')}`, " + (f"from `{source}`" if source else "from scratch")
+                  + f", {manifest.get('steps', '?')} steps", ""]
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and
                  (k.endswith("loss") or "accuracy" in k)}
         if shown:
@@ -85,11 +126,12 @@ def run_report(run: Path, out: Path) -> list[str]:
             if before is not None and after is not None:
                 lines += [f"general (replay) validation loss: {before:.4f} before, {after:.4f} after", ""]
     eval_keys = sorted({k for r in records for k in r if k.startswith("eval_") and k.endswith("loss")})
+    losses = {"train": series(records, "loss"), **{k: series(records, k) for k in eval_keys}}
     plots = [
-        (f"{name}_loss.png", "loss", {"train": series(records, "loss"),
-                                      **{k: series(records, k) for k in eval_keys}}, "loss"),
-        (f"{name}_lr.png", "learning rate", {"lr": series(records, "learning_rate")}, "learning rate"),
-        (f"{name}_grad_norm.png", "grad norm", {"grad norm": series(records, "grad_norm")}, "grad norm"),
+        (f"{name}_loss.png", "training and validation loss against steps", losses, "loss"),
+        (f"{name}_lr.png", "learning rate schedule", {"lr": series(records, "learning_rate")}, "learning rate"),
+        (f"{name}_grad_norm.png", "gradient norm before clipping", {"grad norm": series(records, "grad_norm")},
+         "grad norm"),
     ]
     rl_keys = [k for k in ("reward", "kl", "entropy") if any(k in r for r in records)]
     if rl_keys:  # RL: what the policy earns, how far it drifts, how sure it is
@@ -106,6 +148,11 @@ def run_report(run: Path, out: Path) -> list[str]:
     for filename, title, curves, ylabel in plots:
         if _plot(out / filename, f"{name}: {title}", curves, ylabel):
             lines += [f"![{title}]({filename})", ""]
+    by_tokens = {"train": series(records, "loss", "tokens_seen"),
+                 **{k: series(records, k, "tokens_seen") for k in eval_keys}}
+    if _plot(out / f"{name}_loss_tokens.png", f"{name}: training and validation loss against tokens seen",
+             by_tokens, "loss", "tokens seen"):
+        lines += [f"![loss against tokens]({name}_loss_tokens.png)", ""]
     for orm_key in [k for k in task_keys if k.endswith("/orm_score")]:
         task = orm_key[len("task/"):-len("/orm_score")]
         for acc_key in [k for k in task_keys if k.startswith(f"task/{task}/maj@")] or \
@@ -133,22 +180,13 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs = find_runs(root)
     lines = [f"# lmlab report: {root}", ""]
-    summary = []
-    for run in runs:
-        manifest = run / "final" / "lmlab.json"
-        metrics = json.loads(manifest.read_text()).get("metrics", {}) if manifest.is_file() else {}
-        summary.append((run.name, metrics))
-    if summary:
-        keys = sorted({k for _, m in summary for k, v in m.items() if isinstance(v, (int, float)) and
-                       (k.endswith("_loss") or k.endswith("accuracy"))})
-        if keys:
-            lines += ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-            for name, m in summary:
-                lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in keys) + " |")
-            lines.append("")
     for comparison in sorted(root.glob("*/comparison.md")):  # a pipeline's closing eval stage
-        lines += [f"## Every stage's model on the same evaluation ({comparison.parent.name})", "",
-                  comparison.read_text(), ""]
+        lines += [f"## Every stage's model on the same evaluation ({comparison.parent.name})", ""]
+        results = comparison.parent / "results.json"
+        figure = out / f"{comparison.parent.name}_stages.png"
+        if results.is_file() and stage_figure(json.loads(results.read_text()), figure):
+            lines += [f"![every stage]({figure.name})", ""]
+        lines += [comparison.read_text(), ""]
     for run in runs:
         lines += run_report(run, out)
     report = out / "report.md"

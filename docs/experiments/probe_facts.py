@@ -1,4 +1,10 @@
-"""Probe: how fast does a tiny llama learn the ID facts from 'Question/Answer' text alone? accuracy vs tokens."""
+"""Probe: how fast does a tiny llama learn the ID math facts from text alone? Accuracy against tokens.
+
+usage: probe_facts.py HIDDEN LAYERS VOCAB LR FORMAT STEPS [BATCH]
+FORMAT: qa ("Question: ...\nAnswer: ..." as CPT reads it), eq (bare "a op b = c"), plain (prompt, then solution).
+Trains on ID training problems (batch x 128-token windows), evaluates greedy answers on 300 held-out ID prompts
+six times; no lmlab pipeline, so it measures the data and the model alone (docs/experiments/quickstart.md).
+"""
 import sys, time, random, re, torch
 sys.path.insert(0, "/work/main")
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -6,7 +12,7 @@ from lmlab.data.general import general_documents
 from lmlab.data.tokenizer import train_tokenizer, load_tokenizer, save_tokenizer
 from lmlab.data.mathgen import math_problems, as_text
 h, L, V, lr, fmt = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-steps = int(sys.argv[6]); B, T = 32, 128
+steps = int(sys.argv[6]); B, T = (int(sys.argv[7]) if len(sys.argv) > 7 else 32), 128
 torch.manual_seed(0); torch.set_num_threads(2)
 import os
 tokdir = f"/tmp/probe/tok{V}"
