@@ -40,12 +40,30 @@ def test_stage_functions_fit_on_one_screen():
     assert long == []
 
 
+def _trainer_train_calls(source: str) -> list[int]:
+    """Lines that call a Trainer's `.train(...)`: on anything whose expression names a trainer (`trainer`,
+    `job.trainer`, `self._trainer`, `Trainer`), or on `super()` inside a trainer class. A module's
+    `model.train(False)` is not one."""
+    lines = []
+    for cls_or_fn in ast.walk(ast.parse(source)):
+        trainer_class = isinstance(cls_or_fn, ast.ClassDef) and (
+            "trainer" in cls_or_fn.name.lower() or any("trainer" in ast.unparse(b).lower() for b in cls_or_fn.bases))
+        for node in ast.walk(cls_or_fn) if trainer_class or isinstance(cls_or_fn, ast.Module) else []:
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "train"):
+                continue
+            target = ast.unparse(node.func.value)
+            if "trainer" in target.lower() or (trainer_class and target == "super()"):
+                lines.append(node.lineno)
+    return sorted(set(lines))
+
+
 def test_every_stage_trains_through_one_call_site():
-    calls = [(p.relative_to(PACKAGE), node.lineno) for p in PACKAGE.rglob("*.py")
-             for node in ast.walk(ast.parse(p.read_text()))
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "train"
-             and isinstance(node.func.value, ast.Name) and node.func.value.id == "trainer"]
-    assert [str(path) for path, _ in calls] == ["stages/common.py"]
+    calls = [(str(p.relative_to(PACKAGE)), line) for p in PACKAGE.rglob("*.py")
+             for line in _trainer_train_calls(p.read_text())]
+    assert [path for path, _ in calls] == ["stages/common.py"], calls
+    planted = "def f(job):\n    job.trainer.train()\n\nclass T(Trainer):\n    def g(self):\n        super().train()\n" \
+              "\ndef h(model):\n    model.train(False)\n"
+    assert _trainer_train_calls(planted) == [2, 6]  # the check sees other spellings, and only trainers
 
 
 def test_nothing_deletes_a_tree_outside_the_containment_helper():

@@ -35,6 +35,28 @@ def test_replay_share_is_exact_and_reported(tmp_path, base_model):
     assert "eval_replay_loss" in manifest["metrics_before"] and "eval_domain_loss" in manifest["metrics"]
 
 
+def test_replay_rows_come_from_the_replay_source_and_domain_rows_from_the_domain(tmp_path, base_model):
+    """Every training row the trainer will see is a window of one source's token store: exactly
+    round(0.16 x rows) of the general (replay) store, the rest of the math (domain) store."""
+    from lmlab.data.pretrain_data import build_packed_data, replay_block
+    from lmlab.stages.packed import prepare_packed
+
+    recipe = cpt_recipe(tmp_path, base_model, 0.16, "sources", steps=25)
+    job = prepare_packed(recipe)
+    rows = job.trainer.train_dataset
+    seen = [tuple(r) for r in rows.columns(range(len(rows)))["input_ids"].tolist()]
+
+    def windows(block):
+        store = build_packed_data(block, job.tokenizer, recipe.seed, 0).train
+        return {tuple(r) for r in store.columns(range(len(store)))["input_ids"].tolist()}
+
+    general, math = windows(replay_block(recipe.data)), windows(recipe.data)
+    assert len(seen) == 25 * 4 and not general & math
+    assert sum(row in general for row in seen) == round(0.16 * len(seen))
+    assert sum(row in math for row in seen) == len(seen) - round(0.16 * len(seen))
+    assert all("The answer is" not in job.tokenizer.decode(row) for row in seen if row in general)
+
+
 def test_replay_keeps_general_loss_lower_than_no_replay(tmp_path, base_model):
     from lmlab.stages.pretrain import run_pretrain
 

@@ -261,6 +261,10 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
     assert mixes[1]["replay_tokens"] == mixes[2]["replay_tokens"] == round(0.25 * 4 * 4) * 64
     assert {k: sorted(v["metrics"]) for k, v in results[1].items()} == \
         {k: sorted(v["metrics"]) for k, v in results[2].items()}
+    for stage in STAGES:  # the same models score the same: bits per byte to float noise, greedy answers exactly
+        one, two = results[1][stage]["estimates"], results[2][stage]["estimates"]
+        assert two["general_bpb"]["value"] == pytest.approx(one["general_bpb"]["value"], rel=1e-3), stage
+        assert two["math_id/greedy_accuracy"]["num"] == one["math_id/greedy_accuracy"]["num"], stage
 
 
 RANK_ROWS = r'''

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -65,4 +66,10 @@ def test_training_logs_task_accuracy_and_orm_score(tmp_path, tok_dir):
     logged = [r for r in read_metrics(recipe.run_dir) if "task/math_id/orm_score" in r]
     assert [r["step"] for r in logged] == [3, 6]
     assert {"task/math_id/greedy_accuracy", "task/math_id/maj@2", "task/math_id/pass@2"} <= set(logged[0])
-    assert json.dumps(logged)  # plain numbers, ready for the report
+    for record in logged:  # finite numbers in [0, 1], each with its interval over the 4 prompts
+        for metric in ("greedy_accuracy", "maj@2", "pass@2", "orm_score"):
+            value = record[f"task/math_id/{metric}"]
+            assert isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0, (metric, value)
+            assert record[f"task/math_id/{metric}/n"] == 4
+            assert record[f"task/math_id/{metric}/ci_low"] <= value <= record[f"task/math_id/{metric}/ci_high"]
+    assert json.loads(json.dumps(logged)) == logged  # plain JSON, ready for the report

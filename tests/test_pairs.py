@@ -104,12 +104,16 @@ def test_sampled_pairs_rank_by_the_scorer(base_model):
 
     model, tokenizer = load_model(base_model), load_tokenizer(base_model)
     records = [{"prompt": "What is 2 + 3?", "answer": 5}, {"prompt": "What is 7 - 1?", "answer": 6}]
-    by_length = lambda prompts, responses, items: [float(len(r)) for r in responses]  # noqa: E731
+    def by_length(prompts, responses, items):  # longer is better; the text breaks ties, so every prompt pairs
+        return [len(r) + (sum(map(ord, r)) % 997) / 1000 for r in responses]
+
     pairs, stats = sample_pairs(model, tokenizer, records, by_length, samples=4, max_new_tokens=12, seed=1)
-    assert stats.prompts == 2 and stats.pairs + stats.ties_dropped == 2
+    assert stats.prompts == 2 and stats.pairs == 2 and stats.ties_dropped == 0
     for pair in pairs:
-        assert len(pair["chosen"][0]["content"]) > len(pair["rejected"][0]["content"])
-        assert pair["chosen_score"] == len(pair["chosen"][0]["content"])
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert len(chosen) >= len(rejected) and chosen != rejected
+        assert pair["chosen_score"] == pytest.approx(by_length(None, [chosen], None)[0])
+        assert pair["chosen_score"] > pair["rejected_score"]
     again, _ = sample_pairs(model, tokenizer, records, by_length, samples=4, max_new_tokens=12, seed=1)
     assert again == pairs  # seeded: the same pairs every time
 

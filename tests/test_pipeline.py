@@ -97,9 +97,14 @@ def test_the_pipeline_runs_end_to_end_and_skips_finished_stages(tmp_path):
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert set(results) == {"pt", "sft"} and "general_bpb" in results["sft"]["metrics"]
     assert (run_dir / "report.md").is_file() or any(run_dir.glob("**/report.md"))
-    stamp = (run_dir / "pt" / "final" / "lmlab.json").stat().st_mtime_ns
-    run_pipeline(path)  # unchanged: nothing retrains
-    assert (run_dir / "pt" / "final" / "lmlab.json").stat().st_mtime_ns == stamp
+    def stamps():  # every stage's artifact and log, the tokenizer and the evaluation's results
+        files = [run_dir / stage / name for stage in ("pt", "sft") for name in ("final/lmlab.json", "metrics.jsonl")]
+        files += [run_dir / "tokenizer" / "tokenizer" / "tokenizer.json", run_dir / "eval" / "results.json"]
+        return {str(f): (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+
+    before = stamps()
+    run_pipeline(path)  # unchanged: nothing retrains, nothing is evaluated again
+    assert stamps() == before
 
 
 def test_a_changed_stage_reruns_that_stage_and_later_ones_only(tmp_path):

@@ -33,6 +33,25 @@ def write_pairs_file(path, n=12):
     return path
 
 
+def held_out_margin(checkpoint) -> float:
+    """Mean log-probability of the chosen answer minus the rejected one over pairs like write_pairs_file's
+    but on numbers it never writes (30-37), under the checkpoint's own chat template."""
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.likelihood import continuation_logprobs
+    from lmlab.models.build import load_model
+
+    model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
+    contexts, chosen, rejected = [], [], []
+    for i in range(30, 38):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {i} + 2?"}]
+        contexts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        chosen.append(f"{i} + 2 = {i + 2}. The answer is {i + 2}.")
+        rejected.append(f"The answer is {i + 5}.")
+    good = continuation_logprobs(model, tokenizer, contexts, chosen)
+    bad = continuation_logprobs(model, tokenizer, contexts, rejected)
+    return sum(g - b for (g, _), (b, _) in zip(good, bad)) / len(good)
+
+
 def test_format_reward_wants_the_canonical_ending():
     assert math_format([""] * 4, ["3 + 4 = 7. The answer is 7.", "The answer is -12", "7", "The answer is 7. ok"],
                        [{}] * 4) == [1.0, 1.0, 0.0, 0.0]
@@ -96,13 +115,16 @@ def test_preference_stages_train_on_pairs_and_write_artifacts(tmp_path, base_mod
 
     pairs = write_pairs_file(tmp_path / "pairs.jsonl")
     recipe = post_recipe(tmp_path, base_model, stage, data={"train": {"kind": "jsonl", "path": str(pairs)}},
-                         preference=extra, train={"max_steps": 3, "log_every": 1})
+                         preference=extra, optim={"lr": 5e-3}, train={"max_steps": 6, "log_every": 1})
     final = run_preference(recipe)
     manifest = read_manifest(final)
-    assert manifest["stage"] == stage and manifest["rounds"][0]["steps"] == 3
+    assert manifest["stage"] == stage and manifest["rounds"][0]["steps"] == 6
     assert (final / "model.safetensors").is_file() and (final / "chat_template.jinja").is_file()
     logged = [r for r in read_metrics(recipe.run_dir) if "loss" in r]
     assert logged and all(r["stage"] == stage and r["round"] == 1 for r in logged)
+    # learned, on pairs it never saw: the worked answer gains log-probability over the bare wrong one
+    before, after = held_out_margin(base_model), held_out_margin(final)
+    assert after > before + 1.0, (before, after)
 
 
 def test_default_lr_is_the_input_models_lr_over_ten_unless_the_recipe_sets_one(base_model):
@@ -156,14 +178,16 @@ def test_reward_model_stage_learns_pairs_and_scores_like_an_orm(tmp_path, base_m
     from lmlab.evaluate.orm import RewardModelScorer
     from lmlab.stages.rm import run_reward_model
 
-    pairs = write_pairs_file(tmp_path / "pairs.jsonl", n=24)
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", n=40)
     recipe = post_recipe(tmp_path, base_model, "rm", data={"train": {"kind": "jsonl", "path": str(pairs)},
                                                            "seq_len": 160},
                          optim={"lr": 5e-3}, train={"max_steps": 12, "micro_batch_size": 8, "eval_every": 12},
-                         sft={"validation_fraction": 0.2})
+                         sft={"validation_fraction": 0.25})
     final = run_reward_model(recipe)
     manifest = read_manifest(final)
-    assert manifest["stage"] == "rm" and manifest["held_out_pairs"] >= 1 and manifest["overlong_dropped"] == 0
+    assert manifest["stage"] == "rm" and manifest["held_out_pairs"] >= 5 and manifest["overlong_dropped"] == 0
+    # a worked answer against a bare wrong one is learnable in a few steps: the held-out pairs rank right
+    assert manifest["metrics"]["eval_accuracy"] >= 0.8, manifest["metrics"]
     scorer = RewardModelScorer(final)
     good, bad = scorer(["What is 3 + 2?"] * 2, ["3 + 2 = 5. The answer is 5.", "The answer is 8."], [{}, {}])
     assert good > bad

@@ -184,14 +184,26 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tok_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed.run_dir / "final").exists(), "the run was killed before it finished"
-    subprocess.run(_cli(killed_path, "--resume"), check=True, env=env, capture_output=True, timeout=600)
+    from lmlab.trainers import last_checkpoint
+
+    saved = int(last_checkpoint(checkpoints).name.split("-")[1])  # 8, or later if the kill came late
+    killed_at = time.time()
+    resumed_run = subprocess.run(_cli(killed_path, "--resume"), check=True, env=env, capture_output=True,
+                                 text=True, timeout=600)
+    assert f"resuming from {checkpoints / f'checkpoint-{saved}'}" in resumed_run.stdout.replace("\n", "")
+
+    # each step is logged once; the steps up to the checkpoint were trained before the kill and never redone,
+    # the later ones after it (the resume drops the killed run's records past its checkpoint)
+    logged = [r for r in read_metrics(killed.run_dir) if "loss" in r and "train_loss" not in r]
+    assert [r["step"] for r in logged] == list(range(1, 25))
+    assert all(r["time"] < killed_at for r in logged if r["step"] <= saved)
+    assert all(r["time"] > killed_at for r in logged if r["step"] > saved)
 
     def losses(recipe):
         return {r["step"]: r["loss"] for r in read_metrics(recipe.run_dir) if "loss" in r}
 
     reference, resumed = losses(full), losses(killed)
-    assert set(range(9, 25)) <= set(resumed)
-    for step in range(9, 25):
+    for step in range(saved + 1, 25):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lmlab.data.chat import check_messages, from_alpaca, from_sharegpt, to_messages
 from lmlab.errors import LmlabError
-from tests.helpers import tiny_recipe
+from tests.helpers import read_metrics, tiny_recipe
 
 SYSTEM = "You are a careful assistant who solves arithmetic problems step by step."
 
@@ -157,10 +157,15 @@ def test_lora_warns_on_large_alpha(tmp_path, base_model):
 def test_full_sft_trains_and_reports_math_accuracy(tmp_path, base_model):
     from lmlab.stages.sft import run_sft
 
-    final = run_sft(sft_recipe(tmp_path, base_model, sft={"eval_math": 16}))
+    recipe = sft_recipe(tmp_path, base_model, sft={"eval_math": 16, "early_stopping_patience": None})
+    final = run_sft(recipe)
     manifest = json.loads((final / "lmlab.json").read_text())
     assert 0 <= manifest["metrics"]["math_id/greedy_accuracy"] <= 1 and "eval_loss" in manifest["metrics"]
     assert manifest["epochs"] == 1 and manifest["steps"] > 0
+    evals = [r["eval_loss"] for r in read_metrics(recipe.run_dir) if "eval_loss" in r]
+    losses = [r["loss"] for r in read_metrics(recipe.run_dir) if "loss" in r and "train_loss" not in r]
+    assert len(evals) >= 2 and evals[-1] < evals[0] - 0.1  # the held-out chats got easier: it learned
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
 
 
 def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(tmp_path, base_model):
@@ -192,14 +197,35 @@ def test_merged_lora_export_matches_the_adapter_and_loads_in_plain_transformers(
 def test_early_stopping_keeps_and_reloads_the_best_checkpoint(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
-    recipe = sft_recipe(tmp_path, base_model, train={"epochs": 2, "eval_every": 5, "keep_last": 1},
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class ScriptedValidation(TrainerCallback):
+        """Replaces each evaluation's loss (before early stopping and best-model tracking read it): best at
+        the second evaluation, worse after, so patience 2 must stop training at the fourth."""
+
+        losses = iter([2.0, 1.5, 1.8, 1.9, 1.7, 1.6])
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_loss"] = next(self.losses)
+
+    recipe = sft_recipe(tmp_path, base_model, train={"epochs": 3, "eval_every": 5, "keep_last": 1},
                         sft={"early_stopping_patience": 2, "eval_math": 0})
     job = prepare_sft(recipe)
+    job.trainer.callback_handler.callbacks.insert(0, ScriptedValidation())
     job.trainer.train()
-    best = job.trainer.state.best_model_checkpoint
-    assert best and ".staging" not in best and (recipe.run_dir / "checkpoints" / best.split("/")[-1]).is_dir()
-    saved = json.loads((recipe.run_dir / "checkpoints" / best.split("/")[-1] / "trainer_state.json").read_text())
+    state = job.trainer.state
+    assert state.global_step == 20 < state.max_steps  # stopped early, after the fourth evaluation
+    best = state.best_model_checkpoint
+    assert best and ".staging" not in best and best.endswith("checkpoint-10")
+    checkpoint = recipe.run_dir / "checkpoints" / "checkpoint-10"
+    assert checkpoint.is_dir()  # kept although keep_last is 1
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
     assert ".staging" not in (saved["best_model_checkpoint"] or "")
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    for name, tensor in job.trainer.model.state_dict().items():  # the final model is the best checkpoint's
+        if name in weights:
+            assert torch.equal(tensor, weights[name]), name
 
 
 def test_a_token_budget_sets_the_number_of_steps(tmp_path, base_model):
@@ -239,7 +265,7 @@ def test_chat_records_are_cached_on_disk_and_not_read_or_measured_again(tmp_path
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_replay_is_an_exact_share_of_tokens_drawn_from_the_replay_source(tmp_path, base_model, packing):
-    """data.replay in SFT: general windows join the chat rows as exactly replay_ratio of the training tokens,
+    """data.replay in SFT: general windows join the chat rows as exactly replay_ratio of the trained tokens,
     every replay row comes from the general source's token store (not the math chats), and the general
     validation loss is measured before and after training."""
     from lmlab.data.pretrain_data import build_packed_data, replay_block
@@ -252,8 +278,10 @@ def test_sft_replay_is_an_exact_share_of_tokens_drawn_from_the_replay_source(tmp
     job = prepare_sft(recipe)
     report, rows = job.replay.report, job.trainer.train_dataset
     total = sum(len(ids) for ids in rows["input_ids"])
+    trained = sum(sum(label != -100 for label in labels) for labels in rows["labels"])
     assert total == report["domain_tokens"] + report["replay_tokens"]
-    assert abs(report["replay_tokens"] - 0.25 * total) <= 1  # exact up to rounding to whole tokens
+    assert trained == report["domain_loss_tokens"] + report["replay_tokens"]
+    assert abs(report["replay_tokens"] - 0.25 * trained) <= 1  # of the trained tokens, exact up to rounding
     store = build_packed_data(replay_block(recipe.data), job.tokenizer, recipe.seed, 0).train
     windows = {tuple(w) for w in store.columns(range(len(store)))["input_ids"].tolist()}
     chat_start = job.tokenizer.convert_tokens_to_ids("<|im_start|>")

@@ -15,9 +15,17 @@ h, L, V, lr, fmt = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(s
 steps = int(sys.argv[6]); B, T = (int(sys.argv[7]) if len(sys.argv) > 7 else 32), 128
 torch.manual_seed(0); torch.set_num_threads(2)
 import os
-tokdir = f"/tmp/probe/tok{V}"
+grouped = os.environ.get("DIGITS") == "grouped"  # numbers as BPE merges (trained on math too), not one per digit
+tokdir = f"/tmp/probe/tok{V}{'g' if grouped else ''}"
 if not os.path.exists(tokdir + "/tokenizer.json"):
-    tok = train_tokenizer((t for _, t in general_documents()), vocab_size=V, min_frequency=2, max_bytes=4_000_000)
+    texts = [t for _, t in general_documents()]
+    if grouped:
+        import lmlab.data.tokenizer as tk
+        from tokenizers import pre_tokenizers
+        texts += [as_text(p) for p in math_problems("id", 20000, seed=5)]
+        original = pre_tokenizers.Digits
+        pre_tokenizers.Digits = lambda individual_digits: original(individual_digits=False)
+    tok = train_tokenizer(iter(texts), vocab_size=V, min_frequency=2, max_bytes=6_000_000)
     save_tokenizer(tok, tokdir)
 tok = load_tokenizer(tokdir)
 train = math_problems("id", 60000, seed=0)

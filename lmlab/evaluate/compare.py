@@ -31,7 +31,7 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
     from lmlab.evaluate.evaluator import evaluate_checkpoint
     from lmlab.evaluate.tasks import load_task
     from lmlab.paths import write_json_atomic, write_text_atomic
-    from lmlab.stats import Estimate, estimate
+    from lmlab.stats import Estimate
 
     tasks = [load_task(spec, stage.n) for spec in stage.tasks]  # bad tasks fail before any model loads
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
         key = _cache_key(stage, path)
         cached = cache.get(name, {})
         if cached.get("key") == key and "estimates" in cached:
-            results[name] = {k: estimate(v) or v for k, v in cached["estimates"].items()}
+            results[name] = {k: _revived(v) for k, v in cached["estimates"].items()}
             continue
         with console.status(f"evaluating {name}"):
             results[name] = evaluate_checkpoint(path, tasks, stage.samples, stage.orm, stage.general_bpb,
@@ -56,11 +56,22 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
     for name, by_metric in changes.items():
         cache[name]["change"] = {k: d.as_dict() for k, d in by_metric.items()}
     cache = {name: cache[name] for name in results}  # stages no longer in the pipeline drop out
-    write_json_atomic(cache_file, cache)
+    if not cache_file.is_file() or json.loads(cache_file.read_text()) != json.loads(json.dumps(cache)):
+        write_json_atomic(cache_file, cache)  # a rerun that evaluated nothing leaves the file as it was
     columns = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "general_bpb", k))
     console.print(comparison_table(results, changes, columns))
-    write_text_atomic(out_dir / "comparison.md", comparison_markdown(results, changes, columns))
+    markdown = comparison_markdown(results, changes, columns)
+    if not (out_dir / "comparison.md").is_file() or (out_dir / "comparison.md").read_text() != markdown:
+        write_text_atomic(out_dir / "comparison.md", markdown)
     return results
+
+
+def _revived(record):
+    """A cached metric as its Estimate (never `estimate(v) or v`: a 0.0 accuracy is a falsy float)."""
+    from lmlab.stats import estimate
+
+    found = estimate(record)
+    return record if found is None else found
 
 
 def stage_changes(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

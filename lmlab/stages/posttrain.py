@@ -320,10 +320,12 @@ def mix_chat_replay(recipe: Recipe, trainer, tokenizer) -> ChatReplay | None:
 
     SFT on a narrow domain forgets general ability (the quickstart's general bits per byte nearly doubled);
     CPT's cure is replay, and the same cure works here (docs/rules.md §2): `data.replay` names the general
-    sources and `data.replay_ratio` the share. The rows TRL prepared (tokenised, truncated, packed) hold D
-    tokens; round(ratio / (1 - ratio) * D) tokens of general windows join them, the last window cut to the
-    exact count, so replay is `ratio` of every token trained on, in every epoch. Replay tokens are all loss
-    tokens, as in pretraining.
+    sources and `data.replay_ratio` the share. As in CPT, the share is of the tokens the loss is computed on:
+    the rows TRL prepared (tokenised, truncated, packed) hold D assistant (loss) tokens, and
+    round(ratio / (1 - ratio) * D) tokens of general windows join them, all of them loss tokens as in
+    pretraining, the last window cut to the exact count, so replay is `ratio` of every trained token in every
+    epoch. (Counted over all tokens instead, prompts would inflate the replay: in the quickstart's chats only
+    a fifth of the tokens are the assistant's.)
     """
     from datasets import Dataset, concatenate_datasets
 
@@ -338,7 +340,7 @@ def mix_chat_replay(recipe: Recipe, trainer, tokenizer) -> ChatReplay | None:
     domain_tokens = int(sum(len(ids) for ids in train["input_ids"]))
     domain_loss = int(sum(sum(label != -100 for label in labels) for labels in train["labels"]))
     ratio, seq_len = recipe.data.replay_ratio, recipe.data.seq_len
-    replay_tokens = round(ratio / (1 - ratio) * domain_tokens)
+    replay_tokens = round(ratio / (1 - ratio) * domain_loss)
     data = build_packed_data(replay_block(recipe.data), tokenizer, recipe.seed, recipe.train.eval_batches
                              * recipe.train.micro_batch_size)
     if not len(data.train):
@@ -357,9 +359,9 @@ def mix_chat_replay(recipe: Recipe, trainer, tokenizer) -> ChatReplay | None:
         validation = Dataset.from_list(_windows(data.validation, held, [seq_len] * len(held),
                                                 tokenizer.eos_token_id, False))
     report = {"domain_tokens": domain_tokens, "domain_loss_tokens": domain_loss, "replay_tokens": replay_tokens,
-              "replay_share": replay_tokens / (replay_tokens + domain_tokens),
+              "replay_share": replay_tokens / (replay_tokens + domain_loss),
               "replay_epochs": replay_tokens / (len(data.train) * seq_len)}
-    console().print(f"replay mix: {domain_tokens:,} SFT tokens ({domain_loss:,} trained on) + {replay_tokens:,} "
+    console().print(f"replay mix: {domain_loss:,} trained SFT tokens (of {domain_tokens:,}) + {replay_tokens:,} "
                     f"general tokens ({report['replay_epochs']:.2f} epochs of the replay data) = "
-                    f"{report['replay_share']:.1%} replay")
+                    f"{report['replay_share']:.1%} of the trained tokens")
     return ChatReplay(report, validation)

@@ -17,13 +17,15 @@ from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
 
 
-def reward_model(path: str, tokenizer, trust_remote_code: bool = False):
+def reward_model(path: str, tokenizer, trust_remote_code: bool = False, seed: int = 0):
     """The input checkpoint with a fresh single-output head (the ORM), padding aware; a LoRA adapter is
-    merged into the body of its base first."""
-    from transformers import AutoModelForSequenceClassification
+    merged into the body of its base first. The head's initialisation follows the recipe's seed, not
+    whatever the process drew before (the same recipe trains the same reward model)."""
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     from lmlab.models.build import adapter_base, is_adapter
 
+    set_seed(seed)
     adapter = Path(path) if is_adapter(path) else None
     model = AutoModelForSequenceClassification.from_pretrained(adapter_base(adapter) if adapter else path,
                                                                num_labels=1, use_safetensors=True,
@@ -92,7 +94,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     start = open_stage(recipe, resume, overwrite)
     tokenizer = prepare_tokenizer(recipe)
     train_rows, validation, overlong = reward_pairs(recipe, tokenizer)
-    model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code)
+    model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code, recipe.seed)
     steps = steps_over_examples(recipe.train, len(train_rows))
     lr = fine_tuning_lr(recipe, model, recipe.preference.lr_ratio)  # a new head on a trained body: below SFT's
     args = training_arguments(recipe, recipe.run_dir / "checkpoints", steps, validation is not None,
