@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lmlab.stats import median
+from lmlab.stats import quantile
 
 
 class MetricsCallback(TrainerCallback):
@@ -244,14 +244,15 @@ class TaskEvalCallback(TrainerCallback):
 
 class DivergenceGuard(TrainerCallback):
     """Skips the update of a step whose loss or gradient norm is non-finite or spikes far above its running
-    median; after `patience` such steps in a row it stops training and asks for a rollback (to the last good
+    upper decile; after `patience` such steps in a row it stops training and asks for a rollback (to the last good
     checkpoint, with a lower LR), which the stage skeleton performs. Every event goes to metrics.jsonl.
 
     A diverged run is never saved: a model with non-finite weights is refused as an artifact, and a run that
     still diverges after `rollbacks` rollbacks ends with an error.
     """
 
-    HISTORY = 50  # steps in the running medians
+    HISTORY = 50  # steps in the running reference
+    REFERENCE = 0.9  # the quantile of recent steps a spike is measured against
     WARMUP = 3  # steps of history before gradient spikes count (non-finite values always do)
 
     def __init__(self, config, metrics: MetricsCallback | None = None, loss_spikes: bool = True):
@@ -265,23 +266,30 @@ class DivergenceGuard(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._args, self._state, self._control = args, state, control
         self.bad_in_a_row, self.rollback_requested = 0, False
+        # a (re)start judges its steps against its own history: after a rollback to the initial weights, the
+        # first losses are back at the start's level and the old history (of a model that had learned) would
+        # call every one of them a spike (the quickstart's SFT then stopped after two rollbacks)
+        self.losses, self.norms = [], []
 
     def reason(self, loss: float, norm: float) -> str | None:
         """Why this step is bad, or None."""
         if not math.isfinite(loss) or not math.isfinite(norm):
             return "non-finite loss or gradient"
-        # one good step is history enough for the loss: no healthy run ever reaches 10x its first loss, and
-        # a blow-up admitted into the history during a warm-up would hide every later spike behind its median
-        median_loss = median(self.losses)
-        if self.loss_spikes and median_loss > 0 and loss > self.config.loss_spike * median_loss:
-            return f"loss {loss:.4g} > {self.config.loss_spike:g} x median {median_loss:.4g}"
+        # One good step is history enough for the loss: no healthy run ever reaches 10x its first loss, and
+        # a blow-up admitted into the history during a warm-up would hide every later spike. The reference is
+        # the upper decile of recent steps, not their median: with small batches from mixed sources (CPT at
+        # micro-batch 4 with 16% general replay) most batches hold only learned domain rows (loss 0.2) and a
+        # batch with two general rows (loss 2.5) is normal, not a spike.
+        usual_loss = quantile(self.losses, self.REFERENCE)
+        if self.loss_spikes and usual_loss > 0 and loss > self.config.loss_spike * usual_loss:
+            return f"loss {loss:.4g} > {self.config.loss_spike:g} x recent upper decile {usual_loss:.4g}"
         if len(self.norms) >= self.WARMUP:
-            median_norm = median(self.norms)
+            usual_norm = quantile(self.norms, self.REFERENCE)
             # and above the clipping threshold: a norm clipping leaves alone is no spike, however small the
-            # median (RL steps whose groups all scored alike have gradients near zero)
+            # usual one (RL steps whose groups all scored alike have gradients near zero)
             clip = (self._args.max_grad_norm if self._args is not None else None) or 0.0
-            if median_norm > 0 and norm > max(self.config.grad_spike * median_norm, clip):
-                return f"gradient norm {norm:.4g} > {self.config.grad_spike:g} x median {median_norm:.4g}"
+            if usual_norm > 0 and norm > max(self.config.grad_spike * usual_norm, clip):
+                return f"gradient norm {norm:.4g} > {self.config.grad_spike:g} x recent upper decile {usual_norm:.4g}"
         return None
 
     def skip_step(self, loss: float, norm: float) -> bool:

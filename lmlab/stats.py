@@ -223,10 +223,15 @@ def welch_tied(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> b
     return abs(mb - ma) <= half
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-quantile (an element of the list: the upper one between two), 0 for no values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
 def median(values: Sequence[float]) -> float:
     """The upper median (an element of the list, never an average of two), 0 for no values."""
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else 0.0
+    return quantile(values, 0.5)
 
 
 def pearson_r(xs: Sequence[float], ys: Sequence[float]) -> float | None:

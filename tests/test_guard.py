@@ -29,6 +29,39 @@ def test_the_guard_flags_non_finite_and_spiking_steps_only():
     assert rl.reason(5.0, 1.0) is None
 
 
+def test_mixed_source_batches_are_not_spikes():
+    """CPT at micro-batch 4 with 16% replay: most batches are learned domain rows (loss ~0.24), some carry
+    two general rows (loss ~2.5). Against the median that was a 10x spike (it skipped steps of the quickstart);
+    against the recent upper decile it is ordinary, while a real blow-up still is one."""
+    import random
+
+    from lmlab.callbacks import DivergenceGuard
+
+    guard = DivergenceGuard(GuardConfig(loss_spike=10, patience=3))
+    rng = random.Random(0)
+    for _ in range(50):
+        replay_rows = sum(rng.random() < 0.16 for _ in range(4))
+        assert guard.skip_step((replay_rows * 5.0 + (4 - replay_rows) * 0.24) / 4, 0.5) is False
+    assert guard.reason(2.62, 0.5) is None  # two general rows of four
+    assert "loss" in guard.reason(300.0, 0.5)
+
+
+def test_a_restart_after_a_rollback_is_judged_on_its_own_history():
+    """Rolled back to the initial weights, the first losses are the start's again (2.8 after 0.08): the
+    history of the attempt before must not call them spikes (it stopped the quickstart's SFT)."""
+    from types import SimpleNamespace
+
+    from lmlab.callbacks import DivergenceGuard
+
+    guard = DivergenceGuard(GuardConfig(loss_spike=10))
+    guard.on_train_begin(SimpleNamespace(max_grad_norm=1.0), None, None)
+    for _ in range(20):
+        guard.skip_step(0.08, 0.5)
+    assert "loss" in guard.reason(2.8, 0.5)
+    guard.on_train_begin(SimpleNamespace(max_grad_norm=1.0), None, None)  # the rollback restarts training
+    assert guard.reason(2.8, 0.5) is None
+
+
 def test_a_gradient_under_the_clipping_threshold_is_never_a_spike():
     """RL steps whose groups all scored alike have near-zero gradients; the first real one is no spike."""
     from types import SimpleNamespace
