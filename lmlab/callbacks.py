@@ -17,8 +17,6 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lmlab.stats import quantile
-
 
 class MetricsCallback(TrainerCallback):
     """Enriches every log with tokens seen, tokens/s, TFLOP/s and MFU, then writes jsonl + TensorBoard.
@@ -243,8 +241,8 @@ class TaskEvalCallback(TrainerCallback):
 
 
 class DivergenceGuard(TrainerCallback):
-    """Skips the update of a step whose loss or gradient norm is non-finite or spikes far above its running
-    upper decile; after `patience` such steps in a row it stops training and asks for a rollback (to the last good
+    """Skips the update of a step whose loss or gradient norm is non-finite or spikes far above the largest of
+    the recent steps; after `patience` such steps in a row it stops training and asks for a rollback (to the last good
     checkpoint, with a lower LR), which the stage skeleton performs. Every event goes to metrics.jsonl.
 
     A diverged run is never saved: a model with non-finite weights is refused as an artifact, and a run that
@@ -252,13 +250,13 @@ class DivergenceGuard(TrainerCallback):
     """
 
     HISTORY = 50  # steps in the running reference
-    REFERENCE = 0.9  # the quantile of recent steps a spike is measured against
     WARMUP = 3  # steps of history before gradient spikes count (non-finite values always do)
 
     def __init__(self, config, metrics: MetricsCallback | None = None, loss_spikes: bool = True):
         self.config, self.metrics, self.loss_spikes = config, metrics, loss_spikes
         self.losses: list[float] = []
         self.norms: list[float] = []
+        self.flagged: list[tuple[float, float]] = []  # skipped steps since the last good one
         self.bad_in_a_row = 0
         self.rollback_requested = False
         self._args = self._state = self._control = None
@@ -269,37 +267,46 @@ class DivergenceGuard(TrainerCallback):
         # a (re)start judges its steps against its own history: after a rollback to the initial weights, the
         # first losses are back at the start's level and the old history (of a model that had learned) would
         # call every one of them a spike (the quickstart's SFT then stopped after two rollbacks)
-        self.losses, self.norms = [], []
+        self.losses, self.norms, self.flagged = [], [], []
 
     def reason(self, loss: float, norm: float) -> str | None:
         """Why this step is bad, or None."""
         if not math.isfinite(loss) or not math.isfinite(norm):
             return "non-finite loss or gradient"
-        # One good step is history enough for the loss: no healthy run ever reaches 10x its first loss, and
-        # a blow-up admitted into the history during a warm-up would hide every later spike. The reference is
-        # the upper decile of recent steps, not their median: with small batches from mixed sources (CPT at
-        # micro-batch 4 with 16% general replay) most batches hold only learned domain rows (loss 0.2) and a
-        # batch with two general rows (loss 2.5) is normal, not a spike.
-        usual_loss = quantile(self.losses, self.REFERENCE)
+        # The reference is the largest of the recent steps' values, and one good step is history enough for
+        # the loss (no healthy run reaches 10x its first loss; a blow-up admitted during a warm-up would hide
+        # every later spike). Batches differ: with small batches from mixed sources (CPT or SFT with general
+        # replay) most hold learned domain rows (loss 0.1) and some a general row (loss 2.5), which is ordinary.
+        usual_loss = max(self.losses, default=0.0)
         if self.loss_spikes and usual_loss > 0 and loss > self.config.loss_spike * usual_loss:
-            return f"loss {loss:.4g} > {self.config.loss_spike:g} x recent upper decile {usual_loss:.4g}"
+            return f"loss {loss:.4g} > {self.config.loss_spike:g} x recent maximum {usual_loss:.4g}"
         if len(self.norms) >= self.WARMUP:
-            usual_norm = quantile(self.norms, self.REFERENCE)
+            usual_norm = max(self.norms)
             # and above the clipping threshold: a norm clipping leaves alone is no spike, however small the
             # usual one (RL steps whose groups all scored alike have gradients near zero)
             clip = (self._args.max_grad_norm if self._args is not None else None) or 0.0
             if usual_norm > 0 and norm > max(self.config.grad_spike * usual_norm, clip):
-                return f"gradient norm {norm:.4g} > {self.config.grad_spike:g} x recent upper decile {usual_norm:.4g}"
+                return f"gradient norm {norm:.4g} > {self.config.grad_spike:g} x recent maximum {usual_norm:.4g}"
         return None
 
+    def _remember(self, values: list[tuple[float, float]]) -> None:
+        for loss, norm in values:
+            self.losses, self.norms = (self.losses + [loss])[-self.HISTORY:], (self.norms + [norm])[-self.HISTORY:]
+
     def skip_step(self, loss: float, norm: float) -> bool:
-        """Called by the trainer before each optimizer step (every rank, same inputs): True skips the update."""
+        """Called by the trainer before each optimizer step (every rank, same inputs): True skips the update.
+
+        A skipped step whose next step is good was an ordinary batch of a rarer kind (the first batch of
+        general replay after many domain ones), not a divergence: it joins the history then, so batches like
+        it pass from then on. Steps skipped in a row never do, and `patience` of them ask for a rollback."""
         why = self.reason(loss, norm)
         if why is None:
-            self.losses, self.norms = (self.losses + [loss])[-self.HISTORY:], (self.norms + [norm])[-self.HISTORY:]
-            self.bad_in_a_row = 0
+            self._remember([*self.flagged, (loss, norm)])
+            self.flagged, self.bad_in_a_row = [], 0
             return False
         self.bad_in_a_row += 1
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.flagged.append((loss, norm))
         self.log({"guard/event": "skip", "guard/reason": why, "guard/bad_in_a_row": self.bad_in_a_row})
         if self.bad_in_a_row >= self.config.patience and self._control is not None:
             self.rollback_requested = True
