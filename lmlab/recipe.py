@@ -93,6 +93,7 @@ class SourceSpec(Strict):
     format: Literal["text", "chat", "prompt"] = "text"
     num_examples: int = Field(20000, gt=0)
     seed: int | None = None
+    balance: Literal["operations", "facts"] = "operations"  # each operation a third, or each ID fact alike
 
     @model_validator(mode="before")
     @classmethod

@@ -58,3 +58,19 @@ def test_evaluation_prompts_are_never_training_prompts():
         train = {p.prompt for p in math_problems(split, 20000, seed=0)}
         held_out = math_problems(split, 200, seed=1234, part="eval")
         assert len({p.prompt for p in held_out}) == 200 and not train & {p.prompt for p in held_out}
+
+
+def test_fact_balance_draws_each_id_fact_alike_and_leaves_the_default_stream_alone():
+    """balance: facts weights the operations by their distinct facts (441, 441, 64), so subtraction is not
+    drilled as rarely as the small product table; the default draws are exactly what they were."""
+    from collections import Counter
+
+    from lmlab.data.mathgen import ID_FACTS, math_problems
+
+    ops = Counter(p.solution.split(" ")[1] for p in math_problems("id", 6000, 0, balance="facts"))
+    total = sum(ID_FACTS.values())
+    for op, facts in ID_FACTS.items():
+        assert abs(ops[op] / 6000 - facts / total) < 0.03, (op, ops)
+    assert [p.prompt for p in math_problems("id", 3, 0)] == [
+        "What is 3 - 15?", "Calculate 14 + 10.", "Omar buys 3 bags with 2 sweets in each bag. How many sweets does "
+        "Omar have?"]

@@ -160,10 +160,10 @@ def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Itera
     from lmlab.data.sources import local_files, read_records
 
     if spec.kind == "math":
-        from lmlab.data.mathgen import as_chat, math_problems
+        from lmlab.data.mathgen import as_chat, source_problems
 
         split = "id" if spec.split == "train" else spec.split
-        for i, problem in enumerate(math_problems(split, spec.num_examples, spec.seed if spec.seed is not None else seed)):
+        for i, problem in enumerate(source_problems(spec, seed)):
             yield f"math-{split}", i, as_chat(problem)["messages"]
         return
     if spec.kind in ("jsonl", "csv"):

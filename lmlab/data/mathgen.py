@@ -67,8 +67,15 @@ def _one_step(a: int, op: str, b: int) -> tuple[int, str]:
     return answer, f"{a} {op} {b} = {answer}. The answer is {answer}."
 
 
-def _id_problem(rng: random.Random) -> MathProblem:
-    op = rng.choice("+-*")
+# distinct ID facts per operation: (a, b) with a, b in 0..ID_MAX for + and -, single digits from 2 for *
+ID_FACTS = {"+": (ID_MAX + 1) ** 2, "-": (ID_MAX + 1) ** 2, "*": 8 * 8}
+Balance = Literal["operations", "facts"]
+
+
+def _id_problem(rng: random.Random, balance: Balance = "operations") -> MathProblem:
+    # operations: each operation a third of the problems; facts: each (op, a, b) equally often, so the 441
+    # subtraction facts are not drilled as rarely as the 64 products (which a third of the data over-learns)
+    op = rng.choice("+-*") if balance == "operations" else rng.choices("+-*", weights=list(ID_FACTS.values()))[0]
     a, b = _operands(rng, op, 0, ID_MAX)
     if rng.random() < 0.3:
         prompt = ID_WORD[op].format(a=a, b=b, name=rng.choice(NAMES))
@@ -108,7 +115,8 @@ def is_eval_prompt(prompt: str) -> bool:
     return doc_hash(f"math:{prompt}") < EVAL_SHARE
 
 
-def math_problems(split: Split, n: int, seed: int = 0, part: Literal["train", "eval"] = "train") -> list[MathProblem]:
+def math_problems(split: Split, n: int, seed: int = 0, part: Literal["train", "eval"] = "train",
+                  balance: Balance = "operations") -> list[MathProblem]:
     """`n` problems of one split, distinct while the space allows; the same seed gives the same list.
 
     `part="eval"` draws only from a held-out 5% slice of the prompt space and `"train"` never
@@ -118,8 +126,8 @@ def math_problems(split: Split, n: int, seed: int = 0, part: Literal["train", "e
     """
     if split not in ("id", "ood"):
         raise ValueError(f"split must be 'id' or 'ood', not {split!r}")
-    rng = random.Random(f"lmlab-math-{split}-{seed}")
-    make = _id_problem if split == "id" else _ood_problem
+    rng = random.Random(f"lmlab-math-{split}-{seed}" + ("" if balance == "operations" else f"-{balance}"))
+    make = (lambda r: _id_problem(r, balance)) if split == "id" else _ood_problem
     seen: set[str] = set()
     problems: list[MathProblem] = []
     misses = 0  # consecutive repeats: many in a row means the space is nearly used up
@@ -134,6 +142,13 @@ def math_problems(split: Split, n: int, seed: int = 0, part: Literal["train", "e
         seen.add(problem.prompt)
         problems.append(problem)
     return problems
+
+
+def source_problems(spec, seed: int) -> list[MathProblem]:
+    """The problems a `kind: math` source stands for: its split, count, seed (else the recipe's) and balance."""
+    split = "id" if spec.split == "train" else spec.split
+    return math_problems(split, spec.num_examples, spec.seed if spec.seed is not None else seed,
+                         balance=spec.balance)
 
 
 def is_ood(prompt: str) -> bool:

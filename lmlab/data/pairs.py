@@ -127,14 +127,13 @@ PROMPT_FIELDS = ("prompt", "answer", "system")
 
 def _preference_records(specs, seed: int) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(file, line, row) for every record, checked; a row has every pair and prompt field (None if absent)."""
-    from lmlab.data.mathgen import DEFAULT_SYSTEM, as_prompt_record, math_problems
+    from lmlab.data.mathgen import DEFAULT_SYSTEM, as_prompt_record, source_problems
     from lmlab.data.sources import local_files, read_records
 
     blank = dict.fromkeys(PAIR_FIELDS + PROMPT_FIELDS)
     for spec in specs:
         if spec.kind == "math":
-            split = "id" if spec.split == "train" else spec.split
-            problems = math_problems(split, spec.num_examples, spec.seed if spec.seed is not None else seed)
+            problems = source_problems(spec, seed)
             for i, problem in enumerate(problems[: spec.limit]):
                 # the system prompt math SFT trains with, so sampling sees the SFT format
                 yield "math", i + 1, {**blank, **as_prompt_record(problem), "system": DEFAULT_SYSTEM}

@@ -177,12 +177,12 @@ def _general_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
 
 
 def _math_rows(spec: SourceSpec, seed: int) -> Iterator[dict[str, Any]]:
-    from lmlab.data.mathgen import as_text, math_problems
+    from lmlab.data.mathgen import as_text, source_problems
 
     split = "id" if spec.split == "train" else spec.split
-    seed = spec.seed if spec.seed is not None else seed
-    for i, problem in enumerate(math_problems(split, spec.num_examples, seed)):
-        row: dict[str, Any] = {"doc_id": f"math-{split}-{seed}-{i}", "text": as_text(problem)}
+    for i, problem in enumerate(source_problems(spec, seed)):
+        row: dict[str, Any] = {"doc_id": f"math-{split}-{spec.seed if spec.seed is not None else seed}-{i}",
+                               "text": as_text(problem)}
         if spec.format == "chat":
             from lmlab.data.mathgen import as_chat
 
