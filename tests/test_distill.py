@@ -103,9 +103,12 @@ def test_chat_distillation_with_a_cached_teacher(tmp_path, base_model):
                          train={"max_steps": 4, "eval_every": 2, "save_every": 2})
     tokenizer = load_tokenizer(base_model)
     data, collator = chat_data(recipe, tokenizer)
-    messages = load_sft_data(recipe, tokenizer).train[0]["messages"]  # the same records, in the same order
+    record = load_sft_data(recipe, tokenizer).train[0]  # the same records, in the same order
+    text = tokenizer.decode(record["input_ids"])
     targets = tokenizer.decode([t for t in data.train[0]["labels"] if t != -100])
-    assert messages[-1]["content"] in targets and messages[-2]["content"] not in targets  # assistant tokens only
+    reply = text.rsplit("<|im_start|>assistant\n", 1)[1]
+    assert targets == reply.rstrip("\n") and "The answer is" in targets  # the reply and its <|im_end|> only
+    assert targets.endswith("<|im_end|>") and "<|im_start|>user" in text and "user" not in targets
     batch = collator([data.train[0], data.train[1]])
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding is never a target
     final = run_distill(recipe)

@@ -120,21 +120,24 @@ def test_lmlab_chatml_on_a_vocabulary_without_its_tokens_is_refused(tmp_path):
         prepare_tokenizer(recipe)
 
 
-def test_a_template_without_assistant_markers_that_trl_cannot_patch_is_refused(tmp_path):
+def test_a_template_without_assistant_markers_that_trl_cannot_patch_trains_turn_by_turn(tmp_path):
+    """A home-made ChatML that TRL does not know: the replies are found by rendering turn by turn (it used
+    to be refused, leaving only the loss on every token)."""
     from transformers import AutoTokenizer
 
-    from lmlab.errors import LmlabError
-    from lmlab.stages.posttrain import prepare_tokenizer
+    from lmlab.stages.sft import prepare_sft
 
     recipe, checkpoint = family_sft_recipe(tmp_path, "qwen3")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
-                               "+ '<|im_end|>\\n' }}{% endfor %}")  # a home-made ChatML: unknown to TRL
+                               "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                               "{{ '<|im_start|>assistant\\n' }}{% endif %}")  # unknown to TRL
     tokenizer.save_pretrained(checkpoint)
-    with pytest.raises(LmlabError, match=r"assistant-only loss needs a chat template that marks assistant turns"):
-        prepare_tokenizer(recipe)
-    assert prepare_tokenizer(recipe.model_copy(update={"sft": recipe.sft.model_copy(
-        update={"assistant_only_loss": False})}))  # and without assistant-only loss it is fine
+    job = prepare_sft(recipe)
+    assert job.data.assistant_mask == "turns"
+    for ids, labels in zip(job.trainer.train_dataset["input_ids"][:4], job.trainer.train_dataset["labels"][:4]):
+        text = job.tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+        assert text.endswith("<|im_end|>") and "user" not in text and "The answer is" in text, text
 
 
 def test_a_hub_id_resolves_from_the_local_hf_cache_and_says_how_to_get_it_otherwise(tmp_path, monkeypatch):

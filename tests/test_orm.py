@@ -15,7 +15,13 @@ from tests.helpers import read_metrics, tiny_recipe
 
 def test_math_verifier_scores_the_final_integer():
     items = [{"answer": 7}, {"answer": 7}, {"answer": -3}]
-    assert math_exact(["p"] * 3, ["3 + 4 = 7. The answer is 7.", "The answer is 8.", "so -3"], items) == [1.0, 0.0, 1.0]
+    # strict: the integer after the last "The answer is"; a bare "-3" is no answer, nor is "T6" a 6
+    assert math_exact(["p"] * 3, ["3 + 4 = 7. The answer is 7.", "The answer is 8.", "so -3"], items) == [1.0, 0.0, 0.0]
+    from lmlab.evaluate.generation import extract_integer
+
+    assert extract_integer("T6") is None and extract_integer("T6", flexible=True) == 6
+    assert extract_integer("The answer is 3. Sorry, the answer is 4.") == 3  # case matters: lmlab writes it so
+    assert extract_integer("The answer is 3. The answer is -4.") == -4
 
 
 def _reward_model(tmp_path, tokenizer_dir, num_labels):

@@ -255,7 +255,8 @@ def test_chat_records_are_cached_on_disk_and_not_read_or_measured_again(tmp_path
     monkeypatch.setattr(chat, "chat_records", refuse)
     monkeypatch.setattr(type(tokenizer), "apply_chat_template", refuse)
     again = load_sft_data(recipe, tokenizer)
-    assert again.train["messages"] == first.train["messages"] and again.examples == first.examples
+    assert again.train["input_ids"] == first.train["input_ids"] and again.examples == first.examples
+    assert again.train["assistant_masks"] == first.train["assistant_masks"]
     monkeypatch.undo()
     with open(path, "a") as fh:  # an edited file is read again
         fh.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})

@@ -370,17 +370,20 @@ def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint d
 @user_errors
 def export_tasks(tasks: str = typer.Argument(..., help="Comma-separated embedded task names or task YAML files."),
                  out: Path = typer.Option(..., "--out", help="Directory for the lm-eval task YAMLs and items."),
-                 n: int = typer.Option(200, "--n", min=1, help="Items per embedded task.")) -> None:
-    """Write lmlab tasks as lm-evaluation-harness tasks (run them with `lm_eval --include_path OUT`)."""
+                 checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The checkpoint lm-eval will "
+                                                           "score (generative tasks: its chat template renders the "
+                                                           "prompts, its stop tokens end them)."),
+                 n: int = typer.Option(500, "--n", min=1, help="Items per embedded task.")) -> None:
+    """Write lmlab tasks as lm-evaluation-harness tasks that score exactly as `lmlab eval` does."""
     from lmlab.evaluate.lm_eval_export import export_lm_eval_tasks
     from lmlab.evaluate.tasks import load_task
 
     loaded = [load_task(spec.strip(), n) for spec in tasks.split(",") if spec.strip()]
-    written = export_lm_eval_tasks(loaded, out)
+    written = export_lm_eval_tasks(loaded, out, checkpoint)
     names = ",".join(p.stem for p in written)
     typer.echo(f"wrote {len(written)} lm-eval task(s) to {out}; run them with:\n"
-               f"  lm_eval --model hf --model_args pretrained=CHECKPOINT,dtype=float32 --include_path {out} "
-               f"--tasks {names}" + (" --apply_chat_template" if any(t.kind == "generative" for t in loaded) else ""))
+               f"  lm_eval --model hf --model_args pretrained={checkpoint or 'CHECKPOINT'},dtype=float32 "
+               f"--include_path {out} --tasks {names}")
 
 
 @app.command()

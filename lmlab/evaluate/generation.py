@@ -9,19 +9,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-INTEGER = re.compile(r"-?\d[\d,]*")
+# The answer an evaluation reads, as lm-evaluation-harness's filters read it from an exported task
+# (lm_eval_export): strict is the integer right after the last "The answer is" (a completion containing `T6`
+# is not an answer of 6); flexible is the last integer anywhere, reported as a metric of its own.
+STRICT = re.compile(r"The answer is (-?[0-9]+)")
+FLEXIBLE = re.compile(r"(-?[0-9]+)")
 
 
-def extract_integer(text: str) -> int | None:
-    """The integer after the last "The answer is", else the last integer in the text."""
-    tail = text.rsplit("The answer is", 1)[-1] if "The answer is" in text else text
-    found = INTEGER.findall(tail) or INTEGER.findall(text)
-    if not found:
-        return None
-    try:
-        return int(found[-1 if tail is text else 0].replace(",", ""))
-    except ValueError:
-        return None
+def extract_integer(text: str, flexible: bool = False) -> int | None:
+    """The integer after the last "The answer is" (strict), or with `flexible` the last integer in the text."""
+    found = (FLEXIBLE if flexible else STRICT).findall(text)
+    return int(found[-1]) if found else None
 
 
 def render_prompts(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
@@ -37,10 +35,11 @@ def render_prompts(tokenizer, prompts: list[str], system: str | None = None) -> 
 
 def stop_ids(model, tokenizer) -> list[int]:
     """Where a completion ends: the checkpoint's generation-config EOS ids and the tokenizer's
-    end of turn (the same ids an lmlab artifact writes for transformers and vLLM)."""
+    end of turn (the same ids an lmlab artifact writes for transformers and vLLM). `model` is a
+    model, or a GenerationConfig (or None) when there is no model to ask."""
     from lmlab.data.tokenizer import end_of_turn_ids
 
-    config = getattr(model, "generation_config", None)
+    config = getattr(model, "generation_config", model)
     given = getattr(config, "eos_token_id", None)
     given = given if isinstance(given, list) else [given]
     return list(dict.fromkeys([*(i for i in given if isinstance(i, int) and i >= 0), *end_of_turn_ids(tokenizer)]))

@@ -27,6 +27,26 @@ class OptionScore:
         return self.logprob
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    """The tokenizer's own encoding (its BOS if it adds one), unless the text already starts with BOS."""
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens as lm-evaluation-harness makes them, so scores are identical: trailing
+    spaces of the context move to the continuation, the two are encoded together and split at the context's
+    length (encoding them apart changes the tokens where a merge crosses the boundary)."""
+    if not context:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [start], _encode(tokenizer, continuation)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, ctx = _encode(tokenizer, context + continuation), _encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
 def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
                           batch_size: int = 16) -> list[tuple[float, int]]:
     """(summed log-probability, token count) of each continuation given its context, batched and right-padded."""
@@ -38,8 +58,7 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
     for start in range(0, len(contexts), batch_size):
         rows, spans = [], []
         for context, continuation in zip(contexts[start:start + batch_size], continuations[start:start + batch_size]):
-            ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            ctx, cont = encode_pair(tokenizer, context, continuation)
             rows.append(ctx + cont)
             spans.append((len(ctx), len(ctx) + len(cont)))
         width = max(len(r) for r in rows)

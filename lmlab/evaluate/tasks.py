@@ -143,7 +143,10 @@ def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float 
     prompts = render_prompts(tokenizer, [it["prompt"] for it in task.items], system=DEFAULT_SYSTEM)
     greedy = generate(model, tokenizer, prompts, batch_size=batch_size)
     out = {f"{task.name}/greedy_accuracy":
-           Estimate([float(extract_integer(g[0]) == it["answer"]) for g, it in zip(greedy, task.items)], binary=True)}
+           Estimate([float(extract_integer(g[0]) == it["answer"]) for g, it in zip(greedy, task.items)], binary=True),
+           f"{task.name}/greedy_accuracy_flexible":
+           Estimate([float(extract_integer(g[0], flexible=True) == it["answer"]) for g, it in zip(greedy, task.items)],
+                    binary=True)}
     if samples > 1 or scorer is not None:
         sampled = generate(model, tokenizer, prompts, batch_size=max(1, batch_size // samples), do_sample=True,
                            temperature=temperature, num_return_sequences=samples, seed=seed)

@@ -135,23 +135,23 @@ def cache_teacher(teacher, dataset, collator, top_k: int, temperature: float, pa
 
 
 def chat_data(recipe, tokenizer):
-    """SFT records as rows of input_ids with labels on assistant tokens only (lmlab's chat template), plus a
+    """SFT records as rows of input_ids with labels on assistant tokens only (any template), plus a
     collator that pads them; sizes like packed data, so the usual budget (epochs, tokens) applies."""
     from datasets import Dataset
 
     from lmlab.data.pretrain_data import PackedData
-    from lmlab.stages.posttrain import load_sft_data, training_template
+    from lmlab.stages.posttrain import load_sft_data
 
-    template = training_template(tokenizer)  # the labels are on assistant tokens: the template marks them
-    records = load_sft_data(recipe, tokenizer)
+    records = load_sft_data(recipe, tokenizer)  # tokenised, with the assistant tokens (and end of turn) masked
+
+    if records.assistant_mask is None:
+        raise LmlabError("chat distillation trains on the assistant's tokens", field="sft.assistant_only_loss",
+                         hint="leave sft.assistant_only_loss at true for distill.data_format: chat")
 
     def tokenise(split):
         rows = []
-        for messages in split["messages"]:
-            enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template,
-                                                return_assistant_tokens_mask=True, truncation=True,
-                                                max_length=recipe.data.seq_len)
-            ids, mask = enc["input_ids"], enc["assistant_masks"]
+        for ids, mask in zip(split["input_ids"], split["assistant_masks"]):
+            ids, mask = ids[:recipe.data.seq_len], mask[:recipe.data.seq_len]
             if any(mask):  # truncation can cut every assistant token: such a row teaches nothing
                 rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
         if not rows:

@@ -29,6 +29,7 @@ class SFTData:
     examples: int
     overlong: int
     dropped: int
+    assistant_mask: str | None = None  # how the loss mask was made (lmlab.data.masks), None: every token
 
 
 def prepare_tokenizer(recipe: Recipe):
@@ -60,30 +61,10 @@ def prepare_tokenizer(recipe: Recipe):
                              hint="save the checkpoint with its template, or set sft.chat_template: chatml on a "
                                   "vocabulary with <|im_start|> and <|im_end|>")
     if recipe.sft.assistant_only_loss and (recipe.stage == "sft" or recipe.distill.data_format == "chat"):
-        training_template(tokenizer)  # fails now, not at the trainer
+        from lmlab.data.masks import check_template
+
+        check_template(tokenizer)  # a template whose turns cannot be located fails now, not at the trainer
     return tokenizer
-
-
-def training_template(tokenizer) -> str:
-    """A template that marks assistant turns with `{% generation %}` (what assistant-only labels need):
-    the tokenizer's own when it has the markers, else TRL's training version of its family's template."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    if not tokenizer.chat_template:
-        raise LmlabError("the tokenizer has no chat template", field="sft.chat_template",
-                         hint="set sft.chat_template: chatml on a vocabulary with <|im_start|> and <|im_end|>")
-    if has_generation_markers(tokenizer.chat_template):
-        return tokenizer.chat_template
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except ValueError:
-        patched = None
-    if patched is None or not has_generation_markers(patched):
-        raise LmlabError("assistant-only loss needs a chat template that marks assistant turns "
-                         "({% generation %}); this one does not, and TRL has no training version of it",
-                         field="sft.chat_template",
-                         hint="set sft.assistant_only_loss: false, or give a template with generation markers")
-    return patched
 
 
 def sft_records(recipe: Recipe):
@@ -137,10 +118,32 @@ def load_sft_data(recipe: Recipe, tokenizer) -> SFTData:
             raise LmlabError(f"every record is longer than data.seq_len={limit}", field="data.seq_len")
     held = keep[held_out_indices(hashes[keep], recipe.sft.validation_fraction)]
     train = np.setdiff1d(keep, held)
-    table = records.remove_columns("doc_id")
+    method = None
+    if recipe.sft.assistant_only_loss:  # tokenised here with the loss mask, so any template trains
+        table, method = masked_chats(records, tokenizer, identity)
+    else:
+        table = records.remove_columns("doc_id")
     overlong_train = int((lengths[train] > limit).sum())  # of the records trained on, as `examples` counts
     return SFTData(table.select(train).shuffle(seed=recipe.seed), table.select(held) if len(held) else None,
-                   len(train), overlong_train, dropped)
+                   len(train), overlong_train, dropped, method)
+
+
+def masked_chats(records, tokenizer, identity: str):
+    """Chat records as input_ids and assistant_masks (the reply and its end-of-turn token), made the way
+    lmlab.data.masks finds for this template; a record the template cannot locate turns in names its line."""
+    from lmlab.data.masks import mask_method, masked_ids
+    from lmlab.data.records import cached_map, chat_fingerprint, records_fingerprint
+
+    method, template = mask_method(tokenizer)  # the template was tried out by prepare_tokenizer
+
+    def tokenise(batch):
+        kwargs = batch.get("chat_template_kwargs") or [None] * len(batch["messages"])
+        rows = [masked_ids(tokenizer, messages, method, template, where, **(extra or {}))
+                for messages, extra, where in zip(batch["messages"], kwargs, batch["doc_id"])]
+        return {"input_ids": [r["input_ids"] for r in rows], "assistant_masks": [r["assistant_masks"] for r in rows]}
+
+    fingerprint = records_fingerprint(identity, chat_fingerprint(tokenizer), "assistant-masks-v1", method)
+    return cached_map(records, tokenise, fingerprint, remove_columns=records.column_names), method
 
 
 def lora_config(recipe: Recipe, examples: int, model) -> Any:

@@ -51,7 +51,9 @@ def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
 
     has_val = data.validation is not None
     patience = recipe.sft.early_stopping_patience if has_val else None
-    extra: dict[str, Any] = dict(max_length=recipe.data.seq_len, assistant_only_loss=recipe.sft.assistant_only_loss,
+    # assistant-only loss: the records arrive tokenised with their masks (SFTData.assistant_mask), which TRL
+    # turns into labels itself; its own template-based masking stays off
+    extra: dict[str, Any] = dict(max_length=recipe.data.seq_len, assistant_only_loss=False,
                                  packing=recipe.sft.packing, include_num_input_tokens_seen="non_padding",
                                  dataset_num_proc=None)
     if patience:
@@ -187,6 +189,7 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Pa
     manifest = {"stage": "sft", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
                 "input_artifact": recipe.model.from_pretrained, "examples": data.examples,
                 "overlong": data.overlong, "dropped": data.dropped, "epochs": epochs,
+                "assistant_mask": data.assistant_mask,
                 "steps": trainer.state.global_step, "adapter": recipe.lora.enabled, "metrics": final_metrics}
     if job.replay is not None:
         manifest.update(replay_mix=job.replay.report, metrics_before=before)
