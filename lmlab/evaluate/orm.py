@@ -91,6 +91,9 @@ def load_scorer(spec: str, policy_tokenizer=None) -> Scorer:
     if spec in VERIFIERS:
         return VERIFIERS[spec]
     if Path(spec).is_dir():
+        from lmlab.models.build import check_checkpoint
+
+        check_checkpoint(Path(spec), "reward model")  # safetensors, readable, no custom code, a tokenizer
         scorer = RewardModelScorer(spec)
         if policy_tokenizer is not None:
             check_same_tokenizer(scorer.tokenizer, policy_tokenizer, spec)

@@ -173,14 +173,32 @@ def active_parameters(model: "PreTrainedModel") -> int:
     return total - expert_params + expert_params * top_k // experts
 
 
-def check_checkpoint(path: Path, field: str, tokenizer_only: bool = False, needs_tokenizer: bool = True) -> None:
-    """A checkpoint (or tokenizer, reward model, ensemble) directory that loads: config, weights, tokenizer."""
+def check_custom_code(config_path: Path, field: str, trust_remote_code: bool = False) -> None:
+    """A checkpoint whose architecture lives in its own Python files (`auto_map`, or a model type transformers
+    does not know) runs that code when loaded: never without the user's consent (model.trust_remote_code)."""
+    from transformers import CONFIG_MAPPING
+
+    config = json.loads(config_path.read_text())
+    model_type = config.get("model_type")
+    custom = config.get("auto_map") or (model_type is not None and model_type not in CONFIG_MAPPING)
+    if custom and not trust_remote_code:
+        what = "its own code (auto_map)" if config.get("auto_map") else \
+            f"model type '{config.get('model_type')}', which transformers does not know"
+        raise LmlabError(f"this checkpoint needs {what}, which would run Python from its directory",
+                         file=str(config_path), field=field,
+                         hint="read that code first; then set model.trust_remote_code: true to allow it")
+
+
+def check_checkpoint(path: Path, field: str, tokenizer_only: bool = False, needs_tokenizer: bool = True,
+                     trust_remote_code: bool = False) -> None:
+    """A checkpoint (or tokenizer, reward model, ensemble) directory that loads: config, weights, tokenizer,
+    and no custom code unless the user allowed it."""
     if not path.is_dir():
         raise LmlabError("directory not found", file=str(path), field=field)
     if (path / "ensemble.json").is_file():
         members = json.loads((path / "ensemble.json").read_text()).get("members", [])
         for member in members:
-            check_checkpoint(Path(member), field)
+            check_checkpoint(Path(member), field, trust_remote_code=trust_remote_code)
         return
     adapter = is_adapter(path)
     if not tokenizer_only and adapter:
@@ -193,6 +211,7 @@ def check_checkpoint(path: Path, field: str, tokenizer_only: bool = False, needs
             json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LmlabError(f"config.json is not valid JSON ({exc})", file=str(config), field=field) from None
+        check_custom_code(config, field, trust_remote_code)
     if needs_tokenizer and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise LmlabError("no tokenizer (tokenizer.json) in this directory", file=str(path), field=field)
     if not tokenizer_only and not adapter:

@@ -118,14 +118,29 @@ def check_checkpoint_files(checkpoint: Path) -> None:
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LmlabError(f"the checkpoint's trainer_state.json is damaged ({exc})", file=str(checkpoint),
+        raise LmlabError(f"the checkpoint's trainer_state.json is damaged ({exc})",
+                         file=str(checkpoint / "trainer_state.json"), field="--resume",
                          hint="delete this checkpoint to resume from the one before it") from None
     if any(checkpoint.glob("*.safetensors")):
         try:
             check_weights(checkpoint, "--resume")
+            check_training_state(checkpoint)
         except LmlabError as exc:
             raise LmlabError(exc.message, file=exc.file, field="--resume",
                              hint="delete this checkpoint to resume from the one before it") from None
+
+
+def check_training_state(checkpoint: Path) -> None:
+    """The optimizer, scheduler and RNG files a resume loads are whole archives (torch saves zip files; a
+    truncated one loses its central directory), checked without unpickling anything."""
+    import zipfile
+
+    for file in sorted(checkpoint.glob("*.pt")) + sorted(checkpoint.glob("*.pth")):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise LmlabError(f"damaged training state ({exc})", file=str(file)) from None
 
 
 def train(trainer, start: Path | None) -> None:

@@ -71,7 +71,8 @@ def check_artifacts(recipe: Recipe, future: set[str]) -> None:
         named_directory = field.endswith(("pretrained", "teacher", "path"))  # scorers may be verifier names
         if path and str(path) not in future and (named_directory or Path(path).is_dir()):
             check_checkpoint(Path(path), field, tokenizer_only=field == "tokenizer.path",
-                             needs_tokenizer=not (field == "model.from_pretrained" and recipe.tokenizer.path))
+                             needs_tokenizer=not (field == "model.from_pretrained" and recipe.tokenizer.path),
+                             trust_remote_code=recipe.model.trust_remote_code and field == "model.from_pretrained")
     if recipe.stage in PAIR_STAGES + CHAT_STAGES and recipe.model.from_pretrained not in future:
         from lmlab.stages.posttrain import prepare_tokenizer
 
