@@ -26,8 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The long tests (every README command as written, the studies, ablations, sweeps, an accelerate launch,
+# a killed pipeline): about 12 minutes on 2 cores. CI runs them after `make test`.
 test-slow: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,lmeval]'
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
