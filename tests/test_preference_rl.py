@@ -124,7 +124,7 @@ def test_preference_stages_train_on_pairs_and_write_artifacts(tmp_path, base_mod
     assert logged and all(r["stage"] == stage and r["round"] == 1 for r in logged)
     # learned, on pairs it never saw: the worked answer gains log-probability over the bare wrong one
     before, after = held_out_margin(base_model), held_out_margin(final)
-    assert after > before + 1.0, (before, after)
+    assert after > before + 5.0, (before, after)  # swapped pairs: DPO -22 nats, ORPO +3.5 (its NLL lifts both)
 
 
 def test_default_lr_is_the_input_models_lr_over_ten_unless_the_recipe_sets_one(base_model):
