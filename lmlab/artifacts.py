@@ -16,7 +16,7 @@ from typing import Any
 
 import lmlab
 from lmlab.errors import LmlabError
-from lmlab.paths import remove_tree
+from lmlab.paths import fsync_tree, remove_tree
 
 MANIFEST = "lmlab.json"
 
@@ -80,10 +80,7 @@ def save_artifact(model, tokenizer, out_dir: str | Path, manifest: dict[str, Any
     tokenizer.save_pretrained(tmp)
     record = {"lmlab_version": lmlab.__version__, **manifest}
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2, default=str))
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
+    fsync_tree(tmp)
     remove_tree(out_dir, out_dir.parent)
     os.replace(tmp, out_dir)
     return out_dir

@@ -70,6 +70,14 @@ def remove_run_dir(run_dir: str | Path, root: str | Path) -> None:
         remove_tree(path, run_dir)
 
 
+def fsync_tree(path: Path) -> None:
+    """Every file under `path` on disk before it is renamed into place (a checkpoint, an artifact)."""
+    for file in Path(path).rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a whole file or nothing: a temporary sibling, fsync, rename."""
     path = Path(path)

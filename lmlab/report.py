@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.paths import write_text_atomic
 
 
 def read_jsonl_records(path: Path) -> list[dict[str, Any]]:
@@ -190,5 +191,5 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     for run in runs:
         lines += run_report(run, out)
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report

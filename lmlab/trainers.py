@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from lmlab.paths import remove_tree
+from lmlab.paths import fsync_tree, remove_tree
 
 STAGING = ".staging"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,13 +35,6 @@ def last_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 def remove_staging(checkpoint_dir: str | Path) -> None:
     """Drop what a killed save left behind, before a run (re)starts."""
     remove_tree(Path(checkpoint_dir) / STAGING, Path(checkpoint_dir))
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 class LmlabTrainerMixin:
@@ -124,7 +117,7 @@ class LmlabTrainerMixin:
         run_dir = final.parent
         if renamed_best:
             self.state.save_to_json(str(staged / "trainer_state.json"))
-        _fsync_tree(staged)
+        fsync_tree(staged)
         remove_tree(final, run_dir)
         os.replace(staged, final)
         remove_tree(staged.parent, run_dir)

@@ -121,3 +121,12 @@ def test_dry_run_of_a_stage_shows_model_budget_memory_and_time_and_writes_nothin
     assert "data: 90 conversations, 3 epochs" in shown.output and "budget: 69 steps x 4 sequences" in shown.output
     bad = CliRunner().invoke(app, ["sft", str(sft), "--dry-run", "--set", "data.seq_len=4096"])
     assert bad.exit_code == 2 and "exceeds the model's maximum" in bad.output
+
+
+def test_the_installed_command_runs_main_which_tears_the_process_group_down():
+    """`lmlab` (the console script) goes through main(), not the bare app, so every process tears its
+    process group down on exit (lmlab.distributed.shutdown)."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lmlab"]
+    assert script.value == "lmlab.cli:main"

@@ -62,11 +62,12 @@ def test_a_student_learns_from_a_teacher_and_an_ensemble_teacher(tmp_path, base_
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, base_model, tok_dir):
-    from lmlab.stages.distill import prepare_distill
+    from lmlab.stages.distill import distill_inputs
+    from lmlab.stages.packed import prepare_packed
 
     recipe = tiny_recipe(tmp_path, tok_dir, name="s", stage="distill", distill={"teacher": str(base_model)})
     with pytest.raises(LmlabError, match="teacher's tokenizer differs from the student's"):
-        prepare_distill(recipe)
+        prepare_packed(recipe, *distill_inputs(recipe))
     with pytest.raises(LmlabError, match="needs distill.teacher"):
         tiny_recipe(tmp_path, None, name="s2", stage="distill")
     with pytest.raises(LmlabError, match="streamed data has no fixed rows"):
@@ -119,13 +120,14 @@ def test_chat_distillation_with_a_cached_teacher(tmp_path, base_model):
 
 
 def test_a_cached_teacher_on_packed_rows_gives_each_shuffled_batch_its_own_rows(tmp_path, base_model):
-    from lmlab.stages.distill import prepare_distill
+    from lmlab.stages.distill import distill_inputs
+    from lmlab.stages.packed import prepare_packed
 
     recipe = tiny_recipe(tmp_path, None, name="packed_student", stage="distill", tokenizer={},
                          distill={"teacher": str(base_model), "top_k": 4, "cache_teacher": True},
                          train={"max_steps": 2})
     recipe.run_dir.mkdir(parents=True)  # run_distill makes it before preparing; the cache is written there
-    trainer = prepare_distill(recipe).trainer
+    trainer = prepare_packed(recipe, *distill_inputs(recipe)).trainer
     assert trainer.cache["indices"].shape[0] == len(trainer.train_dataset)
     batch = next(iter(trainer.get_train_dataloader()))  # the sampler shuffles: row ids are not 0..n
     assert batch["row_id"].tolist() != list(range(len(batch["row_id"])))

@@ -148,7 +148,7 @@ def test_a_failed_save_leaves_no_checkpoint_behind(tmp_path, tok_dir, monkeypatc
     def crash(path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainers, "_fsync_tree", crash)
+    monkeypatch.setattr(trainers, "fsync_tree", crash)
     job = prepare_pretrain(tiny_recipe(tmp_path, tok_dir, train={"max_steps": 4, "save_every": 2}))
     with pytest.raises(OSError):
         job.trainer.train()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lmlab.data.sources import load_source, mix_sources, shuffle_documents, split_validation
+from lmlab.data.sources import load_source, mix_sources, split_validation
 from lmlab.errors import LmlabError
 from lmlab.recipe import SourceSpec
 
@@ -115,12 +115,6 @@ def test_small_sources_still_get_a_validation_document(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}, {"text": "b"}, {"text": "c"}])
     train, val = split_validation(load_source(spec(kind="jsonl", path=str(path))), 0.01)
     assert len(val) == 1 and len(train) == 2
-
-
-def test_shuffle_is_deterministic_by_seed():
-    ds = load_source(spec(kind="math", num_examples=50))
-    assert shuffle_documents(ds, 1)["doc_id"] == shuffle_documents(ds, 1)["doc_id"]
-    assert shuffle_documents(ds, 1)["doc_id"] != shuffle_documents(ds, 2)["doc_id"]
 
 
 def test_mixing_by_weight():

@@ -37,9 +37,3 @@ def pack_token_lists(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> It
             labels.append(IGNORE_INDEX if i == 0 else tok)
     if len(ids) == seq_len:
         yield {"input_ids": ids, "position_ids": pos, "labels": labels}
-
-
-def pack_batch(batch: dict[str, list], seq_len: int, eos_id: int) -> dict[str, list]:
-    """`datasets.map(batched=True)` adapter: a batch of `input_ids` lists in, packed rows out."""
-    rows = list(pack_token_lists(batch["input_ids"], seq_len, eos_id))
-    return {key: [row[key] for row in rows] for key in ("input_ids", "position_ids", "labels")}

@@ -364,12 +364,6 @@ def split_validation(ds, fraction: float):
     return train, val
 
 
-def shuffle_documents(ds, seed: int, buffer_size: int = 10_000):
-    from datasets import Dataset
-
-    return ds.shuffle(seed=seed) if isinstance(ds, Dataset) else ds.shuffle(seed=seed, buffer_size=buffer_size)
-
-
 def mix_sources(loaded: list, weights: list[float], seed: int):
     """One source as is; several interleaved with probabilities proportional to their weights."""
     if len(loaded) == 1:

@@ -298,7 +298,7 @@ def _encode(texts: list[str]) -> list[list[int]]:
     return _WORKER["tokenizer"](texts, add_special_tokens=False)["input_ids"]
 
 
-def _flat(ids: list[list[int]], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _joined_with_eos(ids: list[list[int]], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Documents joined, each followed by EOS, and each one's length (EOS included)."""
     flat: list[int] = []
     for doc in ids:
@@ -323,7 +323,7 @@ def tokenize_chunk(chunk: Chunk) -> dict[str, Any]:
             lowest = min(lowest, (h, doc_id), key=lambda x: x[0])
     out: dict[str, Any] = {"chars": sum(len(t) for _, t in docs), "size": chunk.size, "lowest": lowest}
     for part, texts in groups.items():
-        out[part] = _flat(_encode(texts), _WORKER["eos"], _WORKER["dtype"]) if texts else None
+        out[part] = _joined_with_eos(_encode(texts), _WORKER["eos"], _WORKER["dtype"]) if texts else None
     return out
 
 

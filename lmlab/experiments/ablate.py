@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from lmlab.errors import LmlabError
-from lmlab.paths import write_json_atomic
+from lmlab.paths import write_json_atomic, write_text_atomic
 from lmlab.stats import mean_std
 
 ALIASES = {"epochs": "train.epochs", "lr": "optim.lr", "tokens": "train.tokens", "replay": "data.replay_ratio",
@@ -261,7 +261,7 @@ def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 
                                                                      if seeds < 2 else ""))
     pngs = plot_ablation(rows, next(iter(grid)), out_dir, metrics) if rows and metrics else []
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
-    (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out_dir / "ablation.md", "\n".join(lines) + "\n")
     write_json_atomic(out_dir / "ablation.json",
                       {"grid": {k: list(v) for k, v in grid.items()}, "seeds": seeds, "failed": failed,
                        "runs": [{"name": v.name, "values": v.values, "seed": v.seed, "metrics": m} for v, m in rows],

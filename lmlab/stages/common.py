@@ -56,8 +56,8 @@ def check_resumable(recipe: Recipe) -> None:
     if not saved_file.is_file():
         return
     saved = RecipeModel.model_validate(yaml.safe_load(saved_file.read_text()))
-    before = _flat(saved.model_dump(mode="json"))
-    changed = [key for key, value in _flat(recipe.model_dump(mode="json")).items()
+    before = _dotted_keys(saved.model_dump(mode="json"))
+    changed = [key for key, value in _dotted_keys(recipe.model_dump(mode="json")).items()
                if not key.startswith(FREE_ON_RESUME) and before.get(key) != value]
     launch = recipe.run_dir / LAUNCH
     saved_world = json.loads(launch.read_text()).get("world_size", 1) if launch.is_file() else 1
@@ -70,11 +70,11 @@ def check_resumable(recipe: Recipe) -> None:
                          file=str(saved_file), hint="undo the change, or pass --force to resume anyway")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def _dotted_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(_dotted_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -213,17 +213,14 @@ def teacher_factory(recipe: Recipe):
     return factory
 
 
-def prepare_distill(recipe: Recipe):
-    """The student's job (packed text or chat rows, the teacher loaded and checked), before compute."""
-    from lmlab.stages.packed import prepare_packed
-
-    return prepare_packed(recipe, chat_data if recipe.distill.data_format == "chat" else None,
-                          teacher_factory(recipe))
+def distill_inputs(recipe: Recipe) -> tuple:
+    """What the packed-rows skeleton needs for a student: its rows (chat rows, or the default packed text)
+    and the factory of its trainer (the teacher loaded and checked, its top-k cached)."""
+    return chat_data if recipe.distill.data_format == "chat" else None, teacher_factory(recipe)
 
 
 def run_distill(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a student on CE + T^2 KL to the teacher; returns the final artifact directory."""
     from lmlab.stages.packed import run_packed
 
-    return run_packed(recipe, resume, overwrite, chat_data if recipe.distill.data_format == "chat" else None,
-                      teacher_factory(recipe))
+    return run_packed(recipe, resume, overwrite, *distill_inputs(recipe))

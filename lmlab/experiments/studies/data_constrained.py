@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
-from lmlab.paths import write_json_atomic
+from lmlab.paths import write_json_atomic, write_text_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
 from lmlab.experiments.studies.common import StudyRunner, load_study
 
@@ -399,5 +399,5 @@ def write_report(study: DataConstrainedStudy, results: dict, ensembles: dict[str
                                                            for k in range(1, study.ensemble.members + 1)) + " |")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     report = out_dir / "study.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from lmlab.console import console
 from lmlab.experiments.studies.common import StudyRunner, load_study, mean_std_text
-from lmlab.paths import write_json_atomic
+from lmlab.paths import write_json_atomic, write_text_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
 from lmlab.stats import mean_std
 
@@ -342,5 +342,5 @@ def write_report(study: EvolmStudy, results: dict) -> Path:
                      f"{p[f'math_ood/maj@{k}']:.3f} | {p['math_bpb']:.3f} | {p['general_bpb']:.3f} |")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     report = out / "evolm.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report
