@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,79 +79,94 @@ def _stage_node(root: yaml.Node | None, index: int) -> yaml.Node | None:
     return None
 
 
+@dataclass
+class PlannedStage:
+    """One validated stage of a pipeline: what it is, its recipe, and the directory it will write."""
+
+    kind: str  # "tokenizer", "eval", or the model stage it runs (pretrain, cpt, sft, ...)
+    name: str
+    recipe: Any  # a Recipe, or the EvalStage of an eval
+    artifact: Path | None  # the tokenizer directory or final/ it writes; None for an eval
+
+    @property
+    def makes_model(self) -> bool:
+        return self.kind not in ("tokenizer", "eval")
+
+
+def _wire_input(kind: str, tree: dict, block: dict, artifacts: dict[str, str], last_model: str | None,
+                error) -> None:
+    """The model a stage starts from: `from: <stage>`, its own model.from_pretrained, or the latest model; a
+    distillation's teacher the same way (its student starts fresh)."""
+    source = block.get("from")
+    if source is not None and source not in artifacts:
+        raise error(f"'from: {source}' names no earlier stage that makes a model", "from")
+    if kind == "distill":
+        teacher = artifacts[source] if source else (tree.get("distill", {}).get("teacher") or last_model)
+        if teacher is None:
+            raise error("the distill stage needs a teacher, and no earlier stage makes one", "stage")
+        tree.setdefault("distill", {})["teacher"] = teacher
+    elif kind in MODEL_STAGES and kind != "pretrain":
+        input_dir = artifacts[source] if source else (tree.get("model", {}).get("from_pretrained") or last_model)
+        if input_dir is None:
+            raise error(f"the {kind} stage continues a model, and no earlier stage makes one", "stage",
+                        "put a pretrain stage first, or set model.from_pretrained")
+        tree.setdefault("model", {})["from_pretrained"] = input_dir
+
+
+def _eval_stage(block: dict, file: str, node, where: str, artifacts: dict[str, str], error) -> EvalStage:
+    stage = validate_recipe(block, file, node, model=EvalStage, prefix=f"{where}.")
+    unknown = [m for m in (stage.models if stage.models != "all" else []) if m not in artifacts]
+    if unknown:
+        raise error(f"eval names '{unknown[0]}', which no earlier stage makes", "models")
+    if not artifacts:
+        raise error("an eval stage needs an earlier stage that makes a model", None)
+    return stage
+
+
 def plan_stages(pipeline: Pipeline, file: str = "<pipeline>", root: yaml.Node | None = None,
-                assume_exists: set[str] | None = None) -> list[Any]:
-    """Each stage as a validated Recipe (or EvalStage), inputs wired, order checked: all before compute.
+                assume_exists: set[str] | None = None) -> list[PlannedStage]:
+    """Each stage validated, inputs wired, order checked: all before compute.
 
     `assume_exists`: checkpoint paths to accept before they exist (`lmlab plan --emit` placeholders).
     """
     run_dir = pipeline.run_dir
-    planned: list[Any] = []
-    artifacts: dict[str, str] = {}  # stage name -> the artifact directory it will write
+    planned: list[PlannedStage] = []
+    artifacts: dict[str, str] = {}  # stage name -> the final/ directory it will write
     tokenizer_dir: str | None = None
-    last_model: str | None = None
     for index, block in enumerate(pipeline.stages):
-        where = f"stages[{index}]"
-        kind = block.get("stage")
-        name = block.get("name", kind)
-        line = _stage_node(root, index).start_mark.line + 1 if _stage_node(root, index) else None
-        if name in artifacts or any(getattr(p, "name", None) == name for p in planned):
-            raise LmlabError(f"two stages are named '{name}'", file=file, line=line, field=f"{where}.name",
-                             hint="give each stage a distinct `name`")
+        where, kind = f"stages[{index}]", block.get("stage")
+        name, node = block.get("name", kind), _stage_node(root, index)
+        line = node.start_mark.line + 1 if node else None
+
+        def error(message: str, field: str | None, hint: str | None = None) -> LmlabError:
+            return LmlabError(message, file=file, line=line, field=f"{where}.{field}" if field else where, hint=hint)
+
+        if any(p.name == name for p in planned):
+            raise error(f"two stages are named '{name}'", "name", "give each stage a distinct `name`")
         if kind == "eval":
-            stage = validate_recipe(block, file, _stage_node(root, index), model=EvalStage, prefix=f"{where}.")
-            unknown = [m for m in (stage.models if stage.models != "all" else []) if m not in artifacts]
-            if unknown:
-                raise LmlabError(f"eval names '{unknown[0]}', which no earlier stage makes", file=file, line=line,
-                                 field=f"{where}.models")
-            if not artifacts:
-                raise LmlabError("an eval stage needs an earlier stage that makes a model", file=file, line=line,
-                                 field=where)
-            planned.append(stage)
+            planned.append(PlannedStage("eval", name, _eval_stage(block, file, node, where, artifacts, error), None))
             continue
         if kind != "tokenizer" and kind not in MODEL_STAGES:
-            raise LmlabError(f"unknown stage '{kind}'", file=file, line=line, field=f"{where}.stage",
-                             hint=f"one of tokenizer, {', '.join(MODEL_STAGES)}, eval")
+            raise error(f"unknown stage '{kind}'", "stage", f"one of tokenizer, {', '.join(MODEL_STAGES)}, eval")
         tree = merge_blocks(pipeline.defaults, {k: v for k, v in block.items() if k not in ("from", "name")})
         tree.update(name=name, seed=tree.get("seed", pipeline.seed),
                     output={**pipeline.output.model_dump(), "dir": str(run_dir)})
-        source = block.get("from")
-        if kind == "distill":  # the earlier model is the teacher; the student starts fresh (or from_pretrained)
-            if source is not None and source not in artifacts:
-                raise LmlabError(f"'from: {source}' names no earlier stage that makes a model", file=file,
-                                 line=line, field=f"{where}.from")
-            teacher = artifacts[source] if source else (tree.get("distill", {}).get("teacher") or last_model)
-            if teacher is None:
-                raise LmlabError("the distill stage needs a teacher, and no earlier stage makes one", file=file,
-                                 line=line, field=f"{where}.stage")
-            tree.setdefault("distill", {})["teacher"] = teacher
-        elif kind in MODEL_STAGES and kind != "pretrain":
-            if source is not None and source not in artifacts:
-                raise LmlabError(f"'from: {source}' names no earlier stage that makes a model", file=file,
-                                 line=line, field=f"{where}.from")
-            given = tree.get("model", {}).get("from_pretrained")
-            input_dir = artifacts[source] if source else (given or last_model)
-            if input_dir is None:
-                raise LmlabError(f"the {kind} stage continues a model, and no earlier stage makes one", file=file,
-                                 line=line, field=f"{where}.stage",
-                                 hint="put a pretrain stage first, or set model.from_pretrained")
-            tree.setdefault("model", {})["from_pretrained"] = input_dir
+        _wire_input(kind, tree, block, artifacts, next(reversed(artifacts.values()), None), error)
         if kind == "pretrain" and tokenizer_dir and not tree.get("tokenizer", {}).get("path"):
             tree["tokenizer"] = {**tree.get("tokenizer", {}), "path": tokenizer_dir}
         tree["stage"] = "pretrain" if kind == "tokenizer" else kind
-        recipe = validate_recipe(tree, file, _stage_node(root, index), future_artifacts=set(artifacts.values())
-                                 | ({tokenizer_dir} if tokenizer_dir else set()) | (assume_exists or set()),
-                                 prefix=f"{where}.")
+        future = set(artifacts.values()) | ({tokenizer_dir} if tokenizer_dir else set()) | (assume_exists or set())
+        recipe = validate_recipe(tree, file, node, future_artifacts=future, prefix=f"{where}.")
+        artifact = run_dir / name / ("tokenizer" if kind == "tokenizer" else "final")
         if kind == "tokenizer":
-            tokenizer_dir = str(run_dir / name / "tokenizer")
-            planned.append(("tokenizer", recipe))
-            continue
-        artifacts[name] = last_model = str(run_dir / name / "final")
-        planned.append(recipe)
+            tokenizer_dir = str(artifact)
+        else:
+            artifacts[name] = str(artifact)
+        planned.append(PlannedStage(kind, name, recipe, artifact))
     return planned
 
 
-def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Pipeline, list[Any]]:
+def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Pipeline, list[PlannedStage]]:
     from lmlab.recipe import apply_override
 
     path = str(path)
@@ -234,19 +250,18 @@ def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
     resolve_tokenizer(recipe, stage_dir)
 
 
-def check_all_inputs(planned: list[Any]) -> None:
+def check_all_inputs(planned: list[PlannedStage]) -> None:
     """Preflight of every stage; artifacts that earlier stages will write are checked when they exist."""
     from lmlab.evaluate.tasks import load_task
     from lmlab.stages.preflight import check_inputs
 
-    future = {str(p.run_dir / "final") for p in planned if isinstance(p, Recipe)}
-    future |= {str(r.run_dir / "tokenizer") for p in planned if isinstance(p, tuple) for r in [p[1]]}
-    for item in planned:
-        if isinstance(item, EvalStage):
-            for spec in item.tasks:
-                load_task(spec, item.n)
-            continue
-        check_inputs(item[1] if isinstance(item, tuple) else item, future)
+    future = {str(p.artifact) for p in planned if p.artifact is not None}
+    for stage in planned:
+        if stage.kind == "eval":
+            for spec in stage.recipe.tasks:
+                load_task(spec, stage.recipe.n)
+        else:
+            check_inputs(stage.recipe, future)
 
 
 def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> Path:
@@ -261,21 +276,14 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
         state_file = run_dir / STATE
         state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
         upstream: dict[str, str] = {}  # artifact path -> fingerprint of the stage that writes it
-        for item in planned:
-            if isinstance(item, EvalStage):
-                from lmlab.evaluate.compare import run_comparison
-
-                models = [(p.name, str(run_dir / p.name / "final")) for p in planned
-                          if isinstance(p, Recipe) and (item.models == "all" or p.name in item.models)]
-                if is_main():  # one evaluation; the other ranks wait for it
-                    run_comparison(item, models, run_dir / item.name)
-                barrier()
+        for stage in planned:
+            if stage.kind == "eval":
+                _run_eval(stage.recipe, planned, run_dir)
                 continue
-            kind, recipe = item if isinstance(item, tuple) else (item.stage, item)
+            recipe, kind, artifact = stage.recipe, stage.kind, stage.artifact
             inputs = [recipe.model.from_pretrained, recipe.tokenizer.path, recipe.distill.teacher]
             fp = stage_fingerprint(recipe, run_dir, "".join(upstream.get(i or "", "") for i in inputs))
             stage_dir = run_dir / recipe.name
-            artifact = stage_dir / ("tokenizer" if kind == "tokenizer" else "final")
             record = state.get(recipe.name, {})
             upstream[str(artifact)] = fp
             if record.get("fingerprint") == fp and record.get("done") and artifact.exists():
@@ -286,13 +294,7 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
             state[recipe.name] = {"fingerprint": fp, "done": False, "kind": kind, "started": time.time()}
             _save_state(run_dir, state)
             start = time.perf_counter()
-            if kind == "tokenizer":
-                if is_main():
-                    remove_run_dir(stage_dir, run_dir)
-                barrier()
-                _run_tokenizer(recipe, stage_dir)
-            else:
-                run_stage(recipe, resume=resume, overwrite=not resume)
+            _run_one(stage, resume, run_dir)
             state[recipe.name].update(done=True, seconds=round(time.perf_counter() - start, 1),
                                       artifact=str(artifact))
             _save_state(run_dir, state)
@@ -304,14 +306,34 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
     return run_dir
 
 
-def describe(planned: list[Any]) -> list[str]:
+def _run_one(stage: PlannedStage, resume: bool, run_dir: Path) -> None:
+    if stage.kind == "tokenizer":
+        if is_main():
+            remove_run_dir(run_dir / stage.name, run_dir)
+        barrier()
+        _run_tokenizer(stage.recipe, run_dir / stage.name)
+    else:
+        run_stage(stage.recipe, resume=resume, overwrite=not resume)
+
+
+def _run_eval(stage: EvalStage, planned: list[PlannedStage], run_dir: Path) -> None:
+    """The closing comparison of the chosen stages' models, by rank 0; the other ranks wait for it."""
+    from lmlab.evaluate.compare import run_comparison
+
+    models = [(p.name, str(p.artifact)) for p in planned if p.makes_model and (stage.models == "all"
+                                                                              or p.name in stage.models)]
+    if is_main():
+        run_comparison(stage, models, run_dir / stage.name)
+    barrier()
+
+
+def describe(planned: list[PlannedStage]) -> list[str]:
     """One line per stage, for `lmlab run --dry-run`."""
     lines = []
-    for item in planned:
-        if isinstance(item, EvalStage):
-            lines.append(f"{item.name}: eval {', '.join(item.tasks)} on {item.models}")
+    for stage in planned:
+        if stage.kind == "eval":
+            lines.append(f"{stage.name}: eval {', '.join(stage.recipe.tasks)} on {stage.recipe.models}")
             continue
-        kind, recipe = item if isinstance(item, tuple) else (item.stage, item)
-        source = recipe.model.from_pretrained if kind not in ("tokenizer", "pretrain") else None
-        lines.append(f"{recipe.name}: {kind}" + (f" <- {source}" if source else ""))
+        source = stage.recipe.model.from_pretrained if stage.kind not in ("tokenizer", "pretrain") else None
+        lines.append(f"{stage.name}: {stage.kind}" + (f" <- {source}" if source else ""))
     return lines

@@ -108,65 +108,82 @@ def _scatter(path: Path, xs: list[float], ys: list[float], xlabel: str, ylabel: 
 def run_report(run: Path, out: Path) -> list[str]:
     """Plots and a markdown section for one run directory."""
     records = read_jsonl_records(run / "metrics.jsonl")
-    name = run.name
-    lines = [f"## {name}", ""]
     manifest_path = run / "final" / "lmlab.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if manifest:
-        metrics = manifest.get("metrics", {})
-        source = manifest.get("input_artifact")
-        lines += [f"stage `{manifest.get('stage')}`, " + (f"from `{source}`" if source else "from scratch")
-                  + f", {manifest.get('steps', '?')} steps", ""]
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and
-                 (k.endswith("loss") or "accuracy" in k)}
-        if shown:
-            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in shown.items()] + [""]
-        if "replay_mix" in manifest:
-            before = manifest.get("metrics_before", {}).get("eval_replay_loss")
-            after = metrics.get("eval_replay_loss")
-            if before is not None and after is not None:
-                lines += [f"general (replay) validation loss: {before:.4f} before, {after:.4f} after", ""]
+    return [f"## {run.name}", "", *_manifest_lines(manifest), *_curve_lines(records, run.name, out),
+            *_orm_lines(records, run.name, out)]
+
+
+def _manifest_lines(manifest: dict[str, Any]) -> list[str]:
+    """What the stage was, its own final metrics, and the general loss before and after when it replayed."""
+    if not manifest:
+        return []
+    metrics, source = manifest.get("metrics", {}), manifest.get("input_artifact")
+    lines = [f"stage `{manifest.get('stage')}`, " + (f"from `{source}`" if source else "from scratch")
+             + f", {manifest.get('steps', '?')} steps", ""]
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and (k.endswith("loss") or "accuracy" in k)}
+    if shown:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in shown.items()] + [""]
+    before, after = manifest.get("metrics_before", {}).get("eval_replay_loss"), metrics.get("eval_replay_loss")
+    if "replay_mix" in manifest and before is not None and after is not None:
+        lines += [f"general (replay) validation loss: {before:.4f} before, {after:.4f} after", ""]
+    return lines
+
+
+def _task_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The in-training task metrics, without their interval and count fields."""
+    return sorted({k for r in records for k in r if k.startswith("task/") and not k.endswith(("/ci_low", "/ci_high",
+                                                                                               "/n"))})
+
+
+def _curve_lines(records: list[dict[str, Any]], name: str, out: Path) -> list[str]:
+    """Loss (against steps and tokens), LR, gradient norm, and RL, preference and task curves where logged."""
     eval_keys = sorted({k for r in records for k in r if k.startswith("eval_") and k.endswith("loss")})
-    losses = {"train": series(records, "loss"), **{k: series(records, k) for k in eval_keys}}
     plots = [
-        (f"{name}_loss.png", "training and validation loss against steps", losses, "loss"),
-        (f"{name}_lr.png", "learning rate schedule", {"lr": series(records, "learning_rate")}, "learning rate"),
+        (f"{name}_loss.png", "training and validation loss against steps",
+         {"train": series(records, "loss"), **{k: series(records, k) for k in eval_keys}}, "loss", "step"),
+        (f"{name}_loss_tokens.png", "training and validation loss against tokens seen",
+         {"train": series(records, "loss", "tokens_seen"), **{k: series(records, k, "tokens_seen") for k in eval_keys}},
+         "loss", "tokens seen"),
+        (f"{name}_lr.png", "learning rate schedule", {"lr": series(records, "learning_rate")}, "learning rate", "step"),
         (f"{name}_grad_norm.png", "gradient norm before clipping", {"grad norm": series(records, "grad_norm")},
-         "grad norm"),
+         "grad norm", "step"),
     ]
     rl_keys = [k for k in ("reward", "kl", "entropy") if any(k in r for r in records)]
     if rl_keys:  # RL: what the policy earns, how far it drifts, how sure it is
-        plots.append((f"{name}_rl.png", "reward, KL, entropy", {k: series(records, k) for k in rl_keys}, "value"))
+        plots.append((f"{name}_rl.png", "reward, KL, entropy", {k: series(records, k) for k in rl_keys}, "value",
+                      "step"))
         plots.append((f"{name}_length.png", "completion length",
-                      {"mean length": series(records, "completions/mean_length")}, "tokens"))
+                      {"mean length": series(records, "completions/mean_length")}, "tokens", "step"))
     preference_keys = [k for k in ("rewards/margins", "rewards/accuracies") if any(k in r for r in records)]
     if preference_keys:  # DPO-style implicit rewards
         plots.append((f"{name}_preference.png", "implicit reward margin and accuracy",
-                      {k: series(records, k) for k in preference_keys}, "value"))
-    task_keys = sorted({k for r in records for k in r if k.startswith("task/")})
-    if task_keys:
-        plots.append((f"{name}_tasks.png", "task metrics", {k[5:]: series(records, k) for k in task_keys}, "value"))
-    for filename, title, curves, ylabel in plots:
-        if _plot(out / filename, f"{name}: {title}", curves, ylabel):
+                      {k: series(records, k) for k in preference_keys}, "value", "step"))
+    if _task_keys(records):
+        plots.append((f"{name}_tasks.png", "task metrics during training",
+                      {k[5:]: series(records, k) for k in _task_keys(records)}, "value", "step"))
+    lines = []
+    for filename, title, curves, ylabel, xlabel in plots:
+        if _plot(out / filename, f"{name}: {title}", curves, ylabel, xlabel):
             lines += [f"![{title}]({filename})", ""]
-    by_tokens = {"train": series(records, "loss", "tokens_seen"),
-                 **{k: series(records, k, "tokens_seen") for k in eval_keys}}
-    if _plot(out / f"{name}_loss_tokens.png", f"{name}: training and validation loss against tokens seen",
-             by_tokens, "loss", "tokens seen"):
-        lines += [f"![loss against tokens]({name}_loss_tokens.png)", ""]
+    return lines
+
+
+def _orm_lines(records: list[dict[str, Any]], name: str, out: Path) -> list[str]:
+    """EvoLM's monitoring claim, per task: the ORM score against accuracy over checkpoints, with its r^2."""
+    lines, task_keys = [], _task_keys(records)
     for orm_key in [k for k in task_keys if k.endswith("/orm_score")]:
         task = orm_key[len("task/"):-len("/orm_score")]
         for acc_key in [k for k in task_keys if k.startswith(f"task/{task}/maj@")] or \
                        [f"task/{task}/greedy_accuracy"]:
-            steps = [r["step"] for r in records if orm_key in r and acc_key in r]
-            xs = [r[orm_key] for r in records if orm_key in r and acc_key in r]
-            ys = [r[acc_key] for r in records if orm_key in r and acc_key in r]
-            if len(xs) < 2:
+            points = [(r[orm_key], r[acc_key]) for r in records if orm_key in r and acc_key in r]
+            if len(points) < 2:
                 continue
+            xs, ys = [x for x, _ in points], [y for _, y in points]
             r2 = r_squared(xs, ys)
             filename = f"{name}_{task}_orm_vs_{acc_key.rsplit('/', 1)[1].replace('@', 'at')}.png"
             _scatter(out / filename, xs, ys, "ORM score", acc_key.rsplit("/", 1)[1], r2)
-            lines += [f"ORM score vs {acc_key[5:]} over {len(steps)} checkpoints: "
+            lines += [f"ORM score vs {acc_key[5:]} over {len(points)} checkpoints: "
                       f"r² = {r2:.3f}" if r2 is not None else
                       f"ORM score vs {acc_key[5:]}: no spread, r² undefined", "", f"![orm]({filename})", ""]
     return lines

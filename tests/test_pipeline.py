@@ -46,8 +46,8 @@ def tiny_pipeline(tmp_path: Path, pt_steps: int = 12, sft_steps: int = 6, **extr
 
 def test_stages_are_wired_to_the_previous_artifact_and_the_tokenizer(tmp_path):
     pipeline, planned = load_pipeline(tiny_pipeline(tmp_path))
-    kind, tok = planned[0]
-    pt, sft = planned[1], planned[2]
+    kind = planned[0].kind
+    pt, sft = planned[1].recipe, planned[2].recipe
     run = tmp_path / "runs" / "tiny_life"
     assert kind == "tokenizer" and pt.tokenizer.path == str(run / "tokenizer" / "tokenizer")
     assert sft.stage == "sft" and sft.model.from_pretrained == str(run / "pt" / "final")

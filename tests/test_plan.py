@@ -199,7 +199,8 @@ def test_emitted_pipeline_carries_the_plan_into_every_stage(tmp_path):
 
     plan = make_plan(resolve_shape("qwen3-0.6b"), lookup_gpu("h100"), 8, tokens=60e9)
     emit_pipeline(plan, tmp_path / "p.yaml")
-    _, (pretrain,) = load_pipeline(tmp_path / "p.yaml")
+    _, (planned_pretrain,) = load_pipeline(tmp_path / "p.yaml")
+    pretrain = planned_pretrain.recipe
     assert pretrain.model.arch == "qwen3" and pretrain.train.tokens == int(plan.stages[0].tokens)
     assert pretrain.train.distributed == "ddp" and pretrain.optim.schedule == "wsd"
     assert "run it with `lmlab run p.yaml --nproc 8`" in (tmp_path / "p.yaml").read_text().splitlines()[0]
@@ -210,14 +211,14 @@ def test_emitted_pipeline_carries_the_plan_into_every_stage(tmp_path):
 
     sharded = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, tokens=20e9)
     emit_pipeline(sharded, tmp_path / "s.yaml")
-    assert load_pipeline(tmp_path / "s.yaml")[1][0].train.distributed in ("zero2", "zero3")
+    assert load_pipeline(tmp_path / "s.yaml")[1][0].recipe.train.distributed in ("zero2", "zero3")
 
     checkpoint = tmp_path / "qwen"
     checkpoint.mkdir()
     expert = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("4090"), 8, goal="domain-expert", domain_tokens=20e9)
     notes = emit_pipeline(expert, tmp_path / "e.yaml", data="math", checkpoint=str(checkpoint))
     _, stages = load_pipeline(tmp_path / "e.yaml")
-    cpt, sft = stages[0], stages[1]
+    cpt, sft = stages[0].recipe, stages[1].recipe
     assert cpt.stage == "cpt" and cpt.model.from_pretrained == str(checkpoint)
     assert cpt.data.replay_ratio == pytest.approx(0.16) and cpt.train.tokens == int(expert.stages[0].tokens)
     assert sft.model.from_pretrained.endswith("/cpt/final") and sft.train.epochs == expert.stages[1].settings["epochs"]

@@ -29,7 +29,7 @@ def _stage_recipes(path: Path, overrides: Optional[List[str]]) -> list:
     if isinstance(tree, dict) and "stages" in tree:
         from lmlab.pipeline import load_pipeline
 
-        return [r for r in load_pipeline(path, overrides)[1] if not isinstance(r, tuple)]
+        return [p.recipe for p in load_pipeline(path, overrides)[1] if p.makes_model]
     return [load_recipe(path, overrides)]
 
 

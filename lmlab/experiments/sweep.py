@@ -58,85 +58,106 @@ def beats(candidate: dict[str, Any], incumbent: dict[str, Any]) -> bool:
     return paired(Estimate.from_dict(incumbent["rows"]), Estimate.from_dict(candidate["rows"])).distinguishable
 
 
+class Sweep:
+    """The runs of one sweep, keyed by configuration: each configuration runs once, as its own process."""
+
+    def __init__(self, path: Path, base_recipe, out_dir: Path, jobs: int, extra: list[str] | None):
+        self.path, self.base, self.out_dir, self.jobs, self.extra = path, base_recipe, out_dir, jobs, extra
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def run(self, configs: list[dict[str, Any]]) -> None:
+        """Run the configurations not run yet (in parallel) and record each one's validation loss and rows."""
+        from lmlab.console import console
+        from lmlab.recipe import load_recipe
+
+        todo = []
+        for config in configs:
+            key = _key(config)
+            if key in self.results or any(_key(c) == key for c, _ in todo):
+                continue
+            name = f"run{len(self.results) + len(todo):03d}"
+            overrides = [f"{k}={json.dumps(v)}" for k, v in config.items()] + [f"name={name}"]
+            load_recipe(self.path, [*(self.extra or []), *overrides, f"output.dir={self.out_dir}"])  # fail first
+            todo.append((config, Variant(name, config, self.base.seed, overrides)))
+        failed = run_variants(self.path, [self.base.stage], [v for _, v in todo], self.out_dir, self.jobs, self.extra)
+        for config, variant in todo:
+            manifest = self.out_dir / variant.name / "final" / "lmlab.json"
+            record = json.loads(manifest.read_text()) if manifest.is_file() and variant.name not in failed else {}
+            loss = record.get("metrics", {}).get(METRIC)
+            self.results[_key(config)] = {"name": variant.name, "config": config, METRIC: loss,
+                                          "rows": record.get("validation_rows")}
+            console().print(f"{variant.name} {_key(config)}: {METRIC} = {loss}")
+
+    def loss(self, config: dict[str, Any]) -> float:
+        value = self.results[_key(config)][METRIC]
+        return value if value is not None else float("inf")
+
+    def better(self, candidate: dict[str, Any], than: dict[str, Any]) -> bool:
+        return beats(self.results[_key(candidate)], self.results[_key(than)])
+
+    def descend(self, current: dict[str, Any], grid: dict[str, list[Any]], rounds: int) -> dict[str, Any]:
+        """Coordinate descent: one key at a time, moving only to a configuration better beyond the noise."""
+        from lmlab.console import console
+
+        self.run([current])
+        for round_no in range(1, rounds + 1):
+            changed = False
+            for name, values in grid.items():
+                candidates = [{**current, name: v} for v in values]
+                self.run(candidates)
+                best = min(candidates, key=self.loss)
+                if self.better(best, current):
+                    current, changed = best, True
+            console().print(f"round {round_no}: best {_key(current)} ({METRIC} {self.loss(current):.4f})")
+            if not changed:
+                break
+        return current
+
+    def summary(self, best: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
+        winner = self.results[_key(best)]["name"]
+        tied = [run["name"] for run in self.results.values() if run["name"] != winner and run[METRIC] is not None
+                and not self.better(best, run["config"]) and not self.better(run["config"], best)]
+        return {"best": {"config": best, METRIC: self.loss(best), "name": winner}, "tied_with_best": tied,
+                "grid": grid, "runs": [{k: v for k, v in run.items() if k != "rows"} for run in self.results.values()]}
+
+    def write(self, summary: dict[str, Any], grid: dict[str, list[Any]]) -> None:
+        """sweep.json and sweep.md: every run with its loss and interval, the best and the ties marked."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out_dir / "sweep.json", summary)
+        best, tied = summary["best"], summary["tied_with_best"]
+        lines = [f"# Sweep of {self.path.name} (coordinate descent, {len(self.results)} runs)", "",
+                 f"Best: {_key(best['config'])} with {METRIC} {best[METRIC]:.4f}",
+                 f"Tied with it within the noise of the held-out rows (paired 95% interval of the difference "
+                 f"includes zero): {', '.join(tied) or 'none'}", "",
+                 "| run | " + " | ".join(grid) + f" | {METRIC} [95% interval] |", "|---" * (len(grid) + 2) + "|"]
+        for run in self.results.values():
+            rows = Estimate.from_dict(run["rows"]) if run.get("rows") else None
+            loss = "failed" if run[METRIC] is None else f"{run[METRIC]:.4f}" + (
+                f" [{rows.low:.4f}, {rows.high:.4f}]" if rows is not None else "")
+            mark = " (best)" if run["name"] == best["name"] else " (tied)" if run["name"] in tied else ""
+            lines.append(f"| {run['name']}{mark} | " + " | ".join(str(run["config"][k]) for k in grid) + f" | {loss} |")
+        write_text_atomic(self.out_dir / "sweep.md", "\n".join(lines) + "\n")
+
+
 def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = None, rounds: int = 2,
               jobs: int | None = None, extra: list[str] | None = None) -> dict[str, Any]:
     """Coordinate descent from the recipe's own values; returns {"best": ..., "runs": [...]}, also written as
     sweep.json and sweep.md in `<output.dir>/<name>-sweep/`."""
-    from lmlab.console import console as shared_console
-
     from lmlab.recipe import load_recipe
 
-    console = shared_console()
     path = Path(recipe)
-    base_recipe = load_recipe(path, extra)
-    if base_recipe.data.validation_fraction == 0 and not base_recipe.data.validation:
+    base = load_recipe(path, extra)
+    if base.data.validation_fraction == 0 and not base.data.validation:
         raise LmlabError("a sweep judges runs by validation loss: give data.validation or a validation_fraction",
                          file=str(path), field="data.validation_fraction")
     tree = yaml.safe_load(path.read_text()) or {}
-    grid = {k: [_resolve(v, base_recipe.optim.lr) if k == "optim.lr" else v for v in values]
+    grid = {k: [_resolve(v, base.optim.lr) if k == "optim.lr" else v for v in values]
             for k, values in (grid or DEFAULT_GRID).items()}
-    current = {"optim.weight_decay": base_recipe.optim.weight_decay, "optim.lr": base_recipe.optim.lr,
-               "train.epochs": base_recipe.train.epochs or 1}
-    current = {k: current.get(k, grid[k][0]) for k in grid}
-    out_dir = Path(base_recipe.output.dir) / f"{tree.get('name', path.stem)}-sweep"
-    results: dict[str, dict[str, Any]] = {}
-    jobs = jobs or max(1, (os.cpu_count() or 1) // 4)
-
-    def evaluate(configs: list[dict[str, Any]]) -> None:
-        todo = []
-        for config in configs:
-            key = _key(config)
-            if key in results or any(_key(c) == key for c, _ in todo):
-                continue
-            name = f"run{len(results) + len(todo):03d}"
-            overrides = [f"{k}={json.dumps(v)}" for k, v in config.items()] + [f"name={name}"]
-            load_recipe(path, [*(extra or []), *overrides, f"output.dir={out_dir}"])  # bad values fail first
-            todo.append((config, Variant(name, config, base_recipe.seed, overrides)))
-        failed = run_variants(path, [base_recipe.stage], [v for _, v in todo], out_dir, jobs, extra)
-        for config, variant in todo:
-            manifest = out_dir / variant.name / "final" / "lmlab.json"
-            record = json.loads(manifest.read_text()) if manifest.is_file() and variant.name not in failed else {}
-            loss = record.get("metrics", {}).get(METRIC)
-            results[_key(config)] = {"name": variant.name, "config": config, METRIC: loss,
-                                     "rows": record.get("validation_rows")}
-            console.print(f"{variant.name} {_key(config)}: {METRIC} = {loss}")
-
-    def loss_of(config: dict[str, Any]) -> float:
-        value = results[_key(config)][METRIC]
-        return value if value is not None else float("inf")
-
-    def better(candidate: dict[str, Any], than: dict[str, Any]) -> bool:
-        return beats(results[_key(candidate)], results[_key(than)])
-
-    evaluate([current])
-    for round_no in range(1, rounds + 1):
-        changed = False
-        for name, values in grid.items():
-            candidates = [{**current, name: v} for v in values]
-            evaluate(candidates)
-            best = min(candidates, key=loss_of)
-            if better(best, current):
-                current, changed = best, True
-        console.print(f"round {round_no}: best {_key(current)} ({METRIC} {loss_of(current):.4f})")
-        if not changed:
-            break
-    tied = [run["name"] for key, run in results.items() if run["name"] != results[_key(current)]["name"]
-            and run[METRIC] is not None and not better(current, run["config"]) and not better(run["config"], current)]
-    summary = {"best": {"config": current, METRIC: loss_of(current), "name": results[_key(current)]["name"]},
-               "tied_with_best": tied, "grid": grid,
-               "runs": [{k: v for k, v in run.items() if k != "rows"} for run in results.values()]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "sweep.json", summary)
-    lines = [f"# Sweep of {path.name} (coordinate descent, {len(results)} runs)", "",
-             f"Best: {_key(current)} with {METRIC} {loss_of(current):.4f}",
-             f"Tied with it within the noise of the held-out rows (paired 95% interval of the difference "
-             f"includes zero): {', '.join(tied) or 'none'}", "",
-             "| run | " + " | ".join(grid) + f" | {METRIC} [95% interval] |", "|---" * (len(grid) + 2) + "|"]
-    for run in results.values():
-        rows = Estimate.from_dict(run["rows"]) if run.get("rows") else None
-        loss = "failed" if run[METRIC] is None else f"{run[METRIC]:.4f}" + (
-            f" [{rows.low:.4f}, {rows.high:.4f}]" if rows is not None else "")
-        mark = " (best)" if run["name"] == summary["best"]["name"] else " (tied)" if run["name"] in tied else ""
-        lines.append(f"| {run['name']}{mark} | " + " | ".join(str(run["config"][k]) for k in grid) + f" | {loss} |")
-    write_text_atomic(out_dir / "sweep.md", "\n".join(lines) + "\n")
+    start = {"optim.weight_decay": base.optim.weight_decay, "optim.lr": base.optim.lr,
+             "train.epochs": base.train.epochs or 1}
+    sweep = Sweep(path, base, Path(base.output.dir) / f"{tree.get('name', path.stem)}-sweep",
+                  jobs or max(1, (os.cpu_count() or 1) // 4), extra)
+    best = sweep.descend({k: start.get(k, grid[k][0]) for k in grid}, grid, rounds)
+    summary = sweep.summary(best, grid)
+    sweep.write(summary, grid)
     return summary

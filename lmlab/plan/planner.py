@@ -73,13 +73,12 @@ def _check_budget(name: str, value: float | None) -> None:
         raise LmlabError(f"{name} must be positive and below {MAX_TOKENS:.0e}, not {value:g}", field=f"--{name}")
 
 
-def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
-              tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
-              sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
-              mfu: float = DEFAULT_MFU, method: str | None = None) -> Plan:
+def _check_request(goal: str, budgets: dict[str, float | None], sft_examples: int | None, mfu: float, seq_len: int,
+                   shape: ModelShape) -> None:
+    """Every planning input within its range, each error naming its flag."""
     if goal not in GOALS:
         raise LmlabError(f"unknown goal '{goal}'", field="--goal", hint=f"one of {', '.join(GOALS)}")
-    for name, value in (("tokens", tokens), ("domain-tokens", domain_tokens), ("unique-tokens", unique_tokens)):
+    for name, value in budgets.items():
         _check_budget(name, value)
     if sft_examples is not None and not 0 < sft_examples <= MAX_SFT_EXAMPLES:
         raise LmlabError(f"sft-examples must be from 1 to {MAX_SFT_EXAMPLES:.0e}, not {sft_examples:g} (the largest "
@@ -88,14 +87,46 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         raise LmlabError(f"MFU must be in (0, 1], not {mfu}", field="--mfu")
     if seq_len < 16 or (shape.max_position_embeddings and seq_len > shape.max_position_embeddings):
         raise LmlabError(f"sequence length {seq_len} is outside 16..{shape.max_position_embeddings}", field="--seq-len")
+
+
+def _post_training(goal: str, params, sft_examples: int | None, method: str | None, add_stage, stages,
+                   num_gpus: int) -> list[rules.Advice]:
+    """SFT (and RL where the goal or the budget calls for it), with their advice (docs/rules.md §1, §4-5)."""
+    advice = [rules.sft_epochs(sft_examples)]
+    epochs = 1 if goal == "general-reasoning" else 3
+    examples = sft_examples or 50_000
+    sft_method = method or "full"
+    advice.append(rules.learning_rate(params.total, sft_method))
+    plan = add_stage("sft", examples * epochs * SFT_TOKENS_PER_EXAMPLE, True, 128,
+                     {"epochs": epochs, "examples": examples, "lr": 2e-5 if sft_method == "full" else 2e-4,
+                      "validation_fraction": 0.1, "early_stopping_patience": 3})
+    if plan.strategy and plan.strategy.setup.method != "full":
+        plan.settings["lr"] = 2e-4
+        advice.append(rules.learning_rate(params.total, plan.strategy.setup.method))
+    advice.append(rules.preference_optimisation(plan.settings["lr"]))
+    gpu_hours = sum((s.seconds or 0) for s in stages) * num_gpus / 3600
+    advice += rules.post_training_split(goal, gpu_hours)
+    if goal == "general-reasoning" or gpu_hours >= 100:
+        add_stage("rl", 0.1 * plan.tokens, True, 64, {"algorithm": "grpo", "group_size": 8, "beta": 0.0,
+                                                       "lr": plan.settings["lr"] / 10})
+    return advice
+
+
+def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
+              tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
+              sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
+              mfu: float = DEFAULT_MFU, method: str | None = None) -> Plan:
+    _check_request(goal, {"tokens": tokens, "domain-tokens": domain_tokens, "unique-tokens": unique_tokens},
+                   sft_examples, mfu, seq_len, shape)
     params = count_params(shape)
     fpt = flops_per_token(params.active, shape, seq_len)
     advice: list[rules.Advice] = []
     stages: list[StagePlan] = []
 
-    def add_stage(stage: str, stage_tokens: float, allow_adapters: bool, batch_tokens: float,
+    def add_stage(stage: str, stage_tokens: float, allow_adapters: bool, batch_sequences: float,
                   settings: dict[str, Any]) -> StagePlan:
-        batch = global_batch or max(1, int(batch_tokens // seq_len))
+        """A stage at its cheapest strategy that fits; `batch_sequences` of seq_len unless --global-batch."""
+        batch = global_batch or max(1, int(batch_sequences))
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, method=method)
         seconds = training_seconds(stage_tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) if choice else None
         if choice and choice.setup.offload:
@@ -107,42 +138,20 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
 
     if goal == "pretrain":
         pt_tokens = tokens or 100 * params.total
-        advice.append(rules.pretraining_tokens(params.total, tokens))
-        advice += rules.data_constrained(unique_tokens, pt_tokens)
-        add_stage("pretrain", pt_tokens, False, 1e6, {"lr": 3e-4 if params.total > 1e9 else 1e-3,
-                                                       "schedule": "wsd", "weight_decay": 0.1})
+        advice += [rules.pretraining_tokens(params.total, tokens), *rules.data_constrained(unique_tokens, pt_tokens)]
+        add_stage("pretrain", pt_tokens, False, 1e6 // seq_len, {"lr": 3e-4 if params.total > 1e9 else 1e-3,
+                                                                  "schedule": "wsd", "weight_decay": 0.1})
     if goal in ("cpt", "domain-expert") and (domain_tokens or tokens):
         domain = domain_tokens or tokens
         replay = domain * rules.CPT_REPLAY / (1 - rules.CPT_REPLAY)
-        advice += rules.cpt_replay(domain, params.total)
-        advice += rules.data_constrained(unique_tokens, domain)
-        add_stage("cpt", domain + replay, False, 1e6, {"domain_tokens": domain, "replay_tokens": replay,
-                                                        "replay_ratio": rules.CPT_REPLAY,
-                                                        "lr": 1e-4 if params.total > 1e9 else 3e-4,
-                                                        "schedule": "cosine (re-warm, decay fully)"})
+        advice += [*rules.cpt_replay(domain, params.total), *rules.data_constrained(unique_tokens, domain)]
+        add_stage("cpt", domain + replay, False, 1e6 // seq_len, {
+            "domain_tokens": domain, "replay_tokens": replay, "replay_ratio": rules.CPT_REPLAY,
+            "lr": 1e-4 if params.total > 1e9 else 3e-4, "schedule": "cosine (re-warm, decay fully)"})
     elif goal == "cpt":
         raise LmlabError("the cpt goal needs --domain-tokens (or --tokens)", field="--domain-tokens")
     if goal in ("sft", "domain-expert", "general-reasoning"):
-        sft_advice = rules.sft_epochs(sft_examples)
-        advice.append(sft_advice)
-        epochs = 1 if goal == "general-reasoning" else 3
-        examples = sft_examples or 50_000
-        sft_method = method or "full"
-        lr_advice = rules.learning_rate(params.total, sft_method)
-        advice.append(lr_advice)
-        sft_lr = 2e-5 if sft_method == "full" else 2e-4
-        plan = add_stage("sft", examples * epochs * SFT_TOKENS_PER_EXAMPLE, True, 128 * seq_len,
-                         {"epochs": epochs, "examples": examples, "lr": sft_lr, "validation_fraction": 0.1,
-                          "early_stopping_patience": 3})
-        if plan.strategy and plan.strategy.setup.method != "full":
-            plan.settings["lr"] = 2e-4
-            advice.append(rules.learning_rate(params.total, plan.strategy.setup.method))
-        advice.append(rules.preference_optimisation(plan.settings["lr"]))
-        gpu_hours = sum((s.seconds or 0) for s in stages) * num_gpus / 3600
-        advice += rules.post_training_split(goal, gpu_hours)
-        if goal == "general-reasoning" or gpu_hours >= 100:
-            add_stage("rl", 0.1 * plan.tokens, True, 64 * seq_len, {"algorithm": "grpo", "group_size": 8,
-                                                                    "beta": 0.0, "lr": plan.settings["lr"] / 10})
+        advice += _post_training(goal, params, sft_examples, method, add_stage, stages, num_gpus)
     advice.append(rules.stability())
     return Plan(shape, params, gpu, num_gpus, seq_len, mfu, goal, stages, advice,
                 kv_cache_bytes(shape, seq_len) / GB)
@@ -161,6 +170,69 @@ def _adapters(choice: Choice) -> dict[str, Any]:
     return {"lora": {"enabled": True, "r": 16, "alpha": 32, "quantize": "nf4" if method == "qlora" else "none"}}
 
 
+def _pretrain_block(plan: Plan, s: StagePlan, block: dict, lr: float, data: str | None, notes: list[str]) -> None:
+    shape = plan.model
+    arch = BUILDABLE.get(shape.model_type)
+    if arch is None:  # never emit another architecture in its place
+        raise LmlabError(f"lmlab builds {', '.join(sorted(set(BUILDABLE.values())))} models from scratch, "
+                         f"not {shape.model_type}, so this pretraining plan cannot be emitted",
+                         field="--emit", hint="plan one of those, or continue a checkpoint (--goal cpt or sft with "
+                                              "--checkpoint)")
+    block["model"] = {
+        "arch": arch, "hidden_size": shape.hidden_size, "num_layers": shape.num_layers, "num_heads": shape.num_heads,
+        "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "intermediate_size": shape.intermediate_size,
+        "tie_embeddings": shape.tie_embeddings,
+        "max_position_embeddings": max(plan.seq_len, shape.max_position_embeddings or plan.seq_len)}
+    if shape.is_moe:
+        block["model"].update(num_experts=shape.num_experts, num_experts_per_tok=shape.experts_per_token,
+                              moe_intermediate_size=shape.moe_intermediate_size)
+    block["tokenizer"] = {"vocab_size": shape.vocab_size}
+    block["data"]["train"] = data or "general"
+    block["optim"] = {"lr": lr, "schedule": "wsd", "weight_decay": s.settings.get("weight_decay", 0.1)}
+    block["train"]["tokens"] = int(s.tokens)
+
+
+def _cpt_block(plan: Plan, s: StagePlan, block: dict, lr: float, data: str | None, notes: list[str]) -> None:
+    """EvoLM: an exact 16% of general replay, re-warmed then fully decayed."""
+    block["data"].update(train=data or "general", replay="general", replay_ratio=s.settings["replay_ratio"])
+    block["optim"] = {"lr": lr, "schedule": "cosine"}
+    block["train"]["tokens"] = int(s.tokens)
+    if not data:
+        notes.append("cpt: data.train is the embedded general corpus; point it at your domain data")
+    passes = s.tokens * s.settings["replay_ratio"] / GENERAL_CORPUS_TOKENS
+    if passes > MAX_REPLAY_PASSES:
+        notes.append(f"cpt: the replay budget ({s.tokens * s.settings['replay_ratio']:.3g} tokens) is about "
+                     f"{passes:,.0f} passes over the embedded general corpus (~{GENERAL_CORPUS_TOKENS:.1e} "
+                     "tokens): replay memorises it instead of keeping general ability; point data.replay "
+                     "at general pretraining data of at least that size")
+
+
+def _sft_block(plan: Plan, s: StagePlan, block: dict, lr: float, sft_data: str | None, notes: list[str]) -> None:
+    block["data"].update(train=sft_data or {"kind": "math", "format": "chat"})
+    block["optim"] = {"lr": lr}
+    block["train"]["epochs"] = s.settings["epochs"]
+    block["sft"] = {"validation_fraction": s.settings["validation_fraction"],
+                    "early_stopping_patience": s.settings["early_stopping_patience"]}
+    block.update(_adapters(s.strategy))
+    if not sft_data:
+        notes.append("sft: data.train is the embedded math chat set; point it at your chat data (--sft-data)")
+
+
+def _rl_block(plan: Plan, s: StagePlan, block: dict, lr: float, rl_prompts: str | None, notes: list[str]) -> None:
+    block["data"].update(train=rl_prompts or {"kind": "math", "format": "prompt"})
+    block["optim"] = {"lr": lr}
+    block["rl"] = {"algorithm": s.settings["algorithm"], "num_generations": s.settings["group_size"],
+                   "beta": s.settings["beta"], "rewards": ["math_exact"]}
+    block["train"]["epochs"] = 1
+    block.update(_adapters(s.strategy))
+    if not rl_prompts:
+        notes.append("rl: prompts are the embedded math set with the math_exact verifier; set data.train "
+                     "and rl.rewards (a verifier or a reward-model directory) for your task")
+
+
+STAGE_BLOCKS = {"pretrain": _pretrain_block, "cpt": _cpt_block, "sft": _sft_block, "rl": _rl_block}
+
+
 def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None, checkpoint: str | None = None,
                      sft_data: str | None = None, rl_prompts: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """The plan as a lifecycle pipeline `lmlab run` executes, and notes on what the user must supply.
@@ -170,71 +242,20 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
     notes name) unless a pretraining stage comes first.
     """
     notes: list[str] = []
-    shape = plan.model
     stages: list[dict[str, Any]] = []
+    sources = {"pretrain": data, "cpt": data, "sft": sft_data, "rl": rl_prompts}
     for s in plan.stages:
         if s.strategy is None:
             raise LmlabError(f"the {s.stage} stage does not fit on these GPUs, so there is nothing to emit",
                              field="--emit", hint="; ".join(s.cannot_fit) or None)
-        block: dict[str, Any] = {"stage": s.stage, "train": _train_block(s.strategy),
-                                 "data": {"seq_len": plan.seq_len}}
-        lr = float(f"{s.settings['lr']:.3g}")
-        if s.stage == "pretrain":
-            arch = BUILDABLE.get(shape.model_type)
-            if arch is None:  # never emit another architecture in its place
-                raise LmlabError(f"lmlab builds {', '.join(sorted(set(BUILDABLE.values())))} models from scratch, "
-                                 f"not {shape.model_type}, so this pretraining plan cannot be emitted",
-                                 field="--emit", hint="plan one of those, or continue a checkpoint (--goal cpt "
-                                                      "or sft with --checkpoint)")
-            block["model"] = {
-                "arch": arch, "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
-                "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
-                "intermediate_size": shape.intermediate_size, "tie_embeddings": shape.tie_embeddings,
-                "max_position_embeddings": max(plan.seq_len, shape.max_position_embeddings or plan.seq_len)}
-            if shape.is_moe:
-                block["model"].update(num_experts=shape.num_experts, num_experts_per_tok=shape.experts_per_token,
-                                      moe_intermediate_size=shape.moe_intermediate_size)
-            block["tokenizer"] = {"vocab_size": shape.vocab_size}
-            block["data"]["train"] = data or "general"
-            block["optim"] = {"lr": lr, "schedule": "wsd", "weight_decay": s.settings.get("weight_decay", 0.1)}
-            block["train"]["tokens"] = int(s.tokens)
-        elif s.stage == "cpt":  # EvoLM: an exact 16% of general replay, re-warmed then fully decayed
-            block["data"].update(train=data or "general", replay="general", replay_ratio=s.settings["replay_ratio"])
-            block["optim"] = {"lr": lr, "schedule": "cosine"}
-            block["train"]["tokens"] = int(s.tokens)
-            if not data:
-                notes.append("cpt: data.train is the embedded general corpus; point it at your domain data")
-            passes = s.tokens * s.settings["replay_ratio"] / GENERAL_CORPUS_TOKENS
-            if passes > MAX_REPLAY_PASSES:
-                notes.append(f"cpt: the replay budget ({s.tokens * s.settings['replay_ratio']:.3g} tokens) is about "
-                             f"{passes:,.0f} passes over the embedded general corpus (~{GENERAL_CORPUS_TOKENS:.1e} "
-                             "tokens): replay memorises it instead of keeping general ability; point data.replay "
-                             "at general pretraining data of at least that size")
-        elif s.stage == "sft":
-            block["data"].update(train=sft_data or {"kind": "math", "format": "chat"})
-            block["optim"] = {"lr": lr}
-            block["train"]["epochs"] = s.settings["epochs"]
-            block["sft"] = {"validation_fraction": s.settings["validation_fraction"],
-                            "early_stopping_patience": s.settings["early_stopping_patience"]}
-            block.update(_adapters(s.strategy))
-            if not sft_data:
-                notes.append("sft: data.train is the embedded math chat set; point it at your chat data (--sft-data)")
-        elif s.stage == "rl":
-            block["data"].update(train=rl_prompts or {"kind": "math", "format": "prompt"})
-            block["optim"] = {"lr": lr}
-            block["rl"] = {"algorithm": s.settings["algorithm"], "num_generations": s.settings["group_size"],
-                           "beta": s.settings["beta"], "rewards": ["math_exact"]}
-            block["train"]["epochs"] = 1
-            block.update(_adapters(s.strategy))
-            if not rl_prompts:
-                notes.append("rl: prompts are the embedded math set with the math_exact verifier; set data.train "
-                             "and rl.rewards (a verifier or a reward-model directory) for your task")
+        block: dict[str, Any] = {"stage": s.stage, "train": _train_block(s.strategy), "data": {"seq_len": plan.seq_len}}
+        STAGE_BLOCKS[s.stage](plan, s, block, float(f"{s.settings['lr']:.3g}"), sources[s.stage], notes)
         stages.append(block)
     if stages and stages[0]["stage"] != "pretrain":
-        source = checkpoint or f"checkpoints/{shape.name}"
+        source = checkpoint or f"checkpoints/{plan.model.name}"
         stages[0]["model"] = {"from_pretrained": source}
         if not checkpoint:
-            notes.append(f"{stages[0]['stage']}: continues {source}; put a local HF copy of {shape.name} "
+            notes.append(f"{stages[0]['stage']}: continues {source}; put a local HF copy of {plan.model.name} "
                          "(safetensors) there, or emit again with --checkpoint DIR")
     return {"name": name, "seed": 0, "stages": stages}, notes
 
