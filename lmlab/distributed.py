@@ -13,6 +13,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from lmlab.errors import LmlabError
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,14 +63,45 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
+def _first_error(mine: BaseException | None) -> LmlabError | None:
+    """Every rank's error (or None) gathered, and the first one, as an LmlabError, returned on every rank: the
+    leaders' failure stops all ranks, instead of leaving the others waiting at a barrier forever."""
+    if world_size() == 1:
+        return mine if isinstance(mine, LmlabError) or mine is None else LmlabError(str(mine))
+    import torch.distributed as dist
+
+    state()
+    described = None
+    if mine is not None:
+        described = (mine.message, mine.file, mine.line, mine.field, mine.hint) if isinstance(mine, LmlabError) \
+            else (f"rank {rank()} failed: {type(mine).__name__}: {mine}", None, None, None, None)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, described)
+    found = next((p for p in parts if p is not None), None)
+    if found is None:
+        return None
+    message, file, line, field, hint = found
+    return LmlabError(message, file=file, line=line, field=field, hint=hint)
+
+
 @contextmanager
-def main_first() -> Iterator[bool]:
-    """Rank 0 does the work inside first (and writes it), then the others run it and read what it wrote."""
-    if world_size() > 1 and not is_main():
-        barrier()
-    yield is_main()
-    if world_size() > 1 and is_main():
-        barrier()
+def main_first(per_node: bool = False) -> Iterator[bool]:
+    """The leader (rank 0, or each node's local rank 0 with `per_node`) does the work inside first and writes
+    it; then the others run it and read what it wrote. An error in the leader's part is raised on every rank
+    (the one helper for "rank 0 does it, everyone waits, errors reach everyone")."""
+    leader = local_rank() == 0 if per_node else is_main()
+    if world_size() > 1 and not leader:
+        error = _first_error(None)  # wait for the leaders' verdict
+        if error is not None:
+            raise error
+    try:
+        yield leader
+    except BaseException as exc:
+        if world_size() > 1 and leader:
+            _first_error(exc)
+        raise
+    if world_size() > 1 and leader:
+        _first_error(None)
 
 
 def shard(items) -> list:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from lmlab.distributed import barrier, is_main
+from lmlab.distributed import main_first
 from lmlab.errors import LmlabError
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # an identifier: no separators, no leading dot, never `..`
@@ -104,22 +104,19 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     it at a barrier (and fail with it). The file is opened without truncation, so a refused second
     process never erases the holder's PID.
     """
-    error = None
     handle = None
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / LOCK, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            error = LmlabError(f"another lmlab process (PID {holder}) is running in this directory", file=str(run_dir),
-                               hint="wait for it, or stop it first")
-    barrier()
-    if error is not None:
-        raise error
+    with main_first() as main:  # a refusal on rank 0 is raised on every rank
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(run_dir / LOCK, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise LmlabError(f"another lmlab process (PID {holder}) is running in this directory",
+                                 file=str(run_dir), hint="wait for it, or stop it first") from None
     try:
         if handle is not None:
             handle.seek(0)

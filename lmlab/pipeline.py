@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from lmlab.data.cache import file_hash
 from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
 from lmlab.paths import NAME_PATTERN, remove_run_dir, run_lock, write_json_atomic
@@ -203,7 +204,7 @@ def stage_fingerprint(recipe: Recipe, run_dir: Path, upstream: str) -> str:
         text = text.replace(root, "<run>")
     digest = hashlib.sha256((text + upstream).encode())
     for file in input_files(recipe):
-        digest.update(file_digest(file).encode())
+        digest.update(file_hash(file).encode())  # remembered by stat: unchanged files are not read again
     return digest.hexdigest()[:16]
 
 
@@ -224,14 +225,6 @@ def input_files(recipe: Recipe) -> list[Path]:
             items = path.parent / (yaml_lib.safe_load(path.read_text()) or {}).get("path", "")
             files += [path] + ([items] if items.is_file() else [])
     return [f for f in files if f.is_file()]
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _save_state(run_dir: Path, state: dict[str, Any]) -> None:

@@ -407,3 +407,36 @@ def test_on_policy_sampling_splits_prompts_and_seeds_each_rank(tmp_path, base_mo
     grpo = ranks[0]["grpo"]
     assert len(grpo) == 4 and ranks[1]["grpo"] == grpo
     assert grpo[:2] != grpo[2:]  # rank 0 drew the first two, rank 1 the last two
+
+
+LEADER_FAILS = r'''
+import json, sys
+from lmlab.distributed import main_first, rank, shutdown
+from lmlab.errors import LmlabError
+
+out = sys.argv[1]
+caught = None
+try:
+    with main_first() as leader:
+        if leader:
+            raise LmlabError("the disk is full", file="final/", hint="free some space")
+        caught = "the block ran on a follower"
+except LmlabError as exc:
+    caught = str(exc)
+with main_first() as leader:  # the group still works afterwards
+    pass
+json.dump({"caught": caught}, open(f"{out}/{rank()}.json", "w"))
+shutdown()
+'''
+
+
+def test_a_failure_of_rank_0_inside_main_first_is_raised_on_every_rank(tmp_path):
+    """"Rank 0 does it, everyone waits": rank 0's error reaches the other rank as the same error, instead of
+    leaving it at a barrier forever (or carrying on alone); save_final, the run lock and the token store use it."""
+    script = tmp_path / "leader_fails.py"
+    script.write_text(LEADER_FAILS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"{r}.json").read_text())["caught"] == "final/: the disk is full (free some space)"

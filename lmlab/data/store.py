@@ -446,22 +446,16 @@ def default_num_proc() -> int:
 def prepare_store(spec: SourceSpec, tokenizer, validation_fraction: float, seed: int = 0,
                   num_proc: int | None = None, progress=None) -> TokenStore:
     """The store for one source: found by its key, or built (one process per node; the others wait)."""
-    from lmlab.distributed import barrier, local_rank
+    from lmlab.distributed import main_first
 
     key, identity = store_key(spec, tokenizer, validation_fraction, seed)
     path = store_root() / key
-    error = None
-    if local_rank() == 0 and not is_complete(path):
-        try:
+    with main_first(per_node=True) as leader:  # one builder per node; its failure stops every rank
+        if leader and not is_complete(path):
             with locked(store_root() / f"{key}.lock"):
                 if not is_complete(path):
                     build_store(path, spec, tokenizer, validation_fraction, identity,
                                 num_proc or default_num_proc(), seed, progress or StoreProgress(spec))
-        except LmlabError as exc:
-            error = exc
-    barrier()
-    if error is not None:
-        raise error
     store = open_store(path)
     if progress is None or not progress.quiet:
         from lmlab.console import console

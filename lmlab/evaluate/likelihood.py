@@ -123,3 +123,22 @@ def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int =
     if not sum(sizes):
         raise ValueError("bits per byte needs a non-empty text")
     return Estimate(bits, sizes, binary=False)
+
+
+def packed_rows_loss(model, rows, batch_size: int = 32) -> float:
+    """Mean next-token CE over packed rows (lmlab.data.rows.PackedRows; the trainer's own eval loss), for any
+    model, an ensemble included: the studies score every run and ensemble on the same held-out rows."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        batch = rows.columns(range(start, min(start + batch_size, len(rows))))
+        ids, pos, labels = (torch.as_tensor(batch[k]) for k in ("input_ids", "position_ids", "labels"))
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=pos).logits.float()
+        targets = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total, count = total + loss.item(), count + int((targets != -100).sum())
+    return total / count

@@ -244,15 +244,9 @@ def save_final(trainer, tokenizer, out_dir: Path, manifest: dict[str, Any], mode
         else None
     if model is None:
         model = trainer.accelerator.unwrap_model(trainer.model)
-    error = None
-    if is_main():
-        try:
+    with main_first() as main:  # a failed save (a diverged model, a full disk) stops every rank
+        if main:
             save_artifact(model, tokenizer, out_dir, manifest, state_dict=state_dict)
-        except LmlabError as exc:  # the other ranks must not wait forever for a save that failed
-            error = exc
-    barrier()
-    if error is not None:
-        raise error
     if not (out_dir / "config.json").is_file() and not (out_dir / "adapter_config.json").is_file():
         raise LmlabError("the final artifact was not written", file=str(out_dir),
                          hint="rank 0 failed to save it: see its log")

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
-from lmlab.paths import write_json_atomic, write_text_atomic
+from lmlab.paths import NAME_PATTERN, write_json_atomic, write_text_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
 from lmlab.experiments.studies.common import StudyRunner, load_study
 
@@ -70,7 +71,7 @@ class DataScalingGrid(Strict):
 
 class DataConstrainedStudy(Strict):
     study: Literal["data_constrained"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     output: OutputConfig = Field(default_factory=OutputConfig)
     base: dict[str, Any]  # the pretrain recipe blocks every run shares; data.unique_tokens is the budget
     models: dict[str, dict[str, Any]] = Field(min_length=3)  # name -> model block, at least 3 sizes to fit
@@ -117,24 +118,6 @@ class Runner(StudyRunner):
         return merge_blocks(tree, extra or {})
 
 
-def validation_loss(model, rows, batch_size: int = 32) -> float:
-    """Mean next-token CE over packed validation rows (the trainer's own eval loss, for any model)."""
-    import torch
-
-    total, count = 0.0, 0
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        batch = rows.columns(range(start, min(start + batch_size, len(rows))))
-        ids, pos, labels = (torch.as_tensor(batch[k]) for k in ("input_ids", "position_ids", "labels"))
-        with torch.no_grad():
-            logits = model(input_ids=ids, position_ids=pos).logits.float()
-        targets = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total, count = total + loss.item(), count + int((targets != -100).sum())
-    return total / count
-
-
 def _tag(x: float) -> str:
     return f"{x:g}".replace(".", "p")
 
@@ -144,20 +127,9 @@ def inverse_power_law(fit, loss: float) -> float:
     return math.inf if loss <= fit.E else (fit.A / (loss - fit.E)) ** (1 / fit.alpha)
 
 
-def run_data_constrained(path: str | Path) -> Path:
-    """Run the whole study (reusing finished runs); writes study.json, study.md and plots; returns the md."""
-    from lmlab.console import console as shared_console
-
-    from lmlab.data.pretrain_data import build_packed_data
-    from lmlab.artifacts import read_manifest
-    from lmlab.models.build import load_model
-    from lmlab.models.ensemble import save_ensemble
-    from lmlab.recipe import DataConfig, validate_recipe
-    from lmlab.data.tokenizer import resolve_tokenizer
-
-    study, console = load_study(path, DataConstrainedStudy), shared_console()
-    runner, sizes = Runner(study, str(path)), list(study.models)
-    std, reg, scaling = study.standard, study.regularised, study.data_scaling
+def plan_trees(study: DataConstrainedStudy, runner: Runner) -> dict[tuple, dict]:
+    """Every single-model configuration (recipe, size, weight decay, epochs, data share), validated before compute."""
+    sizes, std, reg, scaling = list(study.models), study.standard, study.regularised, study.data_scaling
     plan = {("standard", m, std.weight_decay, e, 1.0) for m in sizes for e in std.epochs}
     plan |= {("regularised", m, wd, e, 1.0) for m in sizes for wd in reg.weight_decay for e in reg.epochs}
     plan |= {("standard", m, std.weight_decay, e, f) for f in scaling.fractions
@@ -165,49 +137,51 @@ def run_data_constrained(path: str | Path) -> Path:
     trees = {key: runner.tree(f"{key[0]}-{key[1]}-wd{_tag(key[2])}-ep{_tag(key[3])}-d{_tag(key[4])}", key[1],
                               key[2], key[3], fraction=key[4])
              for key in sorted(plan, key=str)}
-    for tree in trees.values():  # every configuration validates before any compute
+    for tree in trees.values():
         runner.validate(tree)
-    console.print(f"[bold]{study.name}[/]: {len(trees)} single runs + ensembles + a distilled student, "
-                  f"{runner.budget:,} unique tokens -> {study.run_dir}")
+    return trees
 
-    first = validate_recipe(next(iter(trees.values())) | {"tokenizer": study.base.get("tokenizer", {})},
-                            file=str(path))
-    tokenizer = resolve_tokenizer(first, study.run_dir)  # trained once, shared by every run
-    rows = build_packed_data(DataConfig(**study.base["data"]), tokenizer, 0, study.validation_rows).validation
-    if rows is None:
-        raise LmlabError("the study needs a validation split", file=str(path), field="base.data.validation_fraction")
 
-    scores: dict[str, float] = {}
-    params: dict[str, int] = {}
+class Scores:
+    """Validation loss of a model directory on the study's held-out rows, computed once per name."""
 
-    def score(directory: Path, key: str) -> float:
-        if key not in scores:
-            model = load_model(directory)
-            scores[key] = validation_loss(model, rows)
-            console.print(f"{key}: validation loss {scores[key]:.4f}")
-        return scores[key]
+    def __init__(self, rows):
+        self.rows, self.losses = rows, {}
 
-    results: dict[str, Any] = {"budget_tokens": runner.budget, "runs": {}}
+    def __call__(self, directory: Path, key: str) -> float:
+        from lmlab.console import console
+        from lmlab.evaluate.likelihood import packed_rows_loss
+        from lmlab.models.build import load_model
+
+        if key not in self.losses:
+            self.losses[key] = packed_rows_loss(load_model(directory), self.rows)
+            console().print(f"{key}: validation loss {self.losses[key]:.4f}")
+        return self.losses[key]
+
+
+def single_runs(trees: dict[tuple, dict], runner: Runner, score: Scores) -> tuple[dict, dict[str, int]]:
+    """Every configuration trained and scored; the parameter count each size's run itself made."""
+    from lmlab.artifacts import read_manifest
+
+    runs, params = {}, {}
     for key, tree in trees.items():
         final = runner.run(tree)
-        params.setdefault(key[1], read_manifest(final)["parameters"])  # the count the run itself made
-        results["runs"][tree["name"]] = {"recipe": key[0], "model": key[1], "weight_decay": key[2],
-                                         "epochs": key[3], "fraction": key[4], "loss": score(final, tree["name"])}
-    runs = list(results["runs"].values())
+        params.setdefault(key[1], read_manifest(final)["parameters"])
+        runs[tree["name"]] = {"recipe": key[0], "model": key[1], "weight_decay": key[2], "epochs": key[3],
+                              "fraction": key[4], "loss": score(final, tree["name"])}
+    return runs, params
 
-    def best(recipe: str, model: str, fraction: float = 1.0) -> dict:
-        return min((r for r in runs if r["recipe"] == recipe and r["model"] == model and r["fraction"] == fraction),
-                   key=lambda r: r["loss"])
 
-    std_best = {m: best("standard", m) for m in sizes}
-    reg_best = {m: best("regularised", m) for m in sizes}
+def ensemble_runs(study: DataConstrainedStudy, runner: Runner, score: Scores, runs: dict,
+                  reg_best: dict) -> tuple[dict[str, dict[int, float]], dict[str, list[float]]]:
+    """Ensembles of K = 1..members of each size's best regularised configuration (member 0 is that run),
+    and each member alone, to set every ensemble against its members."""
+    from lmlab.models.ensemble import save_ensemble
 
-    # ensembles of each size's best regularised configuration; member 0 is that run itself
-    ensembles: dict[str, dict[int, float]] = {}
-    member_losses: dict[str, list[float]] = {}  # each member alone, to set every ensemble against its members
-    for m in sizes:
+    ensembles, member_losses = {}, {}
+    for m in study.models:
         cfg = reg_best[m]
-        members = [runner.final(next(n for n, r in results["runs"].items() if r is cfg))]
+        members = [runner.final(next(n for n, r in runs.items() if r is cfg))]
         for seed in range(1, study.ensemble.members):
             members.append(runner.run(runner.tree(f"member-{m}-s{seed}", m, cfg["weight_decay"], cfg["epochs"],
                                                   seed=seed)))
@@ -216,22 +190,54 @@ def run_data_constrained(path: str | Path) -> Path:
         for k in range(2, study.ensemble.members + 1):
             out = save_ensemble(members[:k], study.run_dir / "ensembles" / f"{m}-k{k}", study.ensemble.combine)
             ensembles[m][k] = score(out, f"ensemble-{m}-k{k}")
+    return ensembles, member_losses
 
-    # distil the largest size's full ensemble into one student (its best regularised configuration)
-    teacher = study.run_dir / "ensembles" / f"{sizes[-1]}-k{study.ensemble.members}"
-    d, student_cfg = study.distill, reg_best[study.distill.student]
-    student = runner.run(runner.tree(f"distill-{d.student}", d.student, student_cfg["weight_decay"],
-                                     student_cfg["epochs"], extra={
-                                         "stage": "distill", "tokenizer": {"path": None},
-                                         "distill": {"teacher": str(teacher), "alpha": d.alpha,
-                                                     "temperature": d.temperature, "top_k": d.top_k}}))
-    distilled = score(student, f"distill-{d.student}")
 
-    results |= {"parameters": params, "standard_best": std_best, "regularised_best": reg_best,
-                "ensembles": {m: {str(k): v for k, v in e.items()} for m, e in ensembles.items()},
-                "ensemble_members": member_losses,
-                "distilled": {"student": d.student, "teacher": str(teacher), "loss": distilled}}
-    results["findings"] = findings(study, results, ensembles, runs)
+def distill_run(study: DataConstrainedStudy, runner: Runner, score: Scores, reg_best: dict) -> dict[str, Any]:
+    """The largest size's full ensemble distilled into one student (its best regularised configuration)."""
+    teacher = study.run_dir / "ensembles" / f"{list(study.models)[-1]}-k{study.ensemble.members}"
+    d, cfg = study.distill, reg_best[study.distill.student]
+    student = runner.run(runner.tree(f"distill-{d.student}", d.student, cfg["weight_decay"], cfg["epochs"], extra={
+        "stage": "distill", "tokenizer": {"path": None},
+        "distill": {"teacher": str(teacher), "alpha": d.alpha, "temperature": d.temperature, "top_k": d.top_k}}))
+    return {"student": d.student, "teacher": str(teacher), "loss": score(student, f"distill-{d.student}")}
+
+
+def run_data_constrained(path: str | Path) -> Path:
+    """Run the whole study (reusing finished runs); writes study.json, study.md and plots; returns the md."""
+    from lmlab.console import console
+    from lmlab.data.pretrain_data import build_packed_data
+    from lmlab.data.tokenizer import resolve_tokenizer
+    from lmlab.recipe import DataConfig, validate_recipe
+
+    study = load_study(path, DataConstrainedStudy)
+    runner, sizes = Runner(study, str(path)), list(study.models)
+    trees = plan_trees(study, runner)
+    console().print(f"[bold]{study.name}[/]: {len(trees)} single runs + ensembles + a distilled student, "
+                    f"{runner.budget:,} unique tokens -> {study.run_dir}")
+    first = validate_recipe(next(iter(trees.values())) | {"tokenizer": study.base.get("tokenizer", {})},
+                            file=str(path))
+    tokenizer = resolve_tokenizer(first, study.run_dir)  # trained once, shared by every run
+    rows = build_packed_data(DataConfig(**study.base["data"]), tokenizer, 0, study.validation_rows).validation
+    if rows is None:
+        raise LmlabError("the study needs a validation split", file=str(path), field="base.data.validation_fraction")
+    score = Scores(rows)
+    by_name, params = single_runs(trees, runner, score)
+    runs = list(by_name.values())
+
+    def best(recipe: str, model: str) -> dict:
+        return min((r for r in runs if r["recipe"] == recipe and r["model"] == model and r["fraction"] == 1.0),
+                   key=lambda r: r["loss"])
+
+    std_best, reg_best = {m: best("standard", m) for m in sizes}, {m: best("regularised", m) for m in sizes}
+    ensembles, member_losses = ensemble_runs(study, runner, score, by_name, reg_best)
+    results: dict[str, Any] = {
+        "budget_tokens": runner.budget, "runs": by_name, "parameters": params, "standard_best": std_best,
+        "regularised_best": reg_best, "ensembles": {m: {str(k): v for k, v in e.items()} for m, e in ensembles.items()},
+        "ensemble_members": member_losses, "distilled": distill_run(study, runner, score, reg_best)}
+    fits = fit_study(study, results, ensembles, runs)
+    results |= fits.as_dict()
+    results["findings"] = findings(study, results, ensembles, runs, fits)
     return write_report(study, results, ensembles, runs)
 
 
@@ -244,16 +250,66 @@ def _fit_or_none(xs, ys):
         return None
 
 
-def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]],
-             runs: list[dict]) -> list[dict]:
-    """Each of the paper's claims at this scale: reproduced or not, with the numbers behind the verdict."""
+@dataclass
+class Fits:
+    """The study's fitted laws: best loss against parameters (standard, regularised), the ensembles' joint
+    asymptote, the standard recipe's loss against data, and the data efficiency that follows."""
+
+    standard: Any
+    regularised: Any
+    joint: Any
+    data: Any
+    data_tokens: list[float]
+    data_losses: list[float]
+    efficiency: dict[str, float] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """What study.json and the report read (fits as dicts)."""
+        out = {"fits": {"standard": self.standard.to_dict() if self.standard else None,
+                        "regularised": self.regularised.to_dict() if self.regularised else None},
+               "joint": {"E": self.joint.E, "over_n": self.joint.over_n.to_dict(),
+                         "per_n": {str(n): f.to_dict() for n, f in self.joint.per_n.items()}},
+               "data_scaling": {"tokens": self.data_tokens, "standard_best": self.data_losses,
+                                "fit": self.data.to_dict() if self.data else None}}
+        if self.efficiency is not None:
+            out["data_efficiency"] = self.efficiency
+        return out
+
+
+def fit_study(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]],
+              runs: list[dict]) -> Fits:
     from lmlab.scaling.fit import joint_asymptote
 
-    sizes, params = list(study.models), results["parameters"]
-    std_best, reg_best = results["standard_best"], results["regularised_best"]
-    out = []
+    sizes, params, budget = list(study.models), results["parameters"], results["budget_tokens"]
+    xs = [params[m] for m in sizes]
+    std_fit = _fit_or_none(xs, [results["standard_best"][m]["loss"] for m in sizes])
+    reg_fit = _fit_or_none(xs, [results["regularised_best"][m]["loss"] for m in sizes])
+    joint = joint_asymptote({params[m]: ensembles[m] for m in sizes}, bootstrap=200)
+    fractions = sorted({*study.data_scaling.fractions, 1.0})
+    pool = study.data_scaling.models or sizes
+    by_d = [min(r["loss"] for r in runs if r["recipe"] == "standard" and r["fraction"] == f and r["model"] in pool)
+            for f in fractions]
+    tokens = [f * budget for f in fractions]
+    d_fit = _fit_or_none(tokens, by_d)
+    efficiency = None
+    if d_fit:
+        best_joint = min(min(e.values()) for e in ensembles.values())
+        efficiency = {"joint_asymptote": inverse_power_law(d_fit, joint.E) / budget,
+                      "best_joint_model": inverse_power_law(d_fit, best_joint) / budget,
+                      "regularised_asymptote": inverse_power_law(d_fit, reg_fit.E) / budget if reg_fit else math.nan}
+    return Fits(std_fit, reg_fit, joint, d_fit, tokens, by_d, efficiency)
 
-    # 1. the standard recipe overfits: loss rises with epochs (past its best) or with parameters
+
+def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]],
+             runs: list[dict], fits: Fits) -> list[dict]:
+    """Each of the paper's claims at this scale: reproduced or not, with the numbers behind the verdict."""
+    return [finding(study, results, ensembles, runs, fits) for finding in
+            (_overfit_finding, _monotone_finding, _ensemble_finding, _distill_finding, _efficiency_finding)]
+
+
+def _overfit_finding(study, results, ensembles, runs, fits) -> dict:
+    """1. the standard recipe overfits: loss rises with epochs (past its best) or with parameters."""
+    sizes = list(study.models)
     rising = {}  # every standard epoch curve: each size on the full budget, and the data-scaling budgets
     for m, f in sorted({(r["model"], r["fraction"]) for r in runs if r["recipe"] == "standard"},
                        key=lambda mf: (-mf[1], sizes.index(mf[0]))):
@@ -264,82 +320,68 @@ def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, di
         best_e, best_l = min(curve, key=lambda p: p[1])
         rising[f"{m} at {f:g}xD"] = {"best_epochs": best_e, "best_loss": best_l, "last_epochs": curve[-1][0],
                                      "last_loss": curve[-1][1], "rise": curve[-1][1] - best_l}
-    std_losses = [std_best[m]["loss"] for m in sizes]
+    std_losses = [results["standard_best"][m]["loss"] for m in sizes]
     rises_with_n = any(b > a for a, b in zip(std_losses, std_losses[1:]))
     overfit = [c for c, r in rising.items() if r["rise"] > 0.005]
-    out.append({"claim": "the standard recipe overfits (validation loss rises with epochs or parameters)",
-                "reproduced": bool(overfit) or rises_with_n,
-                "numbers": f"with parameters: {'yes' if rises_with_n else 'no'} (best per size over N: "
-                + ", ".join(f"{v:.4f}" for v in std_losses) + "); with epochs: "
-                + (f"yes ({', '.join(overfit)})" if overfit else "no (every curve is best at its largest epoch count)")
-                + ". " + "; ".join(f"{c}: best {r['best_loss']:.4f} at {r['best_epochs']:g} ep, "
-                                     f"{r['last_loss']:.4f} at {r['last_epochs']:g} ep" for c, r in rising.items())})
+    return {"claim": "the standard recipe overfits (validation loss rises with epochs or parameters)",
+            "reproduced": bool(overfit) or rises_with_n,
+            "numbers": f"with parameters: {'yes' if rises_with_n else 'no'} (best per size over N: "
+            + ", ".join(f"{v:.4f}" for v in std_losses) + "); with epochs: "
+            + (f"yes ({', '.join(overfit)})" if overfit else "no (every curve is best at its largest epoch count)")
+            + ". " + "; ".join(f"{c}: best {r['best_loss']:.4f} at {r['best_epochs']:g} ep, "
+                                 f"{r['last_loss']:.4f} at {r['last_epochs']:g} ep" for c, r in rising.items())}
 
-    # 2. the regularised recipe is monotone in N; fit its asymptote
+
+def _monotone_finding(study, results, ensembles, runs, fits) -> dict:
+    """2. the regularised recipe is monotone in N, with its fitted asymptote."""
+    sizes, params, reg_best, reg_fit = list(study.models), results["parameters"], results["regularised_best"], \
+        fits.regularised
     reg_losses = [reg_best[m]["loss"] for m in sizes]
-    xs = [params[m] for m in sizes]
-    std_fit, reg_fit = _fit_or_none(xs, std_losses), _fit_or_none(xs, reg_losses)
-    results["fits"] = {"standard": std_fit.to_dict() if std_fit else None,
-                       "regularised": reg_fit.to_dict() if reg_fit else None}
-    monotone = all(b < a for a, b in zip(reg_losses, reg_losses[1:]))
-    out.append({"claim": "the regularised recipe is monotone in N (loss falls at every size step)",
-                "reproduced": monotone,
-                "numbers": ", ".join(f"{m} ({params[m]:,} params, wd {reg_best[m]['weight_decay']:g}, "
-                                     f"{reg_best[m]['epochs']:g} ep): {reg_best[m]['loss']:.4f}" for m in sizes)
-                + (f"; fit E_reg = {reg_fit.E:.4f} (95% CI {reg_fit.E_ci[0]:.4f}-{reg_fit.E_ci[1]:.4f})"
-                   if reg_fit else "")})
+    return {"claim": "the regularised recipe is monotone in N (loss falls at every size step)",
+            "reproduced": all(b < a for a, b in zip(reg_losses, reg_losses[1:])),
+            "numbers": ", ".join(f"{m} ({params[m]:,} params, wd {reg_best[m]['weight_decay']:g}, "
+                                 f"{reg_best[m]['epochs']:g} ep): {reg_best[m]['loss']:.4f}" for m in sizes)
+            + (f"; fit E_reg = {reg_fit.E:.4f} (95% CI {reg_fit.E_ci[0]:.4f}-{reg_fit.E_ci[1]:.4f})" if reg_fit else "")}
 
-    # 3. ensembles: the two-step joint asymptote is below the regularised single-model asymptote
-    joint = joint_asymptote({params[m]: ensembles[m] for m in sizes}, bootstrap=200)
-    results["joint"] = {"E": joint.E, "over_n": joint.over_n.to_dict(),
-                        "per_n": {str(n): f.to_dict() for n, f in joint.per_n.items()}}
-    below = reg_fit is not None and joint.E < reg_fit.E
-    k = study.ensemble.members
-    out.append({"claim": "the ensemble asymptote is below the regularised single-model asymptote",
-                "reproduced": below,
-                "numbers": f"joint E (K->inf then N->inf) = {joint.E:.4f} (95% CI {joint.over_n.E_ci[0]:.4f}-"
-                           f"{joint.over_n.E_ci[1]:.4f}) vs E_reg = "
-                           + (f"{reg_fit.E:.4f}" if reg_fit else "no fit")
-                           + "; K=1 -> K=" + str(k) + ": "
-                           + ", ".join(f"{m} {ensembles[m][1]:.4f} -> {ensembles[m][k]:.4f}" for m in sizes)})
 
-    # 4. a distilled student beats the standard recipe's best
-    std_overall = min(std_losses)
-    distilled = results["distilled"]["loss"]
-    student = results["distilled"]["student"]
-    out.append({"claim": "a distilled student beats the standard recipe's best model",
-                "reproduced": distilled < std_overall,
-                "numbers": f"student ({student}, {params[student]:,} params) {distilled:.4f} vs standard best "
-                           f"{std_overall:.4f}; the student's own size: standard {std_best[student]['loss']:.4f}, "
-                           f"regularised {reg_best[student]['loss']:.4f}; teacher ensemble "
-                           f"{ensembles[sizes[-1]][k]:.4f}"})
+def _ensemble_finding(study, results, ensembles, runs, fits) -> dict:
+    """3. ensembles: the two-step joint asymptote is below the regularised single-model asymptote."""
+    sizes, k, joint, reg_fit = list(study.models), study.ensemble.members, fits.joint, fits.regularised
+    return {"claim": "the ensemble asymptote is below the regularised single-model asymptote",
+            "reproduced": reg_fit is not None and joint.E < reg_fit.E,
+            "numbers": f"joint E (K->inf then N->inf) = {joint.E:.4f} (95% CI {joint.over_n.E_ci[0]:.4f}-"
+                       f"{joint.over_n.E_ci[1]:.4f}) vs E_reg = " + (f"{reg_fit.E:.4f}" if reg_fit else "no fit")
+                       + "; K=1 -> K=" + str(k) + ": "
+                       + ", ".join(f"{m} {ensembles[m][1]:.4f} -> {ensembles[m][k]:.4f}" for m in sizes)}
 
-    # 5. data efficiency of the joint recipe over the standard one, from a data-scaling fit of the standard recipe
-    budget = results["budget_tokens"]
-    fractions = sorted({*study.data_scaling.fractions, 1.0})
-    pool = study.data_scaling.models or sizes
-    by_d = [min(r["loss"] for r in runs if r["recipe"] == "standard" and r["fraction"] == f and r["model"] in pool)
-            for f in fractions]
-    d_fit = _fit_or_none([f * budget for f in fractions], by_d)
-    results["data_scaling"] = {"tokens": [f * budget for f in fractions], "standard_best": by_d,
-                               "fit": d_fit.to_dict() if d_fit else None}
+
+def _distill_finding(study, results, ensembles, runs, fits) -> dict:
+    """4. a distilled student beats the standard recipe's best."""
+    sizes, params, k = list(study.models), results["parameters"], study.ensemble.members
+    std_best, reg_best = results["standard_best"], results["regularised_best"]
+    std_overall = min(std_best[m]["loss"] for m in sizes)
+    distilled, student = results["distilled"]["loss"], results["distilled"]["student"]
+    return {"claim": "a distilled student beats the standard recipe's best model",
+            "reproduced": distilled < std_overall,
+            "numbers": f"student ({student}, {params[student]:,} params) {distilled:.4f} vs standard best "
+                       f"{std_overall:.4f}; the student's own size: standard {std_best[student]['loss']:.4f}, "
+                       f"regularised {reg_best[student]['loss']:.4f}; teacher ensemble "
+                       f"{ensembles[sizes[-1]][k]:.4f}"}
+
+
+def _efficiency_finding(study, results, ensembles, runs, fits) -> dict:
+    """5. data efficiency of the joint recipe over the standard one, from the standard recipe's data fit."""
+    claim = "the joint recipe is more data-efficient than the standard one (paper: 5.17x)"
+    if fits.data is None:
+        return {"claim": claim, "reproduced": False, "numbers": "the data-scaling fit of the standard recipe failed"}
+    d_fit, eff, budget = fits.data, fits.efficiency, results["budget_tokens"]
     best_joint = min(min(e.values()) for e in ensembles.values())
-    if d_fit:
-        eff_asym = inverse_power_law(d_fit, joint.E) / budget
-        eff_best = inverse_power_law(d_fit, best_joint) / budget
-        eff_reg = inverse_power_law(d_fit, reg_fit.E) / budget if reg_fit else math.nan
-        results["data_efficiency"] = {"joint_asymptote": eff_asym, "best_joint_model": eff_best,
-                                      "regularised_asymptote": eff_reg}
-        text = (f"standard L(D) = {d_fit.A:.3g}/D^{d_fit.alpha:.3f} + {d_fit.E:.4f} over "
-                f"{', '.join(f'{int(f * budget):,}' for f in fractions)} tokens; joint recipe (asymptote "
-                f"{joint.E:.4f}): {_times(eff_asym)}; best joint model measured ({best_joint:.4f}): "
-                f"{_times(eff_best)}; regularised asymptote: {_times(eff_reg)} (paper: 5.17x for the joint recipe)")
-        out.append({"claim": "the joint recipe is more data-efficient than the standard one (paper: 5.17x)",
-                    "reproduced": eff_asym > 1, "numbers": text})
-    else:
-        out.append({"claim": "the joint recipe is more data-efficient than the standard one (paper: 5.17x)",
-                    "reproduced": False, "numbers": "the data-scaling fit of the standard recipe failed"})
-    return out
+    text = (f"standard L(D) = {d_fit.A:.3g}/D^{d_fit.alpha:.3f} + {d_fit.E:.4f} over "
+            f"{', '.join(f'{int(t):,}' for t in fits.data_tokens)} tokens; joint recipe (asymptote "
+            f"{fits.joint.E:.4f}): {_times(eff['joint_asymptote'])}; best joint model measured ({best_joint:.4f}): "
+            f"{_times(eff['best_joint_model'])}; regularised asymptote: {_times(eff['regularised_asymptote'])} "
+            f"(paper: 5.17x for the joint recipe)")
+    return {"claim": claim, "reproduced": eff["joint_asymptote"] > 1, "numbers": text}
 
 
 def _times(x: float) -> str:

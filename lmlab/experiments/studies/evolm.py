@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from pydantic import Field
 
 from lmlab.console import console
 from lmlab.experiments.studies.common import StudyRunner, load_study, mean_std_text
-from lmlab.paths import write_json_atomic, write_text_atomic
+from lmlab.paths import NAME_PATTERN, write_json_atomic, write_text_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
 from lmlab.stats import mean_std
 
@@ -43,7 +44,7 @@ class PretrainScaling(Strict):
 
 class EvolmStudy(Strict):
     study: Literal["evolm"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     output: OutputConfig = Field(default_factory=OutputConfig)
     seeds: int = Field(2, ge=1)
     tokenizer: dict[str, Any] = Field(default_factory=dict)  # trained once, shared by every run
@@ -104,15 +105,27 @@ def _steps(study: EvolmStudy, tokenizer, tokens_per_step: int) -> tuple[int, lis
     return n_params, [round(unit * b / budgets[0]) for b in budgets]
 
 
-def run_evolm(path: str | Path) -> Path:
-    """Run the study (reusing finished runs); writes evolm.json, evolm.md and plots; returns the md."""
-    from lmlab.recipe import validate_recipe
-    from lmlab.data.tokenizer import resolve_tokenizer
+@dataclass
+class EvolmRuns:
+    """Every run of the study as a validated recipe tree, before any compute (later models are future
+    artifacts), and the helpers that run and evaluate them."""
 
-    study = load_study(path, EvolmStudy)
+    study: EvolmStudy
+    runner: StudyRunner
+    evaluate: Evaluator
+    scale: list[dict]
+    base: dict
+    cpt: dict
+    sft: dict
+    rl: dict
+
+    def final(self, name: str) -> Path:
+        return self.runner.final(name)
+
+
+def plan_runs(study: EvolmStudy, path: str | Path) -> EvolmRuns:
     tok_dir = study.run_dir / "tokenizer"
     runner = StudyRunner(study.run_dir, str(path), {str(tok_dir)})
-    evaluate = Evaluator(study, study.run_dir / "evaluations.json")
     seeds = list(range(study.seeds))
 
     def tree(name: str, stage: str, block: dict, seed: int = 0, **extra) -> dict:
@@ -122,23 +135,21 @@ def run_evolm(path: str | Path) -> Path:
             t = merge_blocks(t, {"tokenizer": {"path": str(tok_dir)}})
         return merge_blocks(t, extra)
 
-    def final(name: str) -> str:
-        return str(runner.final(name))
-
-    # every run's recipe, validated before any compute (later models are future artifacts)
+    final = lambda name: str(runner.final(name))  # noqa: E731
     scale = study.pretrain_scaling
-    scale_trees = [tree(f"pt-scaling-s{s}", "pretrain", {"model": scale.model, "optim": scale.optim,
-                                                                 "data": scale.data, "train": scale.train}, s)
-                   for s in seeds]
-    base_tree = tree("base", "pretrain", study.base)
-    cpt_trees = {(s, r): tree(f"cpt-r{r:g}-s{s}", "cpt", study.cpt, s, model={"from_pretrained": final("base")},
-                              data={"replay_ratio": r}) for s in seeds for r in study.replay_ratios}
-    sft_trees = {(s, e): tree(f"sft-ep{e:g}-s{s}", "sft", study.sft, s, train={"epochs": e},
-                              model={"from_pretrained": final(f"cpt-r{study.sft_from_replay:g}-s{s}")})
-                 for s in seeds for e in study.sft_epochs}
-    rl_trees = {s: tree(f"rl-s{s}", "rl", study.rl, s,
-                        model={"from_pretrained": final(f"sft-ep{study.rl_from_epochs:g}-s{s}")}) for s in seeds}
-    every = [*scale_trees, base_tree, *cpt_trees.values(), *sft_trees.values(), *rl_trees.values()]
+    runs = EvolmRuns(
+        study, runner, Evaluator(study, study.run_dir / "evaluations.json"),
+        scale=[tree(f"pt-scaling-s{s}", "pretrain", {"model": scale.model, "optim": scale.optim, "data": scale.data,
+                                                      "train": scale.train}, s) for s in seeds],
+        base=tree("base", "pretrain", study.base),
+        cpt={(s, r): tree(f"cpt-r{r:g}-s{s}", "cpt", study.cpt, s, model={"from_pretrained": final("base")},
+                          data={"replay_ratio": r}) for s in seeds for r in study.replay_ratios},
+        sft={(s, e): tree(f"sft-ep{e:g}-s{s}", "sft", study.sft, s, train={"epochs": e},
+                          model={"from_pretrained": final(f"cpt-r{study.sft_from_replay:g}-s{s}")})
+             for s in seeds for e in study.sft_epochs},
+        rl={s: tree(f"rl-s{s}", "rl", study.rl, s, model={"from_pretrained": final(f"sft-ep{study.rl_from_epochs:g}-s{s}")})
+            for s in seeds})
+    every = [*runs.scale, runs.base, *runs.cpt.values(), *runs.sft.values(), *runs.rl.values()]
     runner.future |= {final(t["name"]) for t in every}
     for t in every:
         runner.validate(t)
@@ -147,62 +158,96 @@ def run_evolm(path: str | Path) -> Path:
 
         raise LmlabError("sft_from_replay must be one of replay_ratios and rl_from_epochs one of sft_epochs",
                          file=str(path))
+    return runs
 
-    tokenizer = resolve_tokenizer(validate_recipe(merge_blocks(study.defaults, {
-        "name": "tokenizer", "tokenizer": study.tokenizer, "data": study.base.get("data", {})}), file=str(path)),
-        study.run_dir)  # trained once into <study>/tokenizer
-    results: dict[str, Any] = {"seeds": study.seeds}
 
-    # 1. tokens per parameter: one constant-LR run per seed, a checkpoint at every budget
-    probe = runner.validate(scale_trees[0])
+def pretrain_scaling(runs: EvolmRuns, tokenizer) -> dict[str, Any]:
+    """1. tokens per parameter: one constant-LR run per seed, a checkpoint evaluated at every budget."""
+    study, scale = runs.study, runs.study.pretrain_scaling
+    probe = runs.runner.validate(runs.scale[0])
     n_params, steps = _steps(study, tokenizer, probe.train.micro_batch_size * probe.train.grad_accum
                              * probe.data.seq_len)
     scaling: dict[str, dict[str, list[float]]] = {}
-    for s, t in zip(seeds, scale_trees):
+    for t in runs.scale:
         t = merge_blocks(t, {"train": {"max_steps": steps[-1], "save_every": steps[0],
                                        "keep_last": steps[-1] // steps[0], "eval_every": steps[-1]}})
-        runner.run(t)
+        runs.runner.run(t)
         for budget, step in zip(sorted(scale.tokens_per_param), steps):
             ckpt = study.run_dir / "runs" / t["name"] / "checkpoints" / f"checkpoint-{step}"
-            row = evaluate(f"{t['name']}@{budget:g}x", ckpt, generative=False, cloze=scale.cloze_items)
+            row = runs.evaluate(f"{t['name']}@{budget:g}x", ckpt, generative=False, cloze=scale.cloze_items)
             for k, v in row.items():
                 scaling.setdefault(f"{budget:g}", {}).setdefault(k, []).append(v)
-    results["pretrain_scaling"] = {"parameters": n_params, "steps": steps, "by_budget": scaling}
+    return {"parameters": n_params, "steps": steps, "by_budget": scaling}
 
-    # 2. CPT replay: forgetting of general text against domain gain, from one shared base
-    base = evaluate("base", runner.run(base_tree), generative=False)
+
+def replay_runs(runs: EvolmRuns) -> dict[str, Any]:
+    """2. CPT replay: forgetting of general text against domain gain, from one shared base."""
+    base = runs.evaluate("base", runs.runner.run(runs.base), generative=False)
     replay: dict[str, dict[str, list[float]]] = {}
-    for (s, r), t in cpt_trees.items():
-        row = evaluate(t["name"], runner.run(t), generative=False)
+    for (_, r), t in runs.cpt.items():
+        row = runs.evaluate(t["name"], runs.runner.run(t), generative=False)
         replay.setdefault(f"{r:g}", {}).setdefault("forgetting", []).append(row["general_bpb"] - base["general_bpb"])
         replay[f"{r:g}"].setdefault("domain_gain", []).append(base["math_bpb"] - row["math_bpb"])
-    results["replay"] = {"base": base, "by_ratio": replay}
+    return {"base": base, "by_ratio": replay}
 
-    # 3. SFT epochs, 4. RL after SFT, 5. ORM vs loss across these post-training checkpoints
+
+def post_training_runs(runs: EvolmRuns) -> dict[str, Any]:
+    """3. SFT epochs, 4. RL after SFT, and the checkpoints 5. (ORM against loss) is measured over."""
+    study = runs.study
     sft: dict[str, dict[str, list[float]]] = {}
     points = []
-    for (s, e), t in sft_trees.items():
-        row = evaluate(t["name"], runner.run(t))
+    for (_, e), t in runs.sft.items():
+        row = runs.evaluate(t["name"], runs.runner.run(t))
         points.append({"model": t["name"], **row})
         for k, v in row.items():
             sft.setdefault(f"{e:g}", {}).setdefault(k, []).append(v)
     rl: dict[str, list[float]] = {}
-    for s, t in rl_trees.items():
-        row = evaluate(t["name"], runner.run(t))
+    for s, t in runs.rl.items():
+        row = runs.evaluate(t["name"], runs.runner.run(t))
         points.append({"model": t["name"], **row})
-        start = evaluate(f"sft-ep{study.rl_from_epochs:g}-s{s}", Path(final(f"sft-ep{study.rl_from_epochs:g}-s{s}")))
+        start_name = f"sft-ep{study.rl_from_epochs:g}-s{s}"
+        start = runs.evaluate(start_name, runs.final(start_name))
         for k in row:
             rl.setdefault(k, []).append(row[k] - start[k])
-    results |= {"sft_epochs": sft, "rl_minus_sft": rl, "checkpoints": points}
+    return {"sft_epochs": sft, "rl_minus_sft": rl, "checkpoints": points}
+
+
+def orm_fits(points: list[dict], k: int) -> dict[str, float | None]:
+    """Pearson r and r^2 of the ORM score and of the math validation loss against ID maj@k over checkpoints."""
+    from lmlab.stats import pearson_r
+
+    y = [p[f"math_id/maj@{k}"] for p in points]
+    r_orm = pearson_r([p["math_id/orm_score"] for p in points], y)
+    r_loss = pearson_r([p["math_bpb"] for p in points], y)
+    return {"orm": None if r_orm is None else r_orm * r_orm, "math_bpb": None if r_loss is None else r_loss * r_loss,
+            "r_orm": r_orm, "r_math_bpb": r_loss}
+
+
+def run_evolm(path: str | Path) -> Path:
+    """Run the study (reusing finished runs); writes evolm.json, evolm.md and plots; returns the md."""
+    from lmlab.data.tokenizer import resolve_tokenizer
+    from lmlab.recipe import validate_recipe
+
+    study = load_study(path, EvolmStudy)
+    runs = plan_runs(study, path)
+    tokenizer = resolve_tokenizer(validate_recipe(merge_blocks(study.defaults, {
+        "name": "tokenizer", "tokenizer": study.tokenizer, "data": study.base.get("data", {})}), file=str(path)),
+        study.run_dir)  # trained once into <study>/tokenizer
+    results: dict[str, Any] = {"seeds": study.seeds, "pretrain_scaling": pretrain_scaling(runs, tokenizer),
+                               "replay": replay_runs(runs), **post_training_runs(runs)}
+    results["r2"] = orm_fits(results["checkpoints"], study.samples)
     results["findings"] = findings(study, results)
     return write_report(study, results)
 
 
 def findings(study: EvolmStudy, results: dict) -> list[dict]:
-    from lmlab.stats import pearson_r
+    """Each of EvoLM's five claims, with whether these runs reproduce it and the numbers that say so."""
+    return [finding(study, results) for finding in (_scaling_finding, _replay_finding, _sft_finding, _rl_finding,
+                                                    _orm_finding)]
 
-    k, out = study.samples, []
-    # 1. diminishing returns of pretraining tokens per parameter
+
+def _scaling_finding(study: EvolmStudy, results: dict) -> dict:
+    """1. diminishing returns of pretraining tokens per parameter."""
     scaling = results["pretrain_scaling"]["by_budget"]
     budgets = sorted(scaling, key=float)
     bpb = {b: mean_std(scaling[b]["general_bpb"])[0] for b in budgets}
@@ -210,14 +255,17 @@ def findings(study: EvolmStudy, results: dict) -> list[dict]:
     hi_a, hi_b = budgets[-2], budgets[-1]
     early = (bpb[lo] - bpb[mid]) / math.log2(float(mid) / float(lo))
     late = (bpb[hi_a] - bpb[hi_b]) / math.log2(float(hi_b) / float(hi_a))
-    out.append({"claim": "pretraining gains flatten past roughly 80-160 tokens per parameter",
-                "reproduced": late < early / 3,
-                "numbers": f"general bits/byte gain per doubling {early:.4f} from {lo}x to {mid}x vs {late:.4f} from "
-                           f"{hi_a}x to {hi_b}x ({results['pretrain_scaling']['parameters']:,} params); bpb: "
-                           + ", ".join(f"{b}x {mean_std_text(scaling[b]['general_bpb'])}" for b in budgets)
-                           + "; cloze accuracy: " + ", ".join(
-                               f"{b}x {mean_std_text(scaling[b]['general_cloze/accuracy'])}" for b in budgets)})
-    # 2. replay: less forgetting, most of the domain gain kept
+    return {"claim": "pretraining gains flatten past roughly 80-160 tokens per parameter",
+            "reproduced": late < early / 3,
+            "numbers": f"general bits/byte gain per doubling {early:.4f} from {lo}x to {mid}x vs {late:.4f} from "
+                       f"{hi_a}x to {hi_b}x ({results['pretrain_scaling']['parameters']:,} params); bpb: "
+                       + ", ".join(f"{b}x {mean_std_text(scaling[b]['general_bpb'])}" for b in budgets)
+                       + "; cloze accuracy: " + ", ".join(
+                           f"{b}x {mean_std_text(scaling[b]['general_cloze/accuracy'])}" for b in budgets)}
+
+
+def _replay_finding(study: EvolmStudy, results: dict) -> dict:
+    """2. replay: less forgetting, most of the domain gain kept."""
     rep = results["replay"]["by_ratio"]
     ratios = sorted(rep, key=float)
     forget = {r: mean_std(rep[r]["forgetting"])[0] for r in ratios}
@@ -225,56 +273,58 @@ def findings(study: EvolmStudy, results: dict) -> list[dict]:
     r16 = min(ratios, key=lambda r: abs(float(r) - 0.16))
     fewer = all(forget[a] > forget[b] for a, b in zip(ratios, ratios[1:]))
     kept = gain[r16] >= 0.8 * gain[ratios[0]]
-    out.append({"claim": "CPT replay trades forgetting for domain gain; ~16% keeps most of the gain",
-                "reproduced": fewer and kept,
-                "numbers": "; ".join(f"replay {r}: forgetting (general bpb rise) {mean_std_text(rep[r]['forgetting'])}, "
-                                     f"domain gain (math bpb fall) {mean_std_text(rep[r]['domain_gain'])}"
-                                     for r in ratios)})
-    # 3. SFT epochs: ID rises, OOD peaks early then falls
-    sft = results["sft_epochs"]
+    return {"claim": "CPT replay trades forgetting for domain gain; ~16% keeps most of the gain",
+            "reproduced": fewer and kept,
+            "numbers": "; ".join(f"replay {r}: forgetting (general bpb rise) {mean_std_text(rep[r]['forgetting'])}, "
+                                 f"domain gain (math bpb fall) {mean_std_text(rep[r]['domain_gain'])}" for r in ratios)}
+
+
+def _sft_finding(study: EvolmStudy, results: dict) -> dict:
+    """3. SFT epochs: ID rises, OOD peaks early then falls."""
+    k, sft = study.samples, results["sft_epochs"]
     epochs = sorted(sft, key=float)
     id_acc = {e: mean_std(sft[e]["math_id/greedy_accuracy"])[0] for e in epochs}
     ood = {e: mean_std(sft[e][f"math_ood/maj@{k}"])[0] + mean_std(sft[e]["math_ood/greedy_accuracy"])[0] for e in epochs}
     peak = max(epochs, key=lambda e: ood[e])
     rises = id_acc[epochs[-1]] > id_acc[epochs[0]]
     early_peak = peak != epochs[-1] and ood[epochs[-1]] < ood[peak]
-    out.append({"claim": "more SFT epochs raise in-domain accuracy while out-of-domain peaks early, then falls",
-                "reproduced": rises and early_peak,
-                "numbers": "; ".join(f"{e} ep: ID greedy {mean_std_text(sft[e]['math_id/greedy_accuracy'])}, "
-                                     f"OOD greedy {mean_std_text(sft[e]['math_ood/greedy_accuracy'])}, "
-                                     f"OOD maj@{k} {mean_std_text(sft[e][f'math_ood/maj@{k}'])}" for e in epochs)
-                + f"; OOD (greedy + maj@{k}) peaks at {peak} epochs"})
-    # 4. RL lifts OOD
-    # a lift counts only when it clears one standard error of an accuracy measured on eval_n prompts
-    rl = results["rl_minus_sft"]
-    start = mean_std(sft[f"{study.rl_from_epochs:g}"]["math_ood/greedy_accuracy"])[0]
+    return {"claim": "more SFT epochs raise in-domain accuracy while out-of-domain peaks early, then falls",
+            "reproduced": rises and early_peak,
+            "numbers": "; ".join(f"{e} ep: ID greedy {mean_std_text(sft[e]['math_id/greedy_accuracy'])}, "
+                                 f"OOD greedy {mean_std_text(sft[e]['math_ood/greedy_accuracy'])}, "
+                                 f"OOD maj@{k} {mean_std_text(sft[e][f'math_ood/maj@{k}'])}" for e in epochs)
+            + f"; OOD (greedy + maj@{k}) peaks at {peak} epochs"}
+
+
+def _rl_finding(study: EvolmStudy, results: dict) -> dict:
+    """4. RL lifts OOD: a lift counts only when it clears one standard error of an accuracy on eval_n prompts."""
+    k, rl = study.samples, results["rl_minus_sft"]
+    start = mean_std(results["sft_epochs"][f"{study.rl_from_epochs:g}"]["math_ood/greedy_accuracy"])[0]
     se = math.sqrt(max(start, 0.01) * (1 - max(start, 0.01)) / study.eval_n)
     lifts = {m: mean_std(rl[m])[0] for m in ("math_ood/greedy_accuracy", f"math_ood/maj@{k}")}
-    out.append({"claim": f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
-                "reproduced": max(lifts.values()) > se,
-                "numbers": f"RL minus SFT, OOD greedy {_pct(rl['math_ood/greedy_accuracy'])}, OOD maj@{k} "
-                           f"{_pct(rl[f'math_ood/maj@{k}'])}, ID greedy {_pct(rl['math_id/greedy_accuracy'])} points; "
-                           f"a lift must clear one standard error ({100 * se:.1f} points at the SFT model's "
-                           f"{100 * start:.1f}% OOD accuracy, n={study.eval_n})"})
-    # 5. ORM score tracks maj@k; validation loss does not. A loss "predicts" accuracy only if lower loss goes
-    # with higher accuracy (r < 0): a strong positive r means the loss points the wrong way.
-    points = results["checkpoints"]
-    y = [p[f"math_id/maj@{k}"] for p in points]
-    r_orm = pearson_r([p["math_id/orm_score"] for p in points], y)
-    r_loss = pearson_r([p["math_bpb"] for p in points], y)
-    r2_orm, r2_loss = (None if r is None else r * r for r in (r_orm, r_loss))
-    results["r2"] = {"orm": r2_orm, "math_bpb": r2_loss, "r_orm": r_orm, "r_math_bpb": r_loss}
+    return {"claim": f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
+            "reproduced": max(lifts.values()) > se,
+            "numbers": f"RL minus SFT, OOD greedy {_pct(rl['math_ood/greedy_accuracy'])}, OOD maj@{k} "
+                       f"{_pct(rl[f'math_ood/maj@{k}'])}, ID greedy {_pct(rl['math_id/greedy_accuracy'])} points; "
+                       f"a lift must clear one standard error ({100 * se:.1f} points at the SFT model's "
+                       f"{100 * start:.1f}% OOD accuracy, n={study.eval_n})"}
+
+
+def _orm_finding(study: EvolmStudy, results: dict) -> dict:
+    """5. ORM score tracks maj@k; validation loss does not. A loss "predicts" accuracy only if lower loss goes
+    with higher accuracy (r < 0): a strong positive r means the loss points the wrong way."""
+    k, fit, points = study.samples, results["r2"], results["checkpoints"]
+    r_orm, r_loss, r2_orm, r2_loss = fit["r_orm"], fit["r_math_bpb"], fit["orm"], fit["math_bpb"]
     loss_predicts = r_loss is not None and r_loss < 0 and r2_loss >= 0.5
-    out.append({"claim": f"across post-training checkpoints the ORM score tracks maj@{k} (r^2) and validation loss "
-                         "does not",
-                "reproduced": r_orm is not None and r_orm > 0 and r2_orm >= 0.5 and not loss_predicts,
-                "numbers": f"{len(points)} checkpoints (SFT epochs x seeds, RL x seeds): r^2(ORM score, ID maj@{k}) = "
-                           f"{_r2(r2_orm)} (r = {_r2(r_orm)}); r^2(math validation bits/byte, ID maj@{k}) = "
-                           f"{_r2(r2_loss)} (r = {_r2(r_loss)}: "
-                           + ("lower loss, higher accuracy" if (r_loss or 0) < 0 else "higher loss goes with HIGHER "
-                              "accuracy, so loss misleads")
-                           + "); the ORM here is the exact-match verifier scoring the same samples"})
-    return out
+    return {"claim": f"across post-training checkpoints the ORM score tracks maj@{k} (r^2) and validation loss "
+                     "does not",
+            "reproduced": r_orm is not None and r_orm > 0 and r2_orm >= 0.5 and not loss_predicts,
+            "numbers": f"{len(points)} checkpoints (SFT epochs x seeds, RL x seeds): r^2(ORM score, ID maj@{k}) = "
+                       f"{_r2(r2_orm)} (r = {_r2(r_orm)}); r^2(math validation bits/byte, ID maj@{k}) = "
+                       f"{_r2(r2_loss)} (r = {_r2(r_loss)}: "
+                       + ("lower loss, higher accuracy" if (r_loss or 0) < 0 else "higher loss goes with HIGHER "
+                          "accuracy, so loss misleads")
+                       + "); the ORM here is the exact-match verifier scoring the same samples"}
 
 
 def _pct(values: list[float]) -> str:
