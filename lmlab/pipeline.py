@@ -243,18 +243,21 @@ def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
     resolve_tokenizer(recipe, stage_dir)
 
 
-def check_all_inputs(planned: list[PlannedStage]) -> None:
-    """Preflight of every stage; artifacts that earlier stages will write are checked when they exist."""
+def check_all_inputs(planned: list[PlannedStage]) -> dict[str, Any]:
+    """Preflight of every stage; artifacts that earlier stages will write are checked when they exist.
+    Returns what was checked per stage (stages.preflight.Checked), handed to each stage when it runs."""
     from lmlab.evaluate.tasks import load_task
     from lmlab.stages.preflight import check_inputs
 
     future = {str(p.artifact) for p in planned if p.artifact is not None}
+    checked = {}
     for stage in planned:
         if stage.kind == "eval":
             for spec in stage.recipe.tasks:
                 load_task(spec, stage.recipe.n)
         else:
-            check_inputs(stage.recipe, future)
+            checked[stage.name] = check_inputs(stage.recipe, future)
+    return checked
 
 
 def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> Path:
@@ -263,7 +266,7 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
 
     console = shared_console()
     pipeline, planned = load_pipeline(path, overrides)
-    check_all_inputs(planned)  # every stage's data, tasks and checkpoints, before the first stage computes
+    checked = check_all_inputs(planned)  # every stage's data, tasks and checkpoints, before any stage computes
     run_dir = pipeline.run_dir
     with run_lock(run_dir):
         state_file = run_dir / STATE
@@ -287,7 +290,7 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
             state[recipe.name] = {"fingerprint": fp, "done": False, "kind": kind, "started": time.time()}
             _save_state(run_dir, state)
             start = time.perf_counter()
-            _run_one(stage, resume, run_dir)
+            _run_one(stage, resume, run_dir, checked.get(stage.name))
             state[recipe.name].update(done=True, seconds=round(time.perf_counter() - start, 1),
                                       artifact=str(artifact))
             _save_state(run_dir, state)
@@ -299,14 +302,14 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
     return run_dir
 
 
-def _run_one(stage: PlannedStage, resume: bool, run_dir: Path) -> None:
+def _run_one(stage: PlannedStage, resume: bool, run_dir: Path, checked) -> None:
     if stage.kind == "tokenizer":
         if is_main():
             remove_run_dir(run_dir / stage.name, run_dir)
         barrier()
         _run_tokenizer(stage.recipe, run_dir / stage.name)
     else:
-        run_stage(stage.recipe, resume=resume, overwrite=not resume)
+        run_stage(stage.recipe, resume=resume, overwrite=not resume, checked=checked)
 
 
 def _run_eval(stage: EvalStage, planned: list[PlannedStage], run_dir: Path) -> None:

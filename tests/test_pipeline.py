@@ -187,3 +187,22 @@ def test_killing_the_pipeline_mid_stage_and_rerunning_does_not_redo_finished_sta
     assert "resuming from" in done.stdout
     assert (run_dir / "pt" / "final" / "lmlab.json").stat().st_mtime_ns == pt_stamp
     assert json.loads((run_dir / "pipeline.json").read_text())["sft"]["done"]
+
+
+def test_each_stage_reads_its_data_once_and_hands_the_check_on(tmp_path, monkeypatch):
+    """The pipeline's preflight reads every stage's data; the stage itself, when it runs, gets that check as a
+    value (stages.preflight.Checked) and does not read the data again, nor remember checks in globals."""
+    import lmlab.stages.preflight as preflight
+    from lmlab.pipeline import run_pipeline
+
+    reads: list[str] = []
+    original = preflight.check_data
+
+    def counting(recipe):
+        reads.append(recipe.name)
+        return original(recipe)
+
+    monkeypatch.setattr(preflight, "check_data", counting)
+    run_pipeline(tiny_pipeline(tmp_path))
+    assert sorted(reads) == sorted(set(reads)) == ["pt", "sft", "tokenizer"]
+    assert not hasattr(preflight, "_CHECKED") and not hasattr(preflight, "_DATA_CHECKED")

@@ -9,25 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_stage(recipe, resume: bool = False, overwrite: bool = False, force: bool = False) -> Path:
+def run_stage(recipe, resume: bool = False, overwrite: bool = False, force: bool = False, checked=None) -> Path:
     """Check every input, hold the run directory's lock, and run the recipe with its stage's runner;
-    returns the stage's final artifact. `force` lets `--resume` continue after a change to the recipe."""
+    returns the stage's final artifact. `force` lets `--resume` continue after a change to the recipe;
+    `checked` is what a pipeline's preflight already established (stages.preflight.Checked)."""
+    from dataclasses import replace
+
     from lmlab.console import silence_libraries
     from lmlab.paths import run_lock
-    from lmlab.stages.preflight import check_inputs
+    from lmlab.stages.preflight import Checked, check_inputs
 
     silence_libraries()
-    if force:
-        from lmlab.stages.common import FORCED
-
-        FORCED[id(recipe)] = recipe
-    check_inputs(recipe)  # before the run directory (and its lock) is created, let alone overwritten
+    # before the run directory (and its lock) is created, let alone overwritten
+    checked = check_inputs(recipe, checked=replace(checked or Checked(), force=force))
     if resume:
         from lmlab.stages.common import check_resume
 
-        check_resume(recipe)
+        check_resume(recipe, force=force)
     with run_lock(recipe.run_dir):
-        return _runner(recipe.stage)(recipe, resume=resume, overwrite=overwrite)
+        return _runner(recipe.stage)(recipe, resume=resume, overwrite=overwrite, checked=checked)
 
 
 def _runner(stage: str):

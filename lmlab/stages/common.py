@@ -39,7 +39,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) ->
 # ----------------------------------------------------------------------------- the stage skeleton
 
 LAUNCH = "launch.json"  # how the run was launched (world size), to compare global batches on resume
-FORCED: dict[int, Recipe] = {}  # recipes whose --resume may change what the run was (--force), held by identity
 # what a resumed run may change freely: where and how often it logs, evaluates and saves, and its guard
 FREE_ON_RESUME = ("name", "output.", "eval.", "train.log_every", "train.eval_every", "train.eval_batches",
                   "train.save_every", "train.keep_last", "train.num_workers", "train.peak_tflops", "train.guard.",
@@ -80,13 +79,15 @@ def _dotted_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path | None = None) -> Path | None:
-    """Rank 0 prepares the run directory and writes the resolved recipe; every rank gets the resume point."""
+def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path | None = None,
+               checked=None) -> Path | None:
+    """Rank 0 prepares the run directory and writes the resolved recipe; every rank gets the resume point.
+    `checked` (stages.preflight.Checked) is what run_stage or a pipeline already checked."""
     from lmlab.paths import write_json_atomic, write_text_atomic
     from lmlab.stages.preflight import check_inputs
 
-    check_inputs(recipe)  # every input, before the run directory is created or an old run deleted
-    start = check_resume(recipe, checkpoints) if resume else None
+    checked = check_inputs(recipe, checked=checked)  # every input, before the run directory is touched
+    start = check_resume(recipe, checkpoints, checked.force) if resume else None
     barrier()  # every rank has read the previous run's files before rank 0 rewrites them
     with main_first() as main:
         if main:
@@ -99,11 +100,11 @@ def open_stage(recipe: Recipe, resume: bool, overwrite: bool, checkpoints: Path 
     return start
 
 
-def check_resume(recipe: Recipe, checkpoints: Path | None = None) -> Path | None:
+def check_resume(recipe: Recipe, checkpoints: Path | None = None, force: bool = False) -> Path | None:
     """The checkpoint `--resume` continues from, checked: the same run (unless --force), readable files."""
     from lmlab.trainers import last_checkpoint
 
-    if FORCED.get(id(recipe)) is not recipe:
+    if not force:
         check_resumable(recipe)
     start = last_checkpoint(checkpoints or recipe.run_dir / "checkpoints")
     if start is not None:

@@ -219,8 +219,8 @@ def distill_inputs(recipe: Recipe) -> tuple:
     return chat_data if recipe.distill.data_format == "chat" else None, teacher_factory(recipe)
 
 
-def run_distill(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def run_distill(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Train a student on CE + T^2 KL to the teacher; returns the final artifact directory."""
     from lmlab.stages.packed import run_packed
 
-    return run_packed(recipe, resume, overwrite, *distill_inputs(recipe))
+    return run_packed(recipe, resume, overwrite, *distill_inputs(recipe), checked=checked)

@@ -203,9 +203,9 @@ def forgetting_baseline(job: PackedJob, start) -> BaselineCallback | None:
 
 
 def run_packed(recipe: Recipe, resume: bool, overwrite: bool, rows: Callable | None = None,
-               factory: TrainerFactory | None = None) -> Path:
+               factory: TrainerFactory | None = None, checked=None) -> Path:
     """Open, prepare, train and close a packed-rows stage; returns the final artifact directory."""
-    start = open_stage(recipe, resume, overwrite)
+    start = open_stage(recipe, resume, overwrite, checked=checked)
     job = prepare_packed(recipe, rows, factory)
     out, trainer = console(), job.trainer
     baseline = forgetting_baseline(job, start)

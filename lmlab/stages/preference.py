@@ -117,14 +117,14 @@ def train_round(recipe: Recipe, model, tokenizer, pairs, record: dict[str, Any],
     return trainer, model
 
 
-def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
     from lmlab.models.build import load_model
     from lmlab.stages.common import open_stage, save_final
     from lmlab.stages.posttrain import fine_tuning_lr, load_policy, prepare_tokenizer
 
     out, p, run_dir = console(), recipe.preference, recipe.run_dir
-    open_stage(recipe, resume, overwrite)
+    open_stage(recipe, resume, overwrite, checked=checked)
     tokenizer = prepare_tokenizer(recipe)
     given, prompts, scorer = preference_data(recipe, tokenizer)
     done = _finished_rounds(run_dir) if resume else []

@@ -11,6 +11,8 @@ Paths an earlier pipeline stage will write are checked when that stage has run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import json
 from pathlib import Path
 from typing import Iterable
@@ -24,26 +26,29 @@ CHAT_STAGES = ("sft",)
 PAIR_STAGES = ("rm", "dpo", "kto", "orpo", "rl")
 
 
-# recipes whose data was read in this process (held, so an id is never reused by another recipe), and those
-# whose every input was checked: a pipeline's preflight and the stage's own check read the data once
-_DATA_CHECKED: dict[int, Recipe] = {}
-_CHECKED: dict[int, Recipe] = {}
+@dataclass(frozen=True)
+class Checked:
+    """What preflight has established for one recipe, handed on from check to stage as a value: a
+    pipeline's preflight reads the data once, the stage checks what did not exist then, and nothing is
+    checked twice (nor remembered in module globals)."""
+
+    data: bool = False  # every data source and task read to its last record
+    artifacts: bool = False  # checkpoints, tokenizers, scorers and templates checked, all of them existing
+    force: bool = False  # --force: a resume may continue a run whose recipe changed
 
 
-def check_inputs(recipe: Recipe, future: Iterable[str] = ()) -> None:
-    """Raise the first problem in any input of `recipe` as one LmlabError naming its file, line and field.
-
-    `future` are artifacts earlier pipeline stages will write: they are checked when the stage opens.
-    """
-    if _CHECKED.get(id(recipe)) is recipe:
-        return
-    if _DATA_CHECKED.get(id(recipe)) is not recipe:
+def check_inputs(recipe: Recipe, future: Iterable[str] = (), checked: Checked | None = None) -> Checked:
+    """Raise the first problem in any input of `recipe` as one LmlabError naming its file, line and field;
+    returns what is now checked (pass it on). `future` are artifacts earlier pipeline stages will write:
+    they are checked when the stage opens."""
+    checked = checked or Checked()
+    if checked.data and checked.artifacts:
+        return checked
+    if not checked.data:
         check_data(recipe)
-        _DATA_CHECKED[id(recipe)] = recipe
     future = {str(p) for p in future}
     check_artifacts(recipe, future)
-    if not future:
-        _CHECKED[id(recipe)] = recipe
+    return replace(checked, data=True, artifacts=not future)
 
 
 def check_data(recipe: Recipe) -> None:

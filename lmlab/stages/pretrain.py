@@ -14,6 +14,6 @@ from lmlab.recipe import Recipe
 from lmlab.stages.packed import run_packed
 
 
-def run_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def run_pretrain(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Pretrain (or continue pretraining) as the recipe says; returns the final artifact directory."""
-    return run_packed(recipe, resume, overwrite)
+    return run_packed(recipe, resume, overwrite, checked=checked)

@@ -91,11 +91,11 @@ def prepare_rl(recipe: Recipe):
     return trainer, tokenizer, lr
 
 
-def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Train with RL as the recipe says; returns the final artifact directory."""
     from lmlab.stages.common import open_stage, save_final, train
 
-    start = open_stage(recipe, resume, overwrite)
+    start = open_stage(recipe, resume, overwrite, checked=checked)
     trainer, tokenizer, lr = prepare_rl(recipe)
     train(trainer, start)
     model = trainer.model.merge_and_unload() if recipe.lora.enabled else trainer.model

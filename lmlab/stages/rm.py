@@ -81,7 +81,7 @@ def reward_pairs(recipe: Recipe, tokenizer):
     return pairs.select(train), pairs.select(held) if len(held) else None, overlong
 
 
-def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Train an ORM on pairs (given, or sampled and verifier-ranked); returns the artifact directory."""
     from trl import RewardConfig, RewardTrainer
 
@@ -91,7 +91,7 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     from lmlab.trainers import lmlab_trainer
 
     out = console()
-    start = open_stage(recipe, resume, overwrite)
+    start = open_stage(recipe, resume, overwrite, checked=checked)
     tokenizer = prepare_tokenizer(recipe)
     train_rows, validation, overlong = reward_pairs(recipe, tokenizer)
     model = reward_model(recipe.model.from_pretrained, tokenizer, recipe.model.trust_remote_code, recipe.seed)

@@ -156,12 +156,12 @@ def general_loss_before(job: SFTJob, start) -> dict[str, float]:
     return before
 
 
-def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Path:
+def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Fine-tune as the recipe says; returns the artifact (a full checkpoint, or a LoRA adapter)."""
     from lmlab.distributed import is_main
     from lmlab.stages.common import open_stage, save_final, train
 
-    start = open_stage(recipe, resume, overwrite)
+    start = open_stage(recipe, resume, overwrite, checked=checked)
     job = prepare_sft(recipe)
     out, trainer, tokenizer, data, run_dir = console(), job.trainer, job.tokenizer, job.data, recipe.run_dir
     has_val, epochs = data.validation is not None, job.epochs
