@@ -36,7 +36,8 @@ from lmlab.data.cache import file_hash
 from lmlab.distributed import barrier, is_main
 from lmlab.errors import LmlabError
 from lmlab.paths import NAME_PATTERN, remove_run_dir, run_lock, write_json_atomic
-from lmlab.recipe import STAGES, OutputConfig, read_yaml_text, Recipe, Strict, as_list, merge_blocks, validate_recipe
+from lmlab.loading import is_pipeline, validate_recipe
+from lmlab.recipe import STAGES, OutputConfig, Recipe, Strict, as_list, merge_blocks
 from lmlab.stages import run_stage
 
 MODEL_STAGES = tuple(STAGES)  # the stages that make a model
@@ -168,19 +169,11 @@ def plan_stages(pipeline: Pipeline, file: str = "<pipeline>", root: yaml.Node | 
 
 
 def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Pipeline, list[PlannedStage]]:
-    from lmlab.recipe import apply_override
+    from lmlab.loading import apply_override, read_yaml
 
     path = str(path)
-    if not Path(path).is_file():
-        raise LmlabError("pipeline recipe not found", file=path)
-    text = read_yaml_text(path)
-    try:
-        root, tree = yaml.compose(text), yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise LmlabError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=path,
-                         line=mark.line + 1 if mark else None) from None
-    if not isinstance(tree, dict) or "stages" not in tree:
+    tree, root = read_yaml(path, "pipeline recipe")
+    if not is_pipeline(tree):
         raise LmlabError("a pipeline recipe needs a `stages` list", file=path, field="stages")
     for assignment in overrides or []:
         apply_override(tree, assignment)
@@ -235,7 +228,7 @@ def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
 def _run_tokenizer(recipe: Recipe, stage_dir: Path) -> None:
     """Train the tokenizer the way a pretrain stage would, into `<stage_dir>/tokenizer`."""
     from lmlab.paths import write_text_atomic
-    from lmlab.recipe import dump_recipe
+    from lmlab.loading import dump_recipe
     from lmlab.data.tokenizer import resolve_tokenizer
 
     if is_main():  # the marker that makes this an lmlab run directory

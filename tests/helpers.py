@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmlab.recipe import validate_recipe
+from lmlab.loading import validate_recipe
 
 
 def tiny_recipe(tmp_path, tokenizer_dir=None, **blocks):

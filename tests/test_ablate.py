@@ -47,7 +47,7 @@ def test_mean_and_sample_std():
 
 
 def test_pipeline_stage_overrides_select_the_stage_by_name(tmp_path):
-    from lmlab.recipe import apply_override
+    from lmlab.loading import apply_override
 
     tree = {"stages": [{"stage": "pretrain", "train": {"tokens": 5}}, {"stage": "rl", "name": "grpo"}]}
     apply_override(tree, "stages.grpo.rl.beta=0.0")

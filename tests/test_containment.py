@@ -23,7 +23,7 @@ def snapshot(root: Path) -> set[str]:
 
 @pytest.mark.parametrize("name", ["..", ".", "../x", "a/b", ".hidden", "a\\b", "", "x/../.."])
 def test_a_recipe_name_that_is_not_an_identifier_is_refused_with_its_line(tmp_path, name):
-    from lmlab.recipe import load_recipe
+    from lmlab.loading import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(f"model:\n  hidden_size: 32\nname: {name!r}\n")
@@ -89,7 +89,8 @@ def test_overwrite_never_deletes_a_directory_lmlab_did_not_make(tmp_path):
 
 
 def test_a_missing_local_data_path_is_an_error_not_a_hub_download(tmp_path):
-    from lmlab.recipe import SourceSpec, load_recipe
+    from lmlab.recipe import SourceSpec
+    from lmlab.loading import load_recipe
 
     assert SourceSpec.model_validate("hub:org/data").kind == "hub"
     path = tmp_path / "r.yaml"

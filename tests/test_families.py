@@ -144,7 +144,7 @@ def test_a_hub_id_resolves_from_the_local_hf_cache_and_says_how_to_get_it_otherw
     import shutil
 
     from lmlab.errors import LmlabError
-    from lmlab.recipe import validate_recipe
+    from lmlab.loading import validate_recipe
 
     cache = tmp_path / "hub"
     snapshot = cache / "models--someorg--tiny-qwen3" / "snapshots" / ("a" * 40)
@@ -188,7 +188,7 @@ def test_an_architecture_the_planner_does_not_count_still_trains(tmp_path):
     (here CPT, LoRA SFT) works, with no MFU figure instead of a wrong one."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmlab.recipe import validate_recipe
+    from lmlab.loading import validate_recipe
     from lmlab.stages.pretrain import run_pretrain
     from lmlab.stages.sft import run_sft
     from tests.test_sft import sft_recipe

@@ -61,7 +61,7 @@ def test_recipe_model_block_counts_like_the_built_model(tmp_path):
     import torch
 
     from lmlab.models.build import build_config
-    from lmlab.recipe import load_recipe
+    from lmlab.loading import load_recipe
 
     (tmp_path / "r.yaml").write_text("name: r\nmodel:\n  arch: qwen3_moe\n  num_experts: 4\n"
                                      "  moe_intermediate_size: 64\ntokenizer:\n  vocab_size: 1000\n")

@@ -130,7 +130,7 @@ def test_preference_stages_train_on_pairs_and_write_artifacts(tmp_path, base_mod
 def test_default_lr_is_the_input_models_lr_over_ten_unless_the_recipe_sets_one(base_model):
     """docs/rules.md §5: preference optimisation and RL train 5-20x below the SFT LR (the base used 1e-2)."""
     from lmlab.models.build import load_model
-    from lmlab.recipe import validate_recipe
+    from lmlab.loading import validate_recipe
     from lmlab.stages.posttrain import fine_tuning_lr
 
     model = load_model(base_model)
@@ -143,7 +143,7 @@ def test_someone_elses_checkpoint_gets_the_literatures_fine_tuning_lr(tmp_path):
     """Not an lmlab artifact: full SFT, LoRA and DPO LRs from docs/rules.md §4-5 for the model's size, and a
     warning for an LR far outside that range (3e-3, lmlab's tiny-model default, would wreck a real model)."""
     from lmlab.models.build import load_model
-    from lmlab.recipe import validate_recipe
+    from lmlab.loading import validate_recipe
     from lmlab.stages.posttrain import fine_tuning_lr
     from tests.families import family_checkpoint
 

@@ -3,7 +3,8 @@
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.recipe import Recipe, SourceSpec, load_recipe
+from lmlab.recipe import Recipe, SourceSpec
+from lmlab.loading import load_recipe
 
 
 def write(tmp_path, text):

@@ -107,7 +107,7 @@ ForceOption = typer.Option(False, "--force", help="With --resume: continue even 
 
 def _run_stage(stage: str, recipe: Path, overrides: Optional[List[str]], resume: bool, overwrite: bool,
                force: bool = False) -> None:
-    from lmlab.recipe import load_recipe
+    from lmlab.loading import load_recipe
     from lmlab.stages import run_stage
 
     loaded = load_recipe(recipe, [*(overrides or []), f"stage={stage}"])
@@ -173,7 +173,7 @@ def _stage_command(stage: str, recipe_help: str, summary: str) -> Callable:
                 accelerate_config: Optional[Path] = AccelerateConfigOption,
                 dry_run: bool = typer.Option(False, "--dry-run", help="Check every input and show the model, "
                                              "budget, memory and time; train and write nothing.")) -> None:
-        from lmlab.recipe import load_recipe
+        from lmlab.loading import load_recipe
 
         loaded = load_recipe(recipe, [*(set_ or []), f"stage={stage}"])  # a bad recipe fails once, before any launch
         if dry_run:
@@ -406,7 +406,7 @@ def tokenizer_train(
     """Train a byte-level BPE (digits split, ChatML template) on a recipe's data."""
     from lmlab.data.pretrain_data import load_documents
     from lmlab.data.tokenizer import save_tokenizer, train_tokenizer
-    from lmlab.recipe import load_recipe
+    from lmlab.loading import load_recipe
 
     r = load_recipe(recipe, set_)
     docs = load_documents(r.tokenizer.train_sources or r.data.train, streaming=True, seed=r.seed)

@@ -18,15 +18,9 @@ from lmlab.errors import LmlabError
 
 def _stage_recipes(path: Path, overrides: Optional[List[str]]) -> list:
     """The stage recipes of a pipeline file (tokenizer stages left out), or the one recipe of a stage file."""
-    import yaml
+    from lmlab.loading import is_pipeline, load_recipe, read_yaml
 
-    from lmlab.recipe import load_recipe, read_yaml_text
-
-    try:
-        tree = yaml.safe_load(read_yaml_text(path)) if path.is_file() else None
-    except yaml.YAMLError:
-        tree = None  # load_recipe reports the YAML error with its line
-    if isinstance(tree, dict) and "stages" in tree:
+    if is_pipeline(read_yaml(path)[0]):
         from lmlab.pipeline import load_pipeline
 
         return [p.recipe for p in load_pipeline(path, overrides)[1] if p.makes_model]

@@ -80,7 +80,7 @@ def emit_pipeline(plan, path, data: str | None = None, checkpoint: str | None = 
 
     from lmlab.pipeline import Pipeline, plan_stages
     from lmlab.plan.planner import launch_command, plan_to_pipeline
-    from lmlab.recipe import validate_recipe
+    from lmlab.loading import validate_recipe
 
     path = Path(path)
     tree, notes = plan_to_pipeline(plan, name=path.stem, data=data, checkpoint=checkpoint, sft_data=sft_data,

@@ -94,20 +94,10 @@ def load_task(spec: str, n: int = 200) -> Task:
     path = Path(spec)
     if path.suffix not in (".yaml", ".yml"):
         return _check_items(embedded_task(spec, n))
-    if not path.is_file():
-        raise LmlabError("task file not found", file=spec)
-    import yaml
-
     from lmlab.data.sources import read_jsonl
+    from lmlab.loading import read_yaml
 
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise LmlabError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=spec,
-                         line=mark.line + 1 if mark else None) from None
-    if not isinstance(config, dict):
-        raise LmlabError("a task file must be a mapping (name, kind, path, normalisation)", file=spec)
+    config, _ = read_yaml(spec, "task")
     unknown = set(config) - {"name", "kind", "path", "normalisation"}
     if unknown:
         raise LmlabError(f"unknown key '{sorted(unknown)[0]}'", file=spec, field=sorted(unknown)[0])

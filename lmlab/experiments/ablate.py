@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from lmlab.errors import LmlabError
+from lmlab.loading import is_pipeline, read_yaml
 from lmlab.paths import write_json_atomic, write_text_atomic
 from lmlab.stats import mean_std
 
@@ -69,7 +70,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
 def resolve_key(key: str, tree: dict) -> str:
     """The full override path of a grid key, for a stage recipe or a pipeline."""
     parts = key.split(".")
-    if "stages" in tree:
+    if is_pipeline(tree):
         names = {s.get("name", s.get("stage")) for s in tree["stages"] if isinstance(s, dict)}
         if parts[0] in names:
             rest = ".".join(parts[1:])
@@ -218,10 +219,8 @@ def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 
 
     console = shared_console()
     path = Path(recipe)
-    if not path.is_file():
-        raise LmlabError("recipe not found", file=str(path))
-    tree = yaml.safe_load(path.read_text()) or {}
-    pipeline = "stages" in tree
+    tree, _ = read_yaml(path)
+    pipeline = is_pipeline(tree)
     base = tree.get("name", path.stem)
     out_dir = Path((tree.get("output") or {}).get("dir", "runs")) / f"{base}-ablate"
     grid = parse_grid(grid_specs)
@@ -229,7 +228,7 @@ def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 
     command = ["run"] if pipeline else [tree.get("stage", "pretrain")]
     # validate every variant before any compute: one bad key fails the whole ablation now
     from lmlab.pipeline import load_pipeline
-    from lmlab.recipe import load_recipe
+    from lmlab.loading import load_recipe
 
     for variant in todo:
         overrides = [*(extra or []), *variant.overrides, f"output.dir={out_dir}"]

@@ -20,20 +20,16 @@ def train_ensemble(recipe: str | Path, members: int, jobs: int | None = None, ex
     processes when there are cores to spare, then save them as one ensemble."""
     import os
 
-    import yaml
-
     from lmlab.data.tokenizer import resolve_tokenizer
     from lmlab.experiments.ablate import Variant, run_variants
     from lmlab.models.ensemble import save_ensemble
-    from lmlab.recipe import load_recipe
+    from lmlab.loading import is_pipeline, load_recipe, read_yaml
 
     path = Path(recipe)
     if members < 2:
         raise LmlabError(f"an ensemble needs at least two members, got {members}", field="--members")
-    if not path.is_file():
-        raise LmlabError("recipe not found", file=str(path))
-    tree = yaml.safe_load(path.read_text()) or {}
-    if "stages" in tree:
+    tree, _ = read_yaml(path)
+    if is_pipeline(tree):
         raise LmlabError("give a stage recipe (pretrain, cpt, sft, ...); ensemble the pipeline's stage instead",
                          file=str(path))
     base = tree.get("name", path.stem)

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from lmlab.experiments.ablate import Variant, run_variants
 from lmlab.errors import LmlabError
@@ -68,7 +67,7 @@ class Sweep:
     def run(self, configs: list[dict[str, Any]]) -> None:
         """Run the configurations not run yet (in parallel) and record each one's validation loss and rows."""
         from lmlab.console import console
-        from lmlab.recipe import load_recipe
+        from lmlab.loading import load_recipe
 
         todo = []
         for config in configs:
@@ -143,14 +142,14 @@ def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = Non
               jobs: int | None = None, extra: list[str] | None = None) -> dict[str, Any]:
     """Coordinate descent from the recipe's own values; returns {"best": ..., "runs": [...]}, also written as
     sweep.json and sweep.md in `<output.dir>/<name>-sweep/`."""
-    from lmlab.recipe import load_recipe
+    from lmlab.loading import load_recipe, read_yaml
 
     path = Path(recipe)
     base = load_recipe(path, extra)
     if base.data.validation_fraction == 0 and not base.data.validation:
         raise LmlabError("a sweep judges runs by validation loss: give data.validation or a validation_fraction",
                          file=str(path), field="data.validation_fraction")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree, _ = read_yaml(path)
     grid = {k: [_resolve(v, base.optim.lr) if k == "optim.lr" else v for v in values]
             for k, values in (grid or DEFAULT_GRID).items()}
     start = {"optim.weight_decay": base.optim.weight_decay, "optim.lr": base.optim.lr,

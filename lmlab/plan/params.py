@@ -153,7 +153,7 @@ def resolve_shape(model: str) -> ModelShape:
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        from lmlab.recipe import load_recipe
+        from lmlab.loading import load_recipe
 
         recipe = load_recipe(path)
         if recipe.model.from_pretrained:

@@ -17,7 +17,8 @@ from lmlab.distributed import accelerator_available, barrier, is_main, main_firs
 from lmlab.errors import LmlabError
 from lmlab.models.build import cuda
 from lmlab.paths import remove_run_dir
-from lmlab.recipe import OptimConfig, Recipe, TrainConfig, dump_recipe
+from lmlab.recipe import OptimConfig, Recipe, TrainConfig
+from lmlab.loading import dump_recipe
 from lmlab.stages.sharding import sharding_arguments
 from lmlab.stages.speed import speed_arguments
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 
 from lmlab.errors import LmlabError
 
@@ -13,9 +12,9 @@ STUDIES = {"data_constrained": ("lmlab.experiments.studies.data_constrained", "r
 
 
 def _kind(path: str | Path) -> tuple[str, str]:
-    if not Path(path).is_file():
-        raise LmlabError("study file not found", file=str(path))
-    kind = (yaml.safe_load(Path(path).read_text()) or {}).get("study")
+    from lmlab.loading import read_yaml
+
+    kind = read_yaml(path, "study")[0].get("study")
     if kind not in STUDIES:
         raise LmlabError(f"unknown study '{kind}'; known: {', '.join(STUDIES)}", file=str(path), field="study")
     return STUDIES[kind]

@@ -13,14 +13,10 @@ from lmlab.recipe import merge_blocks
 
 def load_study(path: str | Path, model: type[BaseModel]):
     """The study file validated by its pydantic model; errors name file, line and field."""
-    import yaml
+    from lmlab.loading import read_yaml, validate_recipe
 
-    from lmlab.recipe import validate_recipe
-
-    if not Path(path).is_file():
-        raise LmlabError("study file not found", file=str(path))
-    text = Path(path).read_text()
-    return validate_recipe(yaml.safe_load(text) or {}, str(path), yaml.compose(text), model=model)
+    tree, root = read_yaml(path, "study")
+    return validate_recipe(tree, str(path), root, model=model)
 
 
 class StudyRunner:
@@ -33,7 +29,7 @@ class StudyRunner:
         return self.dir / "runs" / name / "final"
 
     def validate(self, tree: dict):
-        from lmlab.recipe import validate_recipe
+        from lmlab.loading import validate_recipe
 
         tree = merge_blocks(tree, {"output": {"dir": str(self.dir / "runs")}})
         return validate_recipe(tree, file=f"{self.file} (run {tree['name']})", future_artifacts=self.future)

@@ -208,7 +208,8 @@ def run_data_constrained(path: str | Path) -> Path:
     from lmlab.console import console
     from lmlab.data.pretrain_data import build_packed_data
     from lmlab.data.tokenizer import resolve_tokenizer
-    from lmlab.recipe import DataConfig, validate_recipe
+    from lmlab.recipe import DataConfig
+    from lmlab.loading import validate_recipe
 
     study = load_study(path, DataConstrainedStudy)
     runner, sizes = Runner(study, str(path)), list(study.models)

@@ -226,7 +226,7 @@ def orm_fits(points: list[dict], k: int) -> dict[str, float | None]:
 def run_evolm(path: str | Path) -> Path:
     """Run the study (reusing finished runs); writes evolm.json, evolm.md and plots; returns the md."""
     from lmlab.data.tokenizer import resolve_tokenizer
-    from lmlab.recipe import validate_recipe
+    from lmlab.loading import validate_recipe
 
     study = load_study(path, EvolmStudy)
     runs = plan_runs(study, path)
