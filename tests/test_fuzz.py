@@ -76,7 +76,7 @@ CASES = [
          {"s.yaml": "study: evolm\nname: [x\n"}),
     Case("study file is a list", ["study", "s.yaml"], ["s.yaml", "a study must be a mapping"], {"s.yaml": "- evolm\n"}),
     Case("study file not UTF-8", ["study", "s.yaml"], ["s.yaml", "UTF-8"], {"s.yaml": b"study: \xff\n"}),
-    Case("pipeline with invalid YAML", ["run", "p.yaml"], ["p.yaml:2", "invalid YAML"],
+    Case("pipeline with invalid YAML", ["run", "p.yaml"], ["p.yaml:3", "invalid YAML"],
          {"p.yaml": "stages:\n  - {stage: [pretrain\n"}),
     Case("recipe not UTF-8", ["pretrain", "r.yaml"], ["r.yaml", "UTF-8"], {"r.yaml": b"name: \xff\xfe\n"}),
     Case("recipe file missing", ["pretrain", "nope.yaml"], ["nope.yaml", "not found"]),
