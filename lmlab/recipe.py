@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from lmlab.errors import LmlabError
 from lmlab.hubcache import HUB_ID, from_hub_cache, hf_home
 from lmlab.paths import NAME_PATTERN
 

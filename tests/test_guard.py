@@ -106,7 +106,7 @@ def test_a_nan_injected_mid_run_is_skipped_then_rolled_back_to_the_last_checkpoi
     from transformers import TrainerCallback
 
     from lmlab.stages.packed import prepare_packed
-    from lmlab.stages.common import save_final, train
+    from lmlab.stages.loop import save_final, train
 
     class PoisonOnce(TrainerCallback):
         done = False

@@ -100,7 +100,7 @@ def test_z_loss_adds_a_positive_penalty(tmp_path, tok_dir):
 
 
 def test_budget_from_tokens_per_param(tmp_path, tok_dir):
-    from lmlab.stages.common import training_budget
+    from lmlab.stages.arguments import training_budget
 
     recipe = tiny_recipe(tmp_path, tok_dir, train={"max_steps": None, "tokens_per_param": 2.0})
     budget = training_budget(recipe.train, recipe.data.seq_len, n_params=10_000, train_tokens=100_000)

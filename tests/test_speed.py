@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a
 
 
 def test_auto_on_cpu_is_plain_adamw_sdpa_eager_mode_and_no_liger(tmp_path):
-    from lmlab.stages.common import training_arguments
+    from lmlab.stages.arguments import training_arguments
 
     recipe = tiny_recipe(tmp_path, stage="pretrain")
     assert speed_arguments(recipe) == {"optim": "adamw_torch", "torch_compile": False, "use_liger_kernel": False}

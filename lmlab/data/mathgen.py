@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 Split = Literal["id", "ood"]
 DEFAULT_SYSTEM = "You are a careful assistant who solves arithmetic problems step by step."

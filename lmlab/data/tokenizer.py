@@ -102,8 +102,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lmlab.recipe import Recipe
-
     floor = len(SPECIAL_TOKENS) + BYTE_ALPHABET
     if vocab_size <= floor:
         raise LmlabError(f"vocab_size {vocab_size} leaves no room for merges", field="tokenizer.vocab_size",

@@ -8,7 +8,10 @@ just for being long, which is the playbook's default for early-training evaluati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
+
+if TYPE_CHECKING:
+    from lmlab.stats import Estimate
 
 Normalisation = Literal["chars", "tokens", "none"]
 

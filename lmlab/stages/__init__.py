@@ -23,7 +23,7 @@ def run_stage(recipe, resume: bool = False, overwrite: bool = False, force: bool
     # before the run directory (and its lock) is created, let alone overwritten
     checked = check_inputs(recipe, checked=replace(checked or Checked(), force=force))
     if resume:
-        from lmlab.stages.common import check_resume
+        from lmlab.stages.rundir import check_resume
 
         check_resume(recipe, force=force)
     with run_lock(recipe.run_dir):

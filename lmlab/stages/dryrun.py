@@ -71,7 +71,7 @@ def examples(recipe: Recipe) -> int:
 
 def budget_lines(recipe: Recipe, params: int) -> tuple[list[str], int | None, int | None]:
     """What the budget comes to: printed lines, optimizer steps and tokens (None where not known yet)."""
-    from lmlab.stages.common import steps_over_examples, training_budget
+    from lmlab.stages.arguments import steps_over_examples, training_budget
     from lmlab.stages.speed import packed_rows
 
     t, seq_len = recipe.train, recipe.data.seq_len
@@ -104,7 +104,7 @@ def budget_lines(recipe: Recipe, params: int) -> tuple[list[str], int | None, in
 def memory_line(recipe: Recipe, shape) -> str:
     """Memory per device from the planner's model of weights, gradients, optimizer states and activations."""
     from lmlab.plan.memory import TrainSetup, training_memory
-    from lmlab.stages.common import use_bf16
+    from lmlab.stages.arguments import use_bf16
 
     lora = recipe.lora
     method = ("qlora" if lora.quantize == "nf4" else "lora") if lora.enabled else "full"

@@ -21,8 +21,10 @@ from lmlab.data.tokenizer import resolve_tokenizer
 from lmlab.distributed import world_size
 from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
-from lmlab.stages.common import (Budget, device_peak_flops, open_stage, row_losses, save_final, stage_callbacks,
-                                 train, training_arguments, training_budget)
+from lmlab.stages.arguments import Budget, training_arguments, training_budget
+from lmlab.stages.common import device_peak_flops, stage_callbacks
+from lmlab.stages.loop import row_losses, save_final, stage_manifest, train
+from lmlab.stages.rundir import open_stage
 
 # builds (trainer class, extra trainer kwargs) once the data exists: the distillation stage's teacher
 TrainerFactory = Callable[[Any, Any, Any], tuple[type, dict[str, Any]]]
@@ -214,13 +216,10 @@ def run_packed(recipe: Recipe, resume: bool, overwrite: bool, rows: Callable | N
     final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     held_out = trainer.eval_dataset.get("domain") if isinstance(trainer.eval_dataset, dict) else trainer.eval_dataset
     rows_loss = row_losses(trainer, held_out) if held_out is not None else None
-    manifest = {
-        "stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-        "input_artifact": recipe.model.from_pretrained, "parameters": job.n_params,
-        "active_parameters": job.n_active, "steps": job.budget.max_steps, "tokens": job.budget.tokens,
-        "epochs": job.budget.epochs, "unique_train_tokens": job.data.train_tokens, "metrics": final_metrics,
-        "validation_rows": rows_loss.as_dict() if rows_loss is not None else None,
-    }
+    manifest = stage_manifest(
+        recipe, parameters=job.n_params, active_parameters=job.n_active, steps=job.budget.max_steps,
+        tokens=job.budget.tokens, epochs=job.budget.epochs, unique_train_tokens=job.data.train_tokens,
+        metrics=final_metrics, validation_rows=rows_loss.as_dict() if rows_loss is not None else None)
     if job.replay_mix is not None:
         manifest.update(replay_mix=job.replay_mix.report(), metrics_before=before)
         if "eval_replay_loss" in before and "eval_replay_loss" in final_metrics:

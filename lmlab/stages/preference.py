@@ -27,7 +27,7 @@ def preference_trainer(recipe: Recipe, model, tokenizer, pairs: list[dict[str, A
                        peft_config=None):
     """TRL's trainer for the recipe's method, over one round's pairs (given ones: a disk-backed table)."""
     from lmlab.data.pairs import pairs_table, unpaired
-    from lmlab.stages.common import steps_over_examples, training_arguments
+    from lmlab.stages.arguments import steps_over_examples, training_arguments
     from lmlab.trainers import lmlab_trainer
 
     p, t = recipe.preference, recipe.train
@@ -97,7 +97,8 @@ def round_pairs(recipe: Recipe, model, tokenizer, prompts, scorer, round_no: int
 def train_round(recipe: Recipe, model, tokenizer, pairs, record: dict[str, Any], round_dir: Path, lr: float,
                 resume: bool):
     """One epoch on one round's pairs; the round's model and record are saved; returns (trainer, policy)."""
-    from lmlab.stages.common import save_final, stage_callbacks, train
+    from lmlab.stages.common import stage_callbacks
+    from lmlab.stages.loop import save_final, train
     from lmlab.stages.posttrain import lora_config
     from lmlab.trainers import last_checkpoint
 
@@ -120,7 +121,8 @@ def train_round(recipe: Recipe, model, tokenizer, pairs, record: dict[str, Any],
 def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Rounds of (sample on-policy pairs ->) train one epoch; returns the final artifact."""
     from lmlab.models.build import load_model
-    from lmlab.stages.common import open_stage, save_final
+    from lmlab.stages.loop import save_final, stage_manifest
+    from lmlab.stages.rundir import open_stage
     from lmlab.stages.posttrain import fine_tuning_lr, load_policy, prepare_tokenizer
 
     out, p, run_dir = console(), recipe.preference, recipe.run_dir
@@ -144,8 +146,7 @@ def run_preference(recipe: Recipe, resume: bool = False, overwrite: bool = False
         # reference from `_name_or_path`, which still named the first round's input
         model.config._name_or_path = str((round_dir / "model").resolve())
         history.append(record)
-    manifest = {"stage": recipe.stage, "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-                "input_artifact": recipe.model.from_pretrained, "lr": lr, "rounds": history}
+    manifest = stage_manifest(recipe, lr=lr, rounds=history)
     final = save_final(trainer, tokenizer, run_dir / "final", manifest,
                        model=model if recipe.lora.enabled or trainer is None else None)
     out.print(f"[bold green]HF checkpoint:[/] {final}")

@@ -11,11 +11,10 @@ artifact format.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from lmlab.artifacts import stop_at_end_of_turn
 from lmlab.console import console
-from lmlab.errors import LmlabError
 from lmlab.recipe import Recipe
 
 
@@ -55,7 +54,8 @@ def rl_prompts(recipe: Recipe):
 
 def prepare_rl(recipe: Recipe):
     """Prompts, rewards, model and trainer; every input check happens here, before compute."""
-    from lmlab.stages.common import stage_callbacks, steps_over_examples, training_arguments
+    from lmlab.stages.arguments import steps_over_examples, training_arguments
+    from lmlab.stages.common import stage_callbacks
     from lmlab.stages.posttrain import fine_tuning_lr, load_policy, lora_config, prepare_tokenizer
     from lmlab.trainers import lmlab_trainer
 
@@ -93,16 +93,16 @@ def prepare_rl(recipe: Recipe):
 
 def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Train with RL as the recipe says; returns the final artifact directory."""
-    from lmlab.stages.common import open_stage, save_final, train
+    from lmlab.stages.loop import save_final, stage_manifest, train
+    from lmlab.stages.rundir import open_stage
 
     start = open_stage(recipe, resume, overwrite, checked=checked)
     trainer, tokenizer, lr = prepare_rl(recipe)
     train(trainer, start)
     model = trainer.model.merge_and_unload() if recipe.lora.enabled else trainer.model
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    manifest = {"stage": "rl", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-                "input_artifact": recipe.model.from_pretrained, "lr": lr, "steps": trainer.state.global_step,
-                "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None}
+    manifest = stage_manifest(recipe, lr=lr, steps=trainer.state.global_step,
+                              reward_first=rewards[0] if rewards else None, reward_last=rewards[-1] if rewards else None)
     final = save_final(trainer, tokenizer, recipe.run_dir / "final", manifest,
                        model=model if recipe.lora.enabled else None)
     console().print(f"[bold green]HF checkpoint:[/] {final}")

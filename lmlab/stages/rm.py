@@ -85,8 +85,10 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     """Train an ORM on pairs (given, or sampled and verifier-ranked); returns the artifact directory."""
     from trl import RewardConfig, RewardTrainer
 
-    from lmlab.stages.common import (open_stage, save_final, stage_callbacks, steps_over_examples, train,
-                                     training_arguments)
+    from lmlab.stages.arguments import steps_over_examples, training_arguments
+    from lmlab.stages.common import stage_callbacks
+    from lmlab.stages.loop import save_final, stage_manifest, train
+    from lmlab.stages.rundir import open_stage
     from lmlab.stages.posttrain import fine_tuning_lr, prepare_tokenizer
     from lmlab.trainers import lmlab_trainer
 
@@ -108,10 +110,8 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     out.print(f"[bold]{recipe.name}[/]: reward model on {len(train_rows):,} pairs ({held_out} held out), {steps} steps")
     train(trainer, start)
     metrics = trainer.evaluate() if validation is not None else {}
-    manifest = {"stage": "rm", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-                "input_artifact": recipe.model.from_pretrained, "lr": lr, "pairs": len(train_rows),
-                "held_out_pairs": held_out, "overlong_dropped": overlong, "steps": trainer.state.global_step,
-                "metrics": metrics}
+    manifest = stage_manifest(recipe, lr=lr, pairs=len(train_rows), held_out_pairs=held_out,
+                              overlong_dropped=overlong, steps=trainer.state.global_step, metrics=metrics)
     final = save_final(trainer, tokenizer, recipe.run_dir / "final", manifest)
     if "eval_accuracy" in metrics:
         out.print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}")

@@ -47,7 +47,7 @@ def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
     """TRL's SFTConfig from the recipe: epochs or a step budget, early stopping, warmup over the real steps."""
     from trl import SFTConfig
 
-    from lmlab.stages.common import training_arguments, training_budget
+    from lmlab.stages.arguments import training_arguments, training_budget
 
     has_val = data.validation is not None
     patience = recipe.sft.early_stopping_patience if has_val else None
@@ -77,7 +77,7 @@ def sft_arguments(recipe: Recipe, data: SFTData, model, epochs: float | None):
 def schedule_over(args, recipe: Recipe, rows: int, epochs: float) -> None:
     """Warmup (and WSD's decay) as a share of the real number of steps over `rows` training rows (packed
     rows are fewer than records; replay rows add to them)."""
-    from lmlab.stages.common import steps_over_examples
+    from lmlab.stages.arguments import steps_over_examples
 
     steps = steps_over_examples(recipe.train, rows, epochs=epochs)
     args.warmup_steps = int(recipe.optim.warmup_ratio * steps)
@@ -140,7 +140,7 @@ def general_loss_before(job: SFTJob, start) -> dict[str, float]:
 
     from lmlab.distributed import is_main
     from lmlab.paths import write_json_atomic
-    from lmlab.stages.common import row_losses
+    from lmlab.stages.loop import row_losses
 
     if job.replay is None or job.replay.validation is None:
         return {}
@@ -159,7 +159,8 @@ def general_loss_before(job: SFTJob, start) -> dict[str, float]:
 def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Fine-tune as the recipe says; returns the artifact (a full checkpoint, or a LoRA adapter)."""
     from lmlab.distributed import is_main
-    from lmlab.stages.common import open_stage, save_final, train
+    from lmlab.stages.loop import save_final, stage_manifest, train
+    from lmlab.stages.rundir import open_stage
 
     start = open_stage(recipe, resume, overwrite, checked=checked)
     job = prepare_sft(recipe)
@@ -171,7 +172,7 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False, check
     if job.replay is not None and job.replay.validation is not None:
         from transformers import default_data_collator
 
-        from lmlab.stages.common import row_losses
+        from lmlab.stages.loop import row_losses
 
         final_metrics["eval_replay_loss"] = float(row_losses(trainer, job.replay.validation, default_data_collator))
         if "eval_replay_loss" in before:
@@ -186,11 +187,9 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False, check
         out.print(f"greedy math accuracy: in-domain {final_metrics['math_id/greedy_accuracy']:.1%}, "
                   f"out-of-domain {final_metrics['math_ood/greedy_accuracy']:.1%} "
                   f"({recipe.sft.eval_math} problems each)")
-    manifest = {"stage": "sft", "name": recipe.name, "recipe": recipe.model_dump(mode="json"),
-                "input_artifact": recipe.model.from_pretrained, "examples": data.examples,
-                "overlong": data.overlong, "dropped": data.dropped, "epochs": epochs,
-                "assistant_mask": data.assistant_mask,
-                "steps": trainer.state.global_step, "adapter": recipe.lora.enabled, "metrics": final_metrics}
+    manifest = stage_manifest(recipe, examples=data.examples, overlong=data.overlong, dropped=data.dropped,
+                              epochs=epochs, assistant_mask=data.assistant_mask, steps=trainer.state.global_step,
+                              adapter=recipe.lora.enabled, metrics=final_metrics)
     if job.replay is not None:
         manifest.update(replay_mix=job.replay.report, metrics_before=before)
     final = save_final(trainer, tokenizer, run_dir / "final", manifest)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from lmlab.errors import LmlabError
 from lmlab.recipe import merge_blocks
 
 

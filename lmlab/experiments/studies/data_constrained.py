@@ -19,7 +19,6 @@ study picks up where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,7 +374,7 @@ def _efficiency_finding(study, results, ensembles, runs, fits) -> dict:
     claim = "the joint recipe is more data-efficient than the standard one (paper: 5.17x)"
     if fits.data is None:
         return {"claim": claim, "reproduced": False, "numbers": "the data-scaling fit of the standard recipe failed"}
-    d_fit, eff, budget = fits.data, fits.efficiency, results["budget_tokens"]
+    d_fit, eff = fits.data, fits.efficiency
     best_joint = min(min(e.values()) for e in ensembles.values())
     text = (f"standard L(D) = {d_fit.A:.3g}/D^{d_fit.alpha:.3f} + {d_fit.E:.4f} over "
             f"{', '.join(f'{int(t):,}' for t in fits.data_tokens)} tokens; joint recipe (asymptote "
