@@ -239,6 +239,12 @@ def test_emitting_without_a_checkpoint_names_the_placeholder(tmp_path):
     assert first["stage"] == "cpt" and first["model"]["from_pretrained"] == "checkpoints/Qwen/Qwen3-1.7B"
     assert any("put a local HF copy" in n and "checkpoints/Qwen/Qwen3-1.7B" in n for n in notes), notes
     assert text.startswith("# lmlab plan:")
+    # a --checkpoint that names no directory is said too, not only when `lmlab run` refuses it later
+    missing = emit_pipeline(expert, tmp_path / "m.yaml", checkpoint=str(tmp_path / "qwen3-1.7b"))
+    assert any(f"continues {tmp_path / 'qwen3-1.7b'}, which does not exist yet" in n for n in missing), missing
+    (tmp_path / "qwen3-1.7b").mkdir()
+    assert not any("does not exist yet" in n for n in emit_pipeline(expert, tmp_path / "m2.yaml",
+                                                                      checkpoint=str(tmp_path / "qwen3-1.7b")))
 
 
 def test_emit_never_swaps_the_architecture_and_warns_of_replay_passes(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
@@ -254,9 +255,10 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
     if stages and stages[0]["stage"] != "pretrain":
         source = checkpoint or f"checkpoints/{plan.model.name}"
         stages[0]["model"] = {"from_pretrained": source}
-        if not checkpoint:
-            notes.append(f"{stages[0]['stage']}: continues {source}; put a local HF copy of {plan.model.name} "
-                         "(safetensors) there, or emit again with --checkpoint DIR")
+        if not checkpoint or not Path(checkpoint).is_dir():
+            notes.append(f"{stages[0]['stage']}: continues {source}, which does not exist yet; put a local HF copy "
+                         f"of {plan.model.name} (safetensors) there" + ("" if checkpoint else
+                                                                       ", or emit again with --checkpoint DIR"))
     return {"name": name, "seed": 0, "stages": stages}, notes
 
 
