@@ -58,3 +58,16 @@ def test_ensemble_command_trains_members_and_saves_a_loadable_ensemble(tmp_path)
     assert result.exit_code == 0, result.output
     ensemble = next((tmp_path / "runs").glob("ens-ensemble/ensemble"))
     assert isinstance(load_model(ensemble), EnsembleCausalLM)
+
+
+def test_pairs_command_samples_scores_and_writes_pairs(tmp_path, base_model):
+    from tests.test_preference_rl import _policy_reward_model
+
+    scorer = _policy_reward_model(tmp_path, base_model)  # continuous scores: every prompt gives a pair
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, ["pairs", str(base_model), "--n", "4", "-k", "2", "--scorer", str(scorer),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(pairs) == 4 and "4 pairs from 4 prompts" in result.output
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)

@@ -225,29 +225,10 @@ def fit(points: Path = typer.Argument(..., help="A .csv or .jsonl file of points
         bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="Bootstrap refits for the 95% intervals."),
         out: Optional[Path] = typer.Option(None, "--out", help="PNG of points, fits and asymptotes.")) -> None:
     """Fit L(x) = A / x^alpha + E per recipe, with bootstrap intervals and the asymptote E (Kotha et al.)."""
-    from lmlab.scaling.fit import data_efficiency, fit_power_law, plot_fits
-    from lmlab.scaling.points import read_points
+    from lmlab.scaling.fit import fit_points
 
-    series = read_points(points, x, y, group)
-    fits = {name: fit_power_law(xs, ys, bootstrap=bootstrap) for name, (xs, ys) in series.items()}
-    for name, f in fits.items():
-        typer.echo(f"{name}: L = {f.A:.4g} / {x}^{f.alpha:.3f} + {f.E:.4f}   asymptote E = {f.E:.4f} "
-                   f"[{f.E_ci[0]:.4f}, {f.E_ci[1]:.4f}], alpha [{f.alpha_ci[0]:.3f}, {f.alpha_ci[1]:.3f}], "
-                   f"{f.n_points} points, rmse {f.rmse:.4g}")
-    if efficiency:
-        base, other = (s.strip() for s in efficiency.split(",", 1)) if "," in efficiency else (efficiency, "")
-        if base not in series or other not in series:
-            raise LmlabError(f"--efficiency names unknown groups; known: {', '.join(series)}", field="--efficiency")
-        ratio = data_efficiency(*series[base], *series[other])
-        if ratio == float("inf"):
-            typer.echo(f"data efficiency of {other} over {base}: unbounded ({other} reaches a loss of "
-                       f"{min(series[other][1]):.4f}, below {base}'s fitted asymptote E = {fits[base].E:.4f}: "
-                       f"no amount of {base}'s data matches it)")
-        else:
-            typer.echo(f"data efficiency of {other} over {base}: {ratio:.2f}x")
-    if out:
-        plot_fits({name: (*series[name], f) for name, f in fits.items()}, out, xlabel=x)
-        typer.echo(f"plot: {out}")
+    for line in fit_points(points, x, y, group, efficiency, bootstrap, out):
+        typer.echo(line)
 
 
 @app.command()
@@ -289,24 +270,9 @@ def pairs(checkpoint: Path = typer.Argument(..., help="The policy: an HF checkpo
           seed: int = typer.Option(0, "--seed"),
           out: Path = typer.Option(..., "--out", "-o", help="Where the pairs jsonl goes.")) -> None:
     """Sample K responses per prompt, score them, and write best-vs-worst pairs (ties dropped, counted)."""
-    from lmlab.data.pairs import preference_inputs, write_pairs
-    from lmlab.evaluate.onpolicy import sample_pairs
-    from lmlab.data.tokenizer import load_tokenizer
-    from lmlab.evaluate.orm import load_scorer
-    from lmlab.models.build import load_model
-    from lmlab.recipe import SourceSpec
+    from lmlab.evaluate.onpolicy import pairs_file
 
-    if prompts != "math" and not Path(prompts).is_file():
-        raise LmlabError("prompts file not found", file=prompts, field="--prompts")
-    spec = SourceSpec(kind="math", num_examples=n) if prompts == "math" else SourceSpec(kind="jsonl", path=prompts)
-    given, records = preference_inputs([spec], seed)
-    if given:
-        raise LmlabError("the prompts file already holds pairs", file=prompts)
-    tokenizer = load_tokenizer(checkpoint)
-    chosen_scorer = load_scorer(scorer, tokenizer)
-    made, stats = sample_pairs(load_model(checkpoint), tokenizer, records, chosen_scorer, samples, temperature,
-                               seed=seed)
-    write_pairs(made, out)
+    stats = pairs_file(checkpoint, prompts, n, samples, scorer, temperature, seed, out)
     typer.echo(f"{stats.pairs} pairs from {stats.prompts} prompts ({stats.ties_dropped} ties dropped; mean best "
                f"{stats.mean_best:.3f}, worst {stats.mean_worst:.3f}) -> {out}")
 
@@ -428,26 +394,18 @@ def tokenizer_eval(
     from lmlab.console import console as shared_console
     from rich.table import Table
 
-    from lmlab.data.sources import load_source
-    from lmlab.data.tokenizer import compare_tokenizers, load_tokenizer, tokenizer_metrics
-    from lmlab.recipe import SourceSpec
+    from lmlab.data.tokenizer import measure_tokenizers
 
-    spec = SourceSpec.model_validate(source)
-    texts = [row["text"] for row in load_source(spec, streaming=True).take(docs)]
-    tokenizers = {str(tokenizer): load_tokenizer(tokenizer)}
-    if against:
-        tokenizers[str(against)] = load_tokenizer(against)
-    table = Table(title=f"tokenizer metrics on {len(texts)} documents of {source}")
+    results, ratios, count = measure_tokenizers([tokenizer, *([against] if against else [])], source, docs)
+    table = Table(title=f"tokenizer metrics on {count} documents of {source}")
     table.add_column("metric")
-    results = {name: tokenizer_metrics(tok, texts) for name, tok in tokenizers.items()}
     for name in results:
         table.add_column(name, justify="right")
     for key in ("fertility", "continued_words", "bytes_per_token", "tokens", "words", "bytes"):
         table.add_row(key, *[f"{r[key]:.4f}" if isinstance(r[key], float) else f"{r[key]:,}" for r in results.values()])
     shared_console().print(table)
-    if against:
-        ratios = compare_tokenizers(*tokenizers.values(), texts)
-        typer.echo(f"ratios (first / second): {ratios.get('ratios', ratios)}")
+    if ratios is not None:
+        typer.echo(f"ratios (first / second): {ratios}")
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -262,3 +262,20 @@ def resolve_tokenizer(recipe: Recipe, run_dir: Path):
                                             max_bytes=recipe.tokenizer.max_train_bytes)
             save_tokenizer(tokenizer, saved)
     return load_tokenizer(saved)
+
+
+def measure_tokenizers(paths: list, source: str, docs: int) -> tuple[dict[str, dict], dict | None, int]:
+    """`lmlab tokenizer eval`: each tokenizer's metrics on the first `docs` documents of a source, and the
+    first-over-second ratios when there are two; returns (metrics by path, ratios or None, documents read)."""
+    from lmlab.data.sources import load_source
+    from lmlab.recipe import SourceSpec
+
+    texts = [row["text"] for row in load_source(SourceSpec.model_validate(source), streaming=True).take(docs)]
+    tokenizers = {str(path): load_tokenizer(path) for path in paths}
+    results = {name: tokenizer_metrics(tok, texts) for name, tok in tokenizers.items()}
+    ratios = None
+    if len(tokenizers) == 2:
+        compared = compare_tokenizers(*tokenizers.values(), texts)
+        ratios = compared.get("ratios", compared)
+    return results, ratios, len(texts)
+

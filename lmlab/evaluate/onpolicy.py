@@ -37,3 +37,29 @@ def sample_pairs(model, tokenizer, records: list[dict[str, Any]], scorer, sample
                           [rec for rec, g in zip(mine, sampled) for _ in g])
     scored = unshard([(texts, flat[i * samples:(i + 1) * samples]) for i, texts in enumerate(sampled)])
     return pairs_from_scores(records, [t for t, _ in scored], [s for _, s in scored], system)
+
+
+def pairs_file(checkpoint, prompts: str, n: int, samples: int, scorer: str, temperature: float, seed: int,
+               out) -> PairStats:
+    """`lmlab pairs`: on-policy pairs of a checkpoint over the math generator's prompts (or a prompts jsonl),
+    ranked by a verifier or a reward model, written to `out`."""
+    from pathlib import Path
+
+    from lmlab.data.pairs import preference_inputs, write_pairs
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.orm import load_scorer
+    from lmlab.models.build import load_model
+    from lmlab.recipe import SourceSpec
+
+    if prompts != "math" and not Path(prompts).is_file():
+        raise LmlabError("prompts file not found", file=prompts, field="--prompts")
+    spec = SourceSpec(kind="math", num_examples=n) if prompts == "math" else SourceSpec(kind="jsonl", path=prompts)
+    given, records = preference_inputs([spec], seed)
+    if given:
+        raise LmlabError("the prompts file already holds pairs", file=prompts)
+    tokenizer = load_tokenizer(checkpoint)
+    made, stats = sample_pairs(load_model(checkpoint), tokenizer, records, load_scorer(scorer, tokenizer), samples,
+                               temperature, seed=seed)
+    write_pairs(made, out)
+    return stats
+

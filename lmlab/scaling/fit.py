@@ -208,3 +208,31 @@ def plot_fits(series: dict[str, tuple[list[float], list[float], PowerLawFit]], o
         ax.axhline(fit.E, color=color, linestyle="--", linewidth=1, alpha=0.8)
     ax.set_xscale("log")
     return save_figure(plt, fig, ax, out, xlabel, ylabel, title)
+
+
+def fit_points(points, x: str, y: str, group: str | None = None, efficiency: str | None = None,
+               bootstrap: int = 200, out=None) -> list[str]:
+    """`lmlab fit`: a power law per group of a points file, the data efficiency of one group over another
+    (BASELINE,OTHER), and a plot; returns the lines to print."""
+    from lmlab.errors import LmlabError
+    from lmlab.scaling.points import read_points
+
+    series = read_points(points, x, y, group)
+    fits = {name: fit_power_law(xs, ys, bootstrap=bootstrap) for name, (xs, ys) in series.items()}
+    lines = [f"{name}: L = {f.A:.4g} / {x}^{f.alpha:.3f} + {f.E:.4f}   asymptote E = {f.E:.4f} "
+             f"[{f.E_ci[0]:.4f}, {f.E_ci[1]:.4f}], alpha [{f.alpha_ci[0]:.3f}, {f.alpha_ci[1]:.3f}], "
+             f"{f.n_points} points, rmse {f.rmse:.4g}" for name, f in fits.items()]
+    if efficiency:
+        base, other = (s.strip() for s in efficiency.split(",", 1)) if "," in efficiency else (efficiency, "")
+        if base not in series or other not in series:
+            raise LmlabError(f"--efficiency names unknown groups; known: {', '.join(series)}", field="--efficiency")
+        ratio = data_efficiency(*series[base], *series[other])
+        lines.append(f"data efficiency of {other} over {base}: " + (
+            f"unbounded ({other} reaches a loss of {min(series[other][1]):.4f}, below {base}'s fitted asymptote "
+            f"E = {fits[base].E:.4f}: no amount of {base}'s data matches it)" if ratio == float("inf")
+            else f"{ratio:.2f}x"))
+    if out:
+        plot_fits({name: (*series[name], f) for name, f in fits.items()}, out, xlabel=x)
+        lines.append(f"plot: {out}")
+    return lines
+
