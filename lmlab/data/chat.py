@@ -195,16 +195,10 @@ def chat_records(spec: SourceSpec, layout: str = "auto", seed: int = 0) -> Itera
 
 def parquet_records(spec: SourceSpec) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """`(file, row, record)` with every column of each row of a parquet file or directory (any layout)."""
-    import pyarrow
-    import pyarrow.parquet as pq
-
-    from lmlab.data.sources import local_files
+    from lmlab.data.sources import local_files, open_parquet
 
     for path in local_files(spec.path, spec.kind):
-        try:
-            table = pq.ParquetFile(str(path))
-        except (pyarrow.ArrowInvalid, OSError) as exc:
-            raise LmlabError(f"not a parquet file ({exc})", file=str(path)) from None
+        table = open_parquet(path)
         number = 0
         for batch in table.iter_batches():
             for record in batch.to_pylist():

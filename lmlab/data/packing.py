@@ -37,3 +37,17 @@ def pack_token_lists(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> It
             labels.append(IGNORE_INDEX if i == 0 else tok)
     if len(ids) == seq_len:
         yield {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def join_with_eos(ids: list[list[int]], eos: int, dtype=None):
+    """Documents' token ids joined into one array, each followed by EOS, and each one's length (EOS
+    included): how every packed stream lmlab builds (the token store, streamed rows) separates documents."""
+    import numpy as np
+
+    flat: list[int] = []
+    for doc in ids:
+        flat += doc
+        flat.append(eos)
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    return np.asarray(flat, dtype=dtype or np.int64), lengths
+

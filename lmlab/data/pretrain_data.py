@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from lmlab.data.packing import join_with_eos
 from lmlab.errors import LmlabError
 from lmlab.recipe import DataConfig, SourceSpec
 
@@ -143,13 +144,9 @@ def stream_columns(docs, tokenizer, seq_len: int) -> Iterator[dict[str, np.ndarr
         nonlocal carry, carry_starts
         ids = ([e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)] if backend is not None
                else tokenizer(texts, add_special_tokens=False)["input_ids"])
-        flat: list[int] = []
-        for doc in ids:
-            flat += doc
-            flat.append(eos)
-        lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+        flat, lengths = join_with_eos(ids, eos)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) + len(carry)
-        tokens = np.concatenate([carry, np.asarray(flat, dtype=np.int64)])
+        tokens = np.concatenate([carry, flat])
         all_starts = np.concatenate([carry_starts, starts])
         n = len(tokens) // seq_len
         if n:

@@ -80,6 +80,31 @@ def read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield line, record
 
 
+def json_object(line: str | bytes, path: str | Path, number: int) -> dict:
+    """One line of a jsonl file as its object; malformed JSON, bad UTF-8 or a non-object is an error naming
+    file and line (the one check for every reader of jsonl lines, the token store's workers included)."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        raise LmlabError("not UTF-8 text", file=str(path), line=number) from None
+    except json.JSONDecodeError as exc:
+        raise LmlabError(f"malformed JSON ({exc.msg} at column {exc.colno})", file=str(path), line=number) from None
+    if not isinstance(record, dict):
+        raise LmlabError("each line must be a JSON object", file=str(path), line=number)
+    return record
+
+
+def open_parquet(path: str | Path):
+    """A parquet file's reader; a file that is not parquet is an error naming it."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(str(path))
+    except (pyarrow.ArrowInvalid, OSError) as exc:
+        raise LmlabError(f"not a parquet file ({exc})", file=str(path)) from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """`(line_number, record)` for each non-blank line, or each object of a file holding one JSON array;
     a bad line is an error naming file and line."""
@@ -99,16 +124,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
             for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LmlabError(f"malformed JSON ({exc.msg} at column {exc.colno})", file=str(path),
-                                     line=number) from None
-                if not isinstance(record, dict):
-                    raise LmlabError("each line must be a JSON object", file=str(path), line=number)
-                yield number, record
+                if line.strip():
+                    yield number, json_object(line, path, number)
     except UnicodeDecodeError:
         raise LmlabError("not UTF-8 text", file=str(path), line=first_undecodable_line(path)) from None
     except (EOFError, OSError) as exc:  # gzip.BadGzipFile is an OSError; a truncated .gz an EOFError
@@ -230,17 +247,11 @@ def _from_generator(make_rows, spec: SourceSpec, streaming: bool, **kwargs):
 
 def _arrow_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     """Parquet files (each schema read, then the column scanned) or a `save_to_disk` directory, row by row."""
-    import pyarrow
-    import pyarrow.parquet as pq
-
     if spec.kind == "disk":
         yield from _arrow_source(spec, streaming=True)
         return
     for path in local_files(spec.path, spec.kind):
-        try:
-            table = pq.ParquetFile(str(path))
-        except (pyarrow.ArrowInvalid, OSError) as exc:
-            raise LmlabError(f"not a parquet file ({exc})", file=str(path)) from None
+        table = open_parquet(path)
         if spec.field not in table.schema_arrow.names:
             raise LmlabError(f"missing column '{spec.field}' (has {', '.join(table.schema_arrow.names)})",
                              file=str(path), field=spec.field)
@@ -350,18 +361,16 @@ def split_validation(ds, fraction: float):
     """Train and validation parts chosen by the hash of each `doc_id`: order- and streaming-independent."""
     from datasets import Dataset
 
-    from lmlab.data.split import doc_hash
+    from lmlab.data.split import doc_hash, held_out_indices, is_held_out
 
     if fraction <= 0:
         return ds, ds.select([]) if isinstance(ds, Dataset) else ds.take(0)
-    is_val = lambda row: doc_hash(row["doc_id"]) < fraction  # noqa: E731
-    train, val = ds.filter(lambda r: not is_val(r)), ds.filter(is_val)
-    if isinstance(ds, Dataset) and len(val) == 0 and len(ds) > 1:
-        hashes = [doc_hash(i) for i in ds["doc_id"]]
-        smallest = min(range(len(hashes)), key=hashes.__getitem__)
-        val = ds.select([smallest])
-        train = ds.select([i for i in range(len(ds)) if i != smallest])
-    return train, val
+    if isinstance(ds, Dataset):  # the one rule, at least one held out included (data.split)
+        held = held_out_indices([doc_hash(i) for i in ds["doc_id"]], fraction)
+        chosen = set(held.tolist())
+        return ds.select([i for i in range(len(ds)) if i not in chosen]), ds.select(held)
+    return (ds.filter(lambda r: not is_held_out(r["doc_id"], fraction)),
+            ds.filter(lambda r: is_held_out(r["doc_id"], fraction)))
 
 
 def mix_sources(loaded: list, weights: list[float], seed: int):

@@ -8,7 +8,6 @@ resharded across ranks, and evaluation never sees an item training saw.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
 
 GENERAL_HELD_OUT = 0.01  # the general corpus's validation share: held-out text for bits per byte and cloze
 
@@ -23,18 +22,9 @@ def is_held_out(doc_id: str, fraction: float) -> bool:
     return doc_hash(doc_id) < fraction
 
 
-def split_items(items: Sequence[Any], ids: Sequence[str], fraction: float) -> tuple[list[Any], list[Any]]:
-    """(train, held out) by the hash of each id; at least one item is held out when a fraction is asked for."""
-    held = [i for i, doc_id in enumerate(ids) if is_held_out(doc_id, fraction)] if fraction else []
-    if fraction and not held and len(items) > 1:
-        held = [min(range(len(ids)), key=lambda i: doc_hash(ids[i]))]
-    chosen = set(held)
-    return [x for i, x in enumerate(items) if i not in chosen], [items[i] for i in held]
-
-
 def held_out_indices(hashes, fraction: float):
     """Indices (into `hashes`, an array of `doc_hash` values) held out: those below `fraction`, and at
-    least the lowest one when a fraction is asked for, as `split_items` does, vectorised for tables."""
+    least the lowest one when a fraction is asked for: the one rule, for lists, tables and datasets."""
     import numpy as np
 
     hashes = np.asarray(hashes)

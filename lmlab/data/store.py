@@ -34,7 +34,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from lmlab.data.cache import cache_dir, file_hash, locked
-from lmlab.data.split import doc_hash
+from lmlab.data.packing import join_with_eos
+from lmlab.data.sources import json_object
+from lmlab.data.split import doc_hash, is_held_out
 from lmlab.errors import LmlabError
 from lmlab.recipe import SourceSpec
 
@@ -276,15 +278,7 @@ def _jsonl_documents(chunk: Chunk) -> Iterator[tuple[str, str]]:
     for number, raw in enumerate(data.split(b"\n"), start=chunk.first_line):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except UnicodeDecodeError:
-            raise LmlabError("not UTF-8 text", file=chunk.path, line=number) from None
-        except json.JSONDecodeError as exc:
-            raise LmlabError(f"malformed JSON ({exc.msg} at column {exc.colno})", file=chunk.path,
-                             line=number) from None
-        if not isinstance(record, dict):
-            raise LmlabError("each line must be a JSON object", file=chunk.path, line=number)
+        record = json_object(raw, chunk.path, number)
         if field_name not in record:
             raise LmlabError(f"missing field '{field_name}'", file=chunk.path, line=number, field=field_name)
         value = record[field_name]
@@ -298,16 +292,6 @@ def _encode(texts: list[str]) -> list[list[int]]:
     return _WORKER["tokenizer"](texts, add_special_tokens=False)["input_ids"]
 
 
-def _joined_with_eos(ids: list[list[int]], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Documents joined, each followed by EOS, and each one's length (EOS included)."""
-    flat: list[int] = []
-    for doc in ids:
-        flat += doc
-        flat.append(eos)
-    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
-    return np.asarray(flat, dtype=dtype), lengths
-
-
 def tokenize_chunk(chunk: Chunk) -> dict[str, Any]:
     """A work item's documents, routed to train or validation by doc hash, tokenised and joined."""
     docs = chunk.docs if chunk.docs is not None else list(_jsonl_documents(chunk))
@@ -316,14 +300,14 @@ def tokenize_chunk(chunk: Chunk) -> dict[str, Any]:
     lowest = (2.0, None)
     for doc_id, text in docs:
         h = doc_hash(doc_id) if fraction else 1.0
-        if fraction and (h < fraction or doc_id in held):
+        if fraction and (is_held_out(doc_id, fraction) or doc_id in held):
             groups["validation"].append(text)
         else:
             groups["train"].append(text)
             lowest = min(lowest, (h, doc_id), key=lambda x: x[0])
     out: dict[str, Any] = {"chars": sum(len(t) for _, t in docs), "size": chunk.size, "lowest": lowest}
     for part, texts in groups.items():
-        out[part] = _joined_with_eos(_encode(texts), _WORKER["eos"], _WORKER["dtype"]) if texts else None
+        out[part] = join_with_eos(_encode(texts), _WORKER["eos"], _WORKER["dtype"]) if texts else None
     return out
 
 
