@@ -4,6 +4,9 @@ The directory holds a copy of `recipes/` whose models, data and budgets are shru
 each (the commands themselves are not changed), and the three files the README calls the user's own:
 a local checkpoint's config.json, a prompts file and a points file. A README edit that breaks a command,
 or a command that stops working, fails here.
+
+It runs in `make test-slow` (CI runs it after `make test`): `ablate`, `sweep` and `ensemble` start one
+`lmlab` process per variant, 33 in all, and each process's start-up alone is about 5 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ TINY_MODEL = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads"
               "max_position_embeddings": 128}
 TINY_TOKENIZER = {"vocab_size": 300, "max_train_bytes": 60_000, "min_frequency": 1}
 GENERAL = {"kind": "general", "limit": 40}
+# the sweep and the ensemble train tiny_pretrain for a whole epoch 17 + 4 times: a few documents only
+FEW_DOCUMENTS = {"kind": "general", "limit": 8}
 
 
 def readme_commands(text: str) -> list[str]:
@@ -50,12 +55,12 @@ def _merge(tree: dict, changes: dict) -> dict:
 # per recipe file: what shrinks it to seconds (the same keys a user would lower)
 STAGE_CHANGES = {
     "tiny_pretrain.yaml": {"model": TINY_MODEL, "tokenizer": TINY_TOKENIZER,
-                           "data": {"train": GENERAL, "seq_len": 32, "validation_fraction": 0.1},
-                           "train": {"tokens": 2_000, "micro_batch_size": 4, "eval_every": 100, "save_every": 8,
+                           "data": {"train": FEW_DOCUMENTS, "seq_len": 32, "validation_fraction": 0.1},
+                           "train": {"tokens": 2_000, "micro_batch_size": 4, "eval_every": 100, "save_every": 10,
                                      "eval_batches": 2}},
     "math_cpt.yaml": {"data": {"train": {"num_examples": 200}, "replay": GENERAL, "seq_len": 32},
                       "train": {"tokens": 2_000, "micro_batch_size": 4, "eval_every": 10, "eval_batches": 2}},
-    "math_sft.yaml": {"data": {"train": {"num_examples": 48}},
+    "math_sft.yaml": {"data": {"train": {"num_examples": 24}},
                       "train": {"epochs": 1, "micro_batch_size": 8, "eval_every": 1000},
                       "sft": {"eval_math": 8, "validation_fraction": 0.2}},
     # a tiny policy answers every prompt wrong, so its samples tie and give no pairs: train on given pairs
@@ -70,8 +75,8 @@ STAGE_CHANGES = {
 
 def _tiny_quickstart(tree: dict) -> dict:
     by_stage = {"tokenizer": {"data": {"train": GENERAL}, "tokenizer": TINY_TOKENIZER},
-                "pretrain": {"model": TINY_MODEL, **{k: STAGE_CHANGES["tiny_pretrain.yaml"][k]
-                                                     for k in ("data", "train")}},
+                "pretrain": {"model": TINY_MODEL, "data": {"train": GENERAL, "seq_len": 32},
+                             "train": STAGE_CHANGES["tiny_pretrain.yaml"]["train"]},
                 "cpt": STAGE_CHANGES["math_cpt.yaml"], "sft": STAGE_CHANGES["math_sft.yaml"],
                 "rl": STAGE_CHANGES["math_rl.yaml"], "eval": {"n": 8, "samples": 2}}
     for stage in tree["stages"]:
@@ -154,23 +159,34 @@ def test_readme_commands_parse():
     assert recipes - {f"recipes/{name}" for name in (*STAGE_CHANGES, *WHOLE_FILE_CHANGES)} == set()  # each shrunk
 
 
-@pytest.mark.slow  # about 10 minutes on 2 cores: make test-slow
-def test_every_readme_command_runs_as_written(tmp_path):
+def readme_directory(tmp_path: Path) -> list[str]:
+    """Shrunk recipes and the user's own files in `tmp_path`; the README's commands, in order."""
     (tmp_path / "recipes").mkdir()
     shrink_recipes(tmp_path)
     for name, text in USER_FILES.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text() if callable(text) else text)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for command in readme_commands((ROOT / "README.md").read_text()):
-        done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    # what the commands promised to leave behind
+    return readme_commands((ROOT / "README.md").read_text())
+
+
+def check_what_the_commands_made(tmp_path: Path) -> None:
     for made in ("runs/quickstart/report.md", "plan.yaml", "runs/tiny_pretrain/final/model.safetensors",
                  "runs/tiny_lr1e-3/final/model.safetensors", "tok/tokenizer.json", "merged/model.safetensors",
                  "pairs.jsonl", "runs/math_rl/final/generation_config.json", "answers.jsonl",
-                 "runs/tiny_pretrain-ensemble/ensemble", "fit.png", "runs/distill_ensemble/final"):
+                 "runs/tiny_pretrain-ensemble/ensemble", "fit.png", "runs/distill_ensemble/final",
+                 "runs/tiny_pretrain-sweep/sweep.md", "runs/math_sft-ablate", "runs/evolm_small/evolm.md",
+                 "runs/data_constrained_small/study.md",
+                 "lm_eval_tasks"):
         assert (tmp_path / made).exists(), made
     assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow  # about 7 minutes on 2 cores: make test-slow
+def test_every_readme_command_runs_as_written(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in readme_directory(tmp_path):
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    check_what_the_commands_made(tmp_path)
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
