@@ -79,7 +79,8 @@ def measure(case: dict, setting: dict) -> dict[str, float]:
                   for k, v in state.items() if k in ("exp_avg", "exp_avg_sq"))
     shape = shape_from_config(config.to_dict())
     setup = TrainSetup(precision_bytes=4, micro_batch=setting["micro_batch"], seq_len=setting["seq_len"],
-                       attention=setting["attention"], gradient_checkpointing=bool(setting.get("gradient_checkpointing")))
+                       attention=setting["attention"], gradient_checkpointing=bool(setting.get("gradient_checkpointing")),
+                       loss_tiling="off")  # the model's own loss (the loss step's tiles: benchmarks/loss_memory.py)
     predicted = training_memory(shape, setup)
     # the forward pass's saved tensors are what a checkpointed run keeps; the recomputed layer comes later
     kept = activation_bytes(shape, setup, include_recompute=False)
@@ -119,7 +120,7 @@ def gpu_peak_ratio(method: str, micro_batch: int = 8, seq_len: int = 1024) -> fl
         opt.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated()
     setup = TrainSetup(method=method, precision_bytes=2, micro_batch=micro_batch, seq_len=seq_len, attention="sdpa",
-                       lora_rank=16)
+                       lora_rank=16, loss_tiling="off")
     predicted = training_memory(shape_from_config(config.to_dict()), setup).total
     print(f"gpu {GPU_CASE['name']}/{method}: predicted {predicted / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB")
     del model, opt

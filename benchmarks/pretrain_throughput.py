@@ -35,7 +35,7 @@ VOCAB = 4096
 
 
 def recipe_for(workdir: Path, steps: int, seq_len: int, micro: int, name: str, model: dict | None = None):
-    from lmlab.recipe import validate_recipe
+    from lmlab.loading import validate_recipe
 
     return validate_recipe({
         "name": name, "seed": 0,

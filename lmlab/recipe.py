@@ -233,7 +233,9 @@ class DataConfig(Strict):
 
 
 class OptimConfig(Strict):
-    optimizer: str = "auto"  # any HF Trainer `optim` name; auto: adamw_torch_fused on CUDA, adamw_torch on CPU
+    # any HF Trainer `optim` name; auto: adamw_torch_fused on CUDA, adamw_torch on CPU; muon: Muon for the
+    # hidden matrices, AdamW (lr, betas, eps, weight_decay below) for embeddings, head, norms and biases
+    optimizer: str = "auto"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)  # never applied to embeddings, norms or biases
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -245,6 +247,10 @@ class OptimConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)  # docs/rules.md §4: clip grad norm at 1.0
     z_loss: float = Field(0.0, ge=0)  # coefficient of the logsumexp^2 penalty (PaLM); 0 = off
+    # optimizer: muon only; defaults: nanochat's base training (matrix LR 0.02, momentum 0.95, no decay)
+    muon_lr: float = Field(0.02, gt=0)
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0)
 
 
 class GuardConfig(Strict):
@@ -272,6 +278,10 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False  # `lmlab plan` turns it on when activations would not fit
     compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA for packed rows (fixed shapes)
     liger: bool | Literal["auto"] = "auto"  # Liger's fused kernels; auto: on CUDA when liger-kernel is installed
+    # pretraining, CPT and distillation compute the loss in tiles of tokens x vocabulary, never the whole logits
+    # (lmlab.models.tiled; same loss and gradients); false: from the whole logits. optim.z_loss needs every
+    # position's normaliser and so the whole logits: with it, pretraining and CPT do not tile
+    tiled_loss: bool = True
     # parallelism over the processes of `--nproc`, `torchrun` or `accelerate launch`, one accelerate config
     # file each (configs/accelerate/): ddp replicates; zero2 shards gradients and optimizer state, zero3 also
     # weights, offload keeps them on CPU, hybrid shards within a node (FSDP2); deepspeed_* the same stages

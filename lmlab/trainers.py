@@ -47,6 +47,7 @@ class LmlabTrainerMixin:
 
     _staging_save = False
     guard = None  # lmlab.callbacks.DivergenceGuard, set by the stage skeleton
+    muon = None  # the recipe's optim block when optim.optimizer is muon, set by the stage skeleton
     lr_scale = 1.0  # applied to a resumed optimizer and schedule: a rollback lowers the LR
     _step_loss = 0.0
 
@@ -72,6 +73,17 @@ class LmlabTrainerMixin:
             values = self.accelerator.reduce(torch.tensor([loss, norm], device=self.accelerator.device), "mean")
             loss, norm = (float(v) for v in values)
         return self.guard.skip_step(loss, norm)
+
+    def create_optimizer(self, model=None):
+        """`optim.optimizer: muon`: Muon for the hidden matrices and AdamW for the rest (lmlab.optimizers),
+        with the same no-decay groups as AdamW; every other name is the Trainer's own."""
+        if self.muon is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from lmlab.optimizers import build_muon
+
+        opt_model = self.model if model is None else model
+        self.optimizer = build_muon(opt_model, self.muon, set(self.get_decay_parameter_names(opt_model)))
+        return self.optimizer
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -147,7 +159,30 @@ class LmlabTrainerMixin:
 
 
 class LmlabTrainer(LmlabTrainerMixin, Trainer):
-    """The HF Trainer with lmlab's checkpoints and decay groups (pretraining and CPT)."""
+    """The HF Trainer with lmlab's checkpoints and decay groups (pretraining and CPT).
+
+    Its one change to the loss: with `tiling` (train.tiled_loss, lmlab.models.tiled) the loss of a
+    batch with labels is computed in tiles, by TRL's fused LM head ("fused") or by lmlab's
+    checkpointed chunks ("chunks"); either is the model's own cross-entropy, divided by the
+    Trainer's token count like the model's."""
+
+    tiling = "off"
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.tiling == "off" or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        if self.tiling == "fused":
+            return super().compute_loss(model, {**inputs, "fused_lm_head": True}, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from lmlab.models.tiled import chunked_cross_entropy
+
+        labels = inputs["labels"]
+        loss = chunked_cross_entropy(model, {k: v for k, v in inputs.items() if k != "labels"}, labels,
+                                     num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # as the Trainer does: DDP averages over ranks
+        return (loss, {}) if return_outputs else loss  # no logits: the evaluation asks for the loss only
 
 
 @functools.lru_cache(maxsize=None)

@@ -357,6 +357,13 @@ def test_the_loss_step_is_counted_at_its_measured_peak():
     assert loss_bytes_per_token(shape, TrainSetup(precision_bytes=4)) == 12 * shape.vocab_size
     assert loss_bytes_per_token(shape, TrainSetup(precision_bytes=2)) == 14 * shape.vocab_size
     assert loss_bytes_per_token(shape, TrainSetup(), peak=False) == 4 * shape.vocab_size  # what backward keeps
-    grow = [training_memory(shape, TrainSetup(method="qlora", seq_len=n, gradient_checkpointing=True)).activations
-            for n in (2048, 4096)]
-    assert 0.9 <= (grow[1] - grow[0]) / 2048 / 2.47e6 <= 1.1
+    def growth(lengths=(2048, 4096), **setup) -> float:  # bytes per token of context
+        grow = [training_memory(shape, TrainSetup(method="qlora", seq_len=n, gradient_checkpointing=True,
+                                                  **setup)).activations for n in lengths]
+        return (grow[1] - grow[0]) / (lengths[1] - lengths[0])
+
+    assert 0.9 <= growth(loss_tiling="off") / 2.47e6 <= 1.1  # the measurement was transformers' own loss
+    # tiled (lmlab's stages): past one tile (4096 tokens), context only adds activations and the hidden gradient
+    tiled, whole = growth((4096, 8192)), growth((4096, 8192), loss_tiling="off")
+    assert tiled == pytest.approx(whole - 14 * shape.vocab_size + 4 * shape.hidden_size)
+    assert whole / tiled > 4

@@ -55,6 +55,8 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
     """(summed log-probability, token count) of each continuation given its context, batched and right-padded."""
     import torch
 
+    from lmlab.models.tiled import row_token_logprobs
+
     results: list[tuple[float, int]] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
@@ -67,15 +69,13 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        with torch.no_grad():  # logprobs[:, t - 1]: of the token at t (lmlab.models.tiled: never the whole logits)
+            logprobs = row_token_logprobs(model, {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0,
+                                                                                                             -100))
         for row, (lo, hi) in enumerate(spans):
-            # the token at position t is predicted by the logits at t - 1
-            targets = ids[row, lo:hi]
-            picked = logprobs[row, lo - 1:hi - 1].gather(-1, targets.unsqueeze(-1)).squeeze(-1) if lo > 0 else None
-            if picked is None:
+            if lo == 0:
                 raise ValueError("a cloze context must not be empty")
-            results.append((picked.sum().item(), hi - lo))
+            results.append((logprobs[row, lo - 1:hi - 1].sum().item(), hi - lo))
     return results
 
 
@@ -104,6 +104,7 @@ def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int =
 
     import torch
 
+    from lmlab.models.tiled import row_token_logprobs
     from lmlab.stats import Estimate
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -119,8 +120,7 @@ def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int =
         end = encoded["offset_mapping"][len(ids) - 1][1]
         row = torch.tensor([[start] + ids], device=model.device)
         with torch.no_grad():
-            logits = model(input_ids=row).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], row[0, 1:], reduction="sum").item()
+            nll = -row_token_logprobs(model, {"input_ids": row}, row).sum().item()
         bits.append(nll / math.log(2))
         sizes.append(len(text[:end].encode("utf-8")))
     if not sum(sizes):
@@ -133,15 +133,14 @@ def packed_rows_loss(model, rows, batch_size: int = 32) -> float:
     model, an ensemble included: the studies score every run and ensemble on the same held-out rows."""
     import torch
 
+    from lmlab.models.tiled import row_token_logprobs
+
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(rows), batch_size):
         batch = rows.columns(range(start, min(start + batch_size, len(rows))))
         ids, pos, labels = (torch.as_tensor(batch[k]) for k in ("input_ids", "position_ids", "labels"))
         with torch.no_grad():
-            logits = model(input_ids=ids, position_ids=pos).logits.float()
-        targets = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total, count = total + loss.item(), count + int((targets != -100).sum())
+            loss = -row_token_logprobs(model, {"input_ids": ids, "position_ids": pos}, labels).sum()
+        total, count = total + loss.item(), count + int((labels[:, 1:] != -100).sum())
     return total / count

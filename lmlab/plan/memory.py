@@ -56,6 +56,10 @@ class TrainSetup:
     lora_rank: int = 16
     lora_targets: str = "all-linear"
     paged_optimizer: bool = True  # QLoRA: bitsandbytes' paged AdamW pages its states to CPU under pressure
+    # how the loss step holds the logits (loss_step_bytes): every lmlab stage tiles them (TRL's fused head in
+    # SFT / DPO / RL and on CUDA, lmlab's chunks elsewhere) unless z-loss or train.tiled_loss: false
+    loss_tiling: Literal["off", "chunks", "fused"] = "fused"
+    triton: bool = True  # TRL's fused head runs its Triton kernel (CUDA); without it, a torch fallback
 
 
 @dataclass
@@ -118,11 +122,18 @@ def activation_elements_per_token(shape: ModelShape, setup: TrainSetup) -> dict[
 
 
 def activation_bytes(shape: ModelShape, setup: TrainSetup, include_recompute: bool = True) -> float:
-    """Peak activation bytes; without the recompute term, only what the forward pass keeps."""
+    """Peak activation bytes; without the recompute term, only what the forward pass keeps (a tiled loss
+    keeps nothing vocabulary-sized: it recomputes its tiles in the backward)."""
     tokens = setup.micro_batch * setup.seq_len
     parts = activation_elements_per_token(shape, setup)
     elements = parts["kept"] + parts["outside"] + (parts["recompute"] if include_recompute else 0)
-    return tokens * (elements * setup.precision_bytes + loss_bytes_per_token(shape, setup, peak=include_recompute))
+    if setup.loss_tiling == "off" or not include_recompute:
+        loss = tokens * loss_bytes_per_token(shape, setup, peak=include_recompute) \
+            if setup.loss_tiling == "off" else 0.0
+    else:
+        loss = loss_step_bytes(shape.vocab_size, tokens, shape.hidden_size, setup.precision_bytes,
+                               setup.loss_tiling, setup.triton)
+    return tokens * elements * setup.precision_bytes + loss
 
 
 def loss_bytes_per_token(shape: ModelShape, setup: TrainSetup, peak: bool = True) -> float:
@@ -136,6 +147,33 @@ def loss_bytes_per_token(shape: ModelShape, setup: TrainSetup, peak: bool = True
         return shape.vocab_size * saved
     logits = 4 + (setup.precision_bytes if setup.precision_bytes != 4 else 0)
     return shape.vocab_size * (saved + logits + 4)
+
+
+TILE_LOGITS_BYTES = 128 * 2**20  # lmlab's tiled loss: one chunk of fp32 logits (lmlab.models.tiled)
+TRL_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary entries per tile
+
+
+def loss_step_bytes(vocab: int, tokens: int, hidden: int = 0, precision_bytes: int = 2, tiling: str = "off",
+                    triton: bool = True) -> float:
+    """Peak bytes of the LM head and the loss for one micro-batch of `tokens`, beyond the backbone's.
+
+    off: the whole logits (loss_bytes_per_token). chunks (lmlab's checkpointed chunks): one chunk's fp32
+    logits, its log-softmax and their gradient (2.9 copies as measured) and part of the head weight's
+    fp32 gradient while it is accumulated (0.44 of it as measured).
+    fused (TRL's head): one tile in the compute dtype plus fp32 gradients of the head weight and the
+    hidden states; without Triton (CPU) its torch fallback holds about 33 bytes per tile entry in all
+    (measured by benchmarks/loss_memory.py: more than the whole logits below 4k tokens). The constants
+    come from the CPU measurements of benchmarks/loss_memory.py (benchmarks/results/loss_memory_cpu.txt);
+    the Triton path's is the kernel's own allocation, not yet measured on a GPU."""
+    if tiling == "off":
+        return tokens * vocab * (12 + (precision_bytes if precision_bytes != 4 else 0))
+    if tiling == "chunks":
+        chunk = min(tokens, max(16, TILE_LOGITS_BYTES // (4 * vocab)))
+        return 2.9 * chunk * vocab * 4 + 0.44 * vocab * hidden * 4
+    tile = min(tokens, TRL_TILE[0]) * min(vocab, TRL_TILE[1])
+    if not triton:
+        return 33 * tile
+    return tile * precision_bytes + (vocab + tokens) * hidden * 4
 
 
 def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:

@@ -58,7 +58,8 @@ def task_eval_callbacks(recipe: Recipe, metrics, tokenizer) -> list:
 
 def stage_callbacks(trainer, recipe: Recipe, tokenizer, tokens_per_step: int = 0, flops_per_token: float | None = None,
                     peak_flops: float | None = None, **metric_fields: Any):
-    """Attach the one callback set (metrics, progress, task/ORM evaluation, divergence guard) to a trainer."""
+    """Attach the one callback set (metrics, progress, task/ORM evaluation, divergence guard) to a trainer,
+    and hand it the optimizer it builds itself (`optim.optimizer: muon`); every stage's trainer passes here."""
     from lmlab.callbacks import DivergenceGuard, MetricsCallback, RichProgressCallback, attach_callbacks
 
     metrics = MetricsCallback(recipe.run_dir, tokens_per_step, flops_per_token, peak_flops=peak_flops,
@@ -71,4 +72,6 @@ def stage_callbacks(trainer, recipe: Recipe, tokenizer, tokens_per_step: int = 0
                                         loss_spikes=recipe.stage in ("pretrain", "cpt", "sft", "distill"))
         callbacks.append(trainer.guard)
     attach_callbacks(trainer, callbacks)
+    if recipe.optim.optimizer == "muon":
+        trainer.muon = recipe.optim
     return metrics

@@ -43,60 +43,118 @@ def from_top_k(indices: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) -
     return torch.log_softmax(full.scatter(-1, indices.long(), logprobs.float()), dim=-1)
 
 
+def token_loss_sum(student_logits: torch.Tensor, targets: torch.Tensor, teacher: tuple, alpha: float,
+                   temperature: float, top_k: int | None) -> torch.Tensor:
+    """sum over tokens of alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T), for (tokens, vocab) student
+    logits. `teacher` is ("logits", (tokens, vocab) logits) or ("top_k", indices, log-probabilities at T)."""
+    student = student_logits.float()
+    ce = torch.nn.functional.cross_entropy(student, targets, reduction="sum")
+    student_logp = torch.log_softmax(student / temperature, dim=-1)
+    if teacher[0] == "logits":
+        teacher_logp = torch.log_softmax(teacher[1].float() / temperature, dim=-1)
+        if top_k is None:
+            kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+            return alpha * ce + (1 - alpha) * temperature ** 2 * kl
+        teacher = ("top_k", *teacher_top_k(teacher_logp, 1.0, top_k))
+    indices, logp = teacher[1].long(), teacher[2].float()
+    logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)  # the k tokens, renormalised
+    kl = (logp.exp() * (logp - student_logp.gather(-1, indices))).sum()
+    return alpha * ce + (1 - alpha) * temperature ** 2 * kl
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
                       teacher_logp: torch.Tensor | None = None, num_items: torch.Tensor | int | None = None
                       ) -> torch.Tensor:
-    """alpha * next-token CE + (1 - alpha) * T^2 * KL(teacher || student), averaged over labelled tokens.
+    """alpha * next-token CE + (1 - alpha) * T^2 * KL(teacher || student), averaged over labelled tokens, from
+    whole logits (`distill.tiled_loss: false`, and the reference the tiled loss is tested against).
 
     The teacher is given as logits, or (from a cache) as its log-distribution at temperature T. The
     sum over this batch's labelled tokens is divided by `num_items` when given: the Trainer's count
     over the whole optimizer step (every micro-batch and every rank), so that rows with different
     numbers of labels weigh the same on 1 process as on N, with or without accumulation."""
-    student = student_logits[:, :-1].float()
     targets = labels[:, 1:]
     keep = targets != -100
-    ce = torch.nn.functional.cross_entropy(student[keep], targets[keep], reduction="sum")
     if teacher_logp is not None:
-        teacher_logp = teacher_logp[:, :-1][keep]
+        top = teacher_logp[:, :-1][keep].topk(min(top_k or teacher_logp.shape[-1], teacher_logp.shape[-1]), dim=-1)
+        teacher = ("top_k", top.indices, top.values)
     else:
-        teacher_logp = torch.log_softmax(teacher_logits[:, :-1].float()[keep] / temperature, dim=-1)
-        if top_k is not None:
-            teacher_logp = from_top_k(*teacher_top_k(teacher_logp, 1.0, top_k), teacher_logp.shape[-1])
-    student_logp = torch.log_softmax(student[keep] / temperature, dim=-1)
-    teacher_p = teacher_logp.exp()
-    kl = (teacher_p * (teacher_logp - student_logp)).nan_to_num().sum()  # 0 * -inf terms are 0
-    denominator = num_items if num_items is not None else keep.sum()
-    return (alpha * ce + (1 - alpha) * temperature ** 2 * kl) / denominator
+        teacher = ("logits", teacher_logits[:, :-1][keep])
+    total = token_loss_sum(student_logits[:, :-1][keep], targets[keep], teacher, alpha, temperature, top_k)
+    return total / (num_items if num_items is not None else keep.sum())
 
 
 class DistillTrainer(LmlabTrainer):
-    """lmlab's Trainer with the distillation loss; the teacher runs without gradients beside the student."""
+    """lmlab's Trainer with the distillation loss; the teacher runs without gradients beside the student.
+
+    With `tiled` (train.tiled_loss, the default), neither model's logits exist in full: the student's
+    and the teacher's final hidden states are projected through their heads one chunk of tokens at a
+    time (lmlab.models.tiled.chunked_sum), and the backward recomputes each chunk."""
 
     def __init__(self, *args, teacher=None, alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
-                 cache: dict[str, torch.Tensor] | None = None, **kwargs):
+                 cache: dict[str, torch.Tensor] | None = None, tiled: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().to(self.args.device)  # evaluation (and uncached training) runs it
         self.alpha, self.temperature, self.top_k, self.cache = alpha, temperature, top_k, cache
+        self.tiling = "chunks" if tiled else "off"  # its own loss, so never TRL's fused cross-entropy
+
+    def cached_teacher(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's cached top-k of these training rows, as a log-distribution over the vocabulary."""
+        length = labels.shape[1]
+        return (self.cache["indices"][rows.cpu(), :length].to(labels.device),
+                self.cache["logprobs"][rows.cpu(), :length].to(labels.device))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, rows = inputs["labels"], inputs.get("row_id")
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "row_id")}
-        outputs = model(**model_inputs)
-        teacher_logits = teacher_logp = None
-        if self.cache is not None and model.training:  # training rows: the teacher's top-k from disk
-            length = labels.shape[1]
-            teacher_logp = from_top_k(self.cache["indices"][rows.cpu(), :length].to(labels.device),
-                                      self.cache["logprobs"][rows.cpu(), :length].to(labels.device),
-                                      outputs.logits.shape[-1])
+        cached = self.cache is not None and model.training  # training rows: the teacher's top-k from disk
+        if self.tiling == "chunks":
+            # no logits to hand back: the evaluation asks for the loss only
+            loss, outputs = self.tiled_loss(model, model_inputs, labels, rows if cached else None,
+                                            num_items_in_batch), {}
         else:
-            with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits
-        loss = distillation_loss(outputs.logits, teacher_logits, labels, self.alpha, self.temperature, self.top_k,
-                                 teacher_logp=teacher_logp, num_items=num_items_in_batch)
+            outputs = model(**model_inputs)
+            teacher_logits = teacher_logp = None
+            if cached:
+                teacher_logp = from_top_k(*self.cached_teacher(rows, labels), outputs.logits.shape[-1])
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(**model_inputs).logits
+            loss = distillation_loss(outputs.logits, teacher_logits, labels, self.alpha, self.temperature,
+                                     self.top_k, teacher_logp=teacher_logp, num_items=num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count is global
         return (loss, outputs) if return_outputs else loss
+
+    def tiled_loss(self, model, inputs, labels, rows, num_items) -> torch.Tensor:
+        from lmlab.models.ensemble import combine_logits
+        from lmlab.models.tiled import chunk_tokens, chunked_sum, head_weights, last_hidden
+
+        keep = labels[:, 1:] != -100
+        hidden = last_hidden(model, inputs)[0][:, :-1][keep]
+        weight, bias = head_weights(self.accelerator.unwrap_model(model))
+        if rows is not None:  # the cache: k indices and log-probabilities per token
+            indices, logprobs = (x[:, :-1][keep] for x in self.cached_teacher(rows, labels))
+            teacher_inputs, kind = (indices, logprobs), "top_k"
+        else:  # the teacher's members' hidden states; their heads run per chunk, without gradients
+            members = list(getattr(self.teacher, "members", [self.teacher]))
+            with torch.no_grad():
+                teacher_inputs = tuple(last_hidden(m, inputs)[0][:, :-1][keep] for m in members)
+            heads = [head_weights(m) for m in members]
+            combine, kind = getattr(self.teacher, "combine", "logits"), "logits"
+
+        def per_token(h, targets, *teacher):
+            student = torch.nn.functional.linear(h, weight, bias)
+            if kind == "logits":
+                with torch.no_grad():
+                    teacher = ("logits", combine_logits([torch.nn.functional.linear(t, w, b)
+                                                         for t, (w, b) in zip(teacher, heads)], combine))
+            else:
+                teacher = ("top_k", *teacher)
+            return token_loss_sum(student, targets, teacher, self.alpha, self.temperature, self.top_k)
+
+        total = chunked_sum(hidden, per_token, labels[:, 1:][keep], *teacher_inputs, chunk=chunk_tokens(weight.shape[0]))
+        return total / (num_items if num_items is not None else keep.sum())
 
 
 def cache_teacher(teacher, dataset, collator, top_k: int, temperature: float, path: Path,
@@ -202,7 +260,8 @@ def teacher_factory(recipe: Recipe):
     def factory(data, collator, tokenizer):
         d = recipe.distill
         teacher = load_teacher(d.teacher, tokenizer)
-        extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k)
+        extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k,
+                     tiled=recipe.train.tiled_loss)
         if d.cache_teacher:  # rows carry their index, so each batch finds its teacher top-k on disk
             data.train = Numbered(data.train)
             # rank 0 runs the teacher and writes the cache; the other ranks then read the same file

@@ -101,8 +101,21 @@ def budget_lines(recipe: Recipe, params: int) -> tuple[list[str], int | None, in
             f"(at most {tokens:,} tokens)"], steps, tokens
 
 
+def stage_loss_tiling(recipe: Recipe) -> str:
+    """How the stage's loss step holds the logits: pretraining and CPT per lmlab.stages.packed.loss_tiling,
+    distillation in lmlab's chunks, TRL's trainers (SFT, preference, RL) always in their fused head."""
+    from lmlab.stages.packed import loss_tiling
+
+    if recipe.stage in ("pretrain", "cpt"):
+        return loss_tiling(recipe)
+    if recipe.stage == "distill":
+        return "chunks" if recipe.train.tiled_loss else "off"
+    return "fused"
+
+
 def memory_line(recipe: Recipe, shape) -> str:
     """Memory per device from the planner's model of weights, gradients, optimizer states and activations."""
+    from lmlab.models.build import cuda, installed
     from lmlab.plan.memory import TrainSetup, training_memory
     from lmlab.stages.arguments import use_bf16
 
@@ -114,10 +127,11 @@ def memory_line(recipe: Recipe, shape) -> str:
                        micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
                        gradient_checkpointing=recipe.train.gradient_checkpointing,
                        precision_bytes=2 if use_bf16(recipe.train.precision) else 4, lora_rank=lora.r,
-                       attention="sdpa")
+                       attention="sdpa", loss_tiling=stage_loss_tiling(recipe), triton=cuda() and installed("triton"))
     m = training_memory(shape, setup)
     return (f"memory per device: {size(m.total)} (weights {size(m.weights)}, gradients {size(m.gradients)}, "
-            f"optimizer {size(m.optimizer)}, activations {size(m.activations)}; lmlab plan's model)")
+            f"optimizer {size(m.optimizer)}, activations and loss {size(m.activations)}, logits "
+            f"{'whole' if setup.loss_tiling == 'off' else 'in tiles'}; lmlab plan's model)")
 
 
 def size(num_bytes: float) -> str:

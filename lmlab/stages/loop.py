@@ -74,6 +74,7 @@ def row_losses(trainer, dataset, collator=None) -> Any:
     """
     import torch
 
+    from lmlab.models.tiled import row_token_logprobs
     from lmlab.stats import Estimate
 
     model = trainer.model_wrapped
@@ -87,12 +88,11 @@ def row_losses(trainer, dataset, collator=None) -> Any:
         batches = trainer.accelerator.prepare(torch.utils.data.DataLoader(
             dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=collator))
     for batch in batches:
-        labels = batch.pop("labels")[:, 1:]
+        labels = batch.pop("labels")
         with torch.no_grad():
-            logits = model(**batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        mask = labels != -100
-        total, n = trainer.accelerator.gather_for_metrics(((nll * mask).sum(1), mask.sum(1)))
+            nll = -row_token_logprobs(model, batch, labels)  # in tiles when the model has the tiled head
+        mask = labels[:, 1:] != -100
+        total, n = trainer.accelerator.gather_for_metrics((nll.sum(1), mask.sum(1)))
         sums += total.tolist()
         counts += n.tolist()
     model.train(was_training)

@@ -20,6 +20,7 @@ from lmlab.console import console
 from lmlab.data.tokenizer import resolve_tokenizer
 from lmlab.distributed import world_size
 from lmlab.errors import LmlabError
+from lmlab.models.tiled import add_tiled_head, tiling_for
 from lmlab.recipe import Recipe
 from lmlab.stages.arguments import Budget, training_arguments, training_budget
 from lmlab.stages.common import device_peak_flops, stage_callbacks
@@ -136,6 +137,14 @@ def attach_packed_callbacks(trainer, recipe: Recipe, model, tokenizer, budget: B
     stage_callbacks(trainer, recipe, tokenizer, budget.tokens_per_step, flops, peak)
 
 
+def loss_tiling(recipe: Recipe) -> str:
+    """How pretraining and CPT tile their cross-entropy (lmlab.models.tiled); distillation tiles its own loss
+    in DistillTrainer, and z-loss needs the whole logits."""
+    if recipe.stage not in ("pretrain", "cpt") or recipe.optim.z_loss:
+        return "off"
+    return tiling_for(recipe.train.tiled_loss)
+
+
 def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: TrainerFactory | None = None) -> PackedJob:
     """Tokenizer, data, model and trainer; every input check happens here, before compute."""
     from lmlab.models.build import active_parameters, build_model, count_parameters
@@ -145,6 +154,9 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     data, collator, replay = load_rows(recipe, tokenizer, rows)
     model = build_model(recipe.model, tokenizer, seed=recipe.seed)
     n_params, n_active = count_parameters(model), active_parameters(model)
+    tiling = loss_tiling(recipe)
+    if tiling == "fused":
+        add_tiled_head(model)
     ratio = recipe.data.replay_ratio if replay else 0.0
     # default budget: one pass over the domain data, with the replay share on top
     unique = data.train_tokens / (1 - ratio) if data.train_tokens else None
@@ -161,6 +173,8 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=evaluation,
                             data_collator=collator, processing_class=tokenizer, compute_loss_func=compute_loss,
                             **extra)
+    if factory is None:  # distillation's trainer tiles its own loss
+        trainer.tiling = tiling
     attach_packed_callbacks(trainer, recipe, model, tokenizer, budget, n_active)
     return PackedJob(recipe, trainer, tokenizer, data, budget, n_params, n_active, mix)
 
@@ -219,7 +233,8 @@ def run_packed(recipe: Recipe, resume: bool, overwrite: bool, rows: Callable | N
     manifest = stage_manifest(
         recipe, parameters=job.n_params, active_parameters=job.n_active, steps=job.budget.max_steps,
         tokens=job.budget.tokens, epochs=job.budget.epochs, unique_train_tokens=job.data.train_tokens,
-        metrics=final_metrics, validation_rows=rows_loss.as_dict() if rows_loss is not None else None)
+        metrics=final_metrics, validation_rows=rows_loss.as_dict() if rows_loss is not None else None,
+        loss_tiling=trainer.tiling)
     if job.replay_mix is not None:
         manifest.update(replay_mix=job.replay_mix.report(), metrics_before=before)
         if "eval_replay_loss" in before and "eval_replay_loss" in final_metrics:

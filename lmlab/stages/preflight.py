@@ -196,6 +196,7 @@ def check_optimizer(name: str) -> None:
     from transformers.training_args import OptimizerNames
 
     known = [o.value for o in OptimizerNames]
-    if name != "auto" and name not in known:
+    if name not in ("auto", "muon") and name not in known:
         raise LmlabError(f"unknown optimizer '{name}'", field="optim.optimizer",
-                         hint="auto, or an HF Trainer `optim` name, e.g. adamw_torch, adamw_torch_fused, adafactor")
+                         hint="auto, muon, or an HF Trainer `optim` name, e.g. adamw_torch, adamw_torch_fused, "
+                              "adafactor")

@@ -24,8 +24,11 @@ from lmlab.models.build import attention_kernel, cuda, installed
 
 
 def optimizer_name(requested: str) -> str:
-    """`auto`: fused AdamW on CUDA, AdamW elsewhere; any other HF Trainer `optim` name as given."""
-    if requested != "auto":
+    """`auto`: fused AdamW on CUDA, AdamW elsewhere; any other HF Trainer `optim` name as given.
+
+    `muon` is built by the trainer itself (lmlab.trainers, lmlab.optimizers); the Trainer's own name
+    stays AdamW's, which its argument checks accept."""
+    if requested not in ("auto", "muon"):
         return requested
     return "adamw_torch_fused" if cuda() else "adamw_torch"
 
@@ -51,8 +54,11 @@ def liger_kernels(requested: bool | str) -> bool:
 
 def check_speed_options(recipe) -> None:
     """Every explicit switch is possible here (preflight calls this before anything runs)."""
+    from lmlab.optimizers import check_muon
+
     attention_kernel(recipe.model.attn_implementation)
     liger_kernels(recipe.train.liger)
+    check_muon(recipe.optim.optimizer, recipe.train.distributed)
 
 
 def packed_rows(recipe) -> bool:

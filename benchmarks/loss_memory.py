@@ -1,0 +1,107 @@
+"""Peak memory of one training step's loss, with and without tiles, measured on CPU.
+
+Each case runs in a fresh process: a one-layer Llama (hidden 256) with a vocabulary of
+32k, 128k or 256k entries takes one forward and backward on a row of 1k-8k tokens, and
+the process's peak RSS during the step is compared with its RSS just before. Four ways:
+`plain` (the model's own loss from the whole logits), `chunks` (lmlab's checkpointed chunks,
+what pretraining, CPT and distillation use without Triton), `fused` (TRL's fused LM head,
+their path on CUDA; on CPU it runs its torch fallback) and `backbone` (no head at all: the
+step's memory without logits). The logits' share of a step is its peak minus the backbone's;
+the headline is plain's share over chunks' at 128k entries and 4k tokens. The planner's
+loss-step term (lmlab.plan.memory.loss_step_bytes) is printed beside each as predicted/measured.
+
+    python benchmarks/loss_memory.py                    # ~3 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+VOCABS = [32_000, 128_256, 256_000]
+TOKENS = [1024, 4096, 8192]
+HIDDEN = 256
+WAYS = ("plain", "chunks", "fused")
+MEMORY_LIMIT = 14e9  # cases whose plain loss step would need more are skipped on a 24 GB machine
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def one_step(vocab: int, tokens: int, how: str) -> dict[str, float]:
+    """Runs in the child: the step's peak RSS above the RSS before it, in bytes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmlab.models.tiled import add_tiled_head, chunked_cross_entropy
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True, use_cache=False))
+    if how == "fused":
+        add_tiled_head(model)
+    ids = torch.randint(0, vocab, (1, tokens))
+    for p in model.parameters():  # gradients allocated before the baseline: only the step's transients count
+        p.grad = torch.zeros_like(p)
+    before = rss()
+    if how == "backbone":
+        loss = model.model(input_ids=ids).last_hidden_state.float().pow(2).mean()
+    elif how == "fused":
+        loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    elif how == "chunks":
+        loss = chunked_cross_entropy(model, {"input_ids": ids}, ids)
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"step_bytes": peak - before}
+
+
+def measure(vocab: int, tokens: int, how: str) -> float | None:
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from loss_memory import one_step; " \
+           f"print(json.dumps(one_step({vocab}, {tokens}, '{how}')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        print(f"  {how} {vocab} x {tokens}: failed ({done.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["step_bytes"]
+
+
+def main() -> None:
+    from lmlab.plan.memory import loss_step_bytes
+
+    shares = {}
+    ratios = []
+    for vocab in VOCABS:
+        for tokens in TOKENS:
+            if 12 * vocab * tokens > MEMORY_LIMIT:
+                print(f"{vocab} x {tokens}: skipped (the plain loss step needs ~{12 * vocab * tokens / 1e9:.0f} GB)")
+                continue
+            got = {how: measure(vocab, tokens, how) for how in ("backbone", *WAYS)}
+            if None in got.values():
+                continue
+            share = {how: got[how] - got["backbone"] for how in WAYS}
+            shares[(vocab, tokens)] = share
+            line = f"{vocab} x {tokens}: logits' share " + ", ".join(f"{how} {share[how] / 2**20:,.0f} MiB"
+                                                                    for how in WAYS)
+            for how in WAYS:
+                predicted = loss_step_bytes(vocab, tokens, HIDDEN, precision_bytes=4,
+                                            tiling={"plain": "off"}.get(how, how), triton=False)
+                ratios.append(predicted / share[how])
+                line += f"; {how} predicted/measured {predicted / share[how]:.2f}"
+            print(line, flush=True)
+    print(f"predicted_over_measured_min: {min(ratios):.2f}")
+    print(f"predicted_over_measured_max: {max(ratios):.2f}")
+    headline = shares.get((128_256, 4096))
+    print(f"logits_share_reduction_128k_4k: {headline['plain'] / headline['chunks']:.1f}" if headline
+          else "logits_share_reduction_128k_4k: nan")
+
+
+if __name__ == "__main__":
+    main()
