@@ -39,25 +39,42 @@ def test_report_command_writes_markdown_and_plots_of_a_run(tmp_path):
     assert (tmp_path / "rep" / "r_loss.png").stat().st_size > 1000
 
 
-def test_sweep_command_runs_its_grid_and_names_the_best(tmp_path):
+def test_sweep_command_runs_its_grid_names_the_best_and_the_ties(tmp_path):
+    """The default suite's twin of the slow coordinate-descent test (tests/test_sweep.py): two runs, one move
+    at most, through the command."""
     path = tiny_recipe_file(tmp_path, "sw", data={"validation_fraction": 0.2}, optim={"lr": 1e-2},
                             train={"max_steps": None, "epochs": 1, "micro_batch_size": 4, "eval_batches": 2})
     result = CliRunner().invoke(app, ["sweep", str(path), "--grid", "optim.weight_decay=0.1,3.2", "--grid",
                                       "optim.lr=x1", "--grid", "train.epochs=1", "--rounds", "1", "--jobs", "2"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "runs" / "sw-sweep" / "sweep.json").read_text())
-    assert len(summary["runs"]) == 2 and summary["best"]["name"] in {r["name"] for r in summary["runs"]}
+    assert len(summary["runs"]) == 2 and all(isinstance(r["eval_loss"], float) for r in summary["runs"])
+    best, other = summary["best"]["name"], next(r for r in summary["runs"] if r["name"] != summary["best"]["name"])
+    # the other run is either tied with the best or beaten beyond the noise, and the report says which
+    text = (tmp_path / "runs" / "sw-sweep" / "sweep.md").read_text()
+    assert f"{best} (best)" in text and ("(tied)" in text) == (other["name"] in summary["tied_with_best"])
+    manifest = json.loads((tmp_path / "runs" / "sw-sweep" / best / "final" / "lmlab.json").read_text())
+    assert len(manifest["validation_rows"]["num"]) == 8  # 2 eval batches of 4 rows, each with its own loss
 
 
-def test_ensemble_command_trains_members_and_saves_a_loadable_ensemble(tmp_path):
+def test_ensemble_command_trains_members_with_different_seeds_and_saves_a_loadable_ensemble(tmp_path):
+    import torch
+
     from lmlab.models.build import load_model
     from lmlab.models.ensemble import EnsembleCausalLM
 
     path = tiny_recipe_file(tmp_path, "ens")
+    one = CliRunner().invoke(app, ["ensemble", str(path), "--members", "1"])
+    assert one.exit_code == 2 and "at least two members" in one.output
     result = CliRunner().invoke(app, ["ensemble", str(path), "--members", "2", "--jobs", "2"])
     assert result.exit_code == 0, result.output
     ensemble = next((tmp_path / "runs").glob("ens-ensemble/ensemble"))
-    assert isinstance(load_model(ensemble), EnsembleCausalLM)
+    manifest = json.loads((ensemble / "ensemble.json").read_text())
+    assert len(manifest["members"]) == 2 and manifest["combine"] == "logits"
+    model = load_model(ensemble)
+    assert isinstance(model, EnsembleCausalLM)
+    first, second = model.members
+    assert not torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)  # other seeds
 
 
 def test_pairs_command_samples_scores_and_writes_pairs(tmp_path, base_model):

@@ -102,23 +102,3 @@ def test_members_with_other_tokenizers_or_vocabularies_are_refused(tmp_path, tok
     with pytest.raises(LmlabError, match="at least two members"):
         save_ensemble([odd], tmp_path / "bad3")
     shutil.rmtree(odd)
-
-
-def test_lmlab_ensemble_trains_members_with_different_seeds_and_saves_them(tmp_path):
-    import json
-
-    from lmlab.models.build import load_model
-    from lmlab.experiments.ensemble import train_ensemble
-    from lmlab.models.ensemble import EnsembleCausalLM
-    from tests.helpers import tiny_recipe_file
-
-    path = tiny_recipe_file(tmp_path, "ens")
-    with pytest.raises(LmlabError, match="at least two members"):
-        train_ensemble(path, 1)
-    out = train_ensemble(path, 2, jobs=2)
-    manifest = json.loads((out / "ensemble.json").read_text())
-    assert len(manifest["members"]) == 2 and manifest["combine"] == "logits"
-    model = load_model(out)
-    assert isinstance(model, EnsembleCausalLM)
-    first, second = (p for p in model.members)
-    assert not torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)  # other seeds
