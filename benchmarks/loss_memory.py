@@ -73,7 +73,8 @@ def measure(vocab: int, tokens: int, how: str) -> float | None:
     return json.loads(done.stdout.strip().splitlines()[-1])["step_bytes"]
 
 
-def main() -> None:
+def loss_cases() -> tuple[dict, list[float]]:
+    """Every case measured and printed: ({(vocab, tokens): logits' share per way}, predicted/measured ratios)."""
     from lmlab.plan.memory import loss_step_bytes
 
     shares = {}
@@ -96,6 +97,11 @@ def main() -> None:
                 ratios.append(predicted / share[how])
                 line += f"; {how} predicted/measured {predicted / share[how]:.2f}"
             print(line, flush=True)
+    return shares, ratios
+
+
+def main() -> None:
+    shares, ratios = loss_cases()
     print(f"predicted_over_measured_min: {min(ratios):.2f}")
     print(f"predicted_over_measured_max: {max(ratios):.2f}")
     headline = shares.get((128_256, 4096))

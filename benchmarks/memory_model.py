@@ -10,6 +10,10 @@ not in this count.) LoRA rows check the adapter parameter count against peft.
 
     python benchmarks/memory_model.py
 
+It then measures the loss step on its own (benchmarks/loss_memory.py: vocabularies of 32k-256k,
+1k-8k tokens, whole logits and both tiled ways, peak RSS in fresh processes) against the
+planner's loss_step_bytes (target 0.9-1.1).
+
 On a CUDA machine it also trains one step of a ~125M Llama (bf16 autocast over fp32
 weights, as the HF Trainer does: 16 bytes per parameter like the planner's mixed
 precision) under full fine-tuning and LoRA, and prints torch.cuda.max_memory_allocated
@@ -19,6 +23,8 @@ against the planner's total (target +-10%).
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -147,6 +153,11 @@ def main() -> None:
     if torch.cuda.is_available():
         print(f"gpu_full_ratio: {gpu_peak_ratio('full'):.3f}")
         print(f"gpu_lora_ratio: {gpu_peak_ratio('lora'):.3f}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from loss_memory import loss_cases
+
+    _, loss_ratios = loss_cases()
+    print(f"loss_step_within_10pct: {sum(0.9 <= r <= 1.1 for r in loss_ratios)}/{len(loss_ratios)}")
     print(f"activation_within_25pct: {sum(0.75 <= r <= 1.25 for r in activation)}/{len(activation)}")
 
 

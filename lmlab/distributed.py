@@ -47,6 +47,29 @@ def state():
     return PartialState(cpu=not accelerator_available())
 
 
+def die_with_parent(sig: int | None = None) -> None:
+    """Ask the kernel to send this process `sig` (SIGKILL by default) when its parent dies (Linux prctl
+    PR_SET_PDEATHSIG; a no-op elsewhere), and exit now if the parent is already gone.
+
+    Why: torchrun starts each worker in a session of its own, so killing the launcher's process group
+    (a user's kill -9, a scheduler, the OOM killer) left the ranks training, holding their GPUs and the
+    run directory's lock. The launcher sets this for torchrun's agent, and each worker for itself, so
+    the job dies with whatever started it; `--resume` then continues from the last checkpoint."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(sig if sig is not None else signal.SIGKILL), 0, 0, 0)
+    if parent == 1 or os.getppid() != parent:  # the parent died before the request: nothing will signal us
+        os._exit(1)
+
+
 def shutdown() -> None:
     """Tear the process group down before the interpreter exits: left to exit-time destructors, a rank
     can abort with "terminate called without an active exception" after its work is done."""

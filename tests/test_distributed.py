@@ -177,19 +177,44 @@ def rank_pids(root: int) -> dict[int, int]:
     return ranks
 
 
-def test_a_rank_killed_mid_stage_leaves_a_run_that_resumes(tmp_path):
-    """kill -9 of rank 1 once the first checkpoint exists: the job fails (never exit 0, no final/), and a
-    re-run with --resume continues from the last complete checkpoint, each step logged once."""
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+def _start_until_checkpoint(recipe: Path, cwd: Path, run_dir: Path, step: int, *extra: str) -> subprocess.Popen:
+    """`lmlab pretrain RECIPE --nproc 2` in a process group of its own, returned once checkpoint-`step` exists."""
+    job = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--nproc", "2", *extra],
+                           cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.02)
+    return job
+
+
+def test_a_killed_launcher_or_rank_stops_the_job_and_the_run_resumes(tmp_path):
+    """kill -9 of the launcher's process group (what a user, a scheduler or the OOM killer does): no rank
+    outlives it, though torchrun starts them in sessions of their own. Then, on a resumed run, kill -9 of
+    rank 1: the job fails (never exit 0, no final/). A last --resume continues from the last complete
+    checkpoint, each step logged once."""
     recipe = tiny_recipe_file(tmp_path, "killed", train={"max_steps": 30, "micro_batch_size": 2, "log_every": 1,
                                                          "save_every": 3, "keep_last": 2, "eval_every": 1000,
                                                          "eval_batches": 2})
-    job = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--nproc", "2"], cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs" / "killed"
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file():
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
-        time.sleep(0.02)
+    job = _start_until_checkpoint(recipe, tmp_path, run_dir, 3)
+    ranks = rank_pids(job.pid)
+    assert sorted(ranks) == [0, 1]
+    os.killpg(job.pid, signal.SIGKILL)
+    job.communicate(timeout=60)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in ranks.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in ranks.values() if _alive(pid)], "ranks outlived their launcher"
+    job = _start_until_checkpoint(recipe, tmp_path, run_dir, 9, "--resume")
     os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
     output = job.communicate(timeout=300)[0]
     assert job.returncode != 0, output[-3000:]

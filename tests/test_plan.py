@@ -281,6 +281,7 @@ def test_cli_answers_the_headline_question(tmp_path):
     result = runner.invoke(app, ["plan", "--gpus", "8x4090", "--model", "qwen3-1.7b", "--tokens", "20B",
                                  "--emit", str(out)])
     assert result.exit_code == 0, result.output
+    assert "logits in tiles" in result.output.replace("\n", " ")  # the loss step as the stages run it
     from lmlab.pipeline import load_pipeline
 
     pipeline, planned = load_pipeline(out)  # the emitted file is a pipeline lmlab itself accepts

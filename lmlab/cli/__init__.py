@@ -49,6 +49,10 @@ def options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print error
     """Plan and run the training lifecycle of a language model by recipe."""
     from lmlab.console import quiet_libraries_env
 
+    if "LOCAL_RANK" in os.environ:  # a worker of torchrun / accelerate launch: it dies with its agent
+        from lmlab.distributed import die_with_parent
+
+        die_with_parent()
     quiet_libraries_env()  # HF / datasets bars and chatter off for every command, before they are imported
     if quiet:
         os.environ["LMLAB_QUIET"] = "1"

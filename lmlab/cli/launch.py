@@ -96,4 +96,7 @@ def relaunch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, m
         cmd = accelerate_command(sys.argv[1:], accelerate_config, nproc, nnodes, node_rank, master_addr, master_port)
     else:
         cmd = torchrun_command(sys.argv[1:], nproc, nnodes, node_rank, master_addr, master_port)
-    raise typer.Exit(subprocess.call(cmd))
+    from lmlab.distributed import die_with_parent
+
+    # the agent dies with this process (and each worker with the agent: lmlab.cli.options)
+    raise typer.Exit(subprocess.call(cmd, preexec_fn=die_with_parent))

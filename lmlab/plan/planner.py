@@ -303,6 +303,9 @@ def render(plan: Plan, console) -> None:
                       *(f"{v / GB:.1f} GB" for v in (m.weights, m.gradients, m.optimizer, m.activations, m.total)),
                       human_duration(s.seconds) if s.seconds else "-")
     console.print(table)
+    console.print("activ. includes the loss step with the logits in tiles, as every stage runs it: TRL's fused "
+                  "LM head (SFT, DPO, RL; pretraining and CPT on CUDA) or lmlab's chunks (distillation); "
+                  "optim.z_loss or train.tiled_loss: false hold the whole logits instead")
     for s in plan.stages:
         for line in s.cannot_fit:
             console.print(f"[red]{s.stage} does not fit[/]: {line}")
