@@ -414,19 +414,23 @@ shutdown()  # as lmlab's CLI does on exit
 '''
 
 
-def test_on_policy_sampling_splits_prompts_and_seeds_each_rank(tmp_path, base_model):
-    """On-policy pairs: each rank samples and scores its half of the prompts with its own seed, and every
-    rank ends with the same pairs. GRPO (TRL seeds each rank apart; lmlab's evaluations fork the RNG):
-    the group's completions drawn on rank 1 are not rank 0's again."""
+def test_on_policy_sampling_splits_prompts_and_gives_the_pairs_of_one_process(tmp_path, base_model):
+    """On-policy pairs: each rank samples and scores its half of the prompts, each prompt with a seed of its
+    own, and every rank ends with the same pairs as one process does. GRPO (TRL seeds each rank apart;
+    lmlab's evaluations fork the RNG): the group's completions drawn on rank 1 are not rank 0's again."""
     script = tmp_path / "on_policy.py"
     script.write_text(ON_POLICY)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(base_model), str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for launcher in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                     [sys.executable]):
+        result = subprocess.run([*launcher, str(script), str(base_model), str(tmp_path)], capture_output=True,
+                                text=True, timeout=300, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["pairs"] == ranks[1]["pairs"]  # gathered: the same pairs everywhere
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert single["pairs"] == ranks[0]["pairs"] and len(single["pairs"]) >= 1  # and the same as on one process
+    assert sorted(single["scored"]) == sorted(ranks[0]["scored"] + ranks[1]["scored"])
     assert len(ranks[0]["scored"]) == len(ranks[1]["scored"]) == 3 * 3  # 3 of the 6 prompts each, 3 samples
     assert not set(ranks[0]["scored"]) & set(ranks[1]["scored"])  # different seeds, different samples
     grpo = ranks[0]["grpo"]
