@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from lmlab.errors import LmlabError
 from lmlab.recipe import LOCAL_KINDS, RECORD_KINDS, SourceSpec
@@ -260,26 +260,26 @@ def _arrow_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
                 yield {"text": value if isinstance(value, str) else "", "doc_id": str(path)}
 
 
+def _rows_reader(spec: SourceSpec, seed: int = 0) -> Callable[[], Iterator[dict[str, Any]]] | None:
+    """The one dispatch on a source's kind: a reader of its documents as rows (`text`, `doc_id`), or None
+    for a hub dataset, which only `datasets` reads."""
+    readers = {"general": _general_rows, "math": lambda s: _math_rows(s, seed), "text": _text_rows,
+               "parquet": _arrow_rows, "disk": _arrow_rows, **{kind: _jsonl_rows for kind in RECORD_KINDS}}
+    reader = readers.get(spec.kind)
+    return None if reader is None else lambda: reader(spec)
+
+
 def source_rows(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     """A local source's documents one at a time, checked as they are read (the preflight reads them all)."""
-    if spec.kind == "text":
-        return _limited(_text_rows(spec), spec.limit)
-    if spec.kind in RECORD_KINDS:
-        return _limited(_jsonl_rows(spec), spec.limit)
-    if spec.kind in ("parquet", "disk"):
-        return _limited(_arrow_rows(spec), spec.limit)
-    raise ValueError(f"not a local source: {spec.kind}")
+    if spec.kind not in LOCAL_KINDS:
+        raise ValueError(f"not a local source: {spec.kind}")
+    return document_rows(spec)
 
 
 def document_rows(spec: SourceSpec, seed: int = 0) -> Iterator[dict[str, Any]]:
     """Any source's documents one at a time; generated and local kinds without building a `datasets` object."""
-    if spec.kind == "general":
-        return _limited(_general_rows(spec), spec.limit)
-    if spec.kind == "math":
-        return _limited(_math_rows(spec, seed), spec.limit)
-    if spec.kind in LOCAL_KINDS:
-        return source_rows(spec)
-    return iter(_hub_source(spec, streaming=True))
+    reader = _rows_reader(spec, seed)
+    return iter(_hub_source(spec, streaming=True)) if reader is None else _limited(reader(), spec.limit)
 
 
 def _arrow_source(spec: SourceSpec, streaming: bool):
@@ -341,20 +341,13 @@ def _hub_source(spec: SourceSpec, streaming: bool):
 
 
 def load_source(spec: SourceSpec, *, streaming: bool = False, seed: int = 0):
-    """A `datasets.Dataset` (or `IterableDataset` when streaming) with `text` and `doc_id` columns."""
-    if spec.kind == "general":
-        return _from_generator(_general_rows, spec, streaming)
-    if spec.kind == "math":
-        return _from_generator(_math_rows, spec, streaming, seed=seed)
-    if spec.kind == "text":
-        return _from_generator(_text_rows, spec, streaming)
-    if spec.kind in RECORD_KINDS:
-        if streaming:  # validate lazily while streaming; errors still name file and line
-            return _from_generator(_jsonl_rows, spec, streaming)
-        return _from_generator(_jsonl_rows, spec, False)
+    """A `datasets.Dataset` (or `IterableDataset` when streaming) with `text` and `doc_id` columns; streamed
+    local sources are validated lazily, their errors still naming file and line."""
     if spec.kind in ("parquet", "disk"):
         return _arrow_source(spec, streaming)
-    return _hub_source(spec, streaming)
+    if _rows_reader(spec) is None:
+        return _hub_source(spec, streaming)
+    return _from_generator(lambda s: _rows_reader(s, seed)(), spec, streaming)
 
 
 def split_validation(ds, fraction: float):
