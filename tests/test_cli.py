@@ -57,7 +57,7 @@ def test_a_stage_logged_to_a_file_keeps_every_step_on_one_line(tmp_path):
     assert "━" not in log.read_text()  # no progress bar drawn into the file
 
 
-def test_quiet_prints_nothing_but_errors(tmp_path):
+def test_quiet_prints_nothing_but_errors(tmp_path, monkeypatch):
     import subprocess
     import sys
 
@@ -67,9 +67,10 @@ def test_quiet_prints_nothing_but_errors(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "lmlab.cli", "--quiet", "pretrain", str(recipe)], cwd=tmp_path,
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and ok.stdout == ""
-    bad = subprocess.run([sys.executable, "-m", "lmlab.cli", "--quiet", "pretrain", str(recipe)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "already holds a run" in bad.stderr
+    monkeypatch.setenv("LMLAB_QUIET", "0")  # --quiet sets it in this process: restored after the test
+    bad = CliRunner().invoke(app, ["--quiet", "pretrain", str(recipe)])  # an error still shows, on its own
+    assert bad.exit_code == 2 and "already holds a run" in bad.output
+    assert [line for line in bad.output.splitlines() if line.strip()] == [bad.output.strip().splitlines()[0]]
 
 
 def test_debug_shows_the_traceback_of_an_error(tmp_path):

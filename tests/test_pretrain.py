@@ -171,9 +171,11 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tok_dir):
         path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
         return recipe, path
 
+    from lmlab.stages import run_stage
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    full, full_path = write("full")
-    subprocess.run(_cli(full_path), check=True, env=env, capture_output=True, timeout=600)
+    full, _ = write("full")
+    run_stage(full)  # the uninterrupted reference, in this process
 
     killed, killed_path = write("killed")
     proc = subprocess.Popen(_cli(killed_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
