@@ -279,9 +279,10 @@ class TrainConfig(Strict):
     compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on CUDA for packed rows (fixed shapes)
     liger: bool | Literal["auto"] = "auto"  # Liger's fused kernels; auto: on CUDA when liger-kernel is installed
     # pretraining, CPT and distillation compute the loss in tiles of tokens x vocabulary, never the whole logits
-    # (lmlab.models.tiled; same loss and gradients); false: from the whole logits. optim.z_loss needs every
-    # position's normaliser and so the whole logits: with it, pretraining and CPT do not tile
-    tiled_loss: bool = True
+    # (lmlab.models.tiled; same loss and gradients); auto: when one micro-batch's fp32 logits would exceed
+    # 128 MiB (below that, tiles save nothing and cost a recomputation); false: from the whole logits.
+    # optim.z_loss needs every position's normaliser and so the whole logits
+    tiled_loss: bool | Literal["auto"] = "auto"
     # parallelism over the processes of `--nproc`, `torchrun` or `accelerate launch`, one accelerate config
     # file each (configs/accelerate/): ddp replicates; zero2 shards gradients and optimizer state, zero3 also
     # weights, offload keeps them on CPU, hybrid shards within a node (FSDP2); deepspeed_* the same stages

@@ -114,9 +114,9 @@ def test_dry_run_of_a_stage_shows_model_budget_memory_and_time_and_writes_nothin
                      "time: about "):
         assert expected in result.output, (expected, result.output)
     assert not (tmp_path / "runs" / "dry").exists()
-    assert "logits in tiles" in result.output  # train.tiled_loss (lmlab.models.tiled)
-    whole = CliRunner().invoke(app, ["pretrain", str(recipe), "--dry-run", "--set", "train.tiled_loss=false"])
-    assert "logits whole" in whole.output
+    assert "logits whole" in result.output  # train.tiled_loss auto: 128 tokens x 300 entries need no tiles
+    tiled = CliRunner().invoke(app, ["pretrain", str(recipe), "--dry-run", "--set", "train.tiled_loss=true"])
+    assert "logits in tiles" in tiled.output
     sft = tiny_recipe_file(tmp_path, "dry_sft", stage="sft", model={"from_pretrained": str(base_model)},
                            tokenizer={}, data={"train": {"kind": "math", "num_examples": 100}, "seq_len": 96},
                            train={"micro_batch_size": 4, "max_steps": None})

@@ -153,7 +153,7 @@ def _same_run(make, tiling: str = "chunks") -> None:
 def test_pretraining_with_and_without_tiles_trains_the_same(tmp_path, tok_dir, tiling, monkeypatch):
     import lmlab.stages.packed as packed
 
-    monkeypatch.setattr(packed, "tiling_for", lambda requested: tiling if requested else "off")
+    monkeypatch.setattr(packed, "tiling_for", lambda requested, tokens, vocab: tiling if requested else "off")
     _same_run(lambda name, tiles: tiny_recipe(tmp_path, tok_dir, name=name, train={"max_steps": 6, "tiled_loss": tiles}),
               tiling)
 

@@ -27,11 +27,12 @@ TILED = "lmlab_tiled_head"  # marks a model whose forward takes fused_lm_head=Tr
 Tiling = Literal["fused", "chunks", "off"]
 
 
-def tiling_for(requested: bool) -> Tiling:
-    """TRL's fused head where its Triton kernel runs, lmlab's checkpointed chunks elsewhere."""
+def tiling_for(requested: bool | str, tokens: int, vocab_size: int) -> Tiling:
+    """TRL's fused head where its Triton kernel runs, lmlab's checkpointed chunks elsewhere; `auto` tiles
+    only when one micro-batch's fp32 logits (`tokens` x `vocab_size`) would exceed one chunk."""
     from lmlab.models.build import cuda, installed
 
-    if not requested:
+    if not requested or (requested == "auto" and tokens * vocab_size * 4 <= CHUNK_LOGITS_BYTES):
         return "off"
     return "fused" if cuda() and installed("triton") else "chunks"
 

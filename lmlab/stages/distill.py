@@ -87,7 +87,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class DistillTrainer(LmlabTrainer):
     """lmlab's Trainer with the distillation loss; the teacher runs without gradients beside the student.
 
-    With `tiled` (train.tiled_loss, the default), neither model's logits exist in full: the student's
+    With `tiled` (train.tiled_loss, for large vocabularies by default), neither model's logits exist in full: the student's
     and the teacher's final hidden states are projected through their heads one chunk of tokens at a
     time (lmlab.models.tiled.chunked_sum), and the backward recomputes each chunk."""
 
@@ -258,10 +258,12 @@ def load_teacher(path: str, student_tokenizer):
 def teacher_factory(recipe: Recipe):
     """The distillation trainer and its teacher, built once the training rows exist (the cache needs them)."""
     def factory(data, collator, tokenizer):
+        from lmlab.stages.packed import loss_tiling
+
         d = recipe.distill
         teacher = load_teacher(d.teacher, tokenizer)
         extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k,
-                     tiled=recipe.train.tiled_loss)
+                     tiled=loss_tiling(recipe, len(tokenizer)) != "off")
         if d.cache_teacher:  # rows carry their index, so each batch finds its teacher top-k on disk
             data.train = Numbered(data.train)
             # rank 0 runs the teacher and writes the cache; the other ranks then read the same file

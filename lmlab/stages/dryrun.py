@@ -101,16 +101,12 @@ def budget_lines(recipe: Recipe, params: int) -> tuple[list[str], int | None, in
             f"(at most {tokens:,} tokens)"], steps, tokens
 
 
-def stage_loss_tiling(recipe: Recipe) -> str:
-    """How the stage's loss step holds the logits: pretraining and CPT per lmlab.stages.packed.loss_tiling,
-    distillation in lmlab's chunks, TRL's trainers (SFT, preference, RL) always in their fused head."""
+def stage_loss_tiling(recipe: Recipe, vocab_size: int) -> str:
+    """How the stage's loss step holds the logits: pretraining, CPT and distillation per
+    lmlab.stages.packed.loss_tiling, TRL's trainers (SFT, preference, RL) always in their fused head."""
     from lmlab.stages.packed import loss_tiling
 
-    if recipe.stage in ("pretrain", "cpt"):
-        return loss_tiling(recipe)
-    if recipe.stage == "distill":
-        return "chunks" if recipe.train.tiled_loss else "off"
-    return "fused"
+    return loss_tiling(recipe, vocab_size) if recipe.stage in ("pretrain", "cpt", "distill") else "fused"
 
 
 def memory_line(recipe: Recipe, shape) -> str:
@@ -127,7 +123,7 @@ def memory_line(recipe: Recipe, shape) -> str:
                        micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
                        gradient_checkpointing=recipe.train.gradient_checkpointing,
                        precision_bytes=2 if use_bf16(recipe.train.precision) else 4, lora_rank=lora.r,
-                       attention="sdpa", loss_tiling=stage_loss_tiling(recipe), triton=cuda() and installed("triton"))
+                       attention="sdpa", loss_tiling=stage_loss_tiling(recipe, shape.vocab_size), triton=cuda() and installed("triton"))
     m = training_memory(shape, setup)
     return (f"memory per device: {size(m.total)} (weights {size(m.weights)}, gradients {size(m.gradients)}, "
             f"optimizer {size(m.optimizer)}, activations and loss {size(m.activations)}, logits "

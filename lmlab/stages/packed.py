@@ -137,12 +137,14 @@ def attach_packed_callbacks(trainer, recipe: Recipe, model, tokenizer, budget: B
     stage_callbacks(trainer, recipe, tokenizer, budget.tokens_per_step, flops, peak)
 
 
-def loss_tiling(recipe: Recipe) -> str:
-    """How pretraining and CPT tile their cross-entropy (lmlab.models.tiled); distillation tiles its own loss
-    in DistillTrainer, and z-loss needs the whole logits."""
-    if recipe.stage not in ("pretrain", "cpt") or recipe.optim.z_loss:
-        return "off"
-    return tiling_for(recipe.train.tiled_loss)
+def loss_tiling(recipe: Recipe, vocab_size: int) -> str:
+    """How a packed stage tiles its loss (lmlab.models.tiled): pretraining and CPT their cross-entropy (not with
+    z-loss, which needs the whole logits), distillation its own loss in lmlab's chunks."""
+    tokens = recipe.train.micro_batch_size * recipe.data.seq_len
+    tiling = tiling_for(recipe.train.tiled_loss, tokens, vocab_size)
+    if recipe.stage == "distill":
+        return "off" if tiling == "off" else "chunks"
+    return "off" if recipe.stage not in ("pretrain", "cpt") or recipe.optim.z_loss else tiling
 
 
 def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: TrainerFactory | None = None) -> PackedJob:
@@ -154,7 +156,7 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     data, collator, replay = load_rows(recipe, tokenizer, rows)
     model = build_model(recipe.model, tokenizer, seed=recipe.seed)
     n_params, n_active = count_parameters(model), active_parameters(model)
-    tiling = loss_tiling(recipe)
+    tiling = loss_tiling(recipe, model.config.vocab_size)
     if tiling == "fused":
         add_tiled_head(model)
     ratio = recipe.data.replay_ratio if replay else 0.0
