@@ -35,12 +35,18 @@ def check_muon(optimizer: str, distributed: str) -> None:
                          hint="use train.distributed: ddp (or auto without a sharding launch config), or adamw")
 
 
-def muon_parameters(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """(Muon's names, AdamW's names): the 2-D weights outside the embeddings and the head go to Muon."""
-    outer = {id(model.get_input_embeddings().weight)}
+def embedding_weight_ids(model: torch.nn.Module) -> set[int]:
+    """ids of the input embedding and output head weights (one tensor when tied): never decayed, never Muon's."""
+    ids = {id(model.get_input_embeddings().weight)}
     head = model.get_output_embeddings()
     if head is not None:
-        outer.add(id(head.weight))
+        ids.add(id(head.weight))
+    return ids
+
+
+def muon_parameters(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(Muon's names, AdamW's names): the 2-D weights outside the embeddings and the head go to Muon."""
+    outer = embedding_weight_ids(model)
     muon, adamw = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -149,11 +149,10 @@ class LmlabTrainerMixin:
             remove_tree(path, run_dir)
 
     def get_decay_parameter_names(self, model):
+        from lmlab.optimizers import embedding_weight_ids
+
         names = super().get_decay_parameter_names(model)
-        embeddings = {id(model.get_input_embeddings().weight)}
-        output = model.get_output_embeddings()
-        if output is not None:
-            embeddings.add(id(output.weight))
+        embeddings = embedding_weight_ids(model)
         excluded = {n for n, p in model.named_parameters() if id(p) in embeddings}
         return [n for n in names if n not in excluded]
 
@@ -178,11 +177,16 @@ class LmlabTrainer(LmlabTrainerMixin, Trainer):
         from lmlab.models.tiled import chunked_cross_entropy
 
         labels = inputs["labels"]
-        loss = chunked_cross_entropy(model, {k: v for k, v in inputs.items() if k != "labels"}, labels,
-                                     num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # as the Trainer does: DDP averages over ranks
+        loss = self.over_global_tokens(chunked_cross_entropy(model, {k: v for k, v in inputs.items() if k != "labels"},
+                                                             labels, num_items_in_batch), num_items_in_batch)
         return (loss, {}) if return_outputs else loss  # no logits: the evaluation asks for the loss only
+
+    def over_global_tokens(self, loss, num_items_in_batch):
+        """A loss already divided by the step's token count over every rank, scaled as the Trainer scales the
+        model's own: DDP averages gradients over ranks, so each rank's share is multiplied back."""
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            return loss * self.accelerator.num_processes
+        return loss
 
 
 @functools.lru_cache(maxsize=None)

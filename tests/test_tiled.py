@@ -62,8 +62,9 @@ def test_the_fused_head_gives_the_models_loss_and_gradients():
 
 def test_chunked_cross_entropy_gives_the_models_loss_and_gradients(monkeypatch):
     import lmlab.models.tiled as tiled_module
+    import lmlab.plan.memory as plan_memory
 
-    monkeypatch.setattr(tiled_module, "CHUNK_LOGITS_BYTES", 5 * 4 * 97)  # 5 tokens a chunk: 9 chunks here
+    monkeypatch.setattr(plan_memory, "TILE_LOGITS_BYTES", 5 * 4 * 97)  # 5 tokens a chunk: 9 chunks here
     plain, tiled = _model(), _model()
     inputs, labels = _packed_batch()
     a = plain(**inputs, labels=labels, num_items_in_batch=torch.tensor(40)).loss
@@ -101,11 +102,11 @@ def _distill_self(student, teacher, cache=None, top_k=None):
 
 @pytest.mark.parametrize("teacher_kind", ["model", "model_top_k", "ensemble", "cache"])
 def test_tiled_distillation_equals_the_loss_on_whole_logits(teacher_kind, monkeypatch):
-    import lmlab.models.tiled as tiled_module
+    import lmlab.plan.memory as plan_memory
     from lmlab.models.ensemble import EnsembleCausalLM
     from lmlab.stages.distill import DistillTrainer, distillation_loss, from_top_k, teacher_top_k
 
-    monkeypatch.setattr(tiled_module, "CHUNK_LOGITS_BYTES", 7 * 4 * 97)  # 7 tokens: several chunks, the last short
+    monkeypatch.setattr(plan_memory, "TILE_LOGITS_BYTES", 7 * 4 * 97)  # 7 tokens: several chunks, the last short
     inputs, labels = _packed_batch()
     teacher = EnsembleCausalLM([_model(seed=2), _model(seed=3)]) if teacher_kind == "ensemble" else _model(seed=2)
     top_k = 5 if teacher_kind in ("model_top_k", "cache") else None

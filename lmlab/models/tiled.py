@@ -21,7 +21,8 @@ from typing import Callable, Literal
 
 import torch
 
-from lmlab.plan.memory import TILE_LOGITS_BYTES as CHUNK_LOGITS_BYTES  # 128 MiB: 256 tokens of a 128k vocabulary
+from lmlab.plan import memory
+from lmlab.plan.memory import chunk_tokens  # 128 MiB of fp32 logits a chunk: 256 tokens of a 128k vocabulary
 
 TILED = "lmlab_tiled_head"  # marks a model whose forward takes fused_lm_head=True
 Tiling = Literal["fused", "chunks", "off"]
@@ -32,14 +33,9 @@ def tiling_for(requested: bool | str, tokens: int, vocab_size: int) -> Tiling:
     only when one micro-batch's fp32 logits (`tokens` x `vocab_size`) would exceed one chunk."""
     from lmlab.models.build import cuda, installed
 
-    if not requested or (requested == "auto" and tokens * vocab_size * 4 <= CHUNK_LOGITS_BYTES):
+    if not requested or (requested == "auto" and tokens * vocab_size * 4 <= memory.TILE_LOGITS_BYTES):
         return "off"
     return "fused" if cuda() and installed("triton") else "chunks"
-
-
-def chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk so that one chunk's fp32 logits take CHUNK_LOGITS_BYTES."""
-    return max(16, CHUNK_LOGITS_BYTES // (4 * vocab_size))
 
 
 def add_tiled_head(model) -> None:

@@ -150,6 +150,11 @@ def loss_bytes_per_token(shape: ModelShape, setup: TrainSetup, peak: bool = True
 
 
 TILE_LOGITS_BYTES = 128 * 2**20  # lmlab's tiled loss: one chunk of fp32 logits (lmlab.models.tiled)
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of lmlab's tiled loss, so that one chunk's fp32 logits take TILE_LOGITS_BYTES."""
+    return max(16, TILE_LOGITS_BYTES // (4 * vocab_size))
 TRL_TILE = (4096, 32768)  # TRL's fused LM head: tokens x vocabulary entries per tile
 
 
@@ -168,7 +173,7 @@ def loss_step_bytes(vocab: int, tokens: int, hidden: int = 0, precision_bytes: i
     if tiling == "off":
         return tokens * vocab * (12 + (precision_bytes if precision_bytes != 4 else 0))
     if tiling == "chunks":
-        chunk = min(tokens, max(16, TILE_LOGITS_BYTES // (4 * vocab)))
+        chunk = min(tokens, chunk_tokens(vocab))
         return 2.9 * chunk * vocab * 4 + 0.44 * vocab * hidden * 4
     tile = min(tokens, TRL_TILE[0]) * min(vocab, TRL_TILE[1])
     if not triton:

@@ -67,7 +67,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       teacher_logp: torch.Tensor | None = None, num_items: torch.Tensor | int | None = None
                       ) -> torch.Tensor:
     """alpha * next-token CE + (1 - alpha) * T^2 * KL(teacher || student), averaged over labelled tokens, from
-    whole logits (`distill.tiled_loss: false`, and the reference the tiled loss is tested against).
+    whole logits (`train.tiled_loss: false`, and the reference the tiled loss is tested against).
 
     The teacher is given as logits, or (from a cache) as its log-distribution at temperature T. The
     sum over this batch's labelled tokens is divided by `num_items` when given: the Trainer's count
@@ -87,16 +87,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class DistillTrainer(LmlabTrainer):
     """lmlab's Trainer with the distillation loss; the teacher runs without gradients beside the student.
 
-    With `tiled` (train.tiled_loss, for large vocabularies by default), neither model's logits exist in full: the student's
-    and the teacher's final hidden states are projected through their heads one chunk of tokens at a
-    time (lmlab.models.tiled.chunked_sum), and the backward recomputes each chunk."""
+    With `tiling` "chunks" (set by the packed-rows skeleton from train.tiled_loss; for large
+    vocabularies by default), neither model's logits exist in full: the student's and the teacher's
+    final hidden states are projected through their heads one chunk of tokens at a time
+    (lmlab.models.tiled.chunked_sum), and the backward recomputes each chunk."""
 
     def __init__(self, *args, teacher=None, alpha: float = 0.5, temperature: float = 1.0, top_k: int | None = None,
-                 cache: dict[str, torch.Tensor] | None = None, tiled: bool = True, **kwargs):
+                 cache: dict[str, torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().to(self.args.device)  # evaluation (and uncached training) runs it
         self.alpha, self.temperature, self.top_k, self.cache = alpha, temperature, top_k, cache
-        self.tiling = "chunks" if tiled else "off"  # its own loss, so never TRL's fused cross-entropy
 
     def cached_teacher(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The teacher's cached top-k of these training rows, as a log-distribution over the vocabulary."""
@@ -122,8 +122,7 @@ class DistillTrainer(LmlabTrainer):
                     teacher_logits = self.teacher(**model_inputs).logits
             loss = distillation_loss(outputs.logits, teacher_logits, labels, self.alpha, self.temperature,
                                      self.top_k, teacher_logp=teacher_logp, num_items=num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count is global
+        loss = self.over_global_tokens(loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def tiled_loss(self, model, inputs, labels, rows, num_items) -> torch.Tensor:
@@ -258,12 +257,9 @@ def load_teacher(path: str, student_tokenizer):
 def teacher_factory(recipe: Recipe):
     """The distillation trainer and its teacher, built once the training rows exist (the cache needs them)."""
     def factory(data, collator, tokenizer):
-        from lmlab.stages.packed import loss_tiling
-
         d = recipe.distill
         teacher = load_teacher(d.teacher, tokenizer)
-        extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k,
-                     tiled=loss_tiling(recipe, len(tokenizer)) != "off")
+        extra = dict(teacher=teacher, alpha=d.alpha, temperature=d.temperature, top_k=d.top_k)
         if d.cache_teacher:  # rows carry their index, so each batch finds its teacher top-k on disk
             data.train = Numbered(data.train)
             # rank 0 runs the teacher and writes the cache; the other ranks then read the same file

@@ -175,8 +175,7 @@ def prepare_packed(recipe: Recipe, rows: Callable | None = None, factory: Traine
     trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=evaluation,
                             data_collator=collator, processing_class=tokenizer, compute_loss_func=compute_loss,
                             **extra)
-    if factory is None:  # distillation's trainer tiles its own loss
-        trainer.tiling = tiling
+    trainer.tiling = tiling  # distillation: "chunks" or "off", its trainer tiles its own loss
     attach_packed_callbacks(trainer, recipe, model, tokenizer, budget, n_active)
     return PackedJob(recipe, trainer, tokenizer, data, budget, n_params, n_active, mix)
 
