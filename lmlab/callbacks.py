@@ -209,6 +209,17 @@ def attach_callbacks(trainer, callbacks: list[TrainerCallback]) -> None:
         trainer.callback_handler.callbacks.insert(0, callback)
 
 
+class RankStatusCallback(TrainerCallback):
+    """Each step's number in this rank's status file (lmlab.distributed.report), so that when a launch fails
+    its launcher can say at which step; and the tests' switch that stops a rank there."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        from lmlab.distributed import report, stall_here
+
+        stall_here(state.global_step + 1)
+        report(step=state.global_step + 1)
+
+
 class TaskEvalCallback(TrainerCallback):
     """Every `every` steps, score the model on evaluation tasks (and an ORM) and log through `metrics`.
 
@@ -227,12 +238,17 @@ class TaskEvalCallback(TrainerCallback):
         return evaluate(model, self.tokenizer, self.tasks, self.samples, self.scorer, seed=step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is None or state.global_step % self.every or not state.is_world_process_zero:
-            return  # rank 0 evaluates; the other ranks wait for it at the next step's gradient all-reduce
+        if model is None or state.global_step % self.every:
+            return
         from lmlab.stats import Estimate
 
+        # every rank scores its share of the items (lmlab.distributed.map_in_chunks); rank 0 logs them
+        evaluated = self.evaluate(model, state.global_step)
+        if not state.is_world_process_zero:
+            return
+
         logs: dict[str, float] = {}
-        for key, value in self.evaluate(model, state.global_step).items():
+        for key, value in evaluated.items():
             logs[f"task/{key}"] = float(value)
             if isinstance(value, Estimate):  # each score with its 95% interval and item count
                 logs.update({f"task/{key}/ci_low": value.low, f"task/{key}/ci_high": value.high,

@@ -42,9 +42,12 @@ def accelerator_available() -> bool:
 
 def state():
     """accelerate's process state, created once: CPU (gloo) without an accelerator, as the Trainer will use."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not accelerator_available())
+    # every collective gives up after the timeout (bounded waits, below); the Trainer reuses this state
+    return PartialState(cpu=not accelerator_available(), timeout=timedelta(seconds=collective_timeout()))
 
 
 def die_with_parent(sig: int | None = None) -> None:
@@ -144,3 +147,119 @@ def unshard(mine: list) -> list:
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, mine)
     return [parts[i % len(parts)][i // len(parts)] for i in range(sum(len(p) for p in parts))]
+
+
+def map_in_chunks(items, size: int, work) -> list:
+    """`work(chunk, start)` over consecutive chunks of `size` items (each call returns one result per item);
+    under a launcher each rank takes every world_size-th chunk, and every rank gets all the results, in order.
+
+    Why chunks and not items: a chunk is the batch the work runs as, so its composition (padding, and the
+    sampling seed `work` derives from `start`) is the same on any number of processes, and a result
+    computed on N processes is identical to one process's. Every rank must call it (it gathers)."""
+    chunks = [(start, [items[i] for i in range(start, min(start + size, len(items)))])  # a list or a datasets table
+              for start in range(0, len(items), size)]
+    mine = [work(chunk, start) for start, chunk in shard(chunks)]
+    global _items_here
+    _items_here += sum(len(chunk) for _, chunk in shard(chunks))
+    return [result for results in unshard(mine) for result in results]
+
+
+_items_here = 0  # items this process has worked on through map_in_chunks
+
+
+def items_per_rank() -> list[int]:
+    """How many items each rank has worked on through `map_in_chunks` so far, in rank order (every rank
+    must call it): how `lmlab eval --json` shows that the items were split."""
+    return unshard([_items_here])
+
+
+# Bounded waits. Every collective (gradient all-reduce, barrier, gather) gives up after the process group's
+# timeout, so a dead or stuck rank cannot hang the others; lmlab's launcher then names the rank that failed,
+# from a small status file each worker keeps in a directory it gives them (LMLAB_RANK_STATUS).
+TIMEOUT_ENV = "LMLAB_COLLECTIVE_TIMEOUT"  # seconds; the launcher sets it from train.collective_timeout
+STATUS_ENV = "LMLAB_RANK_STATUS"
+STALL_ENV = "LMLAB_TEST_STALL"  # tests only: "RANK:STEP" makes that rank hang at the start of that step
+DEFAULT_TIMEOUT = 1800  # HF's ddp_timeout: room for rank 0's longest lone work (a large token store, say)
+_status: dict = {}
+
+
+def collective_timeout() -> int:
+    return int(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+
+
+def report(**fields) -> None:
+    """Update this worker's status file (state, stage, step, error) for the launcher; nothing to do in a
+    single process or outside lmlab's launcher. Cheap enough for every step: one small file replaced."""
+    folder = os.environ.get(STATUS_ENV)
+    if not folder or world_size() == 1:
+        return
+    import json
+
+    _status.update(rank=rank(), **fields)
+    path = os.path.join(folder, f"rank{rank()}.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(_status, fh)
+    os.replace(path + ".tmp", path)
+
+
+def watch_worker() -> None:
+    """At a worker's start: say it runs, and that it was stopped when the launcher tears the job down."""
+    import signal
+
+    report(state="running", stage=None, step=None)
+
+    def stopped(signum, frame):
+        report(state="stopped")
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because another rank did: a timeout, or a peer's closed connection."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(s in text for s in ("DistBackendError", "DistNetworkError", "Timed out", "timed out",
+                                    "Connection closed", "Connection reset", "Broken pipe", "NCCL error"))
+
+
+def stall_here(step: int) -> None:
+    """The tests' switch: at the start of the step LMLAB_TEST_STALL names, this rank hangs (the others wait
+    for it in the step's all-reduce)."""
+    if os.environ.get(STALL_ENV) == f"{rank()}:{step}":
+        import time
+
+        report(step=step)
+        time.sleep(10**6)
+
+
+FAILURE_ORDER = ("error", "running", "stopped", "waiting")  # which rank's story explains the others'
+
+
+def failure_line(folder: str, timeout: int) -> str | None:
+    """One line naming the rank that failed, its stage and step, from the workers' status files; None when
+    every rank finished (or none left a word)."""
+    import glob
+    import json
+
+    statuses = []
+    for path in sorted(glob.glob(os.path.join(folder, "rank*.json"))):
+        try:
+            with open(path) as fh:
+                statuses.append(json.load(fh))
+        except (OSError, ValueError):
+            continue
+    failing = [s for s in statuses if s.get("state") in FAILURE_ORDER]
+    if not failing:
+        return None
+    first = min(failing, key=lambda s: (FAILURE_ORDER.index(s["state"]), s.get("rank", 0)))
+    where = f"in stage '{first.get('stage')}'" if first.get("stage") else "before its first stage"
+    if first.get("step") is not None:
+        where += f" at step {first['step']}"
+    how = {"error": f"failed: {first.get('error', '?')}",
+           "running": "died without a word (killed: a signal, the OOM killer) or hung",
+           "stopped": "stopped responding (stuck) until the launcher stopped it",
+           "waiting": "lost contact with the other ranks"}[first["state"]]
+    others = "; the other ranks stopped" + (f" within train.collective_timeout ({timeout} s)"
+                                            if any(s["state"] == "waiting" for s in statuses) else "")
+    return f"rank {first.get('rank')} {where} {how}{others}. Continue with --resume (from the last checkpoint)."

@@ -296,6 +296,9 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
 
 
 def _run_one(stage: PlannedStage, resume: bool, run_dir: Path, checked) -> None:
+    from lmlab.distributed import report
+
+    report(stage=stage.name, step=None)
     if stage.kind == "tokenizer":
         if is_main():
             remove_run_dir(run_dir / stage.name, run_dir)
@@ -306,13 +309,15 @@ def _run_one(stage: PlannedStage, resume: bool, run_dir: Path, checked) -> None:
 
 
 def _run_eval(stage: EvalStage, planned: list[PlannedStage], run_dir: Path) -> None:
-    """The closing comparison of the chosen stages' models, by rank 0; the other ranks wait for it."""
+    """The closing comparison of the chosen stages' models: every rank scores its share of the items, rank 0
+    writes the results."""
+    from lmlab.distributed import report
     from lmlab.evaluate.compare import run_comparison
 
+    report(stage=stage.name, step=None)
     models = [(p.name, str(p.artifact)) for p in planned if p.makes_model and (stage.models == "all"
                                                                               or p.name in stage.models)]
-    if is_main():
-        run_comparison(stage, models, run_dir / stage.name)
+    run_comparison(stage, models, run_dir / stage.name)
     barrier()
 
 

@@ -289,6 +289,10 @@ class TrainConfig(Strict):
     # through DeepSpeed; auto: DDP, or whatever the launch config sets
     distributed: Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
                          "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload"] = "auto"
+    # seconds a rank waits in a collective (a gradient all-reduce, a barrier) before it gives up and the job
+    # stops with a line naming the rank that failed; it must exceed rank 0's longest lone work (preparing a
+    # large token store while the others wait). Set it for the whole launch (a pipeline: in defaults).
+    collective_timeout: int = Field(1800, gt=0)
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(20, gt=0)
     log_every: int = Field(10, gt=0)
@@ -352,6 +356,23 @@ class PreferenceConfig(Strict):
     _list = field_validator("loss_type", mode="before")(classmethod(lambda cls, v: [v] if isinstance(v, str) else v))
 
 
+class PromptFilterConfig(Strict):
+    """Difficulty filtering before RL (as DAPO's dynamic sampling and Polaris do, once, offline): the starting
+    policy samples each candidate prompt `samples` times at the RL temperature, and only prompts whose pass
+    rate (samples that every verifier scores 1) lies in [min_pass_rate, max_pass_rate) are trained on. A
+    group the policy always solves has zero advantage: it costs a step's generation and teaches nothing."""
+
+    samples: int = Field(4, ge=1)
+    min_pass_rate: float = Field(0.0, ge=0, lt=1)
+    max_pass_rate: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "PromptFilterConfig":
+        if self.min_pass_rate >= self.max_pass_rate:
+            raise ValueError(f"min_pass_rate {self.min_pass_rate} must be below max_pass_rate {self.max_pass_rate}")
+        return self
+
+
 class RLConfig(Strict):
     """GRPO or RLOO on TRL with verifiable and/or learned rewards (docs/rules.md §1: RL lifts OOD generalisation)."""
 
@@ -364,6 +385,9 @@ class RLConfig(Strict):
     max_completion_length: int = Field(48, gt=0)
     epsilon: float = Field(0.2, gt=0)  # clipping range
     lr_ratio: float = Field(0.1, gt=0, le=1)  # without optim.lr: the input model's SFT LR x this
+    # train only on the prompts the starting policy does not always solve (verifier rewards only); the
+    # candidates are data.train's prompts
+    filter: PromptFilterConfig | None = None
 
     _list = field_validator("rewards", mode="before")(classmethod(lambda cls, v: as_list(v)))
 

@@ -216,13 +216,45 @@ def test_a_killed_launcher_or_rank_stops_the_job_and_the_run_resumes(tmp_path):
     assert not [pid for pid in ranks.values() if _alive(pid)], "ranks outlived their launcher"
     job = _start_until_checkpoint(recipe, tmp_path, run_dir, 9, "--resume")
     os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
+    killed = time.monotonic()
     output = job.communicate(timeout=300)[0]
     assert job.returncode != 0, output[-3000:]
+    assert time.monotonic() - killed < 20  # torchrun's agent stops rank 0 as soon as rank 1 is gone
+    last = output.strip().splitlines()[-1]  # the launcher's one line, after everything else
+    assert last.startswith("error: rank 1 in stage 'killed' at step ") and "died without a word" in last, output[-3000:]
     assert not (run_dir / "final" / "model.safetensors").exists()
     result = launch(["pretrain", str(recipe), "--resume"], tmp_path, nproc=2, own_launcher=True)
     assert "resuming from" in result.stdout
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
     assert steps == list(range(1, 31))
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_a_stuck_rank_ends_the_job_within_the_collective_timeout_and_the_run_resumes(tmp_path):
+    """Rank 1 stops at the start of step 4 (the tests' switch) while rank 0 waits in that step's all-reduce:
+    rank 0 gives up after train.collective_timeout, and the launcher's last line names rank 1, the stage
+    and the step. A --resume then finishes the run from checkpoint 2."""
+    timeout = 8
+    recipe = tiny_recipe_file(tmp_path, "stuck", train={"max_steps": 5, "micro_batch_size": 2, "log_every": 1,
+                                                        "save_every": 2, "eval_every": 1000, "eval_batches": 2,
+                                                        "collective_timeout": timeout})
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--nproc", "2"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "LMLAB_TEST_STALL": "1:4"})
+    took = time.monotonic() - started
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 in stage 'stuck' at step 4 stopped responding"), result.stderr[-3000:]
+    assert f"within train.collective_timeout ({timeout} s)" in last
+    assert "[rank 0] stopped: another rank stopped answering" in result.stderr  # one line, no traceback
+    assert "Traceback" not in result.stderr
+    assert took < 45 + timeout, took  # start-up and three steps take ~20 s on 2 cores; the default waits 1800 s
+    run_dir = tmp_path / "runs" / "stuck"
+    assert not (run_dir / "final").exists()
+    resumed = launch(["pretrain", str(recipe), "--resume"], tmp_path, nproc=2, own_launcher=True)
+    assert "resuming from" in resumed.stdout
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
+    assert steps == [1, 2, 3, 4, 5]  # each once: step 3 ran again from checkpoint-2, its first record dropped
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
@@ -290,6 +322,14 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
         one, two = results[1][stage]["estimates"], results[2][stage]["estimates"]
         assert two["general_bpb"]["value"] == pytest.approx(one["general_bpb"]["value"], rel=1e-3), stage
         assert two["math_id/greedy_accuracy"]["num"] == one["math_id/greedy_accuracy"]["num"], stage
+    # `lmlab eval --nproc 2` on the one-process run's SFT model: the pipeline's own scores of it, exactly
+    sft = tmp_path / "n1" / "runs" / tree["name"] / "sft" / "final"
+    shown = json.loads(launch(["eval", str(sft), "--tasks", "math_id", "--n", "4", "--samples", "2", "--orm",
+                               "math_exact", "--json"],
+                              tmp_path, nproc=2, own_launcher=True).stdout)
+    assert shown.pop("items_per_rank") == [2 + 2, 2 + 2]  # half the greedy and half the sampled prompts each
+    assert {k: v["value"] for k, v in shown.items()} == \
+        {k: v["value"] for k, v in results[1]["sft"]["estimates"].items() if k.startswith("math_id/")}
 
 
 RANK_ROWS = r'''
@@ -394,20 +434,45 @@ records = [{"prompt": "What is 2 + 3?", "answer": 5}] * 6  # one prompt: only th
 pairs, stats = sample_pairs(load_model(base), load_tokenizer(base), records, by_length, samples=3,
                             max_new_tokens=12, seed=1)
 
-# GRPO: one group of 4 completions of one prompt spans both ranks (micro-batch 2 each)
+# the evaluator: each rank scores its share of every task's items (in whole batches), all get every score
+from lmlab.distributed import items_per_rank
+from lmlab.evaluate.evaluator import evaluate
+from lmlab.evaluate.orm import load_scorer
+from lmlab.evaluate.tasks import load_task
+from lmlab.evaluate.tasks import run_task
+tasks = [load_task("math_id", 10), load_task("general_cloze", 6)]
+model, tokenizer = load_model(base), load_tokenizer(base)
+shared_before = items_per_rank()
+scores = evaluate(model, tokenizer, tasks, samples=2, scorer=load_scorer("math_exact"), general_bpb=True)
+scores.update({"small_batches/" + k: v for k, v in
+               run_task(model, tokenizer, tasks[0], samples=2, batch_size=4, seed=3).items()})
+evaluated = {k: v.as_dict() for k, v in scores.items()}
+shares = [n - before for n, before in zip(items_per_rank(), shared_before)]
+
+# GRPO: each step one group of 4 completions of one prompt, spanning both ranks (micro-batch 2 each)
+from transformers import TrainerCallback
 prompts = os.path.join(out, "prompts.jsonl")
 with open(prompts, "w") as fh:
-    fh.write(json.dumps({"prompt": "What is 2 + 3?", "answer": 5}) + "\n")
+    for text in ("What is 2 + 3?", "What is 3 + 2?", "What is 4 + 1?"):
+        fh.write(json.dumps({"prompt": text, "answer": 5}) + "\n")
 recipe = tiny_recipe(__import__("pathlib").Path(out), None, name="grpo", stage="rl", tokenizer={},
                      model={"from_pretrained": base}, data={"train": {"kind": "jsonl", "path": prompts},
                                                             "seq_len": 96},
-                     train={"max_steps": 1, "micro_batch_size": 2 if "WORLD_SIZE" in os.environ else 4,
+                     train={"max_steps": 3, "micro_batch_size": 2 if "WORLD_SIZE" in os.environ else 4,
                             "save_every": 1000},
                      rl={"num_generations": 4, "rewards": ["math_format"], "max_completion_length": 12})
 trainer = prepare_rl(recipe)[0]
+steps = []
+class Groups(TrainerCallback):  # TRL keeps the last step's prompts and completions, gathered from every rank
+    def on_step_end(self, args, state, control, **kwargs):
+        steps.append({"prompts": [p[-1]["content"] for p in trainer._logs["prompt"]],
+                      "completions": [c[-1]["content"] for c in trainer._logs["completion"]]})
+trainer.add_callback(Groups())
 trainer.train()
-completions = [c[-1]["content"] for c in trainer._logs["completion"]]  # TRL gathers them from every rank
-json.dump({"pairs": pairs, "scored": scored, "grpo": completions},
+completions = steps[0]["completions"]
+group_prompts = [step["prompts"] for step in steps]
+json.dump({"pairs": pairs, "scored": scored, "grpo": completions, "group_prompts": group_prompts,
+           "evaluated": evaluated, "shares": shares},
           open(os.path.join(out, f"{os.environ.get('RANK', 'single')}.json"), "w"))
 from lmlab.distributed import shutdown
 shutdown()  # as lmlab's CLI does on exit
@@ -433,9 +498,21 @@ def test_on_policy_sampling_splits_prompts_and_gives_the_pairs_of_one_process(tm
     assert sorted(single["scored"]) == sorted(ranks[0]["scored"] + ranks[1]["scored"])
     assert len(ranks[0]["scored"]) == len(ranks[1]["scored"]) == 3 * 3  # 3 of the 6 prompts each, 3 samples
     assert not set(ranks[0]["scored"]) & set(ranks[1]["scored"])  # different seeds, different samples
+    # the evaluation: every score (and each item's) the same on every rank and as on one process
+    assert ranks[0]["evaluated"] == ranks[1]["evaluated"] == single["evaluated"]
+    assert "math_id/orm_score" in single["evaluated"] and "general_bpb" in single["evaluated"]
+    assert ranks[0]["shares"] == ranks[1]["shares"]
+    # whole batches alternate between the ranks: bpb's 40 texts in 4s; batches of at most half a task: the 6
+    # cloze items in 3s, the 10 prompts in 5s (greedy and sampled); then the second call's batches of 4 and 2
+    assert ranks[0]["shares"] == [20 + 3 + 5 + 5 + (4 + 2) + (2 + 2 + 2), 20 + 3 + 5 + 5 + 4 + (2 + 2)]
     grpo = ranks[0]["grpo"]
     assert len(grpo) == 4 and ranks[1]["grpo"] == grpo
     assert grpo[:2] != grpo[2:]  # rank 0 drew the first two, rank 1 the last two
+    # what GRPO does make equal: which prompt each step's group practises, in the same order as one process
+    order = single["group_prompts"]
+    assert ranks[0]["group_prompts"] == ranks[1]["group_prompts"] == order
+    assert len(order) == 3 and all(len(set(group)) == 1 and len(group) == 4 for group in order)
+    assert len({group[0] for group in order}) == 3  # each prompt once per epoch
 
 
 LEADER_FAILS = r'''

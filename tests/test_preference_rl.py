@@ -364,3 +364,45 @@ def test_grpo_from_an_adapter_starts_with_zero_kl(tmp_path, base_model):
     run_rl(recipe)
     first = next(r for r in read_metrics(recipe.run_dir) if "kl" in r)
     assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # against the adapter's base it was far from zero
+
+
+def test_rl_difficulty_filter_trains_on_the_prompts_the_policy_does_not_always_solve(tmp_path, base_model,
+                                                                                      monkeypatch):
+    """rl.filter: each candidate sampled `samples` times by the starting policy; only pass rates in
+    [min, max) are trained on; the rates are saved and a resumed run reuses them; a filter that keeps
+    nothing, or one over a reward model's scores, stops with one error."""
+    from lmlab.evaluate import onpolicy, orm
+    from lmlab.stages.rl import prepare_rl, rl_prompts
+
+    monkeypatch.setitem(orm.VERIFIERS, "even_length", lambda prompts, responses, items:
+                        [float(len(r) % 2 == 0) for r in responses])
+    monkeypatch.setitem(orm.VERIFIERS, "always", lambda prompts, responses, items: [1.0] * len(responses))
+
+    def recipe(name, rewards, **filter_):
+        return post_recipe(tmp_path, base_model, "rl", name=name, data={"train": {"kind": "math", "num_examples": 24},
+                                                                        "seq_len": 96},
+                           rl={"num_generations": 4, "rewards": rewards, "max_completion_length": 6,
+                               "filter": {"samples": 4, **filter_}},
+                           train={"max_steps": 1, "micro_batch_size": 4})
+
+    mixed = recipe("mixed", ["even_length"], min_pass_rate=0.25, max_pass_rate=1.0)
+    trainer = prepare_rl(mixed)[0]
+    rates = json.loads((mixed.run_dir / "prompt_filter.json").read_text())["pass_rates"]
+    assert len(rates) == 24 and set(rates) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    kept = [i for i, rate in enumerate(rates) if 0.25 <= rate < 1.0]
+    assert 0 < len(kept) < 24, rates  # random lengths: some prompts pass always or never, others sometimes
+    candidates = rl_prompts(mixed)["prompt"]
+    assert trainer.train_dataset["prompt"] == [candidates[i] for i in kept]
+    assert trainer.prompt_filter["kept"] == len(kept) and trainer.prompt_filter["candidates"] == 24
+
+    def never_again(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(onpolicy, "pass_rates", never_again)
+    assert prepare_rl(mixed)[0].train_dataset["prompt"] == [candidates[i] for i in kept]  # resumed: the saved rates
+    monkeypatch.undo()
+    monkeypatch.setitem(orm.VERIFIERS, "always", lambda prompts, responses, items: [1.0] * len(responses))
+    with pytest.raises(LmlabError, match="rl.filter kept none of the 24 prompts"):
+        prepare_rl(recipe("solved", ["always"]))
+    with pytest.raises(LmlabError, match="is a reward model, whose scores have no pass mark"):
+        prepare_rl(recipe("rm", ["math_exact", str(base_model)]))

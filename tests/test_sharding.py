@@ -109,7 +109,7 @@ def test_lmlab_launches_a_users_accelerate_config(tmp_path, monkeypatch):
     argv = ["pretrain", "r.yaml", "--nproc", "2", "--accelerate-config", "c.yaml"]
     cmd = accelerate_command(argv, sharding.config_file("ddp"), 2, 1, 0, None, 29500)
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
-    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-3:] == ["lmlab.cli", "pretrain", "r.yaml"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-4:] == ["lmlab.cli", "--", "pretrain", "r.yaml"]
     import torch
 
     assert "--cpu" not in cmd  # accelerate's --cpu starts one process; its multi-GPU launcher runs gloo on CPU
@@ -130,3 +130,19 @@ def test_lmlab_launches_a_users_accelerate_config(tmp_path, monkeypatch):
     bad.write_text("just: text\n")
     with pytest.raises(LmlabError, match="no distributed_type"):
         accelerate_command(argv, bad, 2, 1, 0, None, 29500)
+
+
+@pytest.mark.parametrize("mode,sharded", [("zero3", True), ("zero2", True), ("deepspeed_zero3", True),
+                                          ("deepspeed_zero2", False), ("ddp", False)])
+def test_evaluation_during_training_under_sharded_weights_is_refused_before_compute(tmp_path, mode, sharded):
+    """In-training evaluation generates with whole weights on every rank: refused where ranks hold shards."""
+    from lmlab.stages.preflight import check_data
+    from tests.helpers import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, None, train={"distributed": mode}, eval={"tasks": ["math_id"], "n": 4})
+    if sharded:
+        with pytest.raises(LmlabError, match=f"train.distributed: {mode} shards them") as caught:
+            check_data(recipe)
+        assert caught.value.field == "eval.tasks"
+    else:
+        check_data(recipe)

@@ -50,9 +50,10 @@ def options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print error
     from lmlab.console import quiet_libraries_env
 
     if "LOCAL_RANK" in os.environ:  # a worker of torchrun / accelerate launch: it dies with its agent
-        from lmlab.distributed import die_with_parent
+        from lmlab.distributed import die_with_parent, watch_worker
 
         die_with_parent()
+        watch_worker()  # and keeps a status file from which lmlab's launcher names a rank that fails
     quiet_libraries_env()  # HF / datasets bars and chatter off for every command, before they are imported
     if quiet:
         os.environ["LMLAB_QUIET"] = "1"
@@ -69,19 +70,33 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from lmlab.distributed import is_lost_peer, report
+
+        rank = os.environ.get("RANK", "0")  # under several processes, say which one failed
         try:
             return fn(*args, **kwargs)
         except (LmlabError, OSError) as exc:
+            report(state="error", error=str(exc)[:300])
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
             if isinstance(exc, OSError) and exc.errno not in OS_REASONS:
                 raise
             message = str(exc) if isinstance(exc, LmlabError) else \
                 f"{exc.filename or '?'}: {OS_REASONS[exc.errno]} ({exc.strerror})"
-            rank = os.environ.get("RANK", "0")  # under several processes, say which one failed
             typer.secho(("error: " if rank == "0" else f"[rank {rank}] error: ") + message, fg=typer.colors.RED,
                         err=True)
             raise typer.Exit(2) from None
+        except Exception as exc:
+            if not is_lost_peer(exc) or "LOCAL_RANK" not in os.environ:
+                report(state="error", error=f"{type(exc).__name__}: {exc}"[:300])
+                raise
+            # another rank failed or hung: this one's collective gave up; the launcher names the rank
+            report(state="waiting", error=str(exc)[:300])
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            typer.secho(f"[rank {rank}] stopped: another rank stopped answering ({str(exc).splitlines()[0][:160]})",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -142,8 +157,9 @@ def run(recipe: Path = typer.Argument(..., help="A pipeline recipe: `stages:` in
     from lmlab.pipeline import describe, load_pipeline, run_pipeline
 
     if not dry_run:
-        load_pipeline(recipe, set_)  # a bad pipeline fails once, here, not on every rank
-        relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
+        _, planned = load_pipeline(recipe, set_)  # a bad pipeline fails once, here, not on every rank
+        timeout = max((p.recipe.train.collective_timeout for p in planned if hasattr(p.recipe, "train")), default=None)
+        relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config, timeout=timeout)
     if dry_run:
         pipeline, planned = load_pipeline(recipe, set_)
         typer.echo(f"{pipeline.name} -> {pipeline.run_dir}")
@@ -191,7 +207,8 @@ def _stage_command(stage: str, recipe_help: str, summary: str) -> Callable:
                 for line in describe(loaded):
                     typer.echo(line)
             return
-        relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
+        relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config,
+                 timeout=loaded.train.collective_timeout)
         _run_stage(stage, recipe, set_, resume, overwrite, force)
 
     command.__doc__ = summary
@@ -303,20 +320,29 @@ def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint d
                                             "(math_exact) or a reward-model directory."),
           as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (value, ci_low, ci_high, "
                                        "n per metric) instead of a table."),
-          out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON.")) -> None:
-    """Score a checkpoint on cloze and generative tasks, each score with its 95% interval; or two, paired."""
+          out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON."),
+          nproc: int = NprocOption, nnodes: int = NnodesOption, node_rank: int = NodeRankOption,
+          master_addr: Optional[str] = MasterOption, master_port: int = PortOption,
+          accelerate_config: Optional[Path] = AccelerateConfigOption) -> None:
+    """Score a checkpoint on cloze and generative tasks, each score with its 95% interval; or two, paired.
+    With --nproc N each process scores 1/N of the items and the results equal one process's."""
     import json
 
     from lmlab.console import console as shared_console
+    from lmlab.distributed import is_main, items_per_rank, world_size
     from lmlab.evaluate.compare import comparison_table, stage_changes
     from lmlab.evaluate.evaluator import evaluate_checkpoint
     from lmlab.evaluate.tasks import load_task
+    from lmlab.models.build import check_checkpoint
     from lmlab.stats import Estimate
 
     if len(checkpoints) > 2:
         raise LmlabError(f"lmlab eval takes one checkpoint, or two to compare; got {len(checkpoints)}",
                          field="CHECKPOINTS")
     loaded = [load_task(spec.strip(), n) for spec in tasks.split(",") if spec.strip()]  # bad tasks fail first
+    for path in checkpoints:  # and bad checkpoints, before any launch
+        check_checkpoint(path, "checkpoint")
+    relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
     results = {str(path): evaluate_checkpoint(path, loaded, samples, orm) for path in checkpoints}
     changes = stage_changes(results)
     payload: dict = {name: {k: v.as_dict(items=False) if isinstance(v, Estimate) else v for k, v in row.items()}
@@ -326,6 +352,10 @@ def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint d
                    "change": {k: d.as_dict() for k, d in changes[str(checkpoints[1])].items()}}
     else:
         payload = payload[str(checkpoints[0])]
+    if world_size() > 1:  # how the items were split: each rank's count, in rank order
+        payload["items_per_rank"] = items_per_rank()
+    if not is_main():
+        return
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
     else:
@@ -413,9 +443,19 @@ def tokenizer_eval(
 
 
 def main() -> None:  # pragma: no cover - entry point
+    import sys
+
     from lmlab.distributed import shutdown
 
+    if sys.argv[1:2] == ["--"]:  # a launcher's separator, passed on (lmlab.cli.launch)
+        del sys.argv[1]
     try:
         app()
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            from lmlab.distributed import report
+
+            report(state="done")
+        raise
     finally:
         shutdown()

@@ -26,6 +26,9 @@ AccelerateConfigOption = typer.Option(None, "--accelerate-config", help="Launch 
 FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--accelerate-config")
 
 
+# The launchers' argparse reads any later argument that abbreviates one of their own options as theirs
+# (lmlab eval's `--n` as torchrun's `--nnodes`), so lmlab's arguments follow a `--`; lmlab.cli.main drops
+# it where the launcher passes it on.
 def command_without_launch_flags(argv: list[str]) -> list[str]:
     out, skip = [], False
     for arg in argv:
@@ -40,13 +43,13 @@ def command_without_launch_flags(argv: list[str]) -> list[str]:
 
 def torchrun_command(argv: list[str], nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
                      master_port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, "-m", "lmlab.cli.agent", f"--nproc_per_node={nproc}"]  # torchrun, quieter on failure
     if nnodes > 1:
         cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
                 f"--master_port={master_port}"]
     else:
         cmd.append("--standalone")  # one node: a free port, no rendezvous address to give
-    return [*cmd, "-m", "lmlab.cli", *command_without_launch_flags(argv)]
+    return [*cmd, "-m", "lmlab.cli", "--", *command_without_launch_flags(argv)]
 
 
 def accelerate_command(argv: list[str], config: Path, nproc: int, nnodes: int, node_rank: int,
@@ -80,12 +83,16 @@ def accelerate_command(argv: list[str], config: Path, nproc: int, nnodes: int, n
            "--main_process_port", str(master_port)]
     if nnodes > 1:
         cmd += ["--main_process_ip", master_addr]
-    return [*cmd, "-m", "lmlab.cli", *command_without_launch_flags(argv)]
+    return [*cmd, "-m", "lmlab.cli", "--", *command_without_launch_flags(argv)]
 
 
 def relaunch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, master_port: int,
-             accelerate_config: Path | None = None) -> None:
-    """Start this command on every process and exit with their status; a no-op inside a launched process."""
+             accelerate_config: Path | None = None, timeout: int | None = None) -> None:
+    """Start this command on every process and exit with their status; a no-op inside a launched process.
+
+    Every collective of the workers gives up after `timeout` seconds (train.collective_timeout); when the
+    job fails, the workers' status files say which rank failed first, in which stage and at which step,
+    and that is the one line printed last."""
     if "LOCAL_RANK" in os.environ or (nproc == 1 and nnodes == 1 and accelerate_config is None):
         return
     if nnodes > 1 and not master_addr:
@@ -96,7 +103,16 @@ def relaunch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, m
         cmd = accelerate_command(sys.argv[1:], accelerate_config, nproc, nnodes, node_rank, master_addr, master_port)
     else:
         cmd = torchrun_command(sys.argv[1:], nproc, nnodes, node_rank, master_addr, master_port)
-    from lmlab.distributed import die_with_parent
+    import tempfile
 
-    # the agent dies with this process (and each worker with the agent: lmlab.cli.options)
-    raise typer.Exit(subprocess.call(cmd, preexec_fn=die_with_parent))
+    from lmlab.distributed import DEFAULT_TIMEOUT, STATUS_ENV, TIMEOUT_ENV, die_with_parent, failure_line
+
+    timeout = timeout or int(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    with tempfile.TemporaryDirectory(prefix="lmlab-ranks-") as status:
+        env = {**os.environ, STATUS_ENV: status, TIMEOUT_ENV: str(timeout)}
+        # the agent dies with this process (and each worker with the agent: lmlab.cli.options)
+        code = subprocess.call(cmd, preexec_fn=die_with_parent, env=env)
+        line = failure_line(status, timeout) if code else None
+    if line:
+        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)

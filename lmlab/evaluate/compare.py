@@ -25,16 +25,20 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
 
     Every score carries its 95% interval and n, and each stage is compared with the one before it on the
     same items (a paired interval of the change, and McNemar's test for accuracies), so the table says which
-    stage moved which metric beyond the noise.
+    stage moved which metric beyond the noise. Under a launcher every rank calls it and scores its share of
+    each model's items; rank 0 writes the files.
     """
     from lmlab.console import console as shared_console
+    from lmlab.distributed import is_main
     from lmlab.evaluate.evaluator import evaluate_checkpoint
     from lmlab.evaluate.tasks import load_task
     from lmlab.paths import write_json_atomic, write_text_atomic
     from lmlab.stats import Estimate
 
     tasks = [load_task(spec, stage.n) for spec in stage.tasks]  # bad tasks fail before any model loads
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     cache_file = out_dir / "results.json"
     cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     console = shared_console()
@@ -56,12 +60,12 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
     for name, by_metric in changes.items():
         cache[name]["change"] = {k: d.as_dict() for k, d in by_metric.items()}
     cache = {name: cache[name] for name in results}  # stages no longer in the pipeline drop out
-    if not cache_file.is_file() or json.loads(cache_file.read_text()) != json.loads(json.dumps(cache)):
+    if main and (not cache_file.is_file() or json.loads(cache_file.read_text()) != json.loads(json.dumps(cache))):
         write_json_atomic(cache_file, cache)  # a rerun that evaluated nothing leaves the file as it was
     columns = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "general_bpb", k))
     console.print(comparison_table(results, changes, columns))
     markdown = comparison_markdown(results, changes, columns)
-    if not (out_dir / "comparison.md").is_file() or (out_dir / "comparison.md").read_text() != markdown:
+    if main and (not (out_dir / "comparison.md").is_file() or (out_dir / "comparison.md").read_text() != markdown):
         write_text_atomic(out_dir / "comparison.md", markdown)
     return results
 

@@ -50,9 +50,10 @@ def evaluate_checkpoint(path: str | Path, tasks: list, samples: int = 1, orm: st
     """`evaluate` on a checkpoint or ensemble directory, with its own tokenizer and an ORM by name."""
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.evaluate.orm import load_scorer
-    from lmlab.models.build import check_checkpoint, load_model
+    from lmlab.models.build import check_checkpoint, load_model, to_own_device
 
     check_checkpoint(Path(path), "checkpoint")  # config, weights header and tokenizer, before anything loads
     tokenizer = load_tokenizer(path)
     scorer = load_scorer(orm, tokenizer) if orm else None  # a bad ORM fails before the model loads
-    return evaluate(load_model(path, **load), tokenizer, tasks, samples, scorer, general_bpb, math_bpb)
+    model = to_own_device(load_model(path, **load))  # each rank of a launch scores its share on its own GPU
+    return evaluate(model, tokenizer, tasks, samples, scorer, general_bpb, math_bpb)

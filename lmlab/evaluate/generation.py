@@ -14,6 +14,7 @@ from typing import Any
 # is not an answer of 6); flexible is the last integer anywhere, reported as a metric of its own.
 STRICT = re.compile(r"The answer is (-?[0-9]+)")
 FLEXIBLE = re.compile(r"(-?[0-9]+)")
+ITEM_SEED = 1_000_003  # a batch starting at item i of a call seeded s samples with seed s * ITEM_SEED + i
 
 
 def extract_integer(text: str, flexible: bool = False) -> int | None:
@@ -47,13 +48,14 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 32,
              do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1,
-             seed: int = 0, min_new_tokens: int | None = None) -> list[list[str]]:
+             seed: int = 0, min_new_tokens: int | None = None, first: int = 0) -> list[list[str]]:
     """`num_return_sequences` completions per prompt (text after the prompt), batched with the KV cache.
 
     `min_new_tokens` suppresses the stop tokens until that many are generated (benchmarks use it
-    so every sample has the same length). Sampling draws from its own RNG seeded with `seed`: an
-    evaluation in the middle of training leaves the training RNG (dropout, TRL's per-rank sampling
-    seeds) where it was.
+    so every sample has the same length). Sampling draws from its own RNG, seeded afresh for each batch
+    from `seed` and the batch's first item (`first` is the index of `prompts[0]` in a larger list): a batch
+    samples the same completions whichever process runs it and whatever ran before it, and an evaluation
+    in the middle of training leaves the training RNG (dropout, TRL's sampling seeds) where it was.
     """
     import torch
 
@@ -71,11 +73,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            return [group for begin in range(0, len(prompts), batch_size)
-                    for group in _generate_batch(model, tokenizer, prompts[begin:begin + batch_size], kwargs)]
+            groups = []
+            for begin in range(0, len(prompts), batch_size):
+                torch.manual_seed(batch_seed(seed, first + begin))
+                groups += _generate_batch(model, tokenizer, prompts[begin:begin + batch_size], kwargs)
+            return groups
     finally:
         tokenizer.padding_side = side
+
+
+def batch_seed(seed: int, first_item: int) -> int:
+    """The sampling seed of the batch that starts at item `first_item` (a large odd multiplier keeps the
+    seeds of nearby runs and batches apart)."""
+    return (seed * ITEM_SEED + first_item) % 2**63
 
 
 def _generate_batch(model, tokenizer, prompts: list[str], kwargs: dict[str, Any]) -> list[list[str]]:

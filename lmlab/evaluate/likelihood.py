@@ -104,28 +104,35 @@ def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int =
 
     import torch
 
+    from lmlab.distributed import map_in_chunks
     from lmlab.models.tiled import row_token_logprobs
     from lmlab.stats import Estimate
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("bits per byte needs a BOS or EOS token to start each text")
-    bits, sizes = [], []
     model.eval()
-    for text in texts:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"][: max_length - 1]
-        if not ids:
-            continue
-        end = encoded["offset_mapping"][len(ids) - 1][1]
-        row = torch.tensor([[start] + ids], device=model.device)
-        with torch.no_grad():
-            nll = -row_token_logprobs(model, {"input_ids": row}, row).sum().item()
-        bits.append(nll / math.log(2))
-        sizes.append(len(text[:end].encode("utf-8")))
-    if not sum(sizes):
+
+    def bits_and_bytes(chunk: Sequence[str], first: int) -> list[tuple[float, int] | None]:
+        scored: list[tuple[float, int] | None] = []
+        for text in chunk:
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = encoded["input_ids"][: max_length - 1]
+            if not ids:
+                scored.append(None)
+                continue
+            end = encoded["offset_mapping"][len(ids) - 1][1]
+            row = torch.tensor([[start] + ids], device=model.device)
+            with torch.no_grad():
+                nll = -row_token_logprobs(model, {"input_ids": row}, row).sum().item()
+            scored.append((nll / math.log(2), len(text[:end].encode("utf-8"))))
+        return scored
+
+    # under a launcher each rank scores a share of the texts (every rank must call this)
+    scored = [pair for pair in map_in_chunks(list(texts), 4, bits_and_bytes) if pair is not None]
+    if not sum(size for _, size in scored):
         raise ValueError("bits per byte needs a non-empty text")
-    return Estimate(bits, sizes, binary=False)
+    return Estimate([bits for bits, _ in scored], [size for _, size in scored], binary=False)
 
 
 def packed_rows_loss(model, rows, batch_size: int = 32) -> float:

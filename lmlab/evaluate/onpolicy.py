@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from lmlab.data.pairs import PairStats, pairs_from_scores, prompt_messages
-from lmlab.distributed import shard, unshard
+from lmlab.distributed import map_in_chunks
 from lmlab.errors import LmlabError
 from lmlab.evaluate.generation import generate
 from lmlab.evaluate.orm import checked_scores
-
-ITEM_SEED = 1_000_003  # prompt i of a call seeded s is sampled with s * this + i
 
 
 def sample_pairs(model, tokenizer, records: list[dict[str, Any]], scorer, samples: int = 4,
@@ -30,16 +28,16 @@ def sample_pairs(model, tokenizer, records: list[dict[str, Any]], scorer, sample
     """
     if samples < 2:
         raise LmlabError("pairs need at least two samples per prompt", field="preference.samples")
-    indices = shard(list(range(len(records))))
-    mine = [records[i] for i in indices]
-    prompts = [tokenizer.apply_chat_template(prompt_messages(r["prompt"], r.get("system") or system), tokenize=False,
-                                            add_generation_prompt=True) for r in mine]
-    sampled = [generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, do_sample=True,
-                        temperature=temperature, num_return_sequences=samples, seed=seed * ITEM_SEED + i)[0]
-               for i, prompt in zip(indices, prompts)]
-    flat = checked_scores(scorer, [p for p, g in zip(prompts, sampled) for _ in g], [r for g in sampled for r in g],
-                          [rec for rec, g in zip(mine, sampled) for _ in g])
-    scored = unshard([(texts, flat[i * samples:(i + 1) * samples]) for i, texts in enumerate(sampled)])
+
+    def sample_and_score(chunk: list[dict[str, Any]], start: int) -> list[tuple[list[str], list[float]]]:
+        record = chunk[0]
+        prompt = tokenizer.apply_chat_template(prompt_messages(record["prompt"], record.get("system") or system),
+                                               tokenize=False, add_generation_prompt=True)
+        texts = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, do_sample=True,
+                         temperature=temperature, num_return_sequences=samples, seed=seed, first=start)[0]
+        return [(texts, checked_scores(scorer, [prompt] * len(texts), texts, [record] * len(texts)))]
+
+    scored = map_in_chunks(records, 1, sample_and_score)
     return pairs_from_scores(records, [t for t, _ in scored], [s for _, s in scored], system)
 
 
@@ -67,3 +65,25 @@ def pairs_file(checkpoint, prompts: str, n: int, samples: int, scorer: str, temp
     write_pairs(made, out)
     return stats
 
+
+
+def pass_rates(model, tokenizer, prompts: list[str], answers: list | None, rewards: list, samples: int,
+               temperature: float, max_new_tokens: int, seed: int = 0) -> list[float]:
+    """Each rendered prompt's pass rate under the model: the share of its `samples` sampled completions that
+    every reward (TRL-style functions of prompts, completions and the answer column) scores 1 or more.
+
+    Batches are seeded by their first prompt and split over the processes like the evaluation's, so the
+    rates are the same on any number of processes (every rank must call this)."""
+    def rates(chunk: list[str], start: int) -> list[float]:
+        groups = generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=len(chunk),
+                          do_sample=True, temperature=temperature, num_return_sequences=samples, seed=seed,
+                          first=start)
+        flat_prompts = [p for p, group in zip(chunk, groups) for _ in group]
+        flat = [c for group in groups for c in group]
+        columns = {} if answers is None else \
+            {"answer": [a for a, group in zip(answers[start:start + len(chunk)], groups) for _ in group]}
+        scores = [reward(flat_prompts, flat, **columns) for reward in rewards]
+        passed = [all(score >= 1.0 for score in per_reward) for per_reward in zip(*scores)]
+        return [sum(passed[i * samples:(i + 1) * samples]) / samples for i in range(len(groups))]
+
+    return map_in_chunks(prompts, max(1, 64 // samples), rates)

@@ -120,38 +120,71 @@ def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float 
              batch_size: int = 64, seed: int = 0, scorer=None) -> dict[str, "Estimate"]:
     """Each metric as an Estimate over the task's items (interval, n, and the per-item scores a paired
     comparison needs). Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k
-    (k = samples); with a scorer, also the ORM score: its mean over the same sampled responses."""
+    (k = samples); with a scorer, also the ORM score: its mean over the same sampled responses.
+
+    Under a launcher the items are split over the processes in whole batches and gathered back
+    (`map_in_chunks`): every rank must call this, each scores its share, and the result is the same
+    as one process's. A batch is at most half the items, so two processes share even a small task; it
+    never depends on the number of processes, which would change the padding of a batch."""
+    import math
+
+    from lmlab.distributed import map_in_chunks
     from lmlab.stats import Estimate
+
+    def batch_of(size: int) -> int:
+        return max(1, min(size, math.ceil(len(task.items) / 2)))
 
     if task.kind == "cloze":
         from lmlab.evaluate.likelihood import pick, score_options
 
-        correct = [float(pick(score_options(model, tokenizer, it["prompt"], it["choices"], batch_size),
-                              task.normalisation) == it["gold"]) for it in task.items]
-        return {f"{task.name}/accuracy": Estimate(correct, binary=True)}
+        def cloze(chunk, start):
+            return [float(pick(score_options(model, tokenizer, it["prompt"], it["choices"], batch_size),
+                               task.normalisation) == it["gold"]) for it in chunk]
+
+        return {f"{task.name}/accuracy": Estimate(map_in_chunks(task.items, batch_of(16), cloze), binary=True)}
     from lmlab.data.mathgen import DEFAULT_SYSTEM
     from lmlab.evaluate.generation import extract_integer, generate, render_prompts
-    from lmlab.evaluate.metrics import maj_at_k, pass_at_k
 
     prompts = render_prompts(tokenizer, [it["prompt"] for it in task.items], system=DEFAULT_SYSTEM)
-    greedy = generate(model, tokenizer, prompts, batch_size=batch_size)
+    greedy = map_in_chunks(prompts, batch_of(batch_size), lambda chunk, start: generate(model, tokenizer, chunk,
+                                                                              batch_size=len(chunk)))
     out = {f"{task.name}/greedy_accuracy":
            Estimate([float(extract_integer(g[0]) == it["answer"]) for g, it in zip(greedy, task.items)], binary=True),
            f"{task.name}/greedy_accuracy_flexible":
            Estimate([float(extract_integer(g[0], flexible=True) == it["answer"]) for g, it in zip(greedy, task.items)],
                     binary=True)}
     if samples > 1 or scorer is not None:
-        sampled = generate(model, tokenizer, prompts, batch_size=max(1, batch_size // samples), do_sample=True,
-                           temperature=temperature, num_return_sequences=samples, seed=seed)
-    if scorer is not None:
+        out.update(_sampled_metrics(model, tokenizer, task, prompts, samples, temperature,
+                                    batch_of(max(1, batch_size // samples)), seed, scorer))
+    return out
+
+
+def _sampled_metrics(model, tokenizer, task: Task, prompts: list[str], samples: int, temperature: float, batch: int,
+                     seed: int, scorer) -> dict[str, "Estimate"]:
+    """maj@k and pass@k (k = samples > 1) and, with a scorer, its mean score over the same samples."""
+    from lmlab.distributed import map_in_chunks
+    from lmlab.evaluate.generation import extract_integer, generate
+    from lmlab.evaluate.metrics import maj_at_k, pass_at_k
+    from lmlab.stats import Estimate
+
+    def sample_and_score(chunk, start):
+        sampled = generate(model, tokenizer, chunk, batch_size=len(chunk), do_sample=True, temperature=temperature,
+                           num_return_sequences=samples, seed=seed, first=start)
+        if scorer is None:
+            return [(group, None) for group in sampled]
         from lmlab.evaluate.orm import checked_scores
 
-        scores = checked_scores(scorer, [p for p, g in zip(prompts, sampled) for _ in g],
-                                [r for g in sampled for r in g], [it for it, g in zip(task.items, sampled) for _ in g])
-        per_item = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(sampled))]
-        out[f"{task.name}/orm_score"] = Estimate(per_item, binary=False)
+        items = task.items[start:start + len(chunk)]
+        scores = checked_scores(scorer, [p for p, g in zip(chunk, sampled) for _ in g], [r for g in sampled for r in g],
+                                [it for it, g in zip(items, sampled) for _ in g])
+        return [(group, sum(scores[i * samples:(i + 1) * samples]) / samples) for i, group in enumerate(sampled)]
+
+    scored = map_in_chunks(prompts, batch, sample_and_score)
+    out = {}
+    if scorer is not None:
+        out[f"{task.name}/orm_score"] = Estimate([score for _, score in scored], binary=False)
     if samples > 1:
-        answers = [[extract_integer(s) for s in group] for group in sampled]
+        answers = [[extract_integer(s) for s in group] for group, _ in scored]
         out[f"{task.name}/maj@{samples}"] = Estimate([maj_at_k(a, it["answer"], samples)
                                                       for a, it in zip(answers, task.items)], binary=True)
         out[f"{task.name}/pass@{samples}"] = Estimate([pass_at_k(samples, sum(x == it["answer"] for x in a), samples)

@@ -116,6 +116,18 @@ def load_model(path: str | Path, trust_remote_code: bool = False, attn_implement
                                                 attn_implementation=attn_implementation, dtype=dtype)
 
 
+def to_own_device(model):
+    """The model on this process's GPU (`cuda:LOCAL_RANK`) when there is one and it is still on the CPU;
+    unchanged otherwise (a quantised or device-mapped model is where its loader put it). Generation
+    outside a trainer (evaluation, RL's difficulty filter) runs there."""
+    from lmlab.distributed import local_rank
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if cuda() and on_cpu and not getattr(model, "is_quantized", False) and not getattr(model, "hf_device_map", None):
+        model.to(f"cuda:{local_rank()}")
+    return model
+
+
 def is_adapter(path: str | Path) -> bool:
     """A LoRA adapter directory (adapter weights, no model config of its own), which loads merged into its base."""
     return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()

@@ -19,7 +19,10 @@ def run_stage(recipe, resume: bool = False, overwrite: bool = False, force: bool
     from lmlab.paths import run_lock
     from lmlab.stages.preflight import Checked, check_inputs
 
+    from lmlab.distributed import report
+
     silence_libraries()
+    report(stage=recipe.name, step=None)  # where this rank is, should the launch fail
     # before the run directory (and its lock) is created, let alone overwritten
     checked = check_inputs(recipe, checked=replace(checked or Checked(), force=force))
     if resume:

@@ -100,6 +100,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, max_steps: int, has_val
         # data loading and devices: CPU runs under torchrun train with DDP over gloo
         dataloader_num_workers=t.num_workers, dataloader_pin_memory=cuda(), remove_unused_columns=False,
         use_cpu=not accelerator_available(),
+        ddp_timeout=t.collective_timeout,
         ddp_find_unused_parameters=recipe.model.arch in ("qwen3_moe", "mixtral"),  # routed experts may sit idle
         **sharding_arguments(t.distributed, layer_class, gpu=cuda()),
         # fused AdamW, torch.compile and Liger kernels where they help (lmlab.stages.speed)

@@ -60,12 +60,15 @@ def stage_callbacks(trainer, recipe: Recipe, tokenizer, tokens_per_step: int = 0
                     peak_flops: float | None = None, **metric_fields: Any):
     """Attach the one callback set (metrics, progress, task/ORM evaluation, divergence guard) to a trainer,
     and hand it the optimizer it builds itself (`optim.optimizer: muon`); every stage's trainer passes here."""
-    from lmlab.callbacks import DivergenceGuard, MetricsCallback, RichProgressCallback, attach_callbacks
+    from lmlab.callbacks import (DivergenceGuard, MetricsCallback, RankStatusCallback, RichProgressCallback,
+                                 attach_callbacks)
 
     metrics = MetricsCallback(recipe.run_dir, tokens_per_step, flops_per_token, peak_flops=peak_flops,
                               stage=recipe.stage, tensorboard="tensorboard" in recipe.output.report_to,
                               fields=metric_fields)
     callbacks = [metrics, RichProgressCallback(recipe.name), *task_eval_callbacks(recipe, metrics, tokenizer)]
+    if world_size() > 1:
+        callbacks.append(RankStatusCallback())
     if recipe.train.guard.enabled and hasattr(trainer, "guard"):
         # RL and preference losses are not cross-entropies: near zero or negative, so only their gradients spike
         trainer.guard = DivergenceGuard(recipe.train.guard, metrics,

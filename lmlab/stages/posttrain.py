@@ -292,6 +292,11 @@ def check_rl_inputs(recipe: Recipe, pairs: list, prompts: list) -> None:
         if reward not in VERIFIERS and not Path(reward).is_dir():
             raise LmlabError(f"unknown scorer '{reward}'", field="rl.rewards",
                              hint=f"a verifier ({', '.join(VERIFIERS)}) or a reward-model directory")
+    learned = [reward for reward in r.rewards if reward not in VERIFIERS]
+    if r.filter is not None and learned:
+        raise LmlabError(f"rl.filter counts a sample as passed when every verifier scores 1, and '{learned[0]}' is "
+                         "a reward model, whose scores have no pass mark", field="rl.filter",
+                         hint="filter with verifier rewards only, or drop rl.filter")
 
 
 @dataclass

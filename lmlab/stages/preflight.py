@@ -51,6 +51,10 @@ def check_inputs(recipe: Recipe, future: Iterable[str] = (), checked: Checked | 
     return replace(checked, data=True, artifacts=not future)
 
 
+# the modes whose ranks hold only a shard of each weight between steps
+PARAMETER_SHARDING = ("zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero3", "deepspeed_zero3_offload")
+
+
 def check_data(recipe: Recipe) -> None:
     """Data sources to their last record, task files, and preference / RL data as those stages use it."""
     from lmlab.evaluate.tasks import load_task
@@ -59,6 +63,13 @@ def check_data(recipe: Recipe) -> None:
         check_source(spec, recipe)
     for task in recipe.eval.tasks:
         load_task(task, recipe.eval.n)
+    sharded = recipe.train.distributed in PARAMETER_SHARDING
+    if sharded and (recipe.eval.tasks or (recipe.stage == "sft" and recipe.sft.eval_math)):
+        raise LmlabError(f"evaluation during training generates with whole weights on every rank, and "
+                         f"train.distributed: {recipe.train.distributed} shards them (each forward pass would be a "
+                         "collective, and ranks with different generation lengths would wait on each other)",
+                         field="eval.tasks" if recipe.eval.tasks else "sft.eval_math",
+                         hint="evaluate the saved model with `lmlab eval --nproc N`, or train under ddp")
     if recipe.stage in PAIR_STAGES:
         check_pairs_and_prompts(recipe)
 

@@ -52,8 +52,52 @@ def rl_prompts(recipe: Recipe):
                       remove_columns=["system"])
 
 
+def filter_by_difficulty(recipe: Recipe, model, tokenizer, prompts, rewards) -> tuple[object, dict]:
+    """The prompts whose pass rate under the starting policy lies in rl.filter's range, and what was kept.
+
+    The rates are written to the run directory (`prompt_filter.json`), so a resumed run trains on the same
+    prompts without sampling them again."""
+    import json
+
+    from lmlab.distributed import is_main
+    from lmlab.errors import LmlabError
+    from lmlab.evaluate.onpolicy import pass_rates
+    from lmlab.paths import write_json_atomic
+
+    r, f = recipe.rl, recipe.rl.filter
+    settings = {"candidates": len(prompts), "samples": f.samples, "temperature": r.temperature,
+                "max_completion_length": r.max_completion_length, "seed": recipe.seed,
+                "from": str(recipe.model.from_pretrained)}
+    saved = recipe.run_dir / "prompt_filter.json"
+    found = json.loads(saved.read_text()) if saved.is_file() else {}
+    if found.get("settings") == settings:
+        rates = found["pass_rates"]
+    else:
+        rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                    for p in prompts["prompt"]]
+        answers = prompts["answer"] if "answer" in prompts.column_names else None
+        with console().status(f"difficulty filter: {f.samples} samples of {len(prompts):,} prompts"):
+            rates = pass_rates(model, tokenizer, rendered, answers, rewards, f.samples, r.temperature,
+                               r.max_completion_length, seed=recipe.seed)
+        if is_main():
+            write_json_atomic(saved, {"settings": settings, "pass_rates": rates})
+    kept = [i for i, rate in enumerate(rates) if f.min_pass_rate <= rate < f.max_pass_rate]
+    record = {"candidates": len(rates), "kept": len(kept), "mean_pass_rate": sum(rates) / max(1, len(rates)),
+              "mean_pass_rate_kept": sum(rates[i] for i in kept) / max(1, len(kept))}
+    if not kept:
+        raise LmlabError(f"rl.filter kept none of the {len(rates):,} prompts: their pass rates under the starting "
+                         f"policy (mean {record['mean_pass_rate']:.2f}) all lie outside [{f.min_pass_rate}, "
+                         f"{f.max_pass_rate})", field="rl.filter",
+                         hint="give more or harder prompts, or widen the pass-rate range")
+    console().print(f"difficulty filter: {len(kept):,} of {len(rates):,} prompts kept (pass rate over "
+                    f"{f.samples} samples in [{f.min_pass_rate}, {f.max_pass_rate}); mean "
+                    f"{record['mean_pass_rate']:.3f} over all, {record['mean_pass_rate_kept']:.3f} over those kept)")
+    return prompts.select(kept), record
+
+
 def prepare_rl(recipe: Recipe):
     """Prompts, rewards, model and trainer; every input check happens here, before compute."""
+    from lmlab.models.build import to_own_device
     from lmlab.stages.arguments import steps_over_examples, training_arguments
     from lmlab.stages.common import stage_callbacks
     from lmlab.stages.posttrain import fine_tuning_lr, load_policy, lora_config, prepare_tokenizer
@@ -66,6 +110,9 @@ def prepare_rl(recipe: Recipe):
     model = load_policy(recipe, tokenizer)
     # TRL ends a completion at every EOS id of the generation config: the template's end of turn too
     stop_at_end_of_turn(model, tokenizer)
+    filtered = None
+    if r.filter is not None:
+        prompts, filtered = filter_by_difficulty(recipe, to_own_device(model), tokenizer, prompts, rewards)
     lr = fine_tuning_lr(recipe, model, r.lr_ratio)
     steps = steps_over_examples(t, len(prompts), per_example=r.num_generations)  # completions per step
     if r.algorithm == "grpo":
@@ -88,6 +135,7 @@ def prepare_rl(recipe: Recipe):
     console().print(f"[bold]{recipe.name}[/]: {r.algorithm} on {len(prompts):,} prompts, groups of "
                     f"{r.num_generations}, KL beta {r.beta}, rewards {', '.join(r.rewards)}, lr {lr:.2e}, "
                     f"{steps} steps")
+    trainer.prompt_filter = filtered  # for the manifest
     return trainer, tokenizer, lr
 
 
@@ -101,7 +149,7 @@ def run_rl(recipe: Recipe, resume: bool = False, overwrite: bool = False, checke
     train(trainer, start)
     model = trainer.model.merge_and_unload() if recipe.lora.enabled else trainer.model
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    manifest = stage_manifest(recipe, lr=lr, steps=trainer.state.global_step,
+    manifest = stage_manifest(recipe, lr=lr, steps=trainer.state.global_step, prompt_filter=trainer.prompt_filter,
                               reward_first=rewards[0] if rewards else None, reward_last=rewards[-1] if rewards else None)
     final = save_final(trainer, tokenizer, recipe.run_dir / "final", manifest,
                        model=model if recipe.lora.enabled else None)

@@ -158,7 +158,6 @@ def general_loss_before(job: SFTJob, start) -> dict[str, float]:
 
 def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Fine-tune as the recipe says; returns the artifact (a full checkpoint, or a LoRA adapter)."""
-    from lmlab.distributed import is_main
     from lmlab.stages.loop import save_final, stage_manifest, train
     from lmlab.stages.rundir import open_stage
 
@@ -178,7 +177,7 @@ def run_sft(recipe: Recipe, resume: bool = False, overwrite: bool = False, check
         if "eval_replay_loss" in before:
             out.print(f"general (replay) validation loss: {before['eval_replay_loss']:.4f} before, "
                       f"{final_metrics['eval_replay_loss']:.4f} after")
-    if recipe.sft.eval_math and is_main():  # rank 0 measures; the manifest is its to write
+    if recipe.sft.eval_math:  # every rank scores its share of the problems; the manifest is rank 0's to write
         from lmlab.evaluate.evaluator import evaluate
         from lmlab.evaluate.tasks import load_task
 
