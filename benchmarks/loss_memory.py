@@ -10,7 +10,7 @@ step's memory without logits). The logits' share of a step is its peak minus the
 the headline is plain's share over chunks' at 128k entries and 4k tokens. The planner's
 loss-step term (lmlab.plan.memory.loss_step_bytes) is printed beside each as predicted/measured.
 
-    python benchmarks/loss_memory.py                    # ~3 minutes on 2 CPU cores
+    python benchmarks/loss_memory.py                    # ~5 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ TOKENS = [1024, 4096, 8192]
 HIDDEN = 256
 WAYS = ("plain", "chunks", "fused")
 MEMORY_LIMIT = 14e9  # cases whose plain loss step would need more are skipped on a 24 GB machine
+REPEATS = 3
 
 
 def rss() -> int:
@@ -73,6 +74,15 @@ def measure(vocab: int, tokens: int, how: str) -> float | None:
     return json.loads(done.stdout.strip().splitlines()[-1])["step_bytes"]
 
 
+def repeated(vocab: int, tokens: int, how: str) -> float | None:
+    """The median of REPEATS fresh processes for the small steps (the allocator's peak moves by tens of MiB from
+    one process to the next, as much as a tiled loss step holds); one for the whole logits (gigabytes)."""
+    import statistics
+
+    runs = [measure(vocab, tokens, how) for _ in range(1 if how == "plain" else REPEATS)]
+    return None if None in runs else statistics.median(runs)
+
+
 def loss_cases() -> tuple[dict, list[float]]:
     """Every case measured and printed: ({(vocab, tokens): logits' share per way}, predicted/measured ratios)."""
     from lmlab.plan.memory import loss_step_bytes
@@ -84,7 +94,7 @@ def loss_cases() -> tuple[dict, list[float]]:
             if 12 * vocab * tokens > MEMORY_LIMIT:
                 print(f"{vocab} x {tokens}: skipped (the plain loss step needs ~{12 * vocab * tokens / 1e9:.0f} GB)")
                 continue
-            got = {how: measure(vocab, tokens, how) for how in ("backbone", *WAYS)}
+            got = {how: repeated(vocab, tokens, how) for how in ("backbone", *WAYS)}
             if None in got.values():
                 continue
             share = {how: got[how] - got["backbone"] for how in WAYS}

@@ -57,33 +57,6 @@ def two_runs(tmp_path_factory):
     return root, recipe, two
 
 
-def test_two_processes_match_one_process_with_twice_the_micro_batch(two_runs):
-    root, _, _ = two_runs
-    two, one = train_losses(root / "runs" / "ddp"), train_losses(root / "runs" / "one")
-    assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
-    assert max(abs(two[s] - one[s]) / one[s] for s in one) < TOLERANCE
-    assert two[6] < two[1]  # and it trained
-
-
-def test_two_processes_write_one_complete_artifact_and_log_each_step_once(two_runs):
-    root, _, result = two_runs
-    run_dir = root / "runs" / "ddp"
-    final = run_dir / "final"
-    assert {"model.safetensors", "config.json", "tokenizer.json", "lmlab.json"} <= {p.name for p in final.iterdir()}
-    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
-    assert steps == sorted(set(steps))  # each step once
-    assert result.stdout.count("step 6/6 | loss") == 1  # the console speaks from rank 0 only
-    for checkpoint in ("checkpoint-3", "checkpoint-6"):  # every rank's RNG state inside, nothing staged
-        names = {p.name for p in (run_dir / "checkpoints" / checkpoint).iterdir()}
-        assert {"model.safetensors", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= names
-    assert not (run_dir / "checkpoints" / ".staging").exists()
-    code = ("import sys; sys.modules['lmlab'] = None\n"
-            "from transformers import AutoModelForCausalLM\n"
-            f"m = AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
-            "import torch; assert all(torch.isfinite(p).all() for p in m.parameters())\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
-
-
 @pytest.mark.slow  # the launch path differs from torchrun's in the command only (tests/test_sharding.py checks it)
 def test_accelerate_launch_with_a_config_file_trains_the_same_steps(two_runs):
     """`--accelerate-config configs/accelerate/ddp.yaml`: the same recipe through `accelerate launch`
@@ -99,29 +72,6 @@ def test_accelerate_launch_with_a_config_file_trains_the_same_steps(two_runs):
     assert sorted(via_accelerate) == [1, 2, 3, 4, 5, 6]
     assert max(abs(via_accelerate[s] - via_torchrun[s]) / via_torchrun[s] for s in via_torchrun) < TOLERANCE
     assert (root / "runs" / "acc" / "final" / "model.safetensors").is_file()
-
-
-def test_checkpoints_resume_across_world_sizes(two_runs, tmp_path):
-    """A 2-process checkpoint continues in 1 process, and a 1-process one in 2, on the same losses."""
-    root, recipe, _ = two_runs
-    reference = train_losses(root / "runs" / "ddp")
-    for source, nproc, micro in (("ddp", 1, 4), ("one", 2, 2)):
-        run_dir = tmp_path / "runs" / source
-        shutil.copytree(root / "runs" / source, run_dir)
-        shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
-        shutil.rmtree(run_dir / "final")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 3))
-        tokenizer = [] if source == "ddp" else ["--set", f"tokenizer.path={root / 'runs' / 'ddp' / 'tokenizer'}"]
-        result = launch(["pretrain", str(recipe), "--resume", "--set", f"name={source}",
-                         "--set", f"train.micro_batch_size={micro}", "--set", f"output.dir={tmp_path / 'runs'}",
-                         *tokenizer], tmp_path, nproc=nproc)
-        assert "resuming from" in result.stdout and "checkpoint-3" in result.stdout
-        steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
-        assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-3 from before, 4-6 trained now: nothing redone
-        resumed = train_losses(run_dir)
-        assert (run_dir / "final" / "model.safetensors").is_file()
-        assert max(abs(resumed[s] - reference[s]) / reference[s] for s in (4, 5, 6)) < TOLERANCE, (source, resumed)
 
 
 def gpus() -> int:
@@ -196,14 +146,17 @@ def _start_until_checkpoint(recipe: Path, cwd: Path, run_dir: Path, step: int, *
     return job
 
 
-def test_a_killed_launcher_or_rank_stops_the_job_and_the_run_resumes(tmp_path):
+def test_a_killed_launcher_a_stuck_rank_or_a_killed_rank_stops_the_job_and_the_run_resumes(tmp_path):
     """kill -9 of the launcher's process group (what a user, a scheduler or the OOM killer does): no rank
-    outlives it, though torchrun starts them in sessions of their own. Then, on a resumed run, kill -9 of
-    rank 1: the job fails (never exit 0, no final/). A last --resume continues from the last complete
-    checkpoint, each step logged once."""
-    recipe = tiny_recipe_file(tmp_path, "killed", train={"max_steps": 30, "micro_batch_size": 2, "log_every": 1,
+    outlives it, though torchrun starts them in sessions of their own. Then, resumed, rank 1 hangs at the
+    start of step 8 (the tests' switch) while rank 0 waits in that step's all-reduce: rank 0 gives up after
+    train.collective_timeout, and the launcher's last line names rank 1, the stage and the step. Resumed
+    again, rank 1 is killed with SIGKILL mid-stage: the job ends within seconds, its line says so, and no
+    final/ is written. A last --resume continues from the last complete checkpoint, each step logged once."""
+    timeout = 8
+    recipe = tiny_recipe_file(tmp_path, "killed", train={"max_steps": 15, "micro_batch_size": 2, "log_every": 1,
                                                          "save_every": 3, "keep_last": 2, "eval_every": 1000,
-                                                         "eval_batches": 2})
+                                                         "eval_batches": 2, "collective_timeout": timeout})
     run_dir = tmp_path / "runs" / "killed"
     job = _start_until_checkpoint(recipe, tmp_path, run_dir, 3)
     ranks = rank_pids(job.pid)
@@ -214,70 +167,56 @@ def test_a_killed_launcher_or_rank_stops_the_job_and_the_run_resumes(tmp_path):
     while any(_alive(pid) for pid in ranks.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in ranks.values() if _alive(pid)], "ranks outlived their launcher"
+
+    started = time.monotonic()
+    stuck = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--resume", "--nproc", "2"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "LMLAB_TEST_STALL": "1:8"})
+    took = time.monotonic() - started
+    assert stuck.returncode != 0
+    last = stuck.stderr.strip().splitlines()[-1]  # the launcher's one line, after everything else
+    assert last.startswith("error: rank 1 in stage 'killed' at step 8 stopped responding"), stuck.stderr[-3000:]
+    assert f"within train.collective_timeout ({timeout} s)" in last
+    assert "[rank 0] stopped: another rank stopped answering" in stuck.stderr  # one line, no traceback
+    assert "Traceback" not in stuck.stderr
+    assert took < 40 + timeout, took  # start-up and four steps take ~15 s on 2 cores; the default waits 1800 s
+
     job = _start_until_checkpoint(recipe, tmp_path, run_dir, 9, "--resume")
     os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
     killed = time.monotonic()
     output = job.communicate(timeout=300)[0]
     assert job.returncode != 0, output[-3000:]
     assert time.monotonic() - killed < 20  # torchrun's agent stops rank 0 as soon as rank 1 is gone
-    last = output.strip().splitlines()[-1]  # the launcher's one line, after everything else
+    last = output.strip().splitlines()[-1]
     assert last.startswith("error: rank 1 in stage 'killed' at step ") and "died without a word" in last, output[-3000:]
     assert not (run_dir / "final" / "model.safetensors").exists()
+
     result = launch(["pretrain", str(recipe), "--resume"], tmp_path, nproc=2, own_launcher=True)
     assert "resuming from" in result.stdout
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
-    assert steps == list(range(1, 31))
-    assert (run_dir / "final" / "model.safetensors").is_file()
-
-
-def test_a_stuck_rank_ends_the_job_within_the_collective_timeout_and_the_run_resumes(tmp_path):
-    """Rank 1 stops at the start of step 4 (the tests' switch) while rank 0 waits in that step's all-reduce:
-    rank 0 gives up after train.collective_timeout, and the launcher's last line names rank 1, the stage
-    and the step. A --resume then finishes the run from checkpoint 2."""
-    timeout = 8
-    recipe = tiny_recipe_file(tmp_path, "stuck", train={"max_steps": 5, "micro_batch_size": 2, "log_every": 1,
-                                                        "save_every": 2, "eval_every": 1000, "eval_batches": 2,
-                                                        "collective_timeout": timeout})
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--nproc", "2"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "LMLAB_TEST_STALL": "1:4"})
-    took = time.monotonic() - started
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: rank 1 in stage 'stuck' at step 4 stopped responding"), result.stderr[-3000:]
-    assert f"within train.collective_timeout ({timeout} s)" in last
-    assert "[rank 0] stopped: another rank stopped answering" in result.stderr  # one line, no traceback
-    assert "Traceback" not in result.stderr
-    assert took < 45 + timeout, took  # start-up and three steps take ~20 s on 2 cores; the default waits 1800 s
-    run_dir = tmp_path / "runs" / "stuck"
-    assert not (run_dir / "final").exists()
-    resumed = launch(["pretrain", str(recipe), "--resume"], tmp_path, nproc=2, own_launcher=True)
-    assert "resuming from" in resumed.stdout
-    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
-    assert steps == [1, 2, 3, 4, 5]  # each once: step 3 ran again from checkpoint-2, its first record dropped
+    assert steps == list(range(1, 16))
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
 STAGES = ("pt", "cpt", "sft", "distill", "dpo")  # the stages whose losses 1 and 2 processes share
 
 
-def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
-    """`lmlab run --nproc 2` with micro-batch 2 against one process with micro-batch 4 (the same global
-    batch): tokenizer, pretraining, CPT with replay, SFT, distillation of the SFT model on chat rows, DPO,
-    GRPO and the evaluation. Every stage but GRPO (whose samples depend on each rank's seed) trains on the
-    same losses, CPT's forgetting baseline is measured at step 0 on the same held-out rows, the replay
-    share is exact over the global batch, and there is one set of artifacts with the same table
-    layout, each step logged once."""
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """The multi-process tests' one shared set-up: `lmlab run --nproc 2` with micro-batch 2 and one process with
+    micro-batch 4 (the same global batch) over tokenizer, pretraining (6 steps, checkpoints at 4 and 6), CPT with
+    replay, SFT, distillation of the SFT model on chat rows, DPO, GRPO and the evaluation."""
     import yaml
 
     from tests.test_pipeline import TINY_MODEL, tiny_pipeline
     from tests.test_preference_rl import write_pairs_file
 
-    results, losses, mixes, baselines = {}, {}, {}, {}
+    root = tmp_path_factory.mktemp("pipelines")
+    runs, outputs = {}, {}
     for nproc in (1, 2):
-        root = tmp_path / f"n{nproc}"
-        root.mkdir()
-        path = tiny_pipeline(root, pt_steps=4, sft_steps=3)
+        here = root / f"n{nproc}"
+        here.mkdir()
+        path = tiny_pipeline(here, pt_steps=6, sft_steps=3)
         tree = yaml.safe_load(path.read_text())
         tree["defaults"]["train"]["micro_batch_size"] = 4 // nproc
         tree["stages"].insert(2, {"stage": "cpt", "name": "cpt", "train": {"max_steps": 4},
@@ -290,7 +229,7 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
                                   "data": {"train": {"kind": "math", "num_examples": 64}, "seq_len": 96},
                                   "distill": {"data_format": "chat", "top_k": 8, "cache_teacher": True}})
         # DPO on fixed pairs from the SFT model, then GRPO (sampled per rank: its losses are not compared)
-        pairs = root / "pairs.jsonl"
+        pairs = here / "pairs.jsonl"
         write_pairs_file(pairs, n=16)
         tree["stages"].insert(5, {"stage": "dpo", "name": "dpo", "from": "sft", "train": {"max_steps": 3},
                                   "data": {"train": {"kind": "jsonl", "path": str(pairs)}, "seq_len": 96}})
@@ -299,8 +238,19 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
                                   "rl": {"num_generations": 4, "rewards": ["math_format"],
                                          "max_completion_length": 12}})
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
-        launch(["run", str(path)], root, nproc=nproc, own_launcher=True)
-        run_dir = root / "runs" / tree["name"]
+        outputs[nproc] = launch(["run", str(path)], here, nproc=nproc, own_launcher=True).stdout
+        runs[nproc] = here / "runs" / tree["name"]
+    return runs, outputs
+
+
+def test_a_pipeline_on_two_processes_ends_like_one_process(pipelines, tmp_path):
+    """Every stage but GRPO (whose samples depend on each rank's seed) trains on the same losses on 2
+    processes as on 1, CPT's forgetting baseline is measured at step 0 on the same held-out rows, the replay
+    share is exact over the global batch, and there is one set of artifacts with the same table layout, each
+    step logged once; the evaluation scores the same, and `lmlab eval --nproc 2` equals the pipeline's own."""
+    runs, _ = pipelines
+    results, losses, mixes, baselines = {}, {}, {}, {}
+    for nproc, run_dir in runs.items():
         results[nproc] = json.loads((run_dir / "eval" / "results.json").read_text())
         for stage in (*STAGES, "rl"):
             assert (run_dir / stage / "final" / "model.safetensors").is_file()
@@ -314,6 +264,7 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
         one, two = losses[1, stage], losses[2, stage]
         assert sorted(one) == sorted(two) and one, stage
         assert max(abs(two[s] - one[s]) / one[s] for s in one) < TOLERANCE, (stage, one, two)
+    assert losses[2, "pt"][6] < losses[2, "pt"][1]  # and it trained
     assert abs(baselines[1]["eval_replay_loss"] - baselines[2]["eval_replay_loss"]) < TOLERANCE * 10
     assert mixes[1]["replay_tokens"] == mixes[2]["replay_tokens"] == round(0.25 * 4 * 4) * 64
     assert {k: sorted(v["metrics"]) for k, v in results[1].items()} == \
@@ -323,13 +274,54 @@ def test_a_pipeline_on_two_processes_ends_like_one_process(tmp_path):
         assert two["general_bpb"]["value"] == pytest.approx(one["general_bpb"]["value"], rel=1e-3), stage
         assert two["math_id/greedy_accuracy"]["num"] == one["math_id/greedy_accuracy"]["num"], stage
     # `lmlab eval --nproc 2` on the one-process run's SFT model: the pipeline's own scores of it, exactly
-    sft = tmp_path / "n1" / "runs" / tree["name"] / "sft" / "final"
-    shown = json.loads(launch(["eval", str(sft), "--tasks", "math_id", "--n", "4", "--samples", "2", "--orm",
-                               "math_exact", "--json"],
-                              tmp_path, nproc=2, own_launcher=True).stdout)
+    shown = json.loads(launch(["eval", str(runs[1] / "sft" / "final"), "--tasks", "math_id", "--n", "4", "--samples",
+                               "2", "--orm", "math_exact", "--json"], tmp_path, nproc=2, own_launcher=True).stdout)
     assert shown.pop("items_per_rank") == [2 + 2, 2 + 2]  # half the greedy and half the sampled prompts each
     assert {k: v["value"] for k, v in shown.items()} == \
         {k: v["value"] for k, v in results[1]["sft"]["estimates"].items() if k.startswith("math_id/")}
+
+
+def test_two_processes_write_one_complete_artifact_and_log_each_step_once(pipelines):
+    runs, outputs = pipelines
+    run_dir = runs[2] / "pt"
+    final = run_dir / "final"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "lmlab.json"} <= {p.name for p in final.iterdir()}
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
+    assert steps == sorted(set(steps))  # each step once
+    assert outputs[2].count("step 6/6 | loss") == 1  # the console speaks from rank 0 only (pt is the 6-step stage)
+    for checkpoint in ("checkpoint-4", "checkpoint-6"):  # every rank's RNG state inside, nothing staged
+        names = {p.name for p in (run_dir / "checkpoints" / checkpoint).iterdir()}
+        assert {"model.safetensors", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= names
+    assert not (run_dir / "checkpoints" / ".staging").exists()
+    code = ("import sys; sys.modules['lmlab'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
+            "import torch; assert all(torch.isfinite(p).all() for p in m.parameters())\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_checkpoints_resume_across_world_sizes(pipelines, tmp_path):
+    """The pipeline's 2-process pretraining checkpoint continues in 1 process, and its 1-process one in 2, on
+    the losses of the uninterrupted 2-process run."""
+    runs, _ = pipelines
+    reference = train_losses(runs[2] / "pt")
+    for source, nproc, micro in ((2, 1, 4), (1, 2, 2)):
+        name = f"from{source}"
+        run_dir = tmp_path / "runs" / name
+        shutil.copytree(runs[source] / "pt", run_dir)
+        shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
+        shutil.rmtree(run_dir / "final")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 4))
+        result = launch(["pretrain", str(run_dir / "recipe.yaml"), "--resume", "--set", f"name={name}",
+                         "--set", f"train.micro_batch_size={micro}", "--set", f"output.dir={tmp_path / 'runs'}"],
+                        tmp_path, nproc=nproc)
+        assert "resuming from" in result.stdout and "checkpoint-4" in result.stdout
+        steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
+        assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-4 from before, 5-6 trained now: nothing redone
+        resumed = train_losses(run_dir)
+        assert (run_dir / "final" / "model.safetensors").is_file()
+        assert max(abs(resumed[s] - reference[s]) / reference[s] for s in (5, 6)) < TOLERANCE, (source, resumed)
 
 
 RANK_ROWS = r'''

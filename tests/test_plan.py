@@ -368,3 +368,37 @@ def test_the_loss_step_is_counted_at_its_measured_peak():
     tiled, whole = growth((4096, 8192)), growth((4096, 8192), loss_tiling="off")
     assert tiled == pytest.approx(whole - 14 * shape.vocab_size + 4 * shape.hidden_size)
     assert whole / tiled > 4
+
+
+def test_the_plan_tiles_each_stages_loss_as_that_stage_runs_it(tmp_path):
+    """Pretraining and CPT under train.tiled_loss: auto hold the whole logits while one micro-batch's fp32
+    logits fit in one 128 MiB chunk and tile them past it; SFT, DPO and RL always tile (TRL's fused head).
+    The planner decides each stage the way the stages do, counts that, and says it."""
+    from lmlab.models.tiled import tiling_for
+    from lmlab.plan.memory import TILE_LOGITS_BYTES, activation_bytes, resolved_tiling
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 2048,
+                                  "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                                  "max_position_embeddings": 512}))
+    small = resolve_shape(str(config))
+    fits = TILE_LOGITS_BYTES // (4 * small.vocab_size)  # tokens whose logits fill one chunk exactly
+    for tokens, expected in ((fits, "off"), (fits + 1, "fused")):
+        setup = TrainSetup(loss_tiling="auto", micro_batch=1, seq_len=tokens)
+        assert resolved_tiling(setup, small.vocab_size) == expected
+        assert (tiling_for("auto", tokens, small.vocab_size) == "off") == (expected == "off")  # the stages' rule
+        assert activation_bytes(small, setup) == activation_bytes(small, TrainSetup(loss_tiling=expected,
+                                                                                    micro_batch=1, seq_len=tokens))
+    assert resolved_tiling(TrainSetup(loss_tiling="auto", seq_len=fits + 1, triton=False), 2048) == "chunks"
+
+    plan = make_plan(resolve_shape(str(config)), lookup_gpu("h100"), 1, goal="domain-expert", domain_tokens=1e7,
+                     seq_len=256)
+    tiling = {s["stage"]: s["strategy"]["loss_tiling"] for s in plan.to_dict()["stages"]}
+    micro = {s.stage: s.strategy.setup.micro_batch for s in plan.stages}
+    assert micro["cpt"] * 256 * 2048 * 4 <= TILE_LOGITS_BYTES and tiling["cpt"] == "off"
+    assert tiling["sft"] == "fused"
+    result = CliRunner().invoke(__import__("lmlab.cli", fromlist=["app"]).app,
+                                ["plan", "--model", str(config), "--gpus", "1xh100", "--goal", "domain-expert",
+                                 "--domain-tokens", "1e7", "--seq-len", "256"])
+    assert "cpt: the whole logits" in result.output and "sft: the logits in tiles (TRL's fused LM head)" in result.output

@@ -56,9 +56,10 @@ class TrainSetup:
     lora_rank: int = 16
     lora_targets: str = "all-linear"
     paged_optimizer: bool = True  # QLoRA: bitsandbytes' paged AdamW pages its states to CPU under pressure
-    # how the loss step holds the logits (loss_step_bytes): every lmlab stage tiles them (TRL's fused head in
-    # SFT / DPO / RL and on CUDA, lmlab's chunks elsewhere) unless z-loss or train.tiled_loss: false
-    loss_tiling: Literal["off", "chunks", "fused"] = "fused"
+    # how the loss step holds the logits (loss_step_bytes): SFT / DPO / RL always tile them (TRL's fused head);
+    # pretraining and CPT under train.tiled_loss: auto ("auto" here) only when a micro-batch's fp32 logits would
+    # exceed one chunk, fused on CUDA with Triton, else lmlab's chunks; z-loss or tiled_loss: false: "off"
+    loss_tiling: Literal["off", "chunks", "fused", "auto"] = "fused"
     triton: bool = True  # TRL's fused head runs its Triton kernel (CUDA); without it, a torch fallback
 
 
@@ -127,12 +128,12 @@ def activation_bytes(shape: ModelShape, setup: TrainSetup, include_recompute: bo
     tokens = setup.micro_batch * setup.seq_len
     parts = activation_elements_per_token(shape, setup)
     elements = parts["kept"] + parts["outside"] + (parts["recompute"] if include_recompute else 0)
-    if setup.loss_tiling == "off" or not include_recompute:
-        loss = tokens * loss_bytes_per_token(shape, setup, peak=include_recompute) \
-            if setup.loss_tiling == "off" else 0.0
+    tiling = resolved_tiling(setup, shape.vocab_size)
+    if tiling == "off" or not include_recompute:
+        loss = tokens * loss_bytes_per_token(shape, setup, peak=include_recompute) if tiling == "off" else 0.0
     else:
-        loss = loss_step_bytes(shape.vocab_size, tokens, shape.hidden_size, setup.precision_bytes,
-                               setup.loss_tiling, setup.triton)
+        loss = loss_step_bytes(shape.vocab_size, tokens, shape.hidden_size, setup.precision_bytes, tiling,
+                               setup.triton)
     return tokens * elements * setup.precision_bytes + loss
 
 
@@ -150,6 +151,21 @@ def loss_bytes_per_token(shape: ModelShape, setup: TrainSetup, peak: bool = True
 
 
 TILE_LOGITS_BYTES = 128 * 2**20  # lmlab's tiled loss: one chunk of fp32 logits (lmlab.models.tiled)
+
+
+def logits_fit_one_chunk(tokens: int, vocab_size: int) -> bool:
+    """Whether one micro-batch's fp32 logits fit in one chunk: then train.tiled_loss: auto does not tile (tiles
+    would save nothing and cost a recomputation). lmlab.models.tiled and the planner both ask this."""
+    return tokens * vocab_size * 4 <= TILE_LOGITS_BYTES
+
+
+def resolved_tiling(setup: TrainSetup, vocab_size: int) -> str:
+    """The setup's loss tiling with "auto" decided as the packed stages decide it."""
+    if setup.loss_tiling != "auto":
+        return setup.loss_tiling
+    if logits_fit_one_chunk(setup.micro_batch * setup.seq_len, vocab_size):
+        return "off"
+    return "fused" if setup.triton else "chunks"
 
 
 def chunk_tokens(vocab_size: int) -> int:

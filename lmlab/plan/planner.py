@@ -10,7 +10,7 @@ from lmlab.errors import LmlabError
 from lmlab.plan import rules
 from lmlab.plan.compute import DEFAULT_MFU, flops_per_token, human_duration, training_seconds
 from lmlab.plan.hardware import Accelerator
-from lmlab.plan.memory import GB, kv_cache_bytes
+from lmlab.plan.memory import GB, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
 from lmlab.plan.strategy import Choice, choose_strategy, what_would_fit
 
@@ -24,6 +24,20 @@ GENERAL_CORPUS_TOKENS = 2.7e6  # the embedded general corpus under a ~150k-entry
 MAX_REPLAY_PASSES = 4  # data-constrained scaling: repeats up to ~4 epochs are nearly as good as fresh data
 DISTRIBUTED = {"DDP": "ddp", "ZeRO-2": "zero2", "ZeRO-3 / FSDP2": "zero3", "ZeRO-3 + CPU offload": "zero3_offload",
                "LoRA": "ddp", "QLoRA": "ddp"}  # strategy name -> recipe train.distributed
+
+
+# how each stage's loss step holds the logits, as lmlab runs it (lmlab.stages.packed.loss_tiling): pretraining
+# and CPT under train.tiled_loss: auto, TRL's trainers (SFT, DPO, RL) always in their fused LM head
+STAGE_LOSS_TILING = {"pretrain": "auto", "cpt": "auto"}
+
+
+def loss_step_words(s: "StagePlan", vocab_size: int) -> str:
+    """How a planned stage's loss step holds the logits, in words."""
+    tiling = resolved_tiling(s.strategy.setup, vocab_size)
+    if tiling == "off":
+        return f"{s.stage}: the whole logits (one micro-batch's fit in one 128 MiB chunk, so tiles would save nothing)"
+    how = "TRL's fused LM head" if tiling == "fused" else "lmlab's checkpointed chunks"
+    return f"{s.stage}: the logits in tiles ({how})"
 
 
 @dataclass
@@ -58,6 +72,7 @@ class Plan:
                                    "grad_accum": s.strategy.grad_accum, "global_batch": s.strategy.global_batch,
                                    "gradient_checkpointing": s.strategy.setup.gradient_checkpointing,
                                    "method": s.strategy.setup.method,
+                                   "loss_tiling": resolved_tiling(s.strategy.setup, self.model.vocab_size),
                                    "memory_gb": s.strategy.memory.as_gb()}
             return out
 
@@ -128,7 +143,8 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
                   settings: dict[str, Any]) -> StagePlan:
         """A stage at its cheapest strategy that fits; `batch_sequences` of seq_len unless --global-batch."""
         batch = global_batch or max(1, int(batch_sequences))
-        choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, method=method)
+        base = TrainSetup(loss_tiling=STAGE_LOSS_TILING.get(stage, "fused"))
+        choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method)
         seconds = training_seconds(stage_tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) if choice else None
         if choice and choice.setup.offload:
             seconds = seconds * 3 if seconds else None  # CPU optimizer steps: see memory notes
@@ -303,9 +319,9 @@ def render(plan: Plan, console) -> None:
                       *(f"{v / GB:.1f} GB" for v in (m.weights, m.gradients, m.optimizer, m.activations, m.total)),
                       human_duration(s.seconds) if s.seconds else "-")
     console.print(table)
-    console.print("activ. includes the loss step with the logits in tiles, as every stage runs it: TRL's fused "
-                  "LM head (SFT, DPO, RL; pretraining and CPT on CUDA) or lmlab's chunks (distillation); "
-                  "optim.z_loss or train.tiled_loss: false hold the whole logits instead")
+    steps = [loss_step_words(s, plan.model.vocab_size) for s in plan.stages if s.strategy]
+    if steps:  # as each stage runs it (optim.z_loss or train.tiled_loss: false would hold the whole logits)
+        console.print("activ. includes the loss step: " + "; ".join(steps))
     for s in plan.stages:
         for line in s.cannot_fit:
             console.print(f"[red]{s.stage} does not fit[/]: {line}")
