@@ -1,16 +1,18 @@
 """Peak memory of one training step's loss, with and without tiles, measured on CPU.
 
 Each case runs in a fresh process: a one-layer Llama (hidden 256) with a vocabulary of
-32k, 128k or 256k entries takes one forward and backward on a row of 1k-8k tokens, and
-the process's peak RSS during the step is compared with its RSS just before. Four ways:
-`plain` (the model's own loss from the whole logits), `chunks` (lmlab's checkpointed chunks,
-what pretraining, CPT and distillation use without Triton), `fused` (TRL's fused LM head,
-their path on CUDA; on CPU it runs its torch fallback) and `backbone` (no head at all: the
-step's memory without logits). The logits' share of a step is its peak minus the backbone's;
-the headline is plain's share over chunks' at 128k entries and 4k tokens. The planner's
-loss-step term (lmlab.plan.memory.loss_step_bytes) is printed beside each as predicted/measured.
+32k, 128k or 256k entries takes one forward and backward on a row of 1k-8k tokens. The
+process's peak RSS (VmHWM, reset just before each step) is compared with its RSS just
+before the step, first for the backbone alone (no head: the step's memory without logits)
+and then, in the same process, for one of three ways of computing the loss: `plain` (the
+model's own loss from the whole logits), `chunks` (lmlab's checkpointed chunks, what
+pretraining, CPT and distillation use without Triton) and `fused` (TRL's fused LM head, their
+path on CUDA; on CPU it runs its torch fallback). The logits' share of a step is its peak
+minus the backbone's; the tiled ways take the median of 3 processes. The headline is plain's
+share over chunks' at 128k entries and 4k tokens. The planner's loss-step term
+(lmlab.plan.memory.loss_step_bytes) is printed beside each as predicted/measured.
 
-    python benchmarks/loss_memory.py                    # ~5 minutes on 2 CPU cores
+    python benchmarks/loss_memory.py                    # ~18 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -34,8 +36,24 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss() -> int:
+    """This process's peak RSS since the last reset_peak (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak() -> None:
+    """Start the peak RSS over from the current RSS (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def one_step(vocab: int, tokens: int, how: str) -> dict[str, float]:
-    """Runs in the child: the step's peak RSS above the RSS before it, in bytes."""
+    """Runs in the child: the peak RSS of the step above the RSS before it, and the same for the backbone alone
+    (no head) in the same process, right before, so both see the same allocator state; in bytes."""
+    import ctypes
+    import gc
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,33 +68,40 @@ def one_step(vocab: int, tokens: int, how: str) -> dict[str, float]:
     ids = torch.randint(0, vocab, (1, tokens))
     for p in model.parameters():  # gradients allocated before the baseline: only the step's transients count
         p.grad = torch.zeros_like(p)
-    before = rss()
-    if how == "backbone":
-        loss = model.model(input_ids=ids).last_hidden_state.float().pow(2).mean()
-    elif how == "fused":
-        loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+
+    def step_bytes(run) -> int:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the previous step's freed memory back to the system first
+        before = rss()
+        reset_peak()
+        run().backward()
+        return peak_rss() - before
+
+    backbone = step_bytes(lambda: model.model(input_ids=ids).last_hidden_state.float().pow(2).mean())
+    if how == "fused":
+        step = step_bytes(lambda: model(input_ids=ids, labels=ids, fused_lm_head=True).loss)
     elif how == "chunks":
-        loss = chunked_cross_entropy(model, {"input_ids": ids}, ids)
+        step = step_bytes(lambda: chunked_cross_entropy(model, {"input_ids": ids}, ids))
     else:
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"step_bytes": peak - before}
+        step = step_bytes(lambda: model(input_ids=ids, labels=ids).loss)
+    return {"step_bytes": step, "backbone_bytes": backbone}
 
 
 def measure(vocab: int, tokens: int, how: str) -> float | None:
+    """The logits' share of one step: its peak above the backbone's, measured in one fresh process."""
     code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from loss_memory import one_step; " \
            f"print(json.dumps(one_step({vocab}, {tokens}, '{how}')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:
         print(f"  {how} {vocab} x {tokens}: failed ({done.stderr.strip().splitlines()[-1:]})")
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["step_bytes"]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return got["step_bytes"] - got["backbone_bytes"]
 
 
 def repeated(vocab: int, tokens: int, how: str) -> float | None:
-    """The median of REPEATS fresh processes for the small steps (the allocator's peak moves by tens of MiB from
-    one process to the next, as much as a tiled loss step holds); one for the whole logits (gigabytes)."""
+    """The median of REPEATS fresh processes for the tiled ways (their share is a few hundred MiB, where the
+    allocator moves tens from one process to the next); one for the whole logits (gigabytes)."""
     import statistics
 
     runs = [measure(vocab, tokens, how) for _ in range(1 if how == "plain" else REPEATS)]
@@ -94,10 +119,9 @@ def loss_cases() -> tuple[dict, list[float]]:
             if 12 * vocab * tokens > MEMORY_LIMIT:
                 print(f"{vocab} x {tokens}: skipped (the plain loss step needs ~{12 * vocab * tokens / 1e9:.0f} GB)")
                 continue
-            got = {how: repeated(vocab, tokens, how) for how in ("backbone", *WAYS)}
-            if None in got.values():
+            share = {how: repeated(vocab, tokens, how) for how in WAYS}
+            if None in share.values():
                 continue
-            share = {how: got[how] - got["backbone"] for how in WAYS}
             shares[(vocab, tokens)] = share
             line = f"{vocab} x {tokens}: logits' share " + ", ".join(f"{how} {share[how] / 2**20:,.0f} MiB"
                                                                     for how in WAYS)

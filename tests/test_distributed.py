@@ -39,6 +39,19 @@ def launch(args: list[str], cwd: Path, nproc: int, own_launcher: bool = False) -
     return result
 
 
+def launch_together(jobs: list[tuple[list[str], Path, int]]) -> list[str]:
+    """Several `lmlab ... --nproc N` commands at once (a 1-process run beside a 2-process one keeps the 2 cores
+    busier than either alone); each must succeed; their standard outputs, in order."""
+    started = [subprocess.Popen([sys.executable, "-m", "lmlab.cli", *args, "--nproc", str(nproc)], cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, cwd, nproc in jobs]
+    outputs = []
+    for job in started:
+        out, err = job.communicate(timeout=600)
+        assert job.returncode == 0, out[-3000:] + err[-3000:]
+        outputs.append(out)
+    return outputs
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Step -> training loss (TRL adds `train_runtime` to its step records; the summary has `train_loss`)."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r}
@@ -212,7 +225,7 @@ def pipelines(tmp_path_factory):
     from tests.test_preference_rl import write_pairs_file
 
     root = tmp_path_factory.mktemp("pipelines")
-    runs, outputs = {}, {}
+    runs, jobs = {}, []
     for nproc in (1, 2):
         here = root / f"n{nproc}"
         here.mkdir()
@@ -238,9 +251,9 @@ def pipelines(tmp_path_factory):
                                   "rl": {"num_generations": 4, "rewards": ["math_format"],
                                          "max_completion_length": 12}})
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
-        outputs[nproc] = launch(["run", str(path)], here, nproc=nproc, own_launcher=True).stdout
+        jobs.append((["run", str(path)], here, nproc))
         runs[nproc] = here / "runs" / tree["name"]
-    return runs, outputs
+    return runs, dict(zip((1, 2), launch_together(jobs)))
 
 
 def test_a_pipeline_on_two_processes_ends_like_one_process(pipelines, tmp_path):

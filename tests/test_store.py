@@ -216,9 +216,15 @@ def test_streaming_rows_equal_store_rows(tmp_path, cache, tiny_tokenizer):
         assert [r[key].tolist() for r in streamed] == rows.to_dict()[key], key
 
 
-def lmlab(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "lmlab.cli", *args], capture_output=True, text=True, timeout=300)
-    result.output = result.stdout + result.stderr
+def lmlab(*args: str):
+    """`lmlab ARGS` in this process (the data commands start in well under a second; a Python start-up each
+    would triple the test): exit code as `returncode`, standard output and error together as `output`."""
+    from typer.testing import CliRunner
+
+    from lmlab.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    result.returncode = result.exit_code
     return result
 
 
