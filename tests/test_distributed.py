@@ -456,12 +456,9 @@ shares = [n - before for n, before in zip(items_per_rank(), shared_before)]
 
 # GRPO: each step one group of 4 completions of one prompt, spanning both ranks (micro-batch 2 each)
 from transformers import TrainerCallback
-prompts = os.path.join(out, "prompts.jsonl")
-with open(prompts, "w") as fh:
-    for text in ("What is 2 + 3?", "What is 3 + 2?", "What is 4 + 1?"):
-        fh.write(json.dumps({"prompt": text, "answer": 5}) + "\n")
-recipe = tiny_recipe(__import__("pathlib").Path(out), None, name="grpo", stage="rl", tokenizer={},
-                     model={"from_pretrained": base}, data={"train": {"kind": "jsonl", "path": prompts},
+prompts = os.path.join(out, "prompts.jsonl")  # written by the test: three prompts
+recipe = tiny_recipe(__import__("pathlib").Path(out), None, name="grpo" + os.environ.get("WORLD_SIZE", "1"), stage="rl",
+                     tokenizer={}, model={"from_pretrained": base}, data={"train": {"kind": "jsonl", "path": prompts},
                                                             "seq_len": 96},
                      train={"max_steps": 3, "micro_batch_size": 2 if "WORLD_SIZE" in os.environ else 4,
                             "save_every": 1000},
@@ -490,12 +487,16 @@ def test_on_policy_sampling_splits_prompts_and_gives_the_pairs_of_one_process(tm
     lmlab's evaluations fork the RNG): the group's completions drawn on rank 1 are not rank 0's again."""
     script = tmp_path / "on_policy.py"
     script.write_text(ON_POLICY)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": text, "answer": 5}) + "\n" for text in
+                                                    ("What is 2 + 3?", "What is 3 + 2?", "What is 4 + 1?")))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for launcher in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-                     [sys.executable]):
-        result = subprocess.run([*launcher, str(script), str(base_model), str(tmp_path)], capture_output=True,
-                                text=True, timeout=300, env=env, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
+    jobs = [subprocess.Popen([*launcher, str(script), str(base_model), str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)  # side by side: 2 cores
+            for launcher in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                             [sys.executable])]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["pairs"] == ranks[1]["pairs"]  # gathered: the same pairs everywhere
     single = json.loads((tmp_path / "single.json").read_text())
