@@ -42,7 +42,8 @@ def test_report_command_writes_markdown_and_plots_of_a_run(tmp_path):
 def test_sweep_command_runs_its_grid_names_the_best_and_the_ties(tmp_path):
     """The default suite's twin of the slow coordinate-descent test (tests/test_sweep.py): two runs, one move
     at most, through the command."""
-    path = tiny_recipe_file(tmp_path, "sw", data={"validation_fraction": 0.2}, optim={"lr": 1e-2},
+    path = tiny_recipe_file(tmp_path, "sw", data={"validation_fraction": 0.2, "train": {"kind": "general", "limit": 12}},
+                            optim={"lr": 1e-2},
                             train={"max_steps": None, "epochs": 1, "micro_batch_size": 4, "eval_batches": 2})
     result = CliRunner().invoke(app, ["sweep", str(path), "--grid", "optim.weight_decay=0.1,3.2", "--grid",
                                       "optim.lr=x1", "--grid", "train.epochs=1", "--rounds", "1", "--jobs", "2"])

@@ -166,10 +166,10 @@ def test_a_killed_launcher_a_stuck_rank_or_a_killed_rank_stops_the_job_and_the_r
     train.collective_timeout, and the launcher's last line names rank 1, the stage and the step. Resumed
     again, rank 1 is killed with SIGKILL mid-stage: the job ends within seconds, its line says so, and no
     final/ is written. A last --resume continues from the last complete checkpoint, each step logged once."""
-    timeout = 8
+    timeout = 8  # the stuck launch's; the others wait up to 120 s (a run that timed out resumes with any wait)
     recipe = tiny_recipe_file(tmp_path, "killed", train={"max_steps": 15, "micro_batch_size": 2, "log_every": 1,
                                                          "save_every": 3, "keep_last": 2, "eval_every": 1000,
-                                                         "eval_batches": 2, "collective_timeout": timeout})
+                                                         "eval_batches": 2, "collective_timeout": 120})
     run_dir = tmp_path / "runs" / "killed"
     job = _start_until_checkpoint(recipe, tmp_path, run_dir, 3)
     ranks = rank_pids(job.pid)
@@ -182,9 +182,9 @@ def test_a_killed_launcher_a_stuck_rank_or_a_killed_rank_stops_the_job_and_the_r
     assert not [pid for pid in ranks.values() if _alive(pid)], "ranks outlived their launcher"
 
     started = time.monotonic()
-    stuck = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--resume", "--nproc", "2"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "LMLAB_TEST_STALL": "1:8"})
+    stuck = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", str(recipe), "--resume", "--nproc", "2",
+                            "--set", f"train.collective_timeout={timeout}"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "LMLAB_TEST_STALL": "1:8"})
     took = time.monotonic() - started
     assert stuck.returncode != 0
     last = stuck.stderr.strip().splitlines()[-1]  # the launcher's one line, after everything else

@@ -33,6 +33,7 @@ LAUNCH = "launch.json"  # how the run was launched (world size), to compare glob
 # what a resumed run may change freely: where and how often it logs, evaluates and saves, and its guard
 FREE_ON_RESUME = ("name", "output.", "eval.", "train.log_every", "train.eval_every", "train.eval_batches",
                   "train.save_every", "train.keep_last", "train.num_workers", "train.peak_tflops", "train.guard.",
+                  "train.collective_timeout",  # a run that timed out resumes with a longer wait
                   "train.micro_batch_size", "train.grad_accum")  # the last two: the global batch is compared
 
 
