@@ -165,7 +165,8 @@ def test_a_killed_launcher_a_stuck_rank_or_a_killed_rank_stops_the_job_and_the_r
     start of step 8 (the tests' switch) while rank 0 waits in that step's all-reduce: rank 0 gives up after
     train.collective_timeout, and the launcher's last line names rank 1, the stage and the step. Resumed
     again, rank 1 is killed with SIGKILL mid-stage: the job ends within seconds, its line says so, and no
-    final/ is written. A last --resume continues from the last complete checkpoint, each step logged once."""
+    final/ is written. A last --resume continues from the last complete checkpoint, each step logged once, and
+    the losses are those of an uninterrupted run."""
     timeout = 8  # the stuck launch's; the others wait up to 120 s (a run that timed out resumes with any wait)
     recipe = tiny_recipe_file(tmp_path, "killed", train={"max_steps": 15, "micro_batch_size": 2, "log_every": 1,
                                                          "save_every": 3, "keep_last": 2, "eval_every": 1000,
@@ -209,6 +210,16 @@ def test_a_killed_launcher_a_stuck_rank_or_a_killed_rank_stops_the_job_and_the_r
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r and "train_loss" not in r]
     assert steps == list(range(1, 16))
     assert (run_dir / "final" / "model.safetensors").is_file()
+    # and the run interrupted three times trained on the losses of an uninterrupted one (here: one process with
+    # twice the micro-batch, the same global batch, trained in this process)
+    from lmlab.loading import load_recipe
+    from lmlab.stages import run_stage
+
+    run_stage(load_recipe(recipe, ["name=uninterrupted", "train.micro_batch_size=4", "stage=pretrain",
+                                   f"tokenizer.path={run_dir / 'tokenizer'}"]))
+    uninterrupted, resumed = train_losses(tmp_path / "runs" / "uninterrupted"), train_losses(run_dir)
+    assert sorted(uninterrupted) == sorted(resumed)
+    assert max(abs(resumed[s] - uninterrupted[s]) / uninterrupted[s] for s in resumed) < TOLERANCE, resumed
 
 
 STAGES = ("pt", "cpt", "sft", "distill", "dpo")  # the stages whose losses 1 and 2 processes share

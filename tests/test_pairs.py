@@ -10,7 +10,6 @@ from lmlab.data.pairs import check_pair, pairs_from_scores, preference_inputs, u
 from lmlab.evaluate.onpolicy import sample_pairs
 from lmlab.recipe import SourceSpec
 from lmlab.errors import LmlabError
-from lmlab.recipe import SourceSpec
 
 
 def test_best_and_worst_become_a_pair_and_ties_are_dropped_and_counted():

@@ -288,7 +288,7 @@ def test_cli_answers_the_headline_question(tmp_path):
     stage = pipeline.stages[0]
     assert stage["stage"] == "pretrain" and stage["train"]["tokens"] == 20_000_000_000
     assert stage["model"]["arch"] == "qwen3" and stage["model"]["num_layers"] == 28
-    assert out.read_text().startswith(f"# lmlab plan: pretrain for Qwen/Qwen3-1.7B on 8 x RTX 4090; run it with "
+    assert out.read_text().startswith("# lmlab plan: pretrain for Qwen/Qwen3-1.7B on 8 x RTX 4090; run it with "
                                       "`lmlab run plan.yaml --nproc 8`")
 
 
