@@ -158,10 +158,10 @@ def map_in_chunks(items, size: int, work) -> list:
     computed on N processes is identical to one process's. Every rank must call it (it gathers)."""
     chunks = [(start, [items[i] for i in range(start, min(start + size, len(items)))])  # a list or a datasets table
               for start in range(0, len(items), size)]
-    mine = [work(chunk, start) for start, chunk in shard(chunks)]
+    my_chunks = shard(chunks)
     global _items_here
-    _items_here += sum(len(chunk) for _, chunk in shard(chunks))
-    return [result for results in unshard(mine) for result in results]
+    _items_here += sum(len(chunk) for _, chunk in my_chunks)
+    return [result for results in unshard([work(chunk, start) for start, chunk in my_chunks]) for result in results]
 
 
 _items_here = 0  # items this process has worked on through map_in_chunks

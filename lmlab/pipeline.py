@@ -296,10 +296,10 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
 
 
 def _run_one(stage: PlannedStage, resume: bool, run_dir: Path, checked) -> None:
-    from lmlab.distributed import report
-
-    report(stage=stage.name, step=None)
     if stage.kind == "tokenizer":
+        from lmlab.distributed import report
+
+        report(stage=stage.name, step=None)  # run_stage says it for the others
         if is_main():
             remove_run_dir(run_dir / stage.name, run_dir)
         barrier()

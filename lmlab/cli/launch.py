@@ -105,9 +105,9 @@ def relaunch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, m
         cmd = torchrun_command(sys.argv[1:], nproc, nnodes, node_rank, master_addr, master_port)
     import tempfile
 
-    from lmlab.distributed import DEFAULT_TIMEOUT, STATUS_ENV, TIMEOUT_ENV, die_with_parent, failure_line
+    from lmlab.distributed import STATUS_ENV, TIMEOUT_ENV, collective_timeout, die_with_parent, failure_line
 
-    timeout = timeout or int(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    timeout = timeout or collective_timeout()
     with tempfile.TemporaryDirectory(prefix="lmlab-ranks-") as status:
         env = {**os.environ, STATUS_ENV: status, TIMEOUT_ENV: str(timeout)}
         # the agent dies with this process (and each worker with the agent: lmlab.cli.options)

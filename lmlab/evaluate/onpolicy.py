@@ -33,9 +33,9 @@ def sample_pairs(model, tokenizer, records: list[dict[str, Any]], scorer, sample
         record = chunk[0]
         prompt = tokenizer.apply_chat_template(prompt_messages(record["prompt"], record.get("system") or system),
                                                tokenize=False, add_generation_prompt=True)
-        texts = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, do_sample=True,
-                         temperature=temperature, num_return_sequences=samples, seed=seed, first=start)[0]
-        return [(texts, checked_scores(scorer, [prompt] * len(texts), texts, [record] * len(texts)))]
+        return [(texts, per_scorer[0]) for texts, per_scorer in
+                sampled_and_scored(model, tokenizer, [prompt], [record], [scorer], samples, temperature, max_new_tokens,
+                                   seed, start)]
 
     scored = map_in_chunks(records, 1, sample_and_score)
     return pairs_from_scores(records, [t for t, _ in scored], [s for _, s in scored], system)
@@ -67,23 +67,33 @@ def pairs_file(checkpoint, prompts: str, n: int, samples: int, scorer: str, temp
 
 
 
-def pass_rates(model, tokenizer, prompts: list[str], answers: list | None, rewards: list, samples: int,
+def sampled_and_scored(model, tokenizer, prompts: list[str], items: list[dict[str, Any]], scorers: list, samples: int,
+                       temperature: float, max_new_tokens: int = 48, seed: int = 0, first: int = 0
+                       ) -> list[tuple[list[str], list[list[float]]]]:
+    """One batch of rendered prompts: each prompt's `samples` sampled completions and, per scorer, their checked
+    scores (each completion scored with its prompt's item, the answer say). The batch samples with the seed of its
+    first item (`first`, lmlab.evaluate.generation.generate): on-policy pairs, the evaluation's sampled metrics and
+    RL's pass rates all sample and score through here."""
+    groups = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts),
+                      do_sample=True, temperature=temperature, num_return_sequences=samples, seed=seed, first=first)
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    flat_items = [it for it, group in zip(items, groups) for _ in group]
+    flat = [c for group in groups for c in group]
+    scores = [checked_scores(scorer, flat_prompts, flat, flat_items) for scorer in scorers]
+    return [(group, [s[i * samples:(i + 1) * samples] for s in scores]) for i, group in enumerate(groups)]
+
+
+def pass_rates(model, tokenizer, prompts: list[str], items: list[dict[str, Any]], scorers: list, samples: int,
                temperature: float, max_new_tokens: int, seed: int = 0) -> list[float]:
     """Each rendered prompt's pass rate under the model: the share of its `samples` sampled completions that
-    every reward (TRL-style functions of prompts, completions and the answer column) scores 1 or more.
+    every scorer (verifiers) scores 1 or more.
 
     Batches are seeded by their first prompt and split over the processes like the evaluation's, so the
     rates are the same on any number of processes (every rank must call this)."""
     def rates(chunk: list[str], start: int) -> list[float]:
-        groups = generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=len(chunk),
-                          do_sample=True, temperature=temperature, num_return_sequences=samples, seed=seed,
-                          first=start)
-        flat_prompts = [p for p, group in zip(chunk, groups) for _ in group]
-        flat = [c for group in groups for c in group]
-        columns = {} if answers is None else \
-            {"answer": [a for a, group in zip(answers[start:start + len(chunk)], groups) for _ in group]}
-        scores = [reward(flat_prompts, flat, **columns) for reward in rewards]
-        passed = [all(score >= 1.0 for score in per_reward) for per_reward in zip(*scores)]
-        return [sum(passed[i * samples:(i + 1) * samples]) / samples for i in range(len(groups))]
+        scored = sampled_and_scored(model, tokenizer, chunk, items[start:start + len(chunk)], scorers, samples,
+                                    temperature, max_new_tokens, seed, start)
+        return [sum(all(scores[j] >= 1.0 for scores in per_scorer) for j in range(samples)) / samples
+                for _, per_scorer in scored]
 
     return map_in_chunks(prompts, max(1, 64 // samples), rates)

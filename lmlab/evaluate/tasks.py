@@ -163,21 +163,16 @@ def _sampled_metrics(model, tokenizer, task: Task, prompts: list[str], samples: 
                      seed: int, scorer) -> dict[str, "Estimate"]:
     """maj@k and pass@k (k = samples > 1) and, with a scorer, its mean score over the same samples."""
     from lmlab.distributed import map_in_chunks
-    from lmlab.evaluate.generation import extract_integer, generate
+    from lmlab.evaluate.generation import extract_integer
     from lmlab.evaluate.metrics import maj_at_k, pass_at_k
+    from lmlab.evaluate.onpolicy import sampled_and_scored
     from lmlab.stats import Estimate
 
     def sample_and_score(chunk, start):
-        sampled = generate(model, tokenizer, chunk, batch_size=len(chunk), do_sample=True, temperature=temperature,
-                           num_return_sequences=samples, seed=seed, first=start)
-        if scorer is None:
-            return [(group, None) for group in sampled]
-        from lmlab.evaluate.orm import checked_scores
-
-        items = task.items[start:start + len(chunk)]
-        scores = checked_scores(scorer, [p for p, g in zip(chunk, sampled) for _ in g], [r for g in sampled for r in g],
-                                [it for it, g in zip(items, sampled) for _ in g])
-        return [(group, sum(scores[i * samples:(i + 1) * samples]) / samples) for i, group in enumerate(sampled)]
+        scored = sampled_and_scored(model, tokenizer, chunk, task.items[start:start + len(chunk)],
+                                    [scorer] if scorer is not None else [], samples, temperature, seed=seed,
+                                    first=start)
+        return [(group, sum(per_scorer[0]) / samples if per_scorer else None) for group, per_scorer in scored]
 
     scored = map_in_chunks(prompts, batch, sample_and_score)
     out = {}

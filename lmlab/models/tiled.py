@@ -33,9 +33,7 @@ def tiling_for(requested: bool | str, tokens: int, vocab_size: int) -> Tiling:
     only when one micro-batch's fp32 logits (`tokens` x `vocab_size`) would exceed one chunk."""
     from lmlab.models.build import cuda, installed
 
-    if not requested or (requested == "auto" and memory.logits_fit_one_chunk(tokens, vocab_size)):
-        return "off"
-    return "fused" if cuda() and installed("triton") else "chunks"
+    return memory.tiling_choice(requested, tokens, vocab_size, cuda() and installed("triton"))
 
 
 def add_tiled_head(model) -> None:

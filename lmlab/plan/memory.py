@@ -159,13 +159,20 @@ def logits_fit_one_chunk(tokens: int, vocab_size: int) -> bool:
     return tokens * vocab_size * 4 <= TILE_LOGITS_BYTES
 
 
+def tiling_choice(requested: bool | str, tokens: int, vocab_size: int, triton: bool) -> str:
+    """train.tiled_loss decided: "off" when not requested (or, under "auto", when a micro-batch of `tokens` has
+    logits that fit one chunk), else TRL's fused head where its Triton kernel runs and lmlab's chunks elsewhere.
+    The packed stages (lmlab.models.tiled.tiling_for) and the planner (resolved_tiling) both decide here."""
+    if not requested or (requested == "auto" and logits_fit_one_chunk(tokens, vocab_size)):
+        return "off"
+    return "fused" if triton else "chunks"
+
+
 def resolved_tiling(setup: TrainSetup, vocab_size: int) -> str:
     """The setup's loss tiling with "auto" decided as the packed stages decide it."""
     if setup.loss_tiling != "auto":
         return setup.loss_tiling
-    if logits_fit_one_chunk(setup.micro_batch * setup.seq_len, vocab_size):
-        return "off"
-    return "fused" if setup.triton else "chunks"
+    return tiling_choice("auto", setup.micro_batch * setup.seq_len, vocab_size, setup.triton)
 
 
 def chunk_tokens(vocab_size: int) -> int:

@@ -52,7 +52,7 @@ def rl_prompts(recipe: Recipe):
                       remove_columns=["system"])
 
 
-def filter_by_difficulty(recipe: Recipe, model, tokenizer, prompts, rewards) -> tuple[object, dict]:
+def filter_by_difficulty(recipe: Recipe, model, tokenizer, prompts) -> tuple[object, dict]:
     """The prompts whose pass rate under the starting policy lies in rl.filter's range, and what was kept.
 
     The rates are written to the run directory (`prompt_filter.json`), so a resumed run trains on the same
@@ -62,6 +62,7 @@ def filter_by_difficulty(recipe: Recipe, model, tokenizer, prompts, rewards) -> 
     from lmlab.distributed import is_main
     from lmlab.errors import LmlabError
     from lmlab.evaluate.onpolicy import pass_rates
+    from lmlab.evaluate.orm import load_scorer
     from lmlab.paths import write_json_atomic
 
     r, f = recipe.rl, recipe.rl.filter
@@ -75,10 +76,11 @@ def filter_by_difficulty(recipe: Recipe, model, tokenizer, prompts, rewards) -> 
     else:
         rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                     for p in prompts["prompt"]]
-        answers = prompts["answer"] if "answer" in prompts.column_names else None
+        answers = prompts["answer"] if "answer" in prompts.column_names else [None] * len(prompts)
+        scorers = [load_scorer(spec, tokenizer) for spec in r.rewards]  # verifiers (check_rl_inputs)
         with console().status(f"difficulty filter: {f.samples} samples of {len(prompts):,} prompts"):
-            rates = pass_rates(model, tokenizer, rendered, answers, rewards, f.samples, r.temperature,
-                               r.max_completion_length, seed=recipe.seed)
+            rates = pass_rates(model, tokenizer, rendered, [{"answer": a} for a in answers], scorers, f.samples,
+                               r.temperature, r.max_completion_length, seed=recipe.seed)
         if is_main():
             write_json_atomic(saved, {"settings": settings, "pass_rates": rates})
     kept = [i for i, rate in enumerate(rates) if f.min_pass_rate <= rate < f.max_pass_rate]
@@ -112,7 +114,7 @@ def prepare_rl(recipe: Recipe):
     stop_at_end_of_turn(model, tokenizer)
     filtered = None
     if r.filter is not None:
-        prompts, filtered = filter_by_difficulty(recipe, to_own_device(model), tokenizer, prompts, rewards)
+        prompts, filtered = filter_by_difficulty(recipe, to_own_device(model), tokenizer, prompts)
     lr = fine_tuning_lr(recipe, model, r.lr_ratio)
     steps = steps_over_examples(t, len(prompts), per_example=r.num_generations)  # completions per step
     if r.algorithm == "grpo":
