@@ -8,7 +8,9 @@ and then, in the same process, for one of three ways of computing the loss: `pla
 model's own loss from the whole logits), `chunks` (lmlab's checkpointed chunks, what
 pretraining, CPT and distillation use without Triton) and `fused` (TRL's fused LM head, their
 path on CUDA; on CPU it runs its torch fallback). The logits' share of a step is its peak
-minus the backbone's; the tiled ways take the median of 3 processes. The headline is plain's
+minus the backbone's; the tiled ways take the median of 3 processes. Each child maps every block of 64 KiB
+or more on its own (MALLOC_MMAP_THRESHOLD_), so that its RSS follows what its tensors hold rather than what
+glibc's heap kept from earlier frees (the GPU's caching allocator is measured by the planner's CUDA check). The headline is plain's
 share over chunks' at 128k entries and 4k tokens. The planner's loss-step term
 (lmlab.plan.memory.loss_step_bytes) is printed beside each as predicted/measured.
 
@@ -18,6 +20,7 @@ share over chunks' at 128k entries and 4k tokens. The planner's loss-step term
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -29,6 +32,11 @@ HIDDEN = 256
 WAYS = ("plain", "chunks", "fused")
 MEMORY_LIMIT = 14e9  # cases whose plain loss step would need more are skipped on a 24 GB machine
 REPEATS = 3
+# glibc keeps freed blocks below its (self-adjusting) mmap threshold in its heap, so whether a few hundred MiB
+# of chunk buffers show up in the peak RSS depended on what the process had freed before: the same case
+# measured 376-420 MiB from one process to the next. Mapping every block from 64 KiB up on its own makes RSS
+# follow what the tensors hold, and the measurement repeat to the MiB.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def rss() -> int:
@@ -91,7 +99,7 @@ def measure(vocab: int, tokens: int, how: str) -> float | None:
     """The logits' share of one step: its peak above the backbone's, measured in one fresh process."""
     code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from loss_memory import one_step; " \
            f"print(json.dumps(one_step({vocab}, {tokens}, '{how}')))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=CHILD_ENV)
     if done.returncode:
         print(f"  {how} {vocab} x {tokens}: failed ({done.stderr.strip().splitlines()[-1:]})")
         return None
