@@ -34,6 +34,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/memory_model.py
+	$(BIN)/python benchmarks/planner_references.py
 	$(BIN)/python benchmarks/eval_throughput.py
 
 # Slow: the two paper reproductions (about 45 and 30 minutes on 2 CPU cores); reports: runs/*/evolm.md, study.md
