@@ -402,3 +402,31 @@ def test_the_plan_tiles_each_stages_loss_as_that_stage_runs_it(tmp_path):
                                 ["plan", "--model", str(config), "--gpus", "1xh100", "--goal", "domain-expert",
                                  "--domain-tokens", "1e7", "--seq-len", "256"])
     assert "cpt: the whole logits" in result.output and "sft: the logits in tiles (TRL's fused LM head)" in result.output
+
+
+LLAMA_65B = {"_name_or_path": "huggyllama/llama-65b", "model_type": "llama", "vocab_size": 32000, "hidden_size": 8192,
+             "intermediate_size": 22016, "num_hidden_layers": 80, "num_attention_heads": 64}
+
+
+def test_a_setup_that_fits_only_without_the_headroom_is_planned_tight_not_refused(tmp_path):
+    """The QLoRA paper's headline: 65B on one 48 GB card. The planner's own total is under 48 GB but over the 70%
+    it recommends, so it plans it at its smallest footprint, says so, and keeps recommended plans unmarked."""
+    plan = make_plan(shape_from_config(LLAMA_65B), lookup_gpu("a6000"), 1, goal="sft", sft_examples=10_000,
+                     seq_len=512, method="qlora")
+    choice = plan.stages[0].strategy
+    assert choice is not None and choice.setup.method == "qlora" and not choice.within_headroom
+    assert 0.7 * 48 * GB < choice.memory.total <= 48 * GB
+    assert choice.setup.micro_batch == 1 and choice.setup.gradient_checkpointing  # the most room it can have
+    assert plan.to_dict()["stages"][0]["strategy"]["within_headroom"] is False
+    assert [a.rule for a in plan.advice].count("lr") == 1
+    roomy = make_plan(resolve_shape("qwen3-1.7b"), lookup_gpu("h100"), 1, goal="sft", sft_examples=10_000)
+    assert roomy.stages[0].strategy.within_headroom and roomy.to_dict()["stages"][0]["strategy"]["within_headroom"]
+    (tmp_path / "llama-65b").mkdir()
+    (tmp_path / "llama-65b" / "config.json").write_text(json.dumps(LLAMA_65B))
+    runner, app = _cli()
+    result = runner.invoke(app, ["plan", "--gpus", "1xa6000", "--model", str(tmp_path / "llama-65b"), "--goal", "sft",
+                                 "--method", "qlora", "--seq-len", "512", "--sft-examples", "10000"])
+    words = " ".join(result.output.split())
+    assert result.exit_code == 0 and "QLoRA (tight)" in words and "not within the 70% lmlab recommends" in words
+    too_big = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000)
+    assert too_big.stages[0].strategy is None and too_big.stages[0].cannot_fit  # past the whole card: refused

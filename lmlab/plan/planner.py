@@ -12,7 +12,7 @@ from lmlab.plan.compute import DEFAULT_MFU, flops_per_token, human_duration, tra
 from lmlab.plan.hardware import Accelerator
 from lmlab.plan.memory import GB, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
-from lmlab.plan.strategy import Choice, choose_strategy, what_would_fit
+from lmlab.plan.strategy import Choice, choose_strategy, tight_words, what_would_fit
 
 GOALS = ("pretrain", "cpt", "sft", "domain-expert", "general-reasoning")
 SFT_TOKENS_PER_EXAMPLE = 512  # assumed mean length of an SFT example when only a count is given
@@ -73,7 +73,8 @@ class Plan:
                                    "gradient_checkpointing": s.strategy.setup.gradient_checkpointing,
                                    "method": s.strategy.setup.method,
                                    "loss_tiling": resolved_tiling(s.strategy.setup, self.model.vocab_size),
-                                   "memory_gb": s.strategy.memory.as_gb()}
+                                   "memory_gb": s.strategy.memory.as_gb(),
+                                   "within_headroom": s.strategy.within_headroom}
             return out
 
         return {"model": asdict(self.model), "params": {"total": self.params.total, "active": self.params.active,
@@ -118,7 +119,8 @@ def _post_training(goal: str, params, sft_examples: int | None, method: str | No
                       "validation_fraction": 0.1, "early_stopping_patience": 3})
     if plan.strategy and plan.strategy.setup.method != "full":
         plan.settings["lr"] = 2e-4
-        advice.append(rules.learning_rate(params.total, plan.strategy.setup.method))
+        if plan.strategy.setup.method != sft_method:  # the stage fell back to adapters: their LR rule instead
+            advice[-1] = rules.learning_rate(params.total, plan.strategy.setup.method)
     advice.append(rules.preference_optimisation(plan.settings["lr"]))
     gpu_hours = sum((s.seconds or 0) for s in stages) * num_gpus / 3600
     advice += rules.post_training_split(goal, gpu_hours)
@@ -313,7 +315,7 @@ def render(plan: Plan, console) -> None:
             table.add_row(s.stage, f"{s.tokens:.3g}", "[red]does not fit[/]", "-", "-", "-", "-", "-", "-", "-", "-")
             continue
         m, c = s.strategy.memory, s.strategy
-        table.add_row(s.stage, f"{s.tokens:.3g}", c.name,
+        table.add_row(s.stage, f"{s.tokens:.3g}", c.name + ("" if c.within_headroom else " [yellow](tight)[/]"),
                       f"{c.setup.micro_batch} x {c.grad_accum} x {plan.num_gpus}",
                       "yes" if c.setup.gradient_checkpointing else "no",
                       *(f"{v / GB:.1f} GB" for v in (m.weights, m.gradients, m.optimizer, m.activations, m.total)),
@@ -325,6 +327,8 @@ def render(plan: Plan, console) -> None:
     for s in plan.stages:
         for line in s.cannot_fit:
             console.print(f"[red]{s.stage} does not fit[/]: {line}")
+        if s.strategy and not s.strategy.within_headroom:
+            console.print(f"[yellow]{s.stage}[/]: {tight_words(s.strategy, plan.gpu)}")
         if s.strategy:
             for note in s.strategy.memory.notes:
                 console.print(f"[yellow]{s.stage}[/]: {note}")

@@ -1,9 +1,11 @@
 """Pick the simplest parallel strategy that fits, and the micro-batch / accumulation to reach the batch.
 
 Order of preference (simplest first, docs/rules.md §4): DDP, ZeRO-2, ZeRO-3 (FSDP2),
-ZeRO-3 with CPU offload, then for fine-tuning LoRA and QLoRA. A strategy fits when
-its total memory stays under 70% of the GPU (30% headroom for fragmentation,
-allocator caches and spikes).
+ZeRO-3 with CPU offload, then for fine-tuning LoRA and QLoRA. A strategy is recommended
+when its total memory stays under 70% of the GPU (30% headroom for fragmentation,
+allocator caches and spikes). When no strategy is, the first that fits the whole card is
+still planned, marked tight: a setup that fits is never refused (the QLoRA paper's 65B on
+one 48 GB card is the classic case), and the user is told what the headroom was for.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Choice:
     memory: MemoryBreakdown
     grad_accum: int
     global_batch: int  # sequences per optimizer step = micro x accum x GPUs
+    within_headroom: bool = True  # False: fits the whole card, not the recommended 70% of it
 
 
 CANDIDATES = [
@@ -37,17 +40,18 @@ CANDIDATES = [
 ]
 
 
-def budget_bytes(gpu: Accelerator) -> float:
-    return gpu.memory_gb * GB * (1 - HEADROOM)
+def budget_bytes(gpu: Accelerator, headroom: float = HEADROOM) -> float:
+    return gpu.memory_gb * GB * (1 - headroom)
 
 
-def _best_micro_batch(shape: ModelShape, base: TrainSetup, gpu: Accelerator, max_micro: int) -> TrainSetup | None:
-    """Largest power-of-two micro-batch that fits, first without then with gradient checkpointing."""
-    for checkpointing in (False, True):
+def _best_micro_batch(shape: ModelShape, base: TrainSetup, budget: float, max_micro: int,
+                      checkpointing: tuple[bool, ...] = (False, True)) -> TrainSetup | None:
+    """Largest power-of-two micro-batch within `budget` bytes, first without then with gradient checkpointing."""
+    for checkpointing in checkpointing:
         micro = max_micro
         while micro >= 1:
             setup = replace(base, micro_batch=micro, gradient_checkpointing=checkpointing)
-            if training_memory(shape, setup).total <= budget_bytes(gpu):
+            if training_memory(shape, setup).total <= budget:
                 return setup
             micro //= 2
     return None
@@ -55,21 +59,33 @@ def _best_micro_batch(shape: ModelShape, base: TrainSetup, gpu: Accelerator, max
 
 def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len: int, global_batch: int,
                     allow_adapters: bool, base: TrainSetup | None = None, method: str | None = None) -> Choice | None:
-    """The first candidate that fits; None when nothing does (see `what_would_fit`)."""
+    """The first candidate within the recommended headroom; else the first that fits the whole card, marked
+    `within_headroom=False`; None when nothing fits at all (see `what_would_fit`)."""
     base = replace(base or TrainSetup(), num_gpus=num_gpus, seq_len=seq_len)
     max_micro = max(1, min(64, 2 ** int(math.log2(max(1, global_batch // num_gpus)))))
-    for name, overrides in CANDIDATES:
-        if method is not None and overrides["method"] != method:
-            continue
-        if overrides["method"] != "full" and not allow_adapters and method is None:
-            continue
-        if num_gpus == 1 and overrides["sharding"] in ("zero2", "zero3") and not overrides.get("offload"):
-            continue  # sharding over one GPU saves nothing
-        setup = _best_micro_batch(shape, replace(base, **overrides), gpu, max_micro)
-        if setup is not None:
-            accum = max(1, math.ceil(global_batch / (setup.micro_batch * num_gpus)))
-            return Choice(name, setup, training_memory(shape, setup), accum, setup.micro_batch * accum * num_gpus)
+    for headroom in (HEADROOM, 0.0):
+        for name, overrides in CANDIDATES:
+            if method is not None and overrides["method"] != method:
+                continue
+            if overrides["method"] != "full" and not allow_adapters and method is None:
+                continue
+            if num_gpus == 1 and overrides["sharding"] in ("zero2", "zero3") and not overrides.get("offload"):
+                continue  # sharding over one GPU saves nothing
+            # within the headroom the largest micro-batch that fits; on a tight card the smallest footprint
+            setup = _best_micro_batch(shape, replace(base, **overrides), budget_bytes(gpu, headroom),
+                                      max_micro if headroom else 1, checkpointing=(False, True) if headroom else (True,))
+            if setup is not None:
+                accum = max(1, math.ceil(global_batch / (setup.micro_batch * num_gpus)))
+                return Choice(name, setup, training_memory(shape, setup), accum,
+                              setup.micro_batch * accum * num_gpus, within_headroom=headroom > 0)
     return None
+
+
+def tight_words(choice: Choice, gpu: Accelerator) -> str:
+    """Why a tight plan may still run out of memory, and what gives it room."""
+    return (f"fits in {choice.memory.total / GB:.1f} of the card's {gpu.memory_gb:g} GB, but not within the "
+            f"{1 - HEADROOM:.0%} lmlab recommends (the rest absorbs allocator fragmentation, the CUDA context and "
+            "spikes): it may run out of memory; a shorter sequence, more GPUs or a larger card give it room")
 
 
 def what_would_fit(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len: int) -> list[str]:
