@@ -156,12 +156,31 @@ def test_1_7b_full_training_on_4090s_needs_sharding():
     assert choice.global_batch == choice.setup.micro_batch * choice.grad_accum * 8
 
 
-def test_70b_sft_on_one_4090_falls_back_to_qlora_or_says_what_would_fit():
+def test_70b_sft_on_one_4090_offloads_only_to_a_host_that_holds_it():
+    """ZeRO-Infinity's case: 70B full SFT on one 24 GB card fits the GPU with every shard on the CPU, which then
+    needs over a terabyte. Without --host-ram the plan says so; with a 128 GB host it does not fit at all."""
     plan = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000)
-    sft = plan.stages[0]
-    assert sft.strategy is None or sft.strategy.setup.method == "qlora"
-    if sft.strategy is None:
-        assert sft.cannot_fit
+    sft = plan.stages[0].strategy
+    assert sft.setup.offload and sft.setup.sharding == "zero3" and sft.memory.cpu_offloaded > 1000 * GB
+    assert any("GB of CPU memory across the nodes" in n for n in sft.memory.notes)
+    small_host = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000,
+                           host_ram_gb=128).stages[0]
+    assert small_host.strategy is None and small_host.cannot_fit
+    big_host = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000,
+                         host_ram_gb=2048).stages[0]
+    assert big_host.strategy.setup.offload
+
+
+def test_zero3_offload_keeps_weight_and_gradient_shards_off_the_gpu():
+    """FSDP2's CPU offload and DeepSpeed's offload_param hold the shards on the CPU: the GPU's model states are the
+    gathered units (two decoder layers and the root) and their gradients, whatever the number of GPUs."""
+    shape = resolve_shape("llama-3.1-8b")
+    counts = count_params(shape)
+    gathered = (2 * (counts.per_layer_attention + counts.per_layer_mlp_total) + counts.embedding + shape.hidden_size) * 2
+    for gpus in (1, 8):
+        m = training_memory(shape, TrainSetup(sharding="zero3", offload=True, num_gpus=gpus))
+        assert m.weights == m.gradients == gathered and m.optimizer == 0
+        assert m.cpu_offloaded == pytest.approx(16 * counts.total)  # bf16 weights and grads, fp32 master, moments
 
 
 def test_pretraining_budget_rule_warns_below_80x():
@@ -428,5 +447,6 @@ def test_a_setup_that_fits_only_without_the_headroom_is_planned_tight_not_refuse
                                  "--method", "qlora", "--seq-len", "512", "--sft-examples", "10000"])
     words = " ".join(result.output.split())
     assert result.exit_code == 0 and "QLoRA (tight)" in words and "not within the 70% lmlab recommends" in words
-    too_big = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000)
+    too_big = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000,
+                        host_ram_gb=128)
     assert too_big.stages[0].strategy is None and too_big.stages[0].cannot_fit  # past the whole card: refused

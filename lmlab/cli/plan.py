@@ -37,6 +37,9 @@ def plan(
     seq_len: int = typer.Option(2048, "--seq-len"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1, help="Sequences per optimizer step."),
     mfu: float = typer.Option(0.40, "--mfu", help="Assumed model-FLOPs utilisation."),
+    host_ram: Optional[float] = typer.Option(None, "--host-ram", min=1, max=1e5,
+                                             help="CPU memory per node in GB (8 GPUs to a node): CPU offload must "
+                                                  "fit in it. Without it the plan prints what offload needs."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     emit: Optional[Path] = typer.Option(None, "--emit", help="Write the plan as a pipeline `lmlab run` executes."),
     data: Optional[str] = typer.Option(None, "--data", help="Pretraining / domain data for the emitted pipeline."),
@@ -59,7 +62,7 @@ def plan(
                        domain_tokens=parse_count(domain_tokens, "domain-tokens"),
                        unique_tokens=parse_count(unique_tokens, "unique-tokens"),
                        sft_examples=int(examples) if examples else None, seq_len=seq_len,
-                       global_batch=global_batch, mfu=mfu, method=method)
+                       global_batch=global_batch, mfu=mfu, method=method, host_ram_gb=host_ram)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:

@@ -231,10 +231,15 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         optimizer /= shards
     if setup.sharding in ("zero2", "zero3"):
         grads /= shards
+    weight_shards = weights
     if setup.sharding == "zero3":
+        # one FSDP unit per decoder layer: one gathered for compute, the next prefetched; the root unit
+        # (embeddings, head, final norm) stays gathered from its forward to its backward
         largest_layer = counts.per_layer_attention + counts.per_layer_mlp_total
-        gathered = 2 * largest_layer * e  # one layer gathered for compute, the next prefetched
-        weights = weights / shards + gathered
+        root = counts.embedding + shape.hidden_size
+        gathered = (2 * largest_layer + root) * e
+        weight_shards = weights / shards
+        weights = weight_shards + gathered
     if setup.method == "qlora" and setup.paged_optimizer and not setup.offload:
         offloaded += optimizer
         optimizer = 0.0
@@ -243,9 +248,13 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         offloaded += optimizer * shards if setup.sharding != "ddp" else optimizer
         optimizer = 0.0
         if setup.sharding == "zero3":
-            offloaded += weights * shards
-            weights = 2 * (counts.per_layer_attention + counts.per_layer_mlp_total) * e
-        notes.append("CPU offload: optimizer step on CPU, expect 2-5x slower steps")
+            # FSDP2's CPU offload and DeepSpeed's offload_param keep the weight and gradient shards in CPU
+            # memory: the GPU holds the gathered units and their gradients until they are reduce-scattered
+            offloaded += (weight_shards + grads) * shards
+            weights -= weight_shards
+            grads = gathered
+        notes.append(f"CPU offload: optimizer step on CPU, expect 2-5x slower steps; {offloaded / GB:,.0f} GB of "
+                     "CPU memory across the nodes (check the hosts have it)")
     return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer,
                            activations=activation_bytes(shape, setup), trainable_params=trainable,
                            cpu_offloaded=offloaded, notes=notes)

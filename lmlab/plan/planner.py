@@ -133,7 +133,7 @@ def _post_training(goal: str, params, sft_examples: int | None, method: str | No
 def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
               tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
               sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
-              mfu: float = DEFAULT_MFU, method: str | None = None) -> Plan:
+              mfu: float = DEFAULT_MFU, method: str | None = None, host_ram_gb: float | None = None) -> Plan:
     _check_request(goal, {"tokens": tokens, "domain-tokens": domain_tokens, "unique-tokens": unique_tokens},
                    sft_examples, mfu, seq_len, shape)
     params = count_params(shape)
@@ -146,7 +146,8 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         """A stage at its cheapest strategy that fits; `batch_sequences` of seq_len unless --global-batch."""
         batch = global_batch or max(1, int(batch_sequences))
         base = TrainSetup(loss_tiling=STAGE_LOSS_TILING.get(stage, "fused"))
-        choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method)
+        choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
+                                 host_ram=host_ram_gb * GB if host_ram_gb else None)
         seconds = training_seconds(stage_tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) if choice else None
         if choice and choice.setup.offload:
             seconds = seconds * 3 if seconds else None  # CPU optimizer steps: see memory notes

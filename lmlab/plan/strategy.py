@@ -18,6 +18,7 @@ from lmlab.plan.memory import GB, MemoryBreakdown, TrainSetup, training_memory
 from lmlab.plan.params import ModelShape
 
 HEADROOM = 0.30
+GPUS_PER_NODE = 8  # how --host-ram's per-node figure is shared: nodes = ceil(GPUs / 8)
 
 
 @dataclass
@@ -58,9 +59,12 @@ def _best_micro_batch(shape: ModelShape, base: TrainSetup, budget: float, max_mi
 
 
 def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len: int, global_batch: int,
-                    allow_adapters: bool, base: TrainSetup | None = None, method: str | None = None) -> Choice | None:
+                    allow_adapters: bool, base: TrainSetup | None = None, method: str | None = None,
+                    host_ram: float | None = None) -> Choice | None:
     """The first candidate within the recommended headroom; else the first that fits the whole card, marked
-    `within_headroom=False`; None when nothing fits at all (see `what_would_fit`)."""
+    `within_headroom=False`; None when nothing fits at all (see `what_would_fit`). With `host_ram` (bytes of CPU
+    memory per node, GPUS_PER_NODE GPUs to a node), a candidate that offloads more than the nodes hold is skipped."""
+    nodes = math.ceil(num_gpus / GPUS_PER_NODE)
     base = replace(base or TrainSetup(), num_gpus=num_gpus, seq_len=seq_len)
     max_micro = max(1, min(64, 2 ** int(math.log2(max(1, global_batch // num_gpus)))))
     for headroom in (HEADROOM, 0.0):
@@ -74,6 +78,9 @@ def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len:
             # within the headroom the largest micro-batch that fits; on a tight card the smallest footprint
             setup = _best_micro_batch(shape, replace(base, **overrides), budget_bytes(gpu, headroom),
                                       max_micro if headroom else 1, checkpointing=(False, True) if headroom else (True,))
+            if setup is not None and host_ram is not None and \
+                    training_memory(shape, setup).cpu_offloaded / nodes > host_ram:
+                continue  # the GPUs would hold it, the hosts would not
             if setup is not None:
                 accum = max(1, math.ceil(global_batch / (setup.micro_batch * num_gpus)))
                 return Choice(name, setup, training_memory(shape, setup), accum,
