@@ -450,3 +450,27 @@ def test_a_setup_that_fits_only_without_the_headroom_is_planned_tight_not_refuse
     too_big = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000,
                         host_ram_gb=128)
     assert too_big.stages[0].strategy is None and too_big.stages[0].cannot_fit  # past the whole card: refused
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_equal_torch_counting_one_training_step(tied):
+    """The planner's FLOPs per token against torch's own count of one forward and backward of a tiny Llama
+    (eager attention computes the full square, the convention the planner uses): the input embedding is a
+    lookup and costs nothing, a tied matrix costs once, as the head."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmlab.plan.compute import flops_per_token
+
+    config = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"},
+                                         attn_implementation="eager", use_cache=False))
+    ids = torch.randint(0, 512, (1, 128))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    shape = shape_from_config(config)
+    predicted = flops_per_token(count_params(shape).active, shape, 128)
+    assert predicted == pytest.approx(counter.get_total_flops() / 128, rel=0.01)
