@@ -94,9 +94,52 @@ def test_evolm_study_runs_every_finding_on_tiny_models(tmp_path, tok_dir):
     report = run_study(path)
     results = json.loads((report.parent / "evolm.json").read_text())
     assert len(results["findings"]) == 5
-    for finding in results["findings"]:  # a verdict, and the numbers it was reached from
+    for finding in results["findings"]:  # a verdict, its rule and margins, and the numbers it was reached from
         assert isinstance(finding["reproduced"], bool) and finding["numbers"] and finding["claim"]
+        assert finding["verdict"] in ("reproduced", "not reproduced", "inconclusive") and finding["rule"]
+        assert finding["margins"] and finding["reproduced"] == (finding["verdict"] == "reproduced")
     assert sorted(results["pretrain_scaling"]["by_budget"]) == ["1", "2", "4"]
     assert len(results["pretrain_scaling"]["by_budget"]["4"]["general_bpb"]) == 2  # one value per seed
     assert len(results["checkpoints"]) == 2 * 3 + 2  # SFT epochs x seeds + RL x seeds
     assert "## Findings" in report.read_text() and (report.parent / "f3_sft_epochs.png").is_file()
+
+
+def _evolm_results(seeds: int) -> dict:
+    """Made-up study results whose verdicts are known: pretraining gains flatten (reproduced), replay keeps the
+    gain with less forgetting (reproduced), OOD is flat across SFT epochs (inconclusive), RL lowers OOD (not
+    reproduced), and the ORM score tracks maj@4 while loss does not (reproduced)."""
+    noise = [0.002 * (i - (seeds - 1) / 2) for i in range(seeds)]
+    budgets = {"5": 3.0, "10": 2.6, "20": 2.3, "40": 2.1, "80": 2.0, "160": 1.99, "320": 1.985}
+    by_budget = {b: {"general_bpb": [v + n for n in noise], "general_cloze/accuracy": [0.3] * seeds}
+                 for b, v in budgets.items()}
+    replay = {r: {"forgetting": [f + n for n in noise], "domain_gain": [g + n for n in noise]}
+              for r, f, g in (("0.0", 0.5, 1.0), ("0.16", 0.2, 0.95), ("0.5", 0.1, 0.7))}
+    sft = {e: {"math_id/greedy_accuracy": [a + n for n in noise],
+               "math_ood/greedy_accuracy": [0.10 + (5 * n if (i % 2) == (e == "8") else -5 * n)
+                                            for i, n in enumerate(noise)],
+               "math_ood/maj@4": [0.1] * seeds} for e, a in (("1", 0.2), ("2", 0.4), ("4", 0.6), ("8", 0.7))}
+    rl = {"math_ood/greedy_accuracy": [-0.05 + n for n in noise], "math_ood/maj@4": [0.0] * seeds,
+          "math_id/greedy_accuracy": [0.0] * seeds}
+    points = [{"model": f"m{i}", "math_id/maj@4": i / 10, "math_id/orm_score": i / 10 + 0.01 * (i % 2),
+               "math_bpb": 1.0 + 0.1 * ((i * 7) % 3), "math_id/greedy_accuracy": 0, "math_ood/greedy_accuracy": 0,
+               "math_ood/maj@4": 0, "general_bpb": 2} for i in range(8)]
+    return {"pretrain_scaling": {"by_budget": by_budget, "parameters": 1000}, "replay": {"by_ratio": replay},
+            "sft_epochs": sft, "rl_minus_sft": rl, "checkpoints": points}
+
+
+@pytest.mark.parametrize("seeds", [3, 1])
+def test_evolm_verdicts_follow_the_rule_stated_before_the_run(seeds):
+    """Each finding's verdict is its margin's 95% interval against zero: above, reproduced; below, not; across
+    zero or with one seed (no interval), inconclusive; the ORM finding bootstraps its checkpoints instead."""
+    from types import SimpleNamespace
+
+    from lmlab.experiments.studies.evolm import findings, orm_fits
+
+    results = _evolm_results(seeds)
+    results["r2"] = orm_fits(results["checkpoints"], 4)
+    study = SimpleNamespace(samples=4, rl_from_epochs=2, eval_n=200)
+    verdicts = [f["verdict"] for f in findings(study, results)]
+    if seeds == 3:
+        assert verdicts == ["reproduced", "reproduced", "inconclusive", "not reproduced", "reproduced"]
+    else:
+        assert verdicts == ["inconclusive"] * 4 + ["reproduced"]

@@ -46,3 +46,45 @@ def mean_std_text(values: list[float], digits: int = 3) -> str:
 
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# Every finding's verdict follows one rule, fixed before any run: the finding defines a margin that is positive
+# when the paper's claim holds, and the 95% interval of that margin (over seeds, or bootstrapped over
+# checkpoints) decides. Above zero: reproduced. Below zero: not reproduced. Straddling zero, or no interval
+# (one seed): inconclusive. A claim of several parts is reproduced only if every part is, and not reproduced
+# if any part is not.
+VERDICT_RULE = ("reproduced when the 95% interval of the margin lies above 0, not reproduced when it lies below 0, "
+                "inconclusive when it straddles 0 or cannot be formed (one seed)")
+
+
+def margin(values: list[float], interval: tuple[float, float] | None = None) -> dict[str, float]:
+    """A margin's mean and 95% interval: the t interval over seeds unless an interval is given."""
+    from lmlab.stats import mean_interval, mean_std
+
+    low, high = interval if interval is not None else mean_interval(values)
+    return {"value": float(mean_std(values)[0]), "ci_low": float(low), "ci_high": float(high)}
+
+
+def verdict(*margins: dict[str, float]) -> str:
+    """The shared rule (VERDICT_RULE) over one or more parts of a claim."""
+    import math
+
+    parts = ["inconclusive" if math.isnan(m["ci_low"]) or math.isnan(m["ci_high"]) else
+             "reproduced" if m["ci_low"] > 0 else "not reproduced" if m["ci_high"] < 0 else "inconclusive"
+             for m in margins]
+    if "not reproduced" in parts:
+        return "not reproduced"
+    return "reproduced" if all(p == "reproduced" for p in parts) else "inconclusive"
+
+
+def judged(claim: str, rule: str, margins: dict[str, dict[str, float]], numbers: str) -> dict:
+    """A finding as the reports print it: the claim, its margins' rule, each margin with its interval, the
+    verdict, and the numbers it came from. `reproduced` stays for readers of older results."""
+    outcome = verdict(*margins.values())
+    return {"claim": claim, "rule": f"{rule}; {VERDICT_RULE}", "margins": margins, "verdict": outcome,
+            "reproduced": outcome == "reproduced", "numbers": numbers}
+
+
+def margins_text(margins: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{name} {m['value']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
+                     for name, m in margins.items())

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmlab.console import console
-from lmlab.experiments.studies.common import StudyRunner, load_study, mean_std_text
+from lmlab.experiments.studies.common import StudyRunner, judged, load_study, margin, margins_text, mean_std_text
 from lmlab.paths import NAME_PATTERN, write_json_atomic, write_text_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
 from lmlab.stats import mean_std
@@ -247,84 +247,111 @@ def findings(study: EvolmStudy, results: dict) -> list[dict]:
 
 
 def _scaling_finding(study: EvolmStudy, results: dict) -> dict:
-    """1. diminishing returns of pretraining tokens per parameter."""
+    """1. diminishing returns of pretraining tokens per parameter; per seed, the margin is a third of the
+    gain per doubling before ~80x minus the gain per doubling at the largest budgets."""
     scaling = results["pretrain_scaling"]["by_budget"]
     budgets = sorted(scaling, key=float)
-    bpb = {b: mean_std(scaling[b]["general_bpb"])[0] for b in budgets}
     lo, mid = budgets[0], min(budgets[1:], key=lambda b: abs(float(b) - 80))
     hi_a, hi_b = budgets[-2], budgets[-1]
-    early = (bpb[lo] - bpb[mid]) / math.log2(float(mid) / float(lo))
-    late = (bpb[hi_a] - bpb[hi_b]) / math.log2(float(hi_b) / float(hi_a))
-    return {"claim": "pretraining gains flatten past roughly 80-160 tokens per parameter",
-            "reproduced": late < early / 3,
-            "numbers": f"general bits/byte gain per doubling {early:.4f} from {lo}x to {mid}x vs {late:.4f} from "
-                       f"{hi_a}x to {hi_b}x ({results['pretrain_scaling']['parameters']:,} params); bpb: "
-                       + ", ".join(f"{b}x {mean_std_text(scaling[b]['general_bpb'])}" for b in budgets)
-                       + "; cloze accuracy: " + ", ".join(
-                           f"{b}x {mean_std_text(scaling[b]['general_cloze/accuracy'])}" for b in budgets)}
+    bpb = {b: scaling[b]["general_bpb"] for b in budgets}
+    early = [(a - b) / math.log2(float(mid) / float(lo)) for a, b in zip(bpb[lo], bpb[mid])]
+    late = [(a - b) / math.log2(float(hi_b) / float(hi_a)) for a, b in zip(bpb[hi_a], bpb[hi_b])]
+    return judged(
+        "pretraining gains flatten past roughly 80-160 tokens per parameter",
+        f"margin = (general bits/byte gained per doubling from {lo}x to {mid}x) / 3 - (gained per doubling from "
+        f"{hi_a}x to {hi_b}x), per seed",
+        {"flattening": margin([e / 3 - lt for e, lt in zip(early, late)])},
+        f"gain per doubling {mean_std_text(early, 4)} from {lo}x to {mid}x vs {mean_std_text(late, 4)} from "
+        f"{hi_a}x to {hi_b}x ({results['pretrain_scaling']['parameters']:,} params); bpb: "
+        + ", ".join(f"{b}x {mean_std_text(scaling[b]['general_bpb'])}" for b in budgets)
+        + "; cloze accuracy: " + ", ".join(f"{b}x {mean_std_text(scaling[b]['general_cloze/accuracy'])}"
+                                           for b in budgets))
 
 
 def _replay_finding(study: EvolmStudy, results: dict) -> dict:
-    """2. replay: less forgetting, most of the domain gain kept."""
+    """2. replay: less forgetting than none, and most of the domain gain kept at ~16%."""
     rep = results["replay"]["by_ratio"]
     ratios = sorted(rep, key=float)
-    forget = {r: mean_std(rep[r]["forgetting"])[0] for r in ratios}
-    gain = {r: mean_std(rep[r]["domain_gain"])[0] for r in ratios}
-    r16 = min(ratios, key=lambda r: abs(float(r) - 0.16))
-    fewer = all(forget[a] > forget[b] for a, b in zip(ratios, ratios[1:]))
-    kept = gain[r16] >= 0.8 * gain[ratios[0]]
-    return {"claim": "CPT replay trades forgetting for domain gain; ~16% keeps most of the gain",
-            "reproduced": fewer and kept,
-            "numbers": "; ".join(f"replay {r}: forgetting (general bpb rise) {mean_std_text(rep[r]['forgetting'])}, "
-                                 f"domain gain (math bpb fall) {mean_std_text(rep[r]['domain_gain'])}" for r in ratios)}
+    none, r16 = ratios[0], min(ratios[1:], key=lambda r: abs(float(r) - 0.16))
+    less = [a - b for a, b in zip(rep[none]["forgetting"], rep[r16]["forgetting"])]
+    kept = [b - 0.8 * a for a, b in zip(rep[none]["domain_gain"], rep[r16]["domain_gain"])]
+    return judged(
+        "CPT replay trades forgetting for domain gain; ~16% keeps most of the gain",
+        f"two margins per seed: forgetting (general bpb rise) at replay {none} minus at {r16}, and the domain gain "
+        f"(math bpb fall) at {r16} minus 0.8 x the gain at {none}",
+        {"less forgetting": margin(less), "gain kept": margin(kept)},
+        "; ".join(f"replay {r}: forgetting {mean_std_text(rep[r]['forgetting'])}, domain gain "
+                  f"{mean_std_text(rep[r]['domain_gain'])}" for r in ratios))
 
 
 def _sft_finding(study: EvolmStudy, results: dict) -> dict:
-    """3. SFT epochs: ID rises, OOD peaks early then falls."""
+    """3. SFT epochs: ID rises; OOD is higher in EvoLM's 2-4 epoch window than at the longest SFT. The window
+    is the paper's, fixed in advance, so the peak is not chosen from these runs."""
     k, sft = study.samples, results["sft_epochs"]
     epochs = sorted(sft, key=float)
-    id_acc = {e: mean_std(sft[e]["math_id/greedy_accuracy"])[0] for e in epochs}
-    ood = {e: mean_std(sft[e][f"math_ood/maj@{k}"])[0] + mean_std(sft[e]["math_ood/greedy_accuracy"])[0] for e in epochs}
-    peak = max(epochs, key=lambda e: ood[e])
-    rises = id_acc[epochs[-1]] > id_acc[epochs[0]]
-    early_peak = peak != epochs[-1] and ood[epochs[-1]] < ood[peak]
-    return {"claim": "more SFT epochs raise in-domain accuracy while out-of-domain peaks early, then falls",
-            "reproduced": rises and early_peak,
-            "numbers": "; ".join(f"{e} ep: ID greedy {mean_std_text(sft[e]['math_id/greedy_accuracy'])}, "
-                                 f"OOD greedy {mean_std_text(sft[e]['math_ood/greedy_accuracy'])}, "
-                                 f"OOD maj@{k} {mean_std_text(sft[e][f'math_ood/maj@{k}'])}" for e in epochs)
-            + f"; OOD (greedy + maj@{k}) peaks at {peak} epochs"}
+    first, last = epochs[0], epochs[-1]
+    window = [e for e in epochs if 2 <= float(e) <= 4 and e != last]
+    rises = [b - a for a, b in zip(sft[first]["math_id/greedy_accuracy"], sft[last]["math_id/greedy_accuracy"])]
+    margins = {"ID rises": margin(rises)}
+    if window:
+        ood = {e: sft[e]["math_ood/greedy_accuracy"] for e in epochs}
+        in_window = [sum(ood[e][i] for e in window) / len(window) for i in range(len(ood[last]))]
+        margins["OOD falls after 2-4 epochs"] = margin([w - z for w, z in zip(in_window, ood[last])])
+    else:
+        margins["OOD falls after 2-4 epochs"] = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    return judged(
+        "more SFT epochs raise in-domain accuracy while out-of-domain peaks early, then falls",
+        f"two margins per seed: ID greedy accuracy at {last} epochs minus at {first}, and OOD greedy accuracy "
+        f"averaged over the sweep's epochs in EvoLM's 2-4 window ({', '.join(window) or 'none'}) minus at {last}",
+        margins,
+        "; ".join(f"{e} ep: ID greedy {mean_std_text(sft[e]['math_id/greedy_accuracy'])}, "
+                  f"OOD greedy {mean_std_text(sft[e]['math_ood/greedy_accuracy'])}, "
+                  f"OOD maj@{k} {mean_std_text(sft[e][f'math_ood/maj@{k}'])}" for e in epochs))
 
 
 def _rl_finding(study: EvolmStudy, results: dict) -> dict:
-    """4. RL lifts OOD: a lift counts only when it clears one standard error of an accuracy on eval_n prompts."""
+    """4. RL lifts OOD: the margin is RL's OOD greedy accuracy minus its SFT model's, per seed."""
     k, rl = study.samples, results["rl_minus_sft"]
-    start = mean_std(results["sft_epochs"][f"{study.rl_from_epochs:g}"]["math_ood/greedy_accuracy"])[0]
-    se = math.sqrt(max(start, 0.01) * (1 - max(start, 0.01)) / study.eval_n)
-    lifts = {m: mean_std(rl[m])[0] for m in ("math_ood/greedy_accuracy", f"math_ood/maj@{k}")}
-    return {"claim": f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
-            "reproduced": max(lifts.values()) > se,
-            "numbers": f"RL minus SFT, OOD greedy {_pct(rl['math_ood/greedy_accuracy'])}, OOD maj@{k} "
-                       f"{_pct(rl[f'math_ood/maj@{k}'])}, ID greedy {_pct(rl['math_id/greedy_accuracy'])} points; "
-                       f"a lift must clear one standard error ({100 * se:.1f} points at the SFT model's "
-                       f"{100 * start:.1f}% OOD accuracy, n={study.eval_n})"}
+    return judged(
+        f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
+        "margin = OOD greedy accuracy of the RL model minus its SFT model's, per seed",
+        {"OOD lift": margin(rl["math_ood/greedy_accuracy"])},
+        f"RL minus SFT, OOD greedy {_pct(rl['math_ood/greedy_accuracy'])}, OOD maj@{k} "
+        f"{_pct(rl[f'math_ood/maj@{k}'])}, ID greedy {_pct(rl['math_id/greedy_accuracy'])} points (n={study.eval_n} "
+        "per split)")
+
+
+def _orm_signal(points: list[dict], k: int) -> float:
+    """r^2 of the ORM score against maj@k where it points the right way (r > 0), minus the same for validation
+    loss (a loss predicts accuracy only when lower loss goes with higher accuracy, r < 0)."""
+    fit = orm_fits(points, k)
+    orm = fit["orm"] if (fit["r_orm"] or 0) > 0 else 0.0
+    loss = fit["math_bpb"] if (fit["r_math_bpb"] or 0) < 0 else 0.0
+    return orm - loss
 
 
 def _orm_finding(study: EvolmStudy, results: dict) -> dict:
-    """5. ORM score tracks maj@k; validation loss does not. A loss "predicts" accuracy only if lower loss goes
-    with higher accuracy (r < 0): a strong positive r means the loss points the wrong way."""
+    """5. ORM score tracks maj@k; validation loss does not: bootstrapped over checkpoints (1,000 resamples)."""
+    import random
+
+    from lmlab.stats import quantile
+
     k, fit, points = study.samples, results["r2"], results["checkpoints"]
-    r_orm, r_loss, r2_orm, r2_loss = fit["r_orm"], fit["r_math_bpb"], fit["orm"], fit["math_bpb"]
-    loss_predicts = r_loss is not None and r_loss < 0 and r2_loss >= 0.5
-    return {"claim": f"across post-training checkpoints the ORM score tracks maj@{k} (r^2) and validation loss "
-                     "does not",
-            "reproduced": r_orm is not None and r_orm > 0 and r2_orm >= 0.5 and not loss_predicts,
-            "numbers": f"{len(points)} checkpoints (SFT epochs x seeds, RL x seeds): r^2(ORM score, ID maj@{k}) = "
-                       f"{_r2(r2_orm)} (r = {_r2(r_orm)}); r^2(math validation bits/byte, ID maj@{k}) = "
-                       f"{_r2(r2_loss)} (r = {_r2(r_loss)}: "
-                       + ("lower loss, higher accuracy" if (r_loss or 0) < 0 else "higher loss goes with HIGHER "
-                          "accuracy, so loss misleads")
-                       + "); the ORM here is the exact-match verifier scoring the same samples"}
+    draw = random.Random(0)
+    resampled = [_orm_signal([draw.choice(points) for _ in points], k) for _ in range(1000)]
+    interval = (quantile(resampled, 0.025), quantile(resampled, 0.975)) if len(points) > 2 else (math.nan, math.nan)
+    r_loss = fit["r_math_bpb"]
+    return judged(
+        f"across post-training checkpoints the ORM score tracks maj@{k} (r^2) and validation loss does not",
+        f"margin = r^2(ORM score, ID maj@{k}) counted only when r > 0, minus r^2(math validation bpb, ID maj@{k}) "
+        "counted only when r < 0; interval: 1,000 bootstrap resamples of the checkpoints",
+        {"ORM over loss": margin([_orm_signal(points, k)], interval)},
+        f"{len(points)} checkpoints (SFT epochs x seeds, RL x seeds): r^2(ORM score, ID maj@{k}) = "
+        f"{_r2(fit['orm'])} (r = {_r2(fit['r_orm'])}); r^2(math validation bits/byte, ID maj@{k}) = "
+        f"{_r2(fit['math_bpb'])} (r = {_r2(r_loss)}: "
+        + ("lower loss, higher accuracy" if (r_loss or 0) < 0 else "higher loss goes with HIGHER accuracy, so loss "
+           "misleads")
+        + "); the ORM here is the exact-match verifier scoring the same samples, so its r^2 is high by construction")
 
 
 def _pct(values: list[float]) -> str:
@@ -378,11 +405,13 @@ def write_report(study: EvolmStudy, results: dict) -> Path:
                                 f"5. {label} vs maj@{k} (r² = {_r2(r2)})", legend=False))
     lines = [f"# {study.name}: EvoLM's findings at laptop scale ({study.seeds} seeds)", "",
              "Numbers are mean ± std over seeds. Accuracies are on held-out prompts (n = "
-             f"{study.eval_n} per split), maj@{k} and the ORM score from the same {k} samples per prompt.", "",
+             f"{study.eval_n} per split), maj@{k} and the ORM score from the same {k} samples per prompt. Each "
+             "finding's verdict comes from a margin and a rule written in the code before any run: reproduced, "
+             "not reproduced, or inconclusive when its 95% interval does not separate from zero.", "",
              "## Findings", ""]
     for i, f in enumerate(results["findings"], 1):
-        lines.append(f"{i}. **{f['claim']}**: {'reproduced' if f['reproduced'] else 'NOT reproduced'}. "
-                     f"{f['numbers']}")
+        lines.append(f"{i}. **{f['claim']}**: {f['verdict'].upper()}. Margins (95% interval): "
+                     f"{margins_text(f['margins'])}. Rule, fixed before the run: {f['rule']}. {f['numbers']}")
     lines += ["", "## Post-training checkpoints", "",
               f"| model | ID greedy | ID maj@{k} | ID ORM | OOD greedy | OOD maj@{k} | math bpb | general bpb |",
               "|---|---|---|---|---|---|---|---|"]
