@@ -447,6 +447,10 @@ def test_a_setup_that_fits_only_without_the_headroom_is_planned_tight_not_refuse
                                  "--method", "qlora", "--seq-len", "512", "--sft-examples", "10000"])
     words = " ".join(result.output.split())
     assert result.exit_code == 0 and "QLoRA (tight)" in words and "not within the 70% lmlab recommends" in words
+    from lmlab.cli.plan import emit_pipeline
+
+    notes = emit_pipeline(plan, tmp_path / "tight.yaml")  # the emitted pipeline says so too
+    assert any("not within the 70%" in n for n in notes) and "not within the 70%" in (tmp_path / "tight.yaml").read_text()
     too_big = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("4090"), 1, goal="sft", sft_examples=5000,
                         host_ram_gb=128)
     assert too_big.stages[0].strategy is None and too_big.stages[0].cannot_fit  # past the whole card: refused

@@ -268,6 +268,8 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
         if s.strategy is None:
             raise LmlabError(f"the {s.stage} stage does not fit on these GPUs, so there is nothing to emit",
                              field="--emit", hint="; ".join(s.cannot_fit) or None)
+        if not s.strategy.within_headroom:
+            notes.append(f"{s.stage}: {tight_words(s.strategy, plan.gpu)}")
         block: dict[str, Any] = {"stage": s.stage, "train": _train_block(s.strategy), "data": {"seq_len": plan.seq_len}}
         STAGE_BLOCKS[s.stage](plan, s, block, float(f"{s.settings['lr']:.3g}"), sources[s.stage], notes)
         stages.append(block)

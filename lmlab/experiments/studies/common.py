@@ -88,3 +88,9 @@ def judged(claim: str, rule: str, margins: dict[str, dict[str, float]], numbers:
 def margins_text(margins: dict[str, dict[str, float]]) -> str:
     return "; ".join(f"{name} {m['value']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
                      for name, m in margins.items())
+
+
+def finding_line(number: int, finding: dict) -> str:
+    """One finding in a report: the verdict, its margins with their intervals, the rule, then the numbers."""
+    return (f"{number}. **{finding['claim']}**: {finding['verdict'].upper()}. Margins (95% interval): "
+            f"{margins_text(finding['margins'])}. Rule, fixed before the run: {finding['rule']}. {finding['numbers']}")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmlab.console import console
-from lmlab.experiments.studies.common import StudyRunner, judged, load_study, margin, margins_text, mean_std_text
+from lmlab.experiments.studies.common import StudyRunner, finding_line, judged, load_study, margin, mean_std_text
 from lmlab.paths import NAME_PATTERN, write_json_atomic, write_text_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
 from lmlab.stats import mean_std
@@ -409,9 +409,7 @@ def write_report(study: EvolmStudy, results: dict) -> Path:
              "finding's verdict comes from a margin and a rule written in the code before any run: reproduced, "
              "not reproduced, or inconclusive when its 95% interval does not separate from zero.", "",
              "## Findings", ""]
-    for i, f in enumerate(results["findings"], 1):
-        lines.append(f"{i}. **{f['claim']}**: {f['verdict'].upper()}. Margins (95% interval): "
-                     f"{margins_text(f['margins'])}. Rule, fixed before the run: {f['rule']}. {f['numbers']}")
+    lines += [finding_line(i, f) for i, f in enumerate(results["findings"], 1)]
     lines += ["", "## Post-training checkpoints", "",
               f"| model | ID greedy | ID maj@{k} | ID ORM | OOD greedy | OOD maj@{k} | math bpb | general bpb |",
               "|---|---|---|---|---|---|---|---|"]
