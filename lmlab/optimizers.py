@@ -23,7 +23,8 @@ from lmlab.errors import LmlabError
 
 # sharding modes whose parameters are flat or partial shards: Newton-Schulz needs each whole matrix
 UNSUPPORTED_SHARDING = ("zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
-                        "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload")
+                        "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload",
+                        "deepspeed_zero3_offload_optimizer")
 
 
 def check_muon(optimizer: str, distributed: str) -> None:

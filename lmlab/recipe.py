@@ -288,7 +288,8 @@ class TrainConfig(Strict):
     # weights, offload keeps them on CPU, hybrid shards within a node (FSDP2); deepspeed_* the same stages
     # through DeepSpeed; auto: DDP, or whatever the launch config sets
     distributed: Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
-                         "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload"] = "auto"
+                         "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload",
+                         "deepspeed_zero3_offload_optimizer"] = "auto"
     # seconds a rank waits in a collective (a gradient all-reduce, a barrier) before it gives up and the job
     # stops with a line naming the rank that failed; it must exceed rank 0's longest lone work (preparing a
     # large token store while the others wait). Set it for the whole launch (a pipeline: in defaults).

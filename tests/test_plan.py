@@ -478,3 +478,29 @@ def test_flops_per_token_equal_torch_counting_one_training_step(tied):
     shape = shape_from_config(config)
     predicted = flops_per_token(count_params(shape).active, shape, 128)
     assert predicted == pytest.approx(counter.get_total_flops() / 128, rel=0.01)
+
+
+def test_optimizer_only_offload_keeps_the_weight_shards_on_the_gpus_and_is_planned_before_full_offload():
+    """DeepSpeed ZeRO-3 with offload_optimizer only: the GPUs hold their weight shards and the gathered units, the
+    CPU the optimizer state and gradients; the planner tries it before offloading the weights as well, and emits
+    it as train.distributed: deepspeed_zero3_offload_optimizer."""
+    shape = resolve_shape("llama-3.1-8b")
+    counts = count_params(shape)
+    full = training_memory(shape, TrainSetup(sharding="zero3", offload=True, num_gpus=8))
+    optimizer_only = training_memory(shape, TrainSetup(sharding="zero3", offload=True, offload_params=False,
+                                                       num_gpus=8))
+    assert optimizer_only.weights - full.weights == pytest.approx(2 * counts.total / 8)  # the bf16 weight shards
+    assert optimizer_only.gradients == full.gradients and optimizer_only.optimizer == 0
+    assert full.cpu_offloaded - optimizer_only.cpu_offloaded == pytest.approx(2 * counts.total)
+    from lmlab.plan.strategy import CANDIDATES
+
+    names = [name for name, _ in CANDIDATES]
+    assert names.index("ZeRO-3 + optimizer offload") < names.index("ZeRO-3 + CPU offload")
+    plan = make_plan(resolve_shape("llama-3.1-70b"), lookup_gpu("h100"), 8, goal="sft", sft_examples=5000,
+                     method="full")  # ZeRO-3 alone needs 141 GB of model states per GPU
+    assert plan.stages[0].strategy.name == "ZeRO-3 + optimizer offload"
+    from lmlab.plan.planner import plan_to_pipeline
+
+    pipeline, notes = plan_to_pipeline(plan)
+    assert pipeline["stages"][0]["train"]["distributed"] == "deepspeed_zero3_offload_optimizer"
+    assert any("pip install deepspeed" in n for n in notes)

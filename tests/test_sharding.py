@@ -78,7 +78,8 @@ def test_deepspeed_modes_are_zero_stages_or_a_clear_error():
             sharding.sharding_arguments("deepspeed_zero3", None, gpu=True)
         return
     for mode, stage, offload in (("deepspeed_zero2", 2, "none"), ("deepspeed_zero2_offload", 2, "cpu"),
-                                 ("deepspeed_zero3", 3, "none"), ("deepspeed_zero3_offload", 3, "cpu")):
+                                 ("deepspeed_zero3", 3, "none"), ("deepspeed_zero3_offload", 3, "cpu"),
+                                 ("deepspeed_zero3_offload_optimizer", 3, "cpu")):
         zero = sharding.sharding_arguments(mode, None, gpu=True)["deepspeed"]["zero_optimization"]
         assert (zero["stage"], zero["offload_optimizer"]["device"]) == (stage, offload)
 

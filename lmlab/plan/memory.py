@@ -48,6 +48,7 @@ class TrainSetup:
     sharding: Sharding = "ddp"
     num_gpus: int = 1
     offload: bool = False
+    offload_params: bool = True  # under zero3 offload: the weight and gradient shards too (False: optimizer only)
     micro_batch: int = 1
     seq_len: int = 2048
     gradient_checkpointing: bool = False
@@ -248,11 +249,14 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         offloaded += optimizer * shards if setup.sharding != "ddp" else optimizer
         optimizer = 0.0
         if setup.sharding == "zero3":
-            # FSDP2's CPU offload and DeepSpeed's offload_param keep the weight and gradient shards in CPU
-            # memory: the GPU holds the gathered units and their gradients until they are reduce-scattered
-            offloaded += (weight_shards + grads) * shards
-            weights -= weight_shards
+            # the optimizer step runs on the CPU, so the gradient shards go there (ZeRO-Offload): the GPU keeps
+            # a gathered unit's gradients until they are reduce-scattered; with offload_params (FSDP2's CPU
+            # offload, DeepSpeed's offload_param) the weight shards live in CPU memory too
+            offloaded += grads * shards
             grads = gathered
+            if setup.offload_params:
+                offloaded += weight_shards * shards
+                weights -= weight_shards
         notes.append(f"CPU offload: optimizer step on CPU, expect 2-5x slower steps; {offloaded / GB:,.0f} GB of "
                      "CPU memory across the nodes (check the hosts have it)")
     return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer,

@@ -23,6 +23,7 @@ BUILDABLE = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixt
 GENERAL_CORPUS_TOKENS = 2.7e6  # the embedded general corpus under a ~150k-entry tokenizer (3.3M at 4k entries)
 MAX_REPLAY_PASSES = 4  # data-constrained scaling: repeats up to ~4 epochs are nearly as good as fresh data
 DISTRIBUTED = {"DDP": "ddp", "ZeRO-2": "zero2", "ZeRO-3 / FSDP2": "zero3", "ZeRO-3 + CPU offload": "zero3_offload",
+               "ZeRO-3 + optimizer offload": "deepspeed_zero3_offload_optimizer",
                "LoRA": "ddp", "QLoRA": "ddp"}  # strategy name -> recipe train.distributed
 
 
@@ -270,6 +271,9 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
                              field="--emit", hint="; ".join(s.cannot_fit) or None)
         if not s.strategy.within_headroom:
             notes.append(f"{s.stage}: {tight_words(s.strategy, plan.gpu)}")
+        if DISTRIBUTED[s.strategy.name].startswith("deepspeed"):  # FSDP2 has no optimizer-only offload
+            notes.append(f"{s.stage}: train.distributed: {DISTRIBUTED[s.strategy.name]} runs through DeepSpeed "
+                         "(pip install deepspeed)")
         block: dict[str, Any] = {"stage": s.stage, "train": _train_block(s.strategy), "data": {"seq_len": plan.seq_len}}
         STAGE_BLOCKS[s.stage](plan, s, block, float(f"{s.settings['lr']:.3g}"), sources[s.stage], notes)
         stages.append(block)

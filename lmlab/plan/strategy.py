@@ -35,6 +35,7 @@ CANDIDATES = [
     ("DDP", dict(method="full", sharding="ddp")),
     ("ZeRO-2", dict(method="full", sharding="zero2")),
     ("ZeRO-3 / FSDP2", dict(method="full", sharding="zero3")),
+    ("ZeRO-3 + optimizer offload", dict(method="full", sharding="zero3", offload=True, offload_params=False)),
     ("ZeRO-3 + CPU offload", dict(method="full", sharding="zero3", offload=True)),
     ("LoRA", dict(method="lora", sharding="ddp")),
     ("QLoRA", dict(method="qlora", sharding="ddp")),

@@ -119,7 +119,8 @@ def memory_line(recipe: Recipe, shape) -> str:
     method = ("qlora" if lora.quantize == "nf4" else "lora") if lora.enabled else "full"
     mode = recipe.train.distributed  # zero2 / zero3 (FSDP2 or DeepSpeed), with or without offload; else DDP
     sharding = "zero3" if "zero3" in mode else "zero2" if "zero2" in mode else "ddp"
-    setup = TrainSetup(method=method, sharding=sharding, offload=mode.endswith("offload"), num_gpus=world_size(),
+    setup = TrainSetup(method=method, sharding=sharding, offload="offload" in mode,
+                       offload_params=mode.endswith("offload"), num_gpus=world_size(),
                        micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
                        gradient_checkpointing=recipe.train.gradient_checkpointing,
                        precision_bytes=2 if use_bf16(recipe.train.precision) else 4, lora_rank=lora.r,

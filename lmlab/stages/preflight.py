@@ -52,7 +52,8 @@ def check_inputs(recipe: Recipe, future: Iterable[str] = (), checked: Checked | 
 
 
 # the modes whose ranks hold only a shard of each weight between steps
-PARAMETER_SHARDING = ("zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero3", "deepspeed_zero3_offload")
+PARAMETER_SHARDING = ("zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero3", "deepspeed_zero3_offload",
+                      "deepspeed_zero3_offload_optimizer")
 
 
 def check_data(recipe: Recipe) -> None:
