@@ -40,22 +40,20 @@ class Reference:
     card_gb: float | None = None  # or: the card's memory in GB (1e9 bytes) ...
     measured_tokens: int | None = None  # ... and the longest sequence that fitted it
 
-    def ratio(self) -> float:
+    def predicted(self) -> float:
+        """The planner's answer in the reference's own unit: GiB of peak memory, or the longest sequence."""
         shape = shape_from_config(self.config, self.name)
         if self.measured_gib is not None:
-            return training_memory(shape, self.setup).total / GIB / self.measured_gib
-        return longest_fitting(shape, self.setup, self.card_gb * 1e9) / self.measured_tokens
+            return training_memory(shape, self.setup).total / GIB
+        return longest_fitting(shape, self.setup, self.card_gb * 1e9)
 
-    def predicted(self) -> str:
-        shape = shape_from_config(self.config, self.name)
-        if self.measured_gib is not None:
-            return f"{training_memory(shape, self.setup).total / GIB:.1f} GiB"
-        return f"{longest_fitting(shape, self.setup, self.card_gb * 1e9):,} tokens"
+    def measured(self) -> float:
+        return self.measured_gib if self.measured_gib is not None else self.measured_tokens
 
-    def measured(self) -> str:
+    def line(self, predicted: float) -> str:
         if self.measured_gib is not None:
-            return f"{self.measured_gib:g} GiB"
-        return f"{self.measured_tokens:,} tokens on {self.card_gb:g} GB"
+            return f"predicted {predicted:.1f} GiB, measured {self.measured_gib:g} GiB"
+        return f"predicted {predicted:,} tokens, measured {self.measured_tokens:,} tokens on {self.card_gb:g} GB"
 
 
 def longest_fitting(shape, setup: TrainSetup, card_bytes: float) -> int:
@@ -96,17 +94,17 @@ REFERENCES = [
 
 
 def main() -> None:
-    worst = 1.0
+    ratios = []
     sources = {}
     for ref in REFERENCES:
-        r = ref.ratio()
-        worst = max(worst, r, 1 / r) if r > 0 else float("inf")
+        predicted = ref.predicted()
+        ratios.append(predicted / ref.measured())
         key = sources.setdefault((ref.source, ref.assumed), len(sources) + 1)
-        print(f"{ref.name}: predicted {ref.predicted()}, measured {ref.measured()}, predicted/measured {r:.2f} "
-              f"[{key}]")
+        print(f"{ref.name}: {ref.line(predicted)}, predicted/measured {ratios[-1]:.2f} [{key}]")
     for (source, assumed), key in sources.items():
         print(f"[{key}] {source}; assumed: {assumed}")
-    within = sum(0.9 <= ref.ratio() <= 1.1 for ref in REFERENCES)
+    worst = max(max(r, 1 / r) if r > 0 else float("inf") for r in ratios)
+    within = sum(0.9 <= r <= 1.1 for r in ratios)
     print(f"within_10pct: {within}/{len(REFERENCES)}")
     print(f"worst_ratio: {worst:.2f}")
 

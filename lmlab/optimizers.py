@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.recipe import SHARDED_MODES
 
 # sharding modes whose parameters are flat or partial shards: Newton-Schulz needs each whole matrix
-UNSUPPORTED_SHARDING = ("zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
-                        "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload",
-                        "deepspeed_zero3_offload_optimizer")
+UNSUPPORTED_SHARDING = SHARDED_MODES
 
 
 def check_muon(optimizer: str, distributed: str) -> None:

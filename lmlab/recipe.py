@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -266,6 +266,12 @@ class GuardConfig(Strict):
 
 BUDGET_KEYS = ("tokens", "tokens_per_param", "max_steps", "epochs")  # one of them is the training budget
 
+# train.distributed: one accelerate config file per mode (configs/accelerate/)
+DistributedMode = Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
+                          "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload",
+                          "deepspeed_zero3_offload_optimizer"]
+# the modes that shard anything across ranks: every one but DDP (and auto, which is DDP unless a launch says more)
+SHARDED_MODES = tuple(mode for mode in get_args(DistributedMode) if mode not in ("auto", "ddp"))
 
 class TrainConfig(Strict):
     tokens: int | None = Field(None, gt=0)  # training budget in tokens...
@@ -287,9 +293,7 @@ class TrainConfig(Strict):
     # file each (configs/accelerate/): ddp replicates; zero2 shards gradients and optimizer state, zero3 also
     # weights, offload keeps them on CPU, hybrid shards within a node (FSDP2); deepspeed_* the same stages
     # through DeepSpeed; auto: DDP, or whatever the launch config sets
-    distributed: Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
-                         "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload",
-                         "deepspeed_zero3_offload_optimizer"] = "auto"
+    distributed: DistributedMode = "auto"
     # seconds a rank waits in a collective (a gradient all-reduce, a barrier) before it gives up and the job
     # stops with a line naming the rank that failed; it must exceed rank 0's longest lone work (preparing a
     # large token store while the others wait). Set it for the whole launch (a pipeline: in defaults).

@@ -22,6 +22,14 @@ class Accelerator:
         return "bf16" if self.bf16 else "fp16"
 
 
+GPUS_PER_NODE = 8  # how a plan for many GPUs is laid out, and how --host-ram's per-node figure is shared
+
+
+def nodes_for(num_gpus: int) -> int:
+    """Whole nodes of GPUS_PER_NODE that hold `num_gpus`."""
+    return -(-num_gpus // GPUS_PER_NODE)
+
+
 CATALOGUE = {
     "rtx3090": Accelerator("RTX 3090", 24, 71, "PCIe 4.0"),
     "rtx4090": Accelerator("RTX 4090", 24, 165.2, "PCIe 4.0 (no NVLink)"),

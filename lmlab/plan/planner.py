@@ -9,7 +9,7 @@ from typing import Any
 from lmlab.errors import LmlabError
 from lmlab.plan import rules
 from lmlab.plan.compute import DEFAULT_MFU, flops_per_token, human_duration, training_seconds
-from lmlab.plan.hardware import Accelerator
+from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, nodes_for
 from lmlab.plan.memory import GB, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
 from lmlab.plan.strategy import Choice, choose_strategy, tight_words, what_would_fit
@@ -287,14 +287,11 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
     return {"name": name, "seed": 0, "stages": stages}, notes
 
 
-GPUS_PER_NODE = 8  # a plan for more GPUs than this is laid out as whole nodes of 8
-
-
 def launch_command(plan: Plan, pipeline: str) -> str:
     """The command that runs an emitted pipeline on the plan's GPUs (one line per node when several)."""
     if plan.num_gpus <= GPUS_PER_NODE:
         return f"lmlab run {pipeline}" + (f" --nproc {plan.num_gpus}" if plan.num_gpus > 1 else "")
-    nodes = -(-plan.num_gpus // GPUS_PER_NODE)
+    nodes = nodes_for(plan.num_gpus)
     return (f"lmlab run {pipeline} --nproc {GPUS_PER_NODE} --nnodes {nodes} --node-rank R --master-addr NODE0"
             f"  (on each node, R = 0 .. {nodes - 1}, NODE0 = node 0's address)")
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from lmlab.plan.hardware import Accelerator
+from lmlab.plan.hardware import Accelerator, nodes_for
 from lmlab.plan.memory import GB, MemoryBreakdown, TrainSetup, training_memory
 from lmlab.plan.params import ModelShape
 
 HEADROOM = 0.30
-GPUS_PER_NODE = 8  # how --host-ram's per-node figure is shared: nodes = ceil(GPUs / 8)
 
 
 @dataclass
@@ -47,14 +46,16 @@ def budget_bytes(gpu: Accelerator, headroom: float = HEADROOM) -> float:
 
 
 def _best_micro_batch(shape: ModelShape, base: TrainSetup, budget: float, max_micro: int,
-                      checkpointing: tuple[bool, ...] = (False, True)) -> TrainSetup | None:
-    """Largest power-of-two micro-batch within `budget` bytes, first without then with gradient checkpointing."""
+                      checkpointing: tuple[bool, ...] = (False, True)) -> tuple[TrainSetup, MemoryBreakdown] | None:
+    """Largest power-of-two micro-batch within `budget` bytes, first without then with gradient checkpointing,
+    with its memory."""
     for checkpointing in checkpointing:
         micro = max_micro
         while micro >= 1:
             setup = replace(base, micro_batch=micro, gradient_checkpointing=checkpointing)
-            if training_memory(shape, setup).total <= budget:
-                return setup
+            memory = training_memory(shape, setup)
+            if memory.total <= budget:
+                return setup, memory
             micro //= 2
     return None
 
@@ -64,8 +65,8 @@ def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len:
                     host_ram: float | None = None) -> Choice | None:
     """The first candidate within the recommended headroom; else the first that fits the whole card, marked
     `within_headroom=False`; None when nothing fits at all (see `what_would_fit`). With `host_ram` (bytes of CPU
-    memory per node, GPUS_PER_NODE GPUs to a node), a candidate that offloads more than the nodes hold is skipped."""
-    nodes = math.ceil(num_gpus / GPUS_PER_NODE)
+    memory per node, hardware.GPUS_PER_NODE GPUs to a node), a candidate that offloads more than the nodes hold is skipped."""
+    nodes = nodes_for(num_gpus)
     base = replace(base or TrainSetup(), num_gpus=num_gpus, seq_len=seq_len)
     max_micro = max(1, min(64, 2 ** int(math.log2(max(1, global_batch // num_gpus)))))
     for headroom in (HEADROOM, 0.0):
@@ -77,15 +78,16 @@ def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len:
             if num_gpus == 1 and overrides["sharding"] in ("zero2", "zero3") and not overrides.get("offload"):
                 continue  # sharding over one GPU saves nothing
             # within the headroom the largest micro-batch that fits; on a tight card the smallest footprint
-            setup = _best_micro_batch(shape, replace(base, **overrides), budget_bytes(gpu, headroom),
+            found = _best_micro_batch(shape, replace(base, **overrides), budget_bytes(gpu, headroom),
                                       max_micro if headroom else 1, checkpointing=(False, True) if headroom else (True,))
-            if setup is not None and host_ram is not None and \
-                    training_memory(shape, setup).cpu_offloaded / nodes > host_ram:
+            if found is None:
+                continue
+            setup, memory = found
+            if host_ram is not None and memory.cpu_offloaded / nodes > host_ram:
                 continue  # the GPUs would hold it, the hosts would not
-            if setup is not None:
-                accum = max(1, math.ceil(global_batch / (setup.micro_batch * num_gpus)))
-                return Choice(name, setup, training_memory(shape, setup), accum,
-                              setup.micro_batch * accum * num_gpus, within_headroom=headroom > 0)
+            accum = max(1, math.ceil(global_batch / (setup.micro_batch * num_gpus)))
+            return Choice(name, setup, memory, accum, setup.micro_batch * accum * num_gpus,
+                          within_headroom=headroom > 0)
     return None
 
 
