@@ -26,8 +26,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The long tests (every README command as written, the studies, ablations, sweeps, an accelerate launch,
-# a killed pipeline): about 12 minutes on 2 cores. CI runs them after `make test`.
+# The long tests (the studies, ablations, an accelerate launch, a killed pipeline): about 5 minutes on
+# 2 cores. CI runs them after `make test` (which runs every README command as written).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 

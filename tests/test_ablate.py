@@ -74,3 +74,16 @@ def test_an_ablation_runs_seeds_in_parallel_and_writes_table_and_plots(tmp_path)
     loss = result["summary"]["train.max_steps=4"]["eval_loss"]
     assert loss[2] == 2 and loss[1] > 0  # two seeds, and they differ
     assert "± " in (out / "ablation.md").read_text() and (out / "ablate_eval_loss.png").stat().st_size > 1000
+
+
+def test_a_forked_variant_runs_in_the_callers_directory_with_its_own_log_and_exit_status(tmp_path):
+    from lmlab.experiments.processes import start_lmlab
+
+    (tmp_path / "bad.yaml").write_text("name: r\ntrain: {epochs: -1}\n")  # relative: found from the cwd
+    failing = start_lmlab(["pretrain", "bad.yaml"], tmp_path / "bad.log")
+    ok = start_lmlab(["--version"], tmp_path / "ok.log")
+    failing.join(120), ok.join(120)
+    assert (failing.exitcode, ok.exitcode) == (2, 0)
+    log = (tmp_path / "bad.log").read_text()
+    assert "bad.yaml" in log and "train.epochs" in log and "Traceback" not in log
+    assert (tmp_path / "ok.log").read_text().strip()

@@ -9,6 +9,8 @@ same Python version.
 
 from __future__ import annotations
 
+import functools
+import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -24,15 +26,21 @@ def stdlib_root() -> Path:
 
 
 def stdlib_files(root: Path | None = None) -> list[Path]:
-    """The standard library's .py files in a fixed order, without tests and vendored tools."""
+    """The standard library's .py files in a fixed order, without tests and vendored tools.
+
+    A walk that never enters the skipped directories: globbing the whole tree (site-packages and the test
+    suites included) took about 0.5 s of every run that reads the corpus."""
     root = root or stdlib_root()
+    return list(_stdlib_files(str(root)))
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_files(root: str) -> tuple[Path, ...]:
     files = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root).parts
-        if any(part in SKIP_DIRS for part in rel[:-1]) or rel[-1].startswith("test_"):
-            continue
-        files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        files += [Path(folder, name) for name in names if name.endswith(".py") and not name.startswith("test_")]
+    return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
 
 
 def _top_level_blocks(text: str) -> list[str]:

@@ -1,7 +1,7 @@
 """`lmlab ablate RECIPE --grid key=v1,v2 --seeds N`: variants x seeds, a mean ± std table, and plots.
 
 Each variant is the recipe with `--set` overrides (and `seed=s`), run as its own
-`lmlab` process, so variants run in parallel when there are cores (or GPUs) to
+`lmlab` process (forked from a warm one: experiments.processes), so variants run in parallel when there are cores (or GPUs) to
 spare and one crash does not take the others down. A stage recipe's variant
 reports its artifact's manifest metrics; a pipeline's reports its eval stage's
 table, one metric per `<stage>/<metric>`. Short keys are accepted: `epochs`, `lr`,
@@ -15,8 +15,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,32 +181,33 @@ def run_variants(path: Path, command: list[str], todo: list[Variant], out_dir: P
     import time
 
     from lmlab.console import console as shared_console
+    from lmlab.experiments.processes import start_lmlab
 
     console = shared_console()
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    running: list[tuple[Variant, subprocess.Popen]] = []
+    running: list[tuple[Variant, Any]] = []
     failed: list[str] = []
     queue = list(todo)
     while queue or running:
         while queue and len(running) < jobs:
             variant = queue.pop(0)
-            args = [sys.executable, "-m", "lmlab.cli", *command, str(path)]
+            args = [*command, str(path)]
             for item in [*(extra or []), *variant.overrides, f"output.dir={out_dir}"]:
                 args += ["--set", item]
             if overwrite:
                 args.append("--overwrite")
-            with open(logs / f"{variant.name}.log", "w") as log:
-                running.append((variant, subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            running.append((variant, start_lmlab(args, logs / f"{variant.name}.log", env)))
         for variant, proc in list(running):
-            if proc.poll() is not None:
+            if proc.exitcode is not None:
+                proc.join()
                 running.remove((variant, proc))
-                if proc.returncode:
+                if proc.exitcode:
                     failed.append(variant.name)
-                console.print(f"{variant.name}: " + (f"failed (exit {proc.returncode})" if proc.returncode else "done"))
+                console.print(f"{variant.name}: " + (f"failed (exit {proc.exitcode})" if proc.exitcode else "done"))
         if running:
-            time.sleep(0.5)
+            time.sleep(0.2)
     return failed
 
 

@@ -5,6 +5,7 @@ stages.arguments."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lmlab.distributed import world_size
@@ -29,7 +30,15 @@ def device_peak_flops() -> float | None:
 
 
 def measured_cpu_matmul_flops(size: int = 1536, repeats: int = 7) -> float:
-    """Best of a few fp32 square matmuls: the attainable dense rate of this CPU with torch's threads."""
+    """Best of a few fp32 square matmuls: the attainable dense rate of this CPU with torch's threads
+    (measured once per process and thread count: a pipeline's stages share the figure)."""
+    import torch
+
+    return _cpu_matmul_flops(size, repeats, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_matmul_flops(size: int, repeats: int, threads: int) -> float:
     import time
 
     import torch
