@@ -50,12 +50,15 @@ def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir)
     report = run_study(_study(tmp_path, tok_dir))
     results = json.loads((report.parent / "study.json").read_text())
     assert len(results["findings"]) == 5
-    for finding in results["findings"]:  # a verdict, and the numbers it was reached from
-        assert isinstance(finding["reproduced"], bool) and finding["numbers"] and finding["claim"]
+    for finding in results["findings"]:  # a verdict from margins with intervals, and the numbers behind it
+        assert finding["verdict"] in ("reproduced", "not reproduced", "inconclusive") and finding["numbers"]
+        assert all({"value", "ci_low", "ci_high"} <= set(m) for m in finding["margins"].values()), finding
+    assert results["data_scaling"]["runs"] and all(name in results["runs"] for name in results["data_scaling"]["runs"])
     assert set(results["ensembles"]["c"]) == {"1", "2", "3"}
     assert results["distilled"]["loss"] > 0 and results["data_scaling"]["tokens"] == [400, 800, 1600]
     text = report.read_text()
-    assert "## Findings" in text and "standard_epochs.png" in text
+    assert "## Findings" in text and "standard_epochs.png" in text and "resamples of the validation rows" in text
+    assert text.count("Rule, fixed before the run") == 5
     for png in ("standard_epochs.png", "loss_vs_params.png"):
         assert (report.parent / png).stat().st_size > 5000
     # averaged logits (or log-probs): by Jensen on log-sum-exp, an ensemble's loss is at most its members' mean
@@ -143,3 +146,85 @@ def test_evolm_verdicts_follow_the_rule_stated_before_the_run(seeds):
         assert verdicts == ["reproduced", "reproduced", "inconclusive", "not reproduced", "reproduced"]
     else:
         assert verdicts == ["inconclusive"] * 4 + ["reproduced"]
+
+
+def _data_constrained_world(means: dict[str, float], tied: tuple[str, str] | None = None):
+    """Made-up scored models for the data-constrained findings: each name's per-row NLL is its mean plus a
+    row difficulty every model shares and a little noise of its own (200 rows of 32 tokens); `tied` gives
+    the second name exactly the first's rows."""
+    import numpy as np
+
+    from lmlab.experiments.studies.data_constrained import DataConstrainedStudy, fit_study
+    from lmlab.experiments.studies.paired import RowResamples
+
+    rng = np.random.default_rng(0)
+    difficulty, tokens = rng.normal(0, 0.3, 200), np.full(200, 32)
+    per_row = {name: ((mean + difficulty + rng.normal(0, 0.02, 200)) * 32, tokens) for name, mean in means.items()}
+    if tied:
+        per_row[tied[1]] = per_row[tied[0]]
+    boot = RowResamples(per_row)
+    study = DataConstrainedStudy.model_validate({
+        "study": "data_constrained", "name": "dc", "base": {"data": {"unique_tokens": 1000}},
+        "models": {"a": {}, "b": {}, "c": {}}, "standard": {"epochs": [1, 2, 4]},
+        "regularised": {"weight_decay": [1.0], "epochs": [4]}, "distill": {"student": "a"},
+        "data_scaling": {"fractions": [0.25, 0.5], "models": ["c"], "epochs": [1]}})
+    runs = [{"name": f"std-{m}-e{e}", "recipe": "standard", "model": m, "weight_decay": 0.1, "epochs": e,
+             "fraction": 1.0} for m in "abc" for e in (1, 2, 4)]
+    runs += [{"name": f"reg-{m}", "recipe": "regularised", "model": m, "weight_decay": 1.0, "epochs": 4,
+              "fraction": 1.0} for m in "abc"]
+    runs += [{"name": f"std-c-f{f}", "recipe": "standard", "model": "c", "weight_decay": 0.1, "epochs": 1 / f,
+              "fraction": f} for f in (0.25, 0.5)]
+    for run in runs:
+        run["loss"] = boot.full(run["name"])
+    best = {recipe: {m: min((r for r in runs if r["recipe"] == recipe and r["model"] == m and r["fraction"] == 1.0),
+                            key=lambda r: r["loss"]) for m in "abc"} for recipe in ("standard", "regularised")}
+    ensembles = {m: {1: best["regularised"][m]["loss"], 2: boot.full(f"ensemble-{m}-k2"),
+                     3: boot.full(f"ensemble-{m}-k3")} for m in "abc"}
+    results = {"budget_tokens": 1000, "parameters": {"a": 10_000, "b": 20_000, "c": 40_000},
+               "standard_best": best["standard"], "regularised_best": best["regularised"],
+               "distilled": {"student": "a", "loss": boot.full("distill-a")}}
+    return study, results, ensembles, runs, fit_study(study, results, ensembles, runs), boot
+
+
+# losses that hold every measured claim: c's standard curve rises over its last doubling (3.1 -> 3.3), the
+# regularised best falls at every size step, the student (3.0) beats the standard best (3.1); the data-scaling
+# points lie on 9.49 / D^0.5 + 2.8
+HOLDS = {**{f"std-{m}-e{e}": v for m, curve in {"a": (3.5, 3.4, 3.35), "b": (3.3, 3.2, 3.25),
+                                                 "c": (3.2, 3.1, 3.3)}.items() for e, v in zip((1, 2, 4), curve)},
+         "reg-a": 3.3, "reg-b": 3.1, "reg-c": 2.95, "std-c-f0.25": 3.4, "std-c-f0.5": 3.224, "distill-a": 3.0,
+         **{f"ensemble-{m}-k{k}": v for m, by_k in {"a": (3.2, 3.17), "b": (3.0, 2.97), "c": (2.85, 2.82)}.items()
+            for k, v in zip((2, 3), by_k)}}
+
+
+def test_data_constrained_verdicts_follow_the_rule_stated_before_the_run():
+    """Each finding's margin is positive when the paper's claim holds, with a paired interval over resampled
+    validation rows; above 0 reproduces, below 0 refutes, an exact tie is inconclusive. The fitted margins
+    equal the fits made directly on all rows."""
+    import math
+
+    from lmlab.experiments.studies.data_constrained import findings
+    from lmlab.scaling.fit import fit_power_law, joint_asymptote
+
+    study, results, ensembles, runs, fits, boot = _data_constrained_world(HOLDS)
+    held = findings(study, results, ensembles, runs, fits, boot)
+    assert [f["verdict"] for f in held[:2]] + [held[3]["verdict"]] == ["reproduced"] * 3
+    overfit = next(iter(held[0]["margins"].values()))
+    assert overfit["value"] == pytest.approx(0.2, abs=0.01) and 0 < overfit["ci_low"] < 0.2 < overfit["ci_high"]
+    params = [10_000, 20_000, 40_000]
+    e_reg = fit_power_law(params, [boot.full(f"reg-{m}") for m in "abc"], bootstrap=0).E
+    e_joint = joint_asymptote({p: ensembles[m] for p, m in zip(params, "abc")}).E
+    margin = held[2]["margins"]["E_reg - E_joint"]
+    assert margin["value"] == pytest.approx(e_reg - e_joint)
+    assert held[2]["verdict"] == ("reproduced" if margin["ci_low"] > 0 else
+                                  "not reproduced" if margin["ci_high"] < 0 else "inconclusive")
+    efficiency = held[4]["margins"]["log10 efficiency"]
+    assert math.isinf(efficiency["value"]) or efficiency["value"] == pytest.approx(
+        math.log10(fits.efficiency["joint_asymptote"]))
+    assert all(f["rule"].startswith("margin:") and f["numbers"] for f in held)
+
+    fails = {**HOLDS, "std-c-e4": 3.0, "reg-b": 3.35, "distill-a": 3.3}  # falls, not monotone, student worse
+    refuted = findings(*_data_constrained_world(fails))
+    assert [refuted[i]["verdict"] for i in (0, 1, 3)] == ["not reproduced"] * 3
+
+    tie = findings(*_data_constrained_world(HOLDS, tied=("std-c-e2", "std-c-e4")))
+    assert tie[0]["verdict"] == "inconclusive" and next(iter(tie[0]["margins"].values()))["value"] == 0

@@ -138,16 +138,25 @@ def text_bits_per_byte(model, tokenizer, texts: Sequence[str], max_length: int =
 def packed_rows_loss(model, rows, batch_size: int = 32) -> float:
     """Mean next-token CE over packed rows (lmlab.data.rows.PackedRows; the trainer's own eval loss), for any
     model, an ensemble included: the studies score every run and ensemble on the same held-out rows."""
+    nll, tokens = packed_rows_nll(model, rows, batch_size)
+    return float(nll.sum() / tokens.sum())
+
+
+def packed_rows_nll(model, rows, batch_size: int = 32):
+    """Each packed row's summed next-token NLL and its count of scored tokens (numpy arrays): the parts of
+    `packed_rows_loss` that a study resamples to put a paired interval on a difference between models."""
+    import numpy as np
     import torch
 
     from lmlab.models.tiled import row_token_logprobs
 
-    total, count = 0.0, 0
+    nll, tokens = [], []
     model.eval()
     for start in range(0, len(rows), batch_size):
         batch = rows.columns(range(start, min(start + batch_size, len(rows))))
         ids, pos, labels = (torch.as_tensor(batch[k]) for k in ("input_ids", "position_ids", "labels"))
         with torch.no_grad():
-            loss = -row_token_logprobs(model, {"input_ids": ids, "position_ids": pos}, labels).sum()
-        total, count = total + loss.item(), count + int((labels[:, 1:] != -100).sum())
-    return total / count
+            logprobs = row_token_logprobs(model, {"input_ids": ids, "position_ids": pos}, labels)
+        nll.append(-logprobs.double().sum(dim=1).numpy())
+        tokens.append((labels[:, 1:] != -100).sum(dim=1).numpy())
+    return np.concatenate(nll), np.concatenate(tokens)

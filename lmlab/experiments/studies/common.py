@@ -54,7 +54,7 @@ def mean_std_text(values: list[float], digits: int = 3) -> str:
 # (one seed): inconclusive. A claim of several parts is reproduced only if every part is, and not reproduced
 # if any part is not.
 VERDICT_RULE = ("reproduced when the 95% interval of the margin lies above 0, not reproduced when it lies below 0, "
-                "inconclusive when it straddles 0 or cannot be formed (one seed)")
+                "inconclusive when it straddles 0 or cannot be formed (one seed, or fits that fail)")
 
 
 def margin(values: list[float], interval: tuple[float, float] | None = None) -> dict[str, float]:
@@ -86,7 +86,10 @@ def judged(claim: str, rule: str, margins: dict[str, dict[str, float]], numbers:
 
 
 def margins_text(margins: dict[str, dict[str, float]]) -> str:
-    return "; ".join(f"{name} {m['value']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
+    import math
+
+    return "; ".join(f"{name} not measured (a fit that fails or leaves it unidentified)" if math.isnan(m["value"])
+                     else f"{name} {m['value']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
                      for name, m in margins.items())
 
 

@@ -20,16 +20,18 @@ study picks up where it stopped.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
 from lmlab.paths import NAME_PATTERN, write_json_atomic, write_text_atomic
 from lmlab.recipe import OutputConfig, Strict, merge_blocks
-from lmlab.experiments.studies.common import StudyRunner, load_study
+from lmlab.experiments.studies.common import StudyRunner, finding_line, judged, load_study
+from lmlab.experiments.studies.paired import SCOPE, RowResamples, interval
 
 
 class StandardGrid(Strict):
@@ -145,15 +147,17 @@ class Scores:
     """Validation loss of a model directory on the study's held-out rows, computed once per name."""
 
     def __init__(self, rows):
-        self.rows, self.losses = rows, {}
+        self.rows, self.losses, self.per_row = rows, {}, {}
 
     def __call__(self, directory: Path, key: str) -> float:
         from lmlab.console import console
-        from lmlab.evaluate.likelihood import packed_rows_loss
+        from lmlab.evaluate.likelihood import packed_rows_nll
         from lmlab.models.build import load_model
 
         if key not in self.losses:
-            self.losses[key] = packed_rows_loss(load_model(directory), self.rows)
+            nll, tokens = packed_rows_nll(load_model(directory), self.rows)
+            self.per_row[key] = (nll, tokens)  # each row's part: the findings' paired intervals resample them
+            self.losses[key] = float(nll.sum() / tokens.sum())
             console().print(f"{key}: validation loss {self.losses[key]:.4f}")
         return self.losses[key]
 
@@ -166,7 +170,7 @@ def single_runs(trees: dict[tuple, dict], runner: Runner, score: Scores) -> tupl
     for key, tree in trees.items():
         final = runner.run(tree)
         params.setdefault(key[1], read_manifest(final)["parameters"])
-        runs[tree["name"]] = {"recipe": key[0], "model": key[1], "weight_decay": key[2], "epochs": key[3],
+        runs[tree["name"]] = {"name": tree["name"], "recipe": key[0], "model": key[1], "weight_decay": key[2], "epochs": key[3],
                               "fraction": key[4], "loss": score(final, tree["name"])}
     return runs, params
 
@@ -237,7 +241,7 @@ def run_data_constrained(path: str | Path) -> Path:
         "ensemble_members": member_losses, "distilled": distill_run(study, runner, score, reg_best)}
     fits = fit_study(study, results, ensembles, runs)
     results |= fits.as_dict()
-    results["findings"] = findings(study, results, ensembles, runs, fits)
+    results["findings"] = findings(study, results, ensembles, runs, fits, RowResamples(score.per_row))
     return write_report(study, results, ensembles, runs)
 
 
@@ -262,6 +266,7 @@ class Fits:
     data_tokens: list[float]
     data_losses: list[float]
     efficiency: dict[str, float] | None
+    data_runs: list[str] = field(default_factory=list)  # the run behind each data-scaling point
 
     def as_dict(self) -> dict[str, Any]:
         """What study.json and the report read (fits as dicts)."""
@@ -269,7 +274,7 @@ class Fits:
                         "regularised": self.regularised.to_dict() if self.regularised else None},
                "joint": {"E": self.joint.E, "over_n": self.joint.over_n.to_dict(),
                          "per_n": {str(n): f.to_dict() for n, f in self.joint.per_n.items()}},
-               "data_scaling": {"tokens": self.data_tokens, "standard_best": self.data_losses,
+               "data_scaling": {"tokens": self.data_tokens, "standard_best": self.data_losses, "runs": self.data_runs,
                                 "fit": self.data.to_dict() if self.data else None}}
         if self.efficiency is not None:
             out["data_efficiency"] = self.efficiency
@@ -287,8 +292,9 @@ def fit_study(study: DataConstrainedStudy, results: dict, ensembles: dict[str, d
     joint = joint_asymptote({params[m]: ensembles[m] for m in sizes}, bootstrap=200)
     fractions = sorted({*study.data_scaling.fractions, 1.0})
     pool = study.data_scaling.models or sizes
-    by_d = [min(r["loss"] for r in runs if r["recipe"] == "standard" and r["fraction"] == f and r["model"] in pool)
-            for f in fractions]
+    best_d = [min((r for r in runs if r["recipe"] == "standard" and r["fraction"] == f and r["model"] in pool),
+                  key=lambda r: r["loss"]) for f in fractions]
+    by_d = [r["loss"] for r in best_d]
     tokens = [f * budget for f in fractions]
     d_fit = _fit_or_none(tokens, by_d)
     efficiency = None
@@ -297,91 +303,147 @@ def fit_study(study: DataConstrainedStudy, results: dict, ensembles: dict[str, d
         efficiency = {"joint_asymptote": inverse_power_law(d_fit, joint.E) / budget,
                       "best_joint_model": inverse_power_law(d_fit, best_joint) / budget,
                       "regularised_asymptote": inverse_power_law(d_fit, reg_fit.E) / budget if reg_fit else math.nan}
-    return Fits(std_fit, reg_fit, joint, d_fit, tokens, by_d, efficiency)
+    return Fits(std_fit, reg_fit, joint, d_fit, tokens, by_d, efficiency, [r.get("name", "") for r in best_d])
 
 
 def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]],
-             runs: list[dict], fits: Fits) -> list[dict]:
-    """Each of the paper's claims at this scale: reproduced or not, with the numbers behind the verdict."""
-    return [finding(study, results, ensembles, runs, fits) for finding in
-            (_overfit_finding, _monotone_finding, _ensemble_finding, _distill_finding, _efficiency_finding)]
+             runs: list[dict], fits: Fits, boot: RowResamples) -> list[dict]:
+    """Each of the paper's claims at this scale, judged by a margin fixed before the run (positive when the
+    claim holds) and its paired interval over resampled validation rows (studies.paired)."""
+    refit, refit_draws = boot.refitted(lambda loss: asymptotes(study, results, fits, loss))
+    return [_overfit_finding(study, runs, boot), _monotone_finding(study, results, boot),
+            _ensemble_finding(study, results, ensembles, fits, refit, refit_draws),
+            _distill_finding(study, results, ensembles, boot),
+            _efficiency_finding(study, results, ensembles, fits, refit, refit_draws)]
 
 
-def _overfit_finding(study, results, ensembles, runs, fits) -> dict:
-    """1. the standard recipe overfits: loss rises with epochs (past its best) or with parameters."""
-    sizes = list(study.models)
-    rising = {}  # every standard epoch curve: each size on the full budget, and the data-scaling budgets
-    for m, f in sorted({(r["model"], r["fraction"]) for r in runs if r["recipe"] == "standard"},
-                       key=lambda mf: (-mf[1], sizes.index(mf[0]))):
-        curve = sorted((r["epochs"], r["loss"]) for r in runs if r["recipe"] == "standard" and r["model"] == m
-                       and r["fraction"] == f)
-        if len(curve) < 2:
-            continue
-        best_e, best_l = min(curve, key=lambda p: p[1])
-        rising[f"{m} at {f:g}xD"] = {"best_epochs": best_e, "best_loss": best_l, "last_epochs": curve[-1][0],
-                                     "last_loss": curve[-1][1], "rise": curve[-1][1] - best_l}
-    std_losses = [results["standard_best"][m]["loss"] for m in sizes]
-    rises_with_n = any(b > a for a, b in zip(std_losses, std_losses[1:]))
-    overfit = [c for c, r in rising.items() if r["rise"] > 0.005]
-    return {"claim": "the standard recipe overfits (validation loss rises with epochs or parameters)",
-            "reproduced": bool(overfit) or rises_with_n,
-            "numbers": f"with parameters: {'yes' if rises_with_n else 'no'} (best per size over N: "
-            + ", ".join(f"{v:.4f}" for v in std_losses) + "); with epochs: "
-            + (f"yes ({', '.join(overfit)})" if overfit else "no (every curve is best at its largest epoch count)")
-            + ". " + "; ".join(f"{c}: best {r['best_loss']:.4f} at {r['best_epochs']:g} ep, "
-                                 f"{r['last_loss']:.4f} at {r['last_epochs']:g} ep" for c, r in rising.items())}
+def ensemble_keys(study: DataConstrainedStudy, results: dict, size: str) -> dict[int, str]:
+    """The scored model behind each K of one size's ensemble curve (K = 1 is the best regularised run)."""
+    return {1: results["regularised_best"][size]["name"],
+            **{k: f"ensemble-{size}-k{k}" for k in range(2, study.ensemble.members + 1)}}
 
 
-def _monotone_finding(study, results, ensembles, runs, fits) -> dict:
-    """2. the regularised recipe is monotone in N, with its fitted asymptote."""
-    sizes, params, reg_best, reg_fit = list(study.models), results["parameters"], results["regularised_best"], \
-        fits.regularised
-    reg_losses = [reg_best[m]["loss"] for m in sizes]
-    return {"claim": "the regularised recipe is monotone in N (loss falls at every size step)",
-            "reproduced": all(b < a for a, b in zip(reg_losses, reg_losses[1:])),
-            "numbers": ", ".join(f"{m} ({params[m]:,} params, wd {reg_best[m]['weight_decay']:g}, "
-                                 f"{reg_best[m]['epochs']:g} ep): {reg_best[m]['loss']:.4f}" for m in sizes)
-            + (f"; fit E_reg = {reg_fit.E:.4f} (95% CI {reg_fit.E_ci[0]:.4f}-{reg_fit.E_ci[1]:.4f})" if reg_fit else "")}
+def asymptotes(study: DataConstrainedStudy, results: dict, fits: Fits, loss) -> dict[str, float]:
+    """The numbers behind findings 3 and 5 from the losses `loss(key)` gives (all rows, or one resample): the
+    regularised L(N) asymptote, the joint asymptote, and log10 of the data the standard recipe needs to
+    reach the joint asymptote over the budget. NaN where a fit fails or leaves its asymptote unidentified: E at
+    its lower bound 0 means the points fit a pure power law, whose asymptote they do not measure."""
+    from lmlab.scaling.fit import fit_power_law, joint_asymptote
+
+    sizes, params = list(study.models), results["parameters"]
+    out = {"E_reg": math.nan, "E_joint": math.nan, "log10_efficiency": math.nan}
+    try:
+        out["E_reg"] = identified(fit_power_law([params[m] for m in sizes],
+                                                [loss(results["regularised_best"][m]["name"]) for m in sizes],
+                                                bootstrap=0).E)
+        out["E_joint"] = identified(joint_asymptote({params[m]: {k: loss(key) for k, key in
+                                                                 ensemble_keys(study, results, m).items()}
+                                                     for m in sizes}).E)
+        if fits.data_runs and not math.isnan(out["E_joint"]):
+            d_fit = fit_power_law(fits.data_tokens, [loss(name) for name in fits.data_runs], bootstrap=0)
+            if not math.isnan(identified(d_fit.E)):
+                out["log10_efficiency"] = math.log10(inverse_power_law(d_fit, out["E_joint"]) /
+                                                     results["budget_tokens"])
+    except LmlabError:
+        pass
+    return out
 
 
-def _ensemble_finding(study, results, ensembles, runs, fits) -> dict:
+def identified(E: float) -> float:
+    """A fitted asymptote, or NaN when the fit put it at its lower bound 0 (not measured by the points)."""
+    return E if E > 0 else math.nan
+
+
+def _pinned(*named: tuple[str, float]) -> str:
+    pinned = [name for name, E in named if not E > 0]
+    return f" ({', '.join(pinned)} at the bound 0: not identified by these points)" if pinned else ""
+
+
+def _overfit_finding(study, runs, boot) -> dict:
+    """1. the standard recipe overfits: the largest size's epoch curve on the full budget rises over its
+    last doubling (the size and the step fixed in advance: where the paper sees overfitting first)."""
+    largest = list(study.models)[-1]
+    curve = sorted((r["epochs"], r["name"]) for r in runs
+                   if r["recipe"] == "standard" and r["model"] == largest and r["fraction"] == 1.0)
+    numbers = "; ".join(f"{e:g} ep {boot.full(name):.4f}" for e, name in curve)
+    margins = {}
+    if len(curve) >= 2:
+        (e0, before), (e1, after) = curve[-2], curve[-1]
+        margins[f"{largest}: loss at {e1:g} minus at {e0:g} epochs"] = boot.paired(lambda L: L(after) - L(before))
+    else:
+        margins["last doubling"] = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    return judged("the standard recipe overfits: more epochs raise the loss at the largest size",
+                  "margin: the largest size's standard validation loss at the most epochs minus at the next fewer",
+                  margins, f"standard recipe, {largest}, full budget: {numbers}")
+
+
+def _monotone_finding(study, results, boot) -> dict:
+    """2. the regularised recipe is monotone in N: the smallest of the size-to-size drops is positive."""
+    sizes, params, best = list(study.models), results["parameters"], results["regularised_best"]
+    names = [best[m]["name"] for m in sizes]
+    margin = boot.paired(lambda L: np.min([L(a) - L(b) for a, b in zip(names, names[1:])], axis=0))
+    return judged("the regularised recipe is monotone in N (loss falls at every size step)",
+                  "margin: the smallest drop in the best regularised loss from one size to the next "
+                  "(each size's configuration chosen on all rows)", {"smallest drop": margin},
+                  ", ".join(f"{m} ({params[m]:,} params, wd {best[m]['weight_decay']:g}, {best[m]['epochs']:g} ep): "
+                            f"{best[m]['loss']:.4f}" for m in sizes))
+
+
+def _ensemble_finding(study, results, ensembles, fits, refit, draws) -> dict:
     """3. ensembles: the two-step joint asymptote is below the regularised single-model asymptote."""
-    sizes, k, joint, reg_fit = list(study.models), study.ensemble.members, fits.joint, fits.regularised
-    return {"claim": "the ensemble asymptote is below the regularised single-model asymptote",
-            "reproduced": reg_fit is not None and joint.E < reg_fit.E,
-            "numbers": f"joint E (K->inf then N->inf) = {joint.E:.4f} (95% CI {joint.over_n.E_ci[0]:.4f}-"
-                       f"{joint.over_n.E_ci[1]:.4f}) vs E_reg = " + (f"{reg_fit.E:.4f}" if reg_fit else "no fit")
-                       + "; K=1 -> K=" + str(k) + ": "
-                       + ", ".join(f"{m} {ensembles[m][1]:.4f} -> {ensembles[m][k]:.4f}" for m in sizes)}
+    sizes, k = list(study.models), study.ensemble.members
+    margin = interval(refit["E_reg"] - refit["E_joint"], draws["E_reg"] - draws["E_joint"])
+    fit_ci = fits.joint.over_n.E_ci
+    return judged("the ensemble asymptote is below the regularised single-model asymptote",
+                  "margin: E_reg - E_joint, both refitted on each resample", {"E_reg - E_joint": margin},
+                  f"joint E (K->inf then N->inf) = {fits.joint.E:.4f} (fit's own 95% CI over points "
+                  f"{fit_ci[0]:.4f}-{fit_ci[1]:.4f}) vs E_reg = "
+                  + (f"{fits.regularised.E:.4f}" if fits.regularised else "no fit")
+                  + _pinned(("E_joint", fits.joint.E), ("E_reg", fits.regularised.E if fits.regularised else 0.0))
+                  + f"; K=1 -> K={k}: "
+                  + ", ".join(f"{m} {ensembles[m][1]:.4f} -> {ensembles[m][k]:.4f}" for m in sizes))
 
 
-def _distill_finding(study, results, ensembles, runs, fits) -> dict:
-    """4. a distilled student beats the standard recipe's best."""
+def _distill_finding(study, results, ensembles, boot) -> dict:
+    """4. a distilled student beats the standard recipe's best model."""
     sizes, params, k = list(study.models), results["parameters"], study.ensemble.members
     std_best, reg_best = results["standard_best"], results["regularised_best"]
-    std_overall = min(std_best[m]["loss"] for m in sizes)
-    distilled, student = results["distilled"]["loss"], results["distilled"]["student"]
-    return {"claim": "a distilled student beats the standard recipe's best model",
-            "reproduced": distilled < std_overall,
-            "numbers": f"student ({student}, {params[student]:,} params) {distilled:.4f} vs standard best "
-                       f"{std_overall:.4f}; the student's own size: standard {std_best[student]['loss']:.4f}, "
-                       f"regularised {reg_best[student]['loss']:.4f}; teacher ensemble "
-                       f"{ensembles[sizes[-1]][k]:.4f}"}
+    overall = min((std_best[m] for m in sizes), key=lambda r: r["loss"])
+    student = results["distilled"]["student"]
+    key = f"distill-{student}"
+    margin = boot.paired(lambda L: L(overall["name"]) - L(key))
+    return judged("a distilled student beats the standard recipe's best model",
+                  "margin: the standard recipe's best loss (any size, chosen on all rows) minus the student's",
+                  {"standard best - student": margin},
+                  f"student ({student}, {params[student]:,} params) {results['distilled']['loss']:.4f} vs standard "
+                  f"best {overall['loss']:.4f} ({overall['model']}); the student's own size: standard "
+                  f"{std_best[student]['loss']:.4f}, regularised {reg_best[student]['loss']:.4f}; teacher ensemble "
+                  f"{ensembles[sizes[-1]][k]:.4f}")
 
 
-def _efficiency_finding(study, results, ensembles, runs, fits) -> dict:
+def _efficiency_finding(study, results, ensembles, fits, refit, draws) -> dict:
     """5. data efficiency of the joint recipe over the standard one, from the standard recipe's data fit."""
     claim = "the joint recipe is more data-efficient than the standard one (paper: 5.17x)"
+    rule = "margin: log10 of the data the standard recipe's L(D) fit needs to reach the joint asymptote, over " \
+           "the budget (positive: more than the budget), refitted on each resample"
+    margin = interval(refit["log10_efficiency"], draws["log10_efficiency"])
     if fits.data is None:
-        return {"claim": claim, "reproduced": False, "numbers": "the data-scaling fit of the standard recipe failed"}
+        return judged(claim, rule, {"log10 efficiency": margin}, "the data-scaling fit of the standard recipe failed")
     d_fit, eff = fits.data, fits.efficiency
     best_joint = min(min(e.values()) for e in ensembles.values())
     text = (f"standard L(D) = {d_fit.A:.3g}/D^{d_fit.alpha:.3f} + {d_fit.E:.4f} over "
             f"{', '.join(f'{int(t):,}' for t in fits.data_tokens)} tokens; joint recipe (asymptote "
-            f"{fits.joint.E:.4f}): {_times(eff['joint_asymptote'])}; best joint model measured ({best_joint:.4f}): "
-            f"{_times(eff['best_joint_model'])}; regularised asymptote: {_times(eff['regularised_asymptote'])} "
-            f"(paper: 5.17x for the joint recipe)")
-    return {"claim": claim, "reproduced": eff["joint_asymptote"] > 1, "numbers": text}
+            f"{fits.joint.E:.4f}){_pinned(('standard E(D)', d_fit.E), ('E_joint', fits.joint.E))}: "
+            f"{_times(eff['joint_asymptote'])} ({_times_interval(margin)}); best joint model measured "
+            f"({best_joint:.4f}): {_times(eff['best_joint_model'])}; regularised asymptote: "
+            f"{_times(eff['regularised_asymptote'])} (paper: 5.17x for the joint recipe)")
+    return judged(claim, rule, {"log10 efficiency": margin}, text)
+
+
+def _times_interval(margin: dict[str, float]) -> str:
+    if math.isnan(margin["ci_low"]):
+        return "no interval: the fits failed on too many resamples"
+    return f"95% interval {_times(10 ** margin['ci_low'])} to {_times(10 ** margin['ci_high'])}"
 
 
 def _times(x: float) -> str:
@@ -427,8 +489,8 @@ def write_report(study: DataConstrainedStudy, results: dict, ensembles: dict[str
     lines = [f"# {study.name}: data-constrained recipes at {results['budget_tokens']:,} unique tokens", "",
              "Every model is scored by the same function on the same held-out validation rows "
              f"({study.validation_rows} rows).", "", "## Findings", ""]
-    for i, f in enumerate(results["findings"], 1):
-        lines.append(f"{i}. **{f['claim']}**: {'reproduced' if f['reproduced'] else 'NOT reproduced'}. {f['numbers']}")
+    lines += [f"Verdicts ({SCOPE}):", ""]
+    lines += [finding_line(i, f) for i, f in enumerate(results["findings"], 1)]
     lines += ["", "## Runs", "", "| run | recipe | model | weight decay | epochs | data share | validation loss |",
               "|---|---|---|---|---|---|---|"]
     for name, r in sorted(results["runs"].items(), key=lambda kv: (kv[1]["fraction"], kv[1]["recipe"], kv[0])):
