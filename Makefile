@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The long tests (the studies, ablations, an accelerate launch, a killed pipeline): about 5 minutes on
+# The long tests (the studies, ablations, an accelerate launch, a killed pipeline): about 3 minutes on
 # 2 cores. CI runs them after `make test` (which runs every README command as written).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
