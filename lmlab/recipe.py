@@ -267,8 +267,8 @@ class GuardConfig(Strict):
 BUDGET_KEYS = ("tokens", "tokens_per_param", "max_steps", "epochs")  # one of them is the training budget
 
 # train.distributed: one accelerate config file per mode (configs/accelerate/)
-DistributedMode = Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero2",
-                          "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload",
+DistributedMode = Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "zero3_hybrid", "deepspeed_zero1",
+                          "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload",
                           "deepspeed_zero3_offload_optimizer"]
 # the modes that shard anything across ranks: every one but DDP (and auto, which is DDP unless a launch says more)
 SHARDED_MODES = tuple(mode for mode in get_args(DistributedMode) if mode not in ("auto", "ddp"))

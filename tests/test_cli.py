@@ -117,6 +117,12 @@ def test_dry_run_of_a_stage_shows_model_budget_memory_and_time_and_writes_nothin
     assert "logits whole" in result.output  # train.tiled_loss auto: 128 tokens x 300 entries need no tiles
     tiled = CliRunner().invoke(app, ["pretrain", str(recipe), "--dry-run", "--set", "train.tiled_loss=true"])
     assert "logits in tiles" in tiled.output
+
+    def optimizer_bytes(output: str) -> str:
+        return output.split("optimizer ", 1)[1].split(",")[0]
+
+    eight_bit = CliRunner().invoke(app, ["pretrain", str(recipe), "--dry-run", "--set", "optim.optimizer=adamw_bnb_8bit"])
+    assert optimizer_bytes(eight_bit.output) != optimizer_bytes(result.output)  # the planner's 8-bit states
     sft = tiny_recipe_file(tmp_path, "dry_sft", stage="sft", model={"from_pretrained": str(base_model)},
                            tokenizer={}, data={"train": {"kind": "math", "num_examples": 100}, "seq_len": 96},
                            train={"micro_batch_size": 4, "max_steps": None})

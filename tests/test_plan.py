@@ -504,3 +504,78 @@ def test_optimizer_only_offload_keeps_the_weight_shards_on_the_gpus_and_is_plann
     pipeline, notes = plan_to_pipeline(plan)
     assert pipeline["stages"][0]["train"]["distributed"] == "deepspeed_zero3_offload_optimizer"
     assert any("pip install deepspeed" in n for n in notes)
+
+
+def test_optimizer_precision_and_lora_options_change_exactly_the_memory_they_name():
+    shape = resolve_shape("qwen3-1.7b")
+    n = count_params(shape).total
+
+    def optimizer_bytes(**fields):
+        return training_memory(shape, TrainSetup(**fields)).optimizer
+
+    assert optimizer_bytes() == pytest.approx(12 * n)  # fp32 master + two fp32 moments
+    assert optimizer_bytes(optimizer="adamw_8bit") == pytest.approx(6 * n)
+    assert optimizer_bytes(optimizer="adafactor") == pytest.approx(4 * n)
+    assert optimizer_bytes(master_weights=False) == pytest.approx(4 * n)  # pure bf16: two bf16 moments
+    assert optimizer_bytes(precision_bytes=4) == pytest.approx(8 * n)  # fp32 weights are their own master
+    assert optimizer_bytes(sharding="zero1", num_gpus=8) == pytest.approx(12 * n / 8)
+    zero1 = training_memory(shape, TrainSetup(sharding="zero1", num_gpus=8))
+    assert zero1.gradients == training_memory(shape, TrainSetup()).gradients  # ZeRO-1 keeps gradients whole
+    lora = {rank: training_memory(shape, TrainSetup(method="lora", lora_rank=rank)).trainable_params
+            for rank in (8, 16, 64)}
+    assert lora[16] == 2 * lora[8] and lora[64] == 8 * lora[8]
+    qv = training_memory(shape, TrainSetup(method="lora", lora_targets="qv")).trainable_params
+    assert 0 < qv < lora[16]
+    assert training_memory(shape, TrainSetup(method="lora", optimizer="adamw_8bit")).optimizer == pytest.approx(
+        2 * lora[16])
+
+
+def test_forced_sharding_micro_batch_and_checkpointing_are_planned_as_asked():
+    from lmlab.plan.strategy import Forced
+
+    shape, gpu = resolve_shape("qwen3-1.7b"), lookup_gpu("4090")
+    chosen = make_plan(shape, gpu, 8, goal="sft", forced=Forced(sharding="zero1")).stages[0].strategy
+    assert (chosen.name, chosen.setup.sharding) == ("ZeRO-1", "zero1")
+    fixed = make_plan(shape, gpu, 8, goal="sft", forced=Forced(sharding="zero3", micro_batch=2, checkpointing=True))
+    setup = fixed.stages[0].strategy.setup
+    assert (setup.sharding, setup.micro_batch, setup.gradient_checkpointing) == ("zero3", 2, True)
+    lora = make_plan(shape, gpu, 8, goal="sft", method="lora", forced=Forced(sharding="zero3"))
+    assert lora.stages[0].strategy.name == "LoRA + ZeRO-3" and lora.stages[0].strategy.setup.sharding == "zero3"
+    # a micro-batch that cannot fit is not halved behind the user's back: nothing fits
+    huge = make_plan(shape, gpu, 1, goal="sft", forced=Forced(sharding="ddp", micro_batch=4096, checkpointing=False),
+                     method="full")
+    assert huge.stages[0].strategy is None and huge.stages[0].cannot_fit
+
+
+def test_plan_options_reach_the_json_and_the_emitted_recipe_and_bad_values_are_one_line(tmp_path):
+    from lmlab.cli import app
+    from lmlab.pipeline import load_pipeline
+
+    runner = CliRunner()
+    base = ["plan", "--model", "qwen3-1.7b", "--gpus", "8x4090", "--goal", "sft"]
+    result = runner.invoke(app, [*base, "--json", "--optimizer", "adamw_8bit", "--sharding", "zero1"])
+    strategy = json.loads(result.output)["stages"][0]["strategy"]
+    assert {"name", "micro_batch", "grad_accum", "global_batch", "gradient_checkpointing", "method", "loss_tiling",
+            "memory_gb", "within_headroom"} <= set(strategy)  # the keys before these options, kept
+    assert (strategy["optimizer"], strategy["sharding"], strategy["distributed"], strategy["precision"]) == \
+        ("adamw_8bit", "zero1", "deepspeed_zero1", "bf16-mixed")
+    checkpoint = tmp_path / "qwen"
+    checkpoint.mkdir()
+    emitted = runner.invoke(app, [*base, "--optimizer", "adamw_8bit", "--sharding", "zero1", "--checkpoint",
+                                  str(checkpoint), "--emit", str(tmp_path / "z1.yaml")])
+    assert emitted.exit_code == 0, emitted.output
+    sft = load_pipeline(tmp_path / "z1.yaml")[1][0].recipe
+    assert (sft.optim.optimizer, sft.train.distributed) == ("adamw_bnb_8bit", "deepspeed_zero1")
+    assert "runs through DeepSpeed" in emitted.output and "bitsandbytes" in emitted.output
+    adapters = runner.invoke(app, [*base, "--method", "lora", "--lora-rank", "64", "--lora-targets", "qv",
+                                   "--optimizer", "adafactor", "--checkpoint", str(checkpoint),
+                                   "--emit", str(tmp_path / "lora.yaml")])
+    assert adapters.exit_code == 0, adapters.output
+    lora = load_pipeline(tmp_path / "lora.yaml")[1][0].recipe
+    assert (lora.lora.r, lora.lora.alpha, lora.lora.target_modules) == (64, 128, ["q_proj", "v_proj"])
+    assert lora.optim.optimizer == "adafactor" and "LoRA rank 64 on qv" in adapters.output
+    for flag, value in (("--optimizer", "sgd"), ("--sharding", "zero4"), ("--precision", "fp8"),
+                        ("--lora-targets", "mlp"), ("--attention", "xformers"), ("--checkpointing", "maybe")):
+        bad = runner.invoke(app, [*base, flag, value])
+        assert bad.exit_code == 2 and f"{flag}: unknown value '{value}'" in bad.output
+        assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1

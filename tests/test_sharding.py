@@ -77,7 +77,7 @@ def test_deepspeed_modes_are_zero_stages_or_a_clear_error():
         with pytest.raises(LmlabError, match="needs DeepSpeed"):
             sharding.sharding_arguments("deepspeed_zero3", None, gpu=True)
         return
-    for mode, stage, offload in (("deepspeed_zero2", 2, "none"), ("deepspeed_zero2_offload", 2, "cpu"),
+    for mode, stage, offload in (("deepspeed_zero1", 1, "none"), ("deepspeed_zero2", 2, "none"), ("deepspeed_zero2_offload", 2, "cpu"),
                                  ("deepspeed_zero3", 3, "none"), ("deepspeed_zero3_offload", 3, "cpu"),
                                  ("deepspeed_zero3_offload_optimizer", 3, "cpu")):
         zero = sharding.sharding_arguments(mode, None, gpu=True)["deepspeed"]["zero_optimization"]
@@ -134,7 +134,7 @@ def test_lmlab_launches_a_users_accelerate_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mode,sharded", [("zero3", True), ("zero2", True), ("deepspeed_zero3", True),
-                                          ("deepspeed_zero2", False), ("ddp", False)])
+                                          ("deepspeed_zero1", False), ("deepspeed_zero2", False), ("ddp", False)])
 def test_evaluation_during_training_under_sharded_weights_is_refused_before_compute(tmp_path, mode, sharded):
     """In-training evaluation generates with whole weights on every rank: refused where ranks hold shards."""
     from lmlab.stages.preflight import check_data

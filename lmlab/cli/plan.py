@@ -40,6 +40,14 @@ def plan(
     host_ram: Optional[float] = typer.Option(None, "--host-ram", min=1, max=1e5,
                                              help="CPU memory per node in GB (8 GPUs to a node): CPU offload must "
                                                   "fit in it. Without it the plan prints what offload needs."),
+    sharding: Optional[str] = typer.Option(None, "--sharding", help="ddp, zero1, zero2 or zero3 (default: chosen)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, max=4096, help="Default: chosen."),
+    checkpointing: Optional[str] = typer.Option(None, "--checkpointing", help="on or off (default: as needed)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw, adamw_8bit or adafactor."),
+    precision: str = typer.Option("bf16-mixed", "--precision", help="bf16-mixed, fp32 or bf16 (no fp32 master)."),
+    lora_rank: int = typer.Option(16, "--lora-rank", min=1, max=4096, help="LoRA / QLoRA rank."),
+    lora_targets: str = typer.Option("all-linear", "--lora-targets", help="all-linear, attention or qv."),
+    attention: str = typer.Option("flash", "--attention", help="flash, sdpa or eager (eager keeps the softmax)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     emit: Optional[Path] = typer.Option(None, "--emit", help="Write the plan as a pipeline `lmlab run` executes."),
     data: Optional[str] = typer.Option(None, "--data", help="Pretraining / domain data for the emitted pipeline."),
@@ -58,11 +66,14 @@ def plan(
         raise LmlabError(f"unknown method '{method}'", field="--method", hint="full, lora or qlora")
     count, gpu = parse_gpus(gpus)
     examples = parse_count(sft_examples, "sft-examples")
+    setup, forced = training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank,
+                                     lora_targets, attention)
     result = make_plan(resolve_shape(model), gpu, count, goal=goal, tokens=parse_count(tokens, "tokens"),
                        domain_tokens=parse_count(domain_tokens, "domain-tokens"),
                        unique_tokens=parse_count(unique_tokens, "unique-tokens"),
                        sft_examples=int(examples) if examples else None, seq_len=seq_len,
-                       global_batch=global_batch, mfu=mfu, method=method, host_ram_gb=host_ram)
+                       global_batch=global_batch, mfu=mfu, method=method, host_ram_gb=host_ram, setup=setup,
+                       forced=forced)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -72,6 +83,29 @@ def plan(
         for note in notes:
             typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"pipeline written to {emit}: run it with `{launch_command(result, str(emit))}`")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        raise LmlabError(f"unknown value '{value}'", field=flag, hint=", ".join(allowed))
+    return value
+
+
+def training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank, lora_targets, attention):
+    """The plan options as the planner's TrainSetup fields and its forced choices, each value checked."""
+    from lmlab.plan.memory import LORA_TARGETS, OPTIMIZER_BYTES
+    from lmlab.plan.strategy import Forced
+
+    precision = _one_of(precision, ("bf16-mixed", "fp32", "bf16"), "--precision")
+    setup = {"optimizer": _one_of(optimizer, tuple(OPTIMIZER_BYTES), "--optimizer"),
+             "precision_bytes": 4 if precision == "fp32" else 2, "master_weights": precision != "bf16",
+             "lora_rank": lora_rank, "lora_targets": _one_of(lora_targets, tuple(LORA_TARGETS), "--lora-targets"),
+             "attention": _one_of(attention, ("flash", "sdpa", "eager"), "--attention")}
+    forced = Forced(sharding=_one_of(sharding, ("ddp", "zero1", "zero2", "zero3"), "--sharding") if sharding else None,
+                    micro_batch=micro_batch,
+                    checkpointing={"on": True, "off": False}[_one_of(checkpointing, ("on", "off"), "--checkpointing")]
+                    if checkpointing else None)
+    return setup, forced
 
 
 def emit_pipeline(plan, path, data: str | None = None, checkpoint: str | None = None,

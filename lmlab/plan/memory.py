@@ -4,6 +4,7 @@ Static memory per parameter (docs/rules.md §4: ~16-20 bytes/param for mixed-pre
   bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam moments 4 + 4 = 16 bytes.
   8-bit Adam keeps the moments in 1 byte each (10 bytes); Adafactor keeps no first
   moment and factored second moments (rows + cols per matrix, negligible): 8 bytes.
+  Pure bf16 (no master copy, states in bf16): 2 + 2 + 4 = 8 bytes for AdamW.
 Sharding over N GPUs (ZeRO, Rajbhandari et al. 2020; FSDP2 = ZeRO-3):
   ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights;
   offload moves optimizer state (and, with ZeRO-3, weights) to CPU memory.
@@ -34,6 +35,8 @@ Optimizer = Literal["adamw", "adamw_8bit", "adafactor"]
 Sharding = Literal["ddp", "zero1", "zero2", "zero3"]
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 OPTIMIZER_BYTES = {"adamw": 12.0, "adamw_8bit": 6.0, "adafactor": 4.0}  # fp32 master + states, per trained param
+# pure bf16 (no fp32 master copy; the states in bf16, 8-bit ones as they are): per trained param
+PURE_BF16_OPTIMIZER_BYTES = {"adamw": 4.0, "adamw_8bit": 2.0, "adafactor": 0.0}
 LORA_TARGETS = {
     "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
     "attention": ("q", "k", "v", "o"),
@@ -54,6 +57,7 @@ class TrainSetup:
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "flash", "eager"] = "flash"
     precision_bytes: int = 2  # bf16 weights and activations; 4 for fp32 training
+    master_weights: bool = True  # bf16 with an fp32 master copy (mixed precision); False: pure bf16
     lora_rank: int = 16
     lora_targets: str = "all-linear"
     paged_optimizer: bool = True  # QLoRA: bitsandbytes' paged AdamW pages its states to CPU under pressure
@@ -215,7 +219,11 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     if setup.method == "full":
         trainable = n
         weights, grads = n * e, n * e
-        master_and_states = n * (OPTIMIZER_BYTES[setup.optimizer] if e == 2 else OPTIMIZER_BYTES[setup.optimizer] - 4)
+        if e == 4:  # fp32 weights are their own master
+            master_and_states = n * (OPTIMIZER_BYTES[setup.optimizer] - 4)
+        else:
+            master_and_states = n * (OPTIMIZER_BYTES if setup.master_weights else PURE_BF16_OPTIMIZER_BYTES)[
+                setup.optimizer]
     else:
         trainable = lora_params(shape, setup.lora_rank, setup.lora_targets)
         if setup.method == "qlora":
@@ -225,7 +233,8 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         else:
             weights = n * e + trainable * 4
         grads = trainable * 4
-        master_and_states = trainable * 8  # fp32 adapters: Adam moments only (the adapter is its own master)
+        # fp32 adapters are their own master: the optimizer's states only
+        master_and_states = trainable * (OPTIMIZER_BYTES[setup.optimizer] - 4)
     optimizer = master_and_states
     offloaded = 0.0
     if setup.sharding in ("zero1", "zero2", "zero3"):

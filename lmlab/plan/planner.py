@@ -10,9 +10,9 @@ from lmlab.errors import LmlabError
 from lmlab.plan import rules
 from lmlab.plan.compute import DEFAULT_MFU, flops_per_token, human_duration, training_seconds
 from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, nodes_for
-from lmlab.plan.memory import GB, TrainSetup, kv_cache_bytes, resolved_tiling
+from lmlab.plan.memory import GB, LORA_TARGETS, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
-from lmlab.plan.strategy import Choice, choose_strategy, tight_words, what_would_fit
+from lmlab.plan.strategy import Choice, Forced, choose_strategy, tight_words, what_would_fit
 
 GOALS = ("pretrain", "cpt", "sft", "domain-expert", "general-reasoning")
 SFT_TOKENS_PER_EXAMPLE = 512  # assumed mean length of an SFT example when only a count is given
@@ -22,9 +22,12 @@ MAX_SFT_EXAMPLES = 1e9
 BUILDABLE = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
 GENERAL_CORPUS_TOKENS = 2.7e6  # the embedded general corpus under a ~150k-entry tokenizer (3.3M at 4k entries)
 MAX_REPLAY_PASSES = 4  # data-constrained scaling: repeats up to ~4 epochs are nearly as good as fresh data
-DISTRIBUTED = {"DDP": "ddp", "ZeRO-2": "zero2", "ZeRO-3 / FSDP2": "zero3", "ZeRO-3 + CPU offload": "zero3_offload",
-               "ZeRO-3 + optimizer offload": "deepspeed_zero3_offload_optimizer",
-               "LoRA": "ddp", "QLoRA": "ddp"}  # strategy name -> recipe train.distributed
+def distributed_mode(setup: TrainSetup) -> str:
+    """The recipe's train.distributed for a planned setup: FSDP2 where it has the mode, DeepSpeed where only it
+    does (ZeRO-1; ZeRO-3 offloading the optimizer but not the weights)."""
+    if setup.sharding == "zero3" and setup.offload:
+        return "zero3_offload" if setup.offload_params else "deepspeed_zero3_offload_optimizer"
+    return {"ddp": "ddp", "zero1": "deepspeed_zero1", "zero2": "zero2", "zero3": "zero3"}[setup.sharding]
 
 
 # how each stage's loss step holds the logits, as lmlab runs it (lmlab.stages.packed.loss_tiling): pretraining
@@ -73,6 +76,14 @@ class Plan:
                                    "grad_accum": s.strategy.grad_accum, "global_batch": s.strategy.global_batch,
                                    "gradient_checkpointing": s.strategy.setup.gradient_checkpointing,
                                    "method": s.strategy.setup.method,
+                                   "sharding": s.strategy.setup.sharding, "offload": s.strategy.setup.offload,
+                                   "distributed": distributed_mode(s.strategy.setup),
+                                   "optimizer": s.strategy.setup.optimizer,
+                                   "precision": precision_name(s.strategy.setup),
+                                   "attention": s.strategy.setup.attention,
+                                   **({"lora_rank": s.strategy.setup.lora_rank,
+                                       "lora_targets": s.strategy.setup.lora_targets}
+                                      if s.strategy.setup.method != "full" else {}),
                                    "loss_tiling": resolved_tiling(s.strategy.setup, self.model.vocab_size),
                                    "memory_gb": s.strategy.memory.as_gb(),
                                    "within_headroom": s.strategy.within_headroom}
@@ -134,7 +145,10 @@ def _post_training(goal: str, params, sft_examples: int | None, method: str | No
 def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
               tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
               sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
-              mfu: float = DEFAULT_MFU, method: str | None = None, host_ram_gb: float | None = None) -> Plan:
+              mfu: float = DEFAULT_MFU, method: str | None = None, host_ram_gb: float | None = None,
+              setup: dict[str, Any] | None = None, forced: Forced = Forced()) -> Plan:
+    """The plan for a goal. `setup`: TrainSetup fields the user fixed (optimizer, LoRA rank and targets,
+    precision, attention); `forced`: the sharding, micro-batch and checkpointing the user fixed."""
     _check_request(goal, {"tokens": tokens, "domain-tokens": domain_tokens, "unique-tokens": unique_tokens},
                    sft_examples, mfu, seq_len, shape)
     params = count_params(shape)
@@ -146,9 +160,9 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
                   settings: dict[str, Any]) -> StagePlan:
         """A stage at its cheapest strategy that fits; `batch_sequences` of seq_len unless --global-batch."""
         batch = global_batch or max(1, int(batch_sequences))
-        base = TrainSetup(loss_tiling=STAGE_LOSS_TILING.get(stage, "fused"))
+        base = TrainSetup(loss_tiling=STAGE_LOSS_TILING.get(stage, "fused"), **(setup or {}))
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
-                                 host_ram=host_ram_gb * GB if host_ram_gb else None)
+                                 host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
         seconds = training_seconds(stage_tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) if choice else None
         if choice and choice.setup.offload:
             seconds = seconds * 3 if seconds else None  # CPU optimizer steps: see memory notes
@@ -180,15 +194,49 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
 
 def _train_block(choice: Choice) -> dict[str, Any]:
     return {"micro_batch_size": choice.setup.micro_batch, "grad_accum": choice.grad_accum,
-            "gradient_checkpointing": choice.setup.gradient_checkpointing, "precision": "auto",
-            "distributed": DISTRIBUTED[choice.name]}
+            "gradient_checkpointing": choice.setup.gradient_checkpointing,
+            "precision": "fp32" if choice.setup.precision_bytes == 4 else "auto",
+            "distributed": distributed_mode(choice.setup)}
 
 
 def _adapters(choice: Choice) -> dict[str, Any]:
     method = choice.setup.method
     if method == "full":
         return {}
-    return {"lora": {"enabled": True, "r": 16, "alpha": 32, "quantize": "nf4" if method == "qlora" else "none"}}
+    rank, targets = choice.setup.lora_rank, choice.setup.lora_targets
+    return {"lora": {"enabled": True, "r": rank, "alpha": 2 * rank, "quantize": "nf4" if method == "qlora" else "none",
+                     "target_modules": "all-linear" if targets == "all-linear" else
+                     [f"{name}_proj" for name in LORA_TARGETS[targets]]}}
+
+
+def setup_words(setup: TrainSetup) -> str:
+    """What the memory of a stage was computed for, beyond the table's columns."""
+    words = [f"optimizer {setup.optimizer}", f"precision {precision_name(setup)}", f"{setup.attention} attention",
+             f"sharding {setup.sharding}" + (" + CPU offload" if setup.offload else "")]
+    if setup.method != "full":
+        words.append(f"LoRA rank {setup.lora_rank} on {setup.lora_targets}")
+    return ", ".join(words)
+
+
+def precision_name(setup: TrainSetup) -> str:
+    if setup.precision_bytes == 4:
+        return "fp32"
+    return "bf16-mixed" if setup.master_weights else "bf16"
+
+
+HF_OPTIMIZER = {"adamw_8bit": "adamw_bnb_8bit", "adafactor": "adafactor"}  # the HF Trainer's `optim` names
+
+
+def _optimizer_and_precision(s: StagePlan, block: dict, notes: list[str]) -> None:
+    """The optimizer the plan was made for, in the recipe; what the recipe cannot express, said."""
+    setup = s.strategy.setup
+    if setup.optimizer in HF_OPTIMIZER:
+        block.setdefault("optim", {})["optimizer"] = HF_OPTIMIZER[setup.optimizer]
+        if setup.optimizer == "adamw_8bit":
+            notes.append(f"{s.stage}: optim.optimizer: adamw_bnb_8bit needs bitsandbytes and CUDA")
+    if precision_name(setup) == "bf16":
+        notes.append(f"{s.stage}: planned in pure bf16 (no fp32 master copy), which the HF Trainer does not do: "
+                     "the recipe trains bf16 with an fp32 master, which needs the memory of --precision bf16-mixed")
 
 
 def _pretrain_block(plan: Plan, s: StagePlan, block: dict, lr: float, data: str | None, notes: list[str]) -> None:
@@ -271,11 +319,12 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
                              field="--emit", hint="; ".join(s.cannot_fit) or None)
         if not s.strategy.within_headroom:
             notes.append(f"{s.stage}: {tight_words(s.strategy, plan.gpu)}")
-        if DISTRIBUTED[s.strategy.name].startswith("deepspeed"):  # FSDP2 has no optimizer-only offload
-            notes.append(f"{s.stage}: train.distributed: {DISTRIBUTED[s.strategy.name]} runs through DeepSpeed "
+        if distributed_mode(s.strategy.setup).startswith("deepspeed"):  # FSDP2 has neither ZeRO-1 nor this offload
+            notes.append(f"{s.stage}: train.distributed: {distributed_mode(s.strategy.setup)} runs through DeepSpeed "
                          "(pip install deepspeed)")
         block: dict[str, Any] = {"stage": s.stage, "train": _train_block(s.strategy), "data": {"seq_len": plan.seq_len}}
         STAGE_BLOCKS[s.stage](plan, s, block, float(f"{s.settings['lr']:.3g}"), sources[s.stage], notes)
+        _optimizer_and_precision(s, block, notes)
         stages.append(block)
     if stages and stages[0]["stage"] != "pretrain":
         source = checkpoint or f"checkpoints/{plan.model.name}"
@@ -328,6 +377,9 @@ def render(plan: Plan, console) -> None:
     steps = [loss_step_words(s, plan.model.vocab_size) for s in plan.stages if s.strategy]
     if steps:  # as each stage runs it (optim.z_loss or train.tiled_loss: false would hold the whole logits)
         console.print("activ. includes the loss step: " + "; ".join(steps))
+    for s in plan.stages:
+        if s.strategy:
+            console.print(f"{s.stage}: {setup_words(s.strategy.setup)}")
     for s in plan.stages:
         for line in s.cannot_fit:
             console.print(f"[red]{s.stage} does not fit[/]: {line}")

@@ -39,6 +39,31 @@ CANDIDATES = [
     ("LoRA", dict(method="lora", sharding="ddp")),
     ("QLoRA", dict(method="qlora", sharding="ddp")),
 ]
+# planned only when asked for (--sharding zero1): ZeRO-2 saves more at the same communication
+ON_REQUEST = [("ZeRO-1", dict(method="full", sharding="zero1"))]
+
+
+@dataclass(frozen=True)
+class Forced:
+    """What the user fixed instead of letting the planner choose (`lmlab plan --sharding/--micro-batch/
+    --checkpointing`); None leaves it to the planner."""
+
+    sharding: str | None = None
+    micro_batch: int | None = None
+    checkpointing: bool | None = None
+
+    def candidates(self) -> list[tuple[str, dict]]:
+        if self.sharding is None:
+            return CANDIDATES
+        chosen = []
+        full = [c for c in CANDIDATES if c[1]["method"] == "full"]
+        for name, overrides in full + ON_REQUEST + [c for c in CANDIDATES if c[1]["method"] != "full"]:
+            if overrides["method"] != "full" and self.sharding != "ddp":  # adapters under the asked sharding
+                chosen.append((f"{name} + {self.sharding.upper().replace('ZERO', 'ZeRO-')}",
+                               {**overrides, "sharding": self.sharding}))
+            elif overrides["sharding"] == self.sharding:
+                chosen.append((name, overrides))
+        return chosen
 
 
 def budget_bytes(gpu: Accelerator, headroom: float = HEADROOM) -> float:
@@ -46,12 +71,13 @@ def budget_bytes(gpu: Accelerator, headroom: float = HEADROOM) -> float:
 
 
 def _best_micro_batch(shape: ModelShape, base: TrainSetup, budget: float, max_micro: int,
-                      checkpointing: tuple[bool, ...] = (False, True)) -> tuple[TrainSetup, MemoryBreakdown] | None:
+                      checkpointing: tuple[bool, ...] = (False, True), only: bool = False
+                      ) -> tuple[TrainSetup, MemoryBreakdown] | None:
     """Largest power-of-two micro-batch within `budget` bytes, first without then with gradient checkpointing,
-    with its memory."""
+    with its memory; `only`: max_micro itself or nothing."""
     for checkpointing in checkpointing:
         micro = max_micro
-        while micro >= 1:
+        while micro >= (max_micro if only else 1):
             setup = replace(base, micro_batch=micro, gradient_checkpointing=checkpointing)
             memory = training_memory(shape, setup)
             if memory.total <= budget:
@@ -62,24 +88,29 @@ def _best_micro_batch(shape: ModelShape, base: TrainSetup, budget: float, max_mi
 
 def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len: int, global_batch: int,
                     allow_adapters: bool, base: TrainSetup | None = None, method: str | None = None,
-                    host_ram: float | None = None) -> Choice | None:
+                    host_ram: float | None = None, forced: Forced = Forced()) -> Choice | None:
     """The first candidate within the recommended headroom; else the first that fits the whole card, marked
     `within_headroom=False`; None when nothing fits at all (see `what_would_fit`). With `host_ram` (bytes of CPU
     memory per node, hardware.GPUS_PER_NODE GPUs to a node), a candidate that offloads more than the nodes hold is skipped."""
     nodes = nodes_for(num_gpus)
     base = replace(base or TrainSetup(), num_gpus=num_gpus, seq_len=seq_len)
-    max_micro = max(1, min(64, 2 ** int(math.log2(max(1, global_batch // num_gpus)))))
+    max_micro = forced.micro_batch or max(1, min(64, 2 ** int(math.log2(max(1, global_batch // num_gpus)))))
     for headroom in (HEADROOM, 0.0):
-        for name, overrides in CANDIDATES:
+        for name, overrides in forced.candidates():
             if method is not None and overrides["method"] != method:
                 continue
             if overrides["method"] != "full" and not allow_adapters and method is None:
                 continue
-            if num_gpus == 1 and overrides["sharding"] in ("zero2", "zero3") and not overrides.get("offload"):
+            if (num_gpus == 1 and overrides["sharding"] != "ddp" and not overrides.get("offload")
+                    and forced.sharding is None):
                 continue  # sharding over one GPU saves nothing
             # within the headroom the largest micro-batch that fits; on a tight card the smallest footprint
+            checkpointing = (False, True) if headroom else (True,)
+            if forced.checkpointing is not None:
+                checkpointing = (forced.checkpointing,)
             found = _best_micro_batch(shape, replace(base, **overrides), budget_bytes(gpu, headroom),
-                                      max_micro if headroom else 1, checkpointing=(False, True) if headroom else (True,))
+                                      max_micro if headroom or forced.micro_batch else 1, checkpointing,
+                                      only=forced.micro_batch is not None)
             if found is None:
                 continue
             setup, memory = found

@@ -109,6 +109,11 @@ def stage_loss_tiling(recipe: Recipe, vocab_size: int) -> str:
     return loss_tiling(recipe, vocab_size) if recipe.stage in ("pretrain", "cpt", "distill") else "fused"
 
 
+# HF Trainer `optim` names -> the planner's optimizer memory (anything else is counted as AdamW)
+PLANNED_OPTIMIZER = {"adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit",
+                     "adafactor": "adafactor"}
+
+
 def memory_line(recipe: Recipe, shape) -> str:
     """Memory per device from the planner's model of weights, gradients, optimizer states and activations."""
     from lmlab.models.build import cuda, installed
@@ -117,13 +122,14 @@ def memory_line(recipe: Recipe, shape) -> str:
 
     lora = recipe.lora
     method = ("qlora" if lora.quantize == "nf4" else "lora") if lora.enabled else "full"
-    mode = recipe.train.distributed  # zero2 / zero3 (FSDP2 or DeepSpeed), with or without offload; else DDP
-    sharding = "zero3" if "zero3" in mode else "zero2" if "zero2" in mode else "ddp"
+    mode = recipe.train.distributed  # zero1 / zero2 / zero3 (FSDP2 or DeepSpeed), with or without offload; else DDP
+    sharding = next((stage for stage in ("zero3", "zero2", "zero1") if stage in mode), "ddp")
     setup = TrainSetup(method=method, sharding=sharding, offload="offload" in mode,
                        offload_params=mode.endswith("offload"), num_gpus=world_size(),
                        micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
                        gradient_checkpointing=recipe.train.gradient_checkpointing,
                        precision_bytes=2 if use_bf16(recipe.train.precision) else 4, lora_rank=lora.r,
+                       optimizer=PLANNED_OPTIMIZER.get(recipe.optim.optimizer, "adamw"),
                        attention="sdpa", loss_tiling=stage_loss_tiling(recipe, shape.vocab_size), triton=cuda() and installed("triton"))
     m = training_memory(shape, setup)
     return (f"memory per device: {size(m.total)} (weights {size(m.weights)}, gradients {size(m.gradients)}, "
