@@ -579,3 +579,45 @@ def test_plan_options_reach_the_json_and_the_emitted_recipe_and_bad_values_are_o
         bad = runner.invoke(app, [*base, flag, value])
         assert bad.exit_code == 2 and f"{flag}: unknown value '{value}'" in bad.output
         assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_communication_time_follows_each_sharding_and_the_interconnect():
+    from lmlab.plan.compute import communication_seconds
+
+    def seconds(sharding, accum=4, checkpointing=False, gpus=8):
+        setup = TrainSetup(sharding=sharding, num_gpus=gpus, gradient_checkpointing=checkpointing)
+        return communication_seconds(setup, trainable_params=10**9, total_params=10**9, optimizer_steps=100,
+                                     grad_accum=accum, busbw_gbps=10)
+
+    assert seconds("ddp") == pytest.approx(100 * 2 / 10)  # one 2 GB all-reduce a step, accumulation aside
+    assert seconds("zero1") == seconds("ddp")  # reduce-scatter + all-gather
+    assert seconds("zero2") == pytest.approx(100 * (0.5 * 2 * 4 + 0.5 * 2) / 10)  # each micro-batch's gradients
+    assert seconds("zero3") == pytest.approx(100 * 4 * (0.5 * 2 * 2 + 0.5 * 2) / 10)  # two gathers per micro-batch
+    assert seconds("zero3", checkpointing=True) == pytest.approx(100 * 4 * (0.5 * 3 * 2 + 0.5 * 2) / 10)
+    assert seconds("ddp", gpus=1) == 0
+
+    shape = resolve_shape("qwen3-1.7b")
+    pcie = make_plan(shape, lookup_gpu("4090"), 8, goal="cpt", domain_tokens=1e9, forced=_forced("zero3"))
+    stage = pcie.stages[0]
+    assert stage.communication_seconds > stage.compute_seconds and stage.seconds == stage.communication_seconds
+    assert pcie.allreduce_gbps == 13 and "tinygrad/open-gpu-kernel-modules#6" in pcie.allreduce_source
+    nvlink = make_plan(shape, lookup_gpu("h100"), 8, goal="cpt", domain_tokens=1e9).stages[0]
+    assert 0 < nvlink.communication_seconds < nvlink.compute_seconds == nvlink.seconds
+    nodes = make_plan(shape, lookup_gpu("h100"), 16, goal="cpt", domain_tokens=1e9)
+    assert nodes.allreduce_gbps == 40 and "InfiniBand" in nodes.allreduce_source
+    unknown = make_plan(shape, lookup_gpu("a100"), 8, goal="cpt", domain_tokens=1e9)
+    assert unknown.stages[0].communication_seconds is None and "--allreduce-gbps" in unknown.allreduce_source
+    given = make_plan(shape, lookup_gpu("a100"), 8, goal="cpt", domain_tokens=1e9, allreduce_gbps=200)
+    assert given.stages[0].communication_seconds > 0 and given.to_dict()["allreduce_gbps"] == 200
+    assert make_plan(shape, lookup_gpu("h100"), 1, goal="cpt", domain_tokens=1e9).stages[0].communication_seconds == 0
+
+    text = CliRunner().invoke(__import__("lmlab.cli", fromlist=["app"]).app,
+                              ["plan", "--model", "qwen3-1.7b", "--gpus", "8x4090", "--goal", "cpt",
+                               "--domain-tokens", "1B", "--sharding", "zero3"]).output
+    assert "(communication-bound)" in text and "13 GB/s all-reduce bus bandwidth" in text
+
+
+def _forced(sharding):
+    from lmlab.plan.strategy import Forced
+
+    return Forced(sharding=sharding)

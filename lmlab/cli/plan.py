@@ -48,6 +48,8 @@ def plan(
     lora_rank: int = typer.Option(16, "--lora-rank", min=1, max=4096, help="LoRA / QLoRA rank."),
     lora_targets: str = typer.Option("all-linear", "--lora-targets", help="all-linear, attention or qv."),
     attention: str = typer.Option("flash", "--attention", help="flash, sdpa or eager (eager keeps the softmax)."),
+    allreduce_gbps: Optional[float] = typer.Option(None, "--allreduce-gbps", min=0.1, max=10_000,
+                                                   help="NCCL all-reduce bus bandwidth (default: measured figure)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     emit: Optional[Path] = typer.Option(None, "--emit", help="Write the plan as a pipeline `lmlab run` executes."),
     data: Optional[str] = typer.Option(None, "--data", help="Pretraining / domain data for the emitted pipeline."),
@@ -73,7 +75,7 @@ def plan(
                        unique_tokens=parse_count(unique_tokens, "unique-tokens"),
                        sft_examples=int(examples) if examples else None, seq_len=seq_len,
                        global_batch=global_batch, mfu=mfu, method=method, host_ram_gb=host_ram, setup=setup,
-                       forced=forced)
+                       forced=forced, allreduce_gbps=allreduce_gbps)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:

@@ -22,6 +22,29 @@ def training_seconds(tokens: float, flops_token: float, num_gpus: int, tflops_pe
     return tokens * flops_token / (num_gpus * tflops_per_gpu * 1e12 * mfu)
 
 
+def communication_seconds(setup, trainable_params: int, total_params: int, optimizer_steps: float, grad_accum: int,
+                          busbw_gbps: float) -> float:
+    """Seconds a stage's collectives take at an all-reduce bus bandwidth of `busbw_gbps` (NCCL's busbw, which
+    already counts the ring's 2(n-1)/n), bf16 payloads, in all-reduce equivalents (a reduce-scatter or an
+    all-gather moves half an all-reduce's traffic). Per optimizer step: DDP all-reduces the trained gradients
+    once (accumulation skips the sync until the last micro-batch); ZeRO-1 reduce-scatters them and gathers
+    the updated weights (one all-reduce in all); ZeRO-2 reduce-scatters every micro-batch's gradients (its
+    shards are where they accumulate), then gathers the weights; ZeRO-3 gathers every weight for each
+    micro-batch's forward and again for its backward (a third time when checkpointing recomputes the
+    forward) and reduce-scatters each micro-batch's gradients. LoRA's gradients are the adapters' only."""
+    if setup.num_gpus == 1:
+        return 0.0
+    grads, weights = 2 * trainable_params / 1e9, 2 * total_params / 1e9  # GB of one full payload
+    if setup.sharding in ("ddp", "zero1"):
+        all_reduces = grads
+    elif setup.sharding == "zero2":
+        all_reduces = 0.5 * grads * grad_accum + 0.5 * weights
+    else:
+        gathers = 3 if setup.gradient_checkpointing else 2
+        all_reduces = grad_accum * (0.5 * gathers * weights + 0.5 * grads)
+    return optimizer_steps * all_reduces / busbw_gbps
+
+
 def human_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"

@@ -16,6 +16,10 @@ class Accelerator:
     bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak with fp32 accumulate (fp16 where no bf16)
     interconnect: str  # what links several of them in one box
     bf16: bool = True  # False: no bf16 tensor cores (Volta, Turing): fp16 mixed precision with loss scaling
+    # NCCL all-reduce bus bandwidth among the GPUs of one node (GB/s, large messages) and where the figure
+    # comes from; None: not known to lmlab, so communication is not modelled (lmlab plan --allreduce-gbps)
+    allreduce_gbps: float | None = None
+    allreduce_source: str = ""
 
     @property
     def precision(self) -> str:
@@ -25,6 +29,24 @@ class Accelerator:
 GPUS_PER_NODE = 8  # how a plan for many GPUs is laid out, and how --host-ram's per-node figure is shared
 
 
+# between nodes: one 400 Gb/s InfiniBand NIC per GPU is 50 GB/s on the wire (the figure DeepSeek-V3's report
+# uses); NCCL's protocol overhead (~20%, NVIDIA/nccl-tests#212) leaves about 40
+INTER_NODE_GBPS = 40.0
+
+
+def bus_bandwidth(gpu: Accelerator, num_gpus: int, given: float | None = None) -> tuple[float | None, str]:
+    """The all-reduce bus bandwidth a plan's collectives run at, and where it comes from: the user's figure,
+    else the catalogue's within a node, capped by INTER_NODE_GBPS across nodes; None when lmlab has no figure."""
+    if given is not None:
+        return given, "given with --allreduce-gbps"
+    if gpu.allreduce_gbps is None:
+        return None, f"no measured all-reduce bandwidth for {gpu.name} in lmlab's catalogue (give --allreduce-gbps)"
+    if nodes_for(num_gpus) > 1 and INTER_NODE_GBPS < gpu.allreduce_gbps:
+        return INTER_NODE_GBPS, ("across nodes: one 400 Gb/s InfiniBand NIC per GPU, about 40 GB/s after NCCL's "
+                                 f"overhead (within a node: {gpu.allreduce_gbps:g} GB/s, {gpu.allreduce_source})")
+    return gpu.allreduce_gbps, gpu.allreduce_source
+
+
 def nodes_for(num_gpus: int) -> int:
     """Whole nodes of GPUS_PER_NODE that hold `num_gpus`."""
     return -(-num_gpus // GPUS_PER_NODE)
@@ -32,8 +54,13 @@ def nodes_for(num_gpus: int) -> int:
 
 CATALOGUE = {
     "rtx3090": Accelerator("RTX 3090", 24, 71, "PCIe 4.0"),
-    "rtx4090": Accelerator("RTX 4090", 24, 165.2, "PCIe 4.0 (no NVLink)"),
-    "rtx5090": Accelerator("RTX 5090", 32, 209.5, "PCIe 5.0 (no NVLink)"),
+    "rtx4090": Accelerator("RTX 4090", 24, 165.2, "PCIe 4.0 (no NVLink)", allreduce_gbps=13,
+                           allreduce_source="no peer-to-peer: a copy between two cards moves 25.8 GB/s in both "
+                                            "directions together (tinygrad/open-gpu-kernel-modules#6), about 13 "
+                                            "each way; eight cards share the host's lanes, so this is a ceiling"),
+    "rtx5090": Accelerator("RTX 5090", 32, 209.5, "PCIe 5.0 (no NVLink)", allreduce_gbps=28,
+                           allreduce_source="nccl all_reduce_perf on 8 x RTX 5090 over PCIe 5.0: 28 GB/s bus "
+                                            "bandwidth (NVIDIA/nccl#1639)"),
     "a10g": Accelerator("A10G", 24, 70, "PCIe 4.0"),  # AWS variant of the A10; vendor figure as reported by AWS
     "a10": Accelerator("A10", 24, 125, "PCIe 4.0"),
     "t4": Accelerator("T4", 16, 65, "PCIe 3.0", bf16=False),  # fp16 tensor cores only
@@ -43,9 +70,13 @@ CATALOGUE = {
     "l40s": Accelerator("L40S", 48, 362, "PCIe 4.0"),
     "a100-40gb": Accelerator("A100 40GB", 40, 312, "NVLink 600 GB/s"),
     "a100-80gb": Accelerator("A100 80GB", 80, 312, "NVLink 600 GB/s"),
-    "h100": Accelerator("H100 SXM 80GB", 80, 989, "NVLink 900 GB/s"),
+    "h100": Accelerator("H100 SXM 80GB", 80, 989, "NVLink 900 GB/s", allreduce_gbps=480,
+                        allreduce_source="8 x H100 SXM, NVLink SHARP: peak all-reduce bus bandwidth ~480 GB/s, "
+                                         "per NCCL's maintainers (NVIDIA/nccl-tests#212)"),
     "h100-pcie": Accelerator("H100 PCIe 80GB", 80, 756, "PCIe 5.0"),
-    "h200": Accelerator("H200 141GB", 141, 989, "NVLink 900 GB/s"),
+    "h200": Accelerator("H200 141GB", 141, 989, "NVLink 900 GB/s", allreduce_gbps=475,
+                        allreduce_source="nccl all_reduce_perf on 8 x H200: 475 GB/s bus bandwidth "
+                                         "(NVIDIA/nccl-tests#272)"),
     "b200": Accelerator("B200 180GB", 180, 2250, "NVLink 1.8 TB/s"),
     "h20": Accelerator("H20 96GB", 96, 148, "NVLink 900 GB/s"),
     "mi300x": Accelerator("AMD MI300X 192GB", 192, 1307.4, "Infinity Fabric 896 GB/s"),

@@ -8,8 +8,9 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.plan import rules
-from lmlab.plan.compute import DEFAULT_MFU, flops_per_token, human_duration, training_seconds
-from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, nodes_for
+from lmlab.plan.compute import (DEFAULT_MFU, communication_seconds, flops_per_token, human_duration,
+                                 training_seconds)
+from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, bus_bandwidth, nodes_for
 from lmlab.plan.memory import GB, LORA_TARGETS, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
 from lmlab.plan.strategy import Choice, Forced, choose_strategy, tight_words, what_would_fit
@@ -49,9 +50,11 @@ class StagePlan:
     stage: str
     tokens: float
     strategy: Choice | None
-    seconds: float | None
+    seconds: float | None  # the larger of compute and communication (they overlap)
     settings: dict[str, Any] = field(default_factory=dict)
     cannot_fit: list[str] = field(default_factory=list)
+    compute_seconds: float | None = None  # FLOPs at the assumed MFU (x3 for CPU optimizer steps)
+    communication_seconds: float | None = None  # None: not modelled (no bandwidth figure)
 
 
 @dataclass
@@ -66,11 +69,14 @@ class Plan:
     stages: list[StagePlan]
     advice: list[rules.Advice]
     kv_cache_gb_per_sequence: float
+    allreduce_gbps: float | None = None  # the collectives' bus bandwidth, and its source
+    allreduce_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         def stage(s: StagePlan) -> dict[str, Any]:
             out = {"stage": s.stage, "tokens": s.tokens, "seconds": s.seconds, "settings": s.settings,
-                   "cannot_fit": s.cannot_fit}
+                   "cannot_fit": s.cannot_fit, "compute_seconds": s.compute_seconds,
+                   "communication_seconds": s.communication_seconds}
             if s.strategy:
                 out["strategy"] = {"name": s.strategy.name, "micro_batch": s.strategy.setup.micro_batch,
                                    "grad_accum": s.strategy.grad_accum, "global_batch": s.strategy.global_batch,
@@ -94,7 +100,8 @@ class Plan:
                 "gpu": asdict(self.gpu), "num_gpus": self.num_gpus, "seq_len": self.seq_len, "mfu": self.mfu,
                 "goal": self.goal, "stages": [stage(s) for s in self.stages],
                 "advice": [asdict(a) for a in self.advice],
-                "kv_cache_gb_per_sequence": self.kv_cache_gb_per_sequence}
+                "kv_cache_gb_per_sequence": self.kv_cache_gb_per_sequence,
+                "allreduce_gbps": self.allreduce_gbps, "allreduce_source": self.allreduce_source}
 
 
 def _check_budget(name: str, value: float | None) -> None:
@@ -142,17 +149,35 @@ def _post_training(goal: str, params, sft_examples: int | None, method: str | No
     return advice
 
 
+def stage_times(choice: Choice | None, tokens: float, fpt: float, gpu: Accelerator, num_gpus: int, seq_len: int,
+                mfu: float, total_params: int, busbw: float | None) -> tuple[float | None, float | None, float | None]:
+    """(seconds, compute seconds, communication seconds) of a stage: compute at the assumed MFU (three times
+    longer when the optimizer steps on the CPU), communication from the collectives at `busbw`; the two
+    overlap (DDP's gradient buckets, FSDP's prefetch), so the stage takes the larger."""
+    if choice is None:
+        return None, None, None
+    compute = training_seconds(tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) * (3 if choice.setup.offload else 1)
+    if num_gpus == 1 or busbw is None:
+        return compute, compute, (0.0 if num_gpus == 1 else None)
+    steps = tokens / (choice.global_batch * seq_len)
+    comm = communication_seconds(choice.setup, choice.memory.trainable_params, total_params, steps,
+                                 choice.grad_accum, busbw)
+    return max(compute, comm), compute, comm
+
+
 def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
               tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
               sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
               mfu: float = DEFAULT_MFU, method: str | None = None, host_ram_gb: float | None = None,
-              setup: dict[str, Any] | None = None, forced: Forced = Forced()) -> Plan:
+              setup: dict[str, Any] | None = None, forced: Forced = Forced(),
+              allreduce_gbps: float | None = None) -> Plan:
     """The plan for a goal. `setup`: TrainSetup fields the user fixed (optimizer, LoRA rank and targets,
     precision, attention); `forced`: the sharding, micro-batch and checkpointing the user fixed."""
     _check_request(goal, {"tokens": tokens, "domain-tokens": domain_tokens, "unique-tokens": unique_tokens},
                    sft_examples, mfu, seq_len, shape)
     params = count_params(shape)
     fpt = flops_per_token(params.active, shape, seq_len)
+    busbw, busbw_source = bus_bandwidth(gpu, num_gpus, allreduce_gbps)
     advice: list[rules.Advice] = []
     stages: list[StagePlan] = []
 
@@ -163,11 +188,9 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         base = TrainSetup(loss_tiling=STAGE_LOSS_TILING.get(stage, "fused"), **(setup or {}))
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
                                  host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
-        seconds = training_seconds(stage_tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) if choice else None
-        if choice and choice.setup.offload:
-            seconds = seconds * 3 if seconds else None  # CPU optimizer steps: see memory notes
-        plan = StagePlan(stage, stage_tokens, choice, seconds, settings,
-                         [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len))
+        times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, mfu, params.total, busbw)
+        plan = StagePlan(stage, stage_tokens, choice, times[0], settings,
+                         [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len), *times[1:])
         stages.append(plan)
         return plan
 
@@ -189,7 +212,7 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         advice += _post_training(goal, params, sft_examples, method, add_stage, stages, num_gpus)
     advice.append(rules.stability())
     return Plan(shape, params, gpu, num_gpus, seq_len, mfu, goal, stages, advice,
-                kv_cache_bytes(shape, seq_len) / GB)
+                kv_cache_bytes(shape, seq_len) / GB, busbw, busbw_source)
 
 
 def _train_block(choice: Choice) -> dict[str, Any]:
@@ -207,6 +230,17 @@ def _adapters(choice: Choice) -> dict[str, Any]:
     return {"lora": {"enabled": True, "r": rank, "alpha": 2 * rank, "quantize": "nf4" if method == "qlora" else "none",
                      "target_modules": "all-linear" if targets == "all-linear" else
                      [f"{name}_proj" for name in LORA_TARGETS[targets]]}}
+
+
+def time_words(plan: Plan, s: StagePlan) -> str:
+    """A stage's time, split into compute and communication, the larger being the stage's."""
+    words = f"compute {human_duration(s.compute_seconds)} at MFU {plan.mfu:.0%}"
+    if s.communication_seconds is None:
+        return words + ", communication not modelled"
+    if plan.num_gpus == 1:
+        return words
+    bound = " (communication-bound)" if s.communication_seconds > s.compute_seconds else ""
+    return words + f", communication {human_duration(s.communication_seconds)}{bound}"
 
 
 def setup_words(setup: TrainSetup) -> str:
@@ -379,7 +413,10 @@ def render(plan: Plan, console) -> None:
         console.print("activ. includes the loss step: " + "; ".join(steps))
     for s in plan.stages:
         if s.strategy:
-            console.print(f"{s.stage}: {setup_words(s.strategy.setup)}")
+            console.print(f"{s.stage}: {setup_words(s.strategy.setup)}; {time_words(plan, s)}")
+    if plan.num_gpus > 1:
+        console.print("communication: " + (f"{plan.allreduce_gbps:g} GB/s all-reduce bus bandwidth ("
+                                           f"{plan.allreduce_source})" if plan.allreduce_gbps else plan.allreduce_source))
     for s in plan.stages:
         for line in s.cannot_fit:
             console.print(f"[red]{s.stage} does not fit[/]: {line}")
