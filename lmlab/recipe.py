@@ -332,14 +332,14 @@ class SFTConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    """LoRA through peft; QLoRA adds an NF4 double-quantised base through bitsandbytes (CUDA only)."""
+    """LoRA through peft; QLoRA adds an NF4 double-quantised (or LLM.int8) base through bitsandbytes (CUDA only)."""
 
     enabled: bool = False
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
-    quantize: Literal["none", "nf4"] = "none"
+    quantize: Literal["none", "nf4", "int8"] = "none"  # the frozen base in 4-bit NF4 or LLM.int8 (bitsandbytes)
 
 
 class PreferenceConfig(Strict):

@@ -621,3 +621,25 @@ def _forced(sharding):
     from lmlab.plan.strategy import Forced
 
     return Forced(sharding=sharding)
+
+
+def test_qlora_in_8_bits_holds_the_base_in_about_a_byte_a_weight_and_is_emitted_as_int8(tmp_path):
+    from lmlab.cli import app
+    from lmlab.pipeline import load_pipeline
+    from lmlab.plan.memory import NF4_BYTES
+
+    shape = resolve_shape("llama-3.1-8b")
+    four, eight = (training_memory(shape, TrainSetup(method="qlora", quant_bits=bits)).weights for bits in (4, 8))
+    counts = count_params(shape)
+    linear = counts.total - counts.embedding - shape.hidden_size * (2 * shape.num_layers + 1)
+    assert eight - four == pytest.approx(linear * (1 + 4 / shape.hidden_size - NF4_BYTES))
+    checkpoint = tmp_path / "llama"
+    checkpoint.mkdir()
+    result = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "1x4090", "--goal", "sft",
+                                      "--method", "qlora", "--qlora-bits", "8", "--checkpoint", str(checkpoint),
+                                      "--emit", str(tmp_path / "q8.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "base in LLM.int8" in result.output
+    assert load_pipeline(tmp_path / "q8.yaml")[1][0].recipe.lora.quantize == "int8"
+    bad = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--qlora-bits", "2"])
+    assert bad.exit_code == 2 and "--qlora-bits: unknown value '2'" in bad.output

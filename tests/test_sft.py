@@ -142,9 +142,10 @@ def test_default_epochs_follow_the_size_rule_and_warn_outside_2_to_4(tmp_path, b
 def test_qlora_on_cpu_is_a_clear_error(tmp_path, base_model):
     from lmlab.stages.sft import prepare_sft
 
-    recipe = sft_recipe(tmp_path, base_model, lora={"enabled": True, "quantize": "nf4"})
-    with pytest.raises(LmlabError, match="needs a CUDA GPU"):
-        prepare_sft(recipe)
+    for quantize in ("nf4", "int8"):
+        recipe = sft_recipe(tmp_path, base_model, lora={"enabled": True, "quantize": quantize})
+        with pytest.raises(LmlabError, match=f"QLoRA \\(lora.quantize: {quantize}\\) needs a CUDA GPU"):
+            prepare_sft(recipe)
 
 
 def test_lora_warns_on_large_alpha(tmp_path, base_model):

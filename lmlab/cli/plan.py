@@ -46,7 +46,8 @@ def plan(
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw, adamw_8bit or adafactor."),
     precision: str = typer.Option("bf16-mixed", "--precision", help="bf16-mixed, fp32 or bf16 (no fp32 master)."),
     lora_rank: int = typer.Option(16, "--lora-rank", min=1, max=4096, help="LoRA / QLoRA rank."),
-    lora_targets: str = typer.Option("all-linear", "--lora-targets", help="all-linear, attention or qv."),
+    lora_targets: str = typer.Option("all-linear", "--lora-targets", help="all-linear, attention, qv."),
+    qlora_bits: int = typer.Option(4, "--qlora-bits", help="QLoRA's base: 4 (NF4) or 8 (LLM.int8)."),
     attention: str = typer.Option("flash", "--attention", help="flash, sdpa or eager (eager keeps the softmax)."),
     allreduce_gbps: Optional[float] = typer.Option(None, "--allreduce-gbps", min=0.1, max=10_000,
                                                    help="NCCL all-reduce bus bandwidth (default: measured figure)."),
@@ -66,10 +67,9 @@ def plan(
 
     if method not in (None, "full", "lora", "qlora"):
         raise LmlabError(f"unknown method '{method}'", field="--method", hint="full, lora or qlora")
-    count, gpu = parse_gpus(gpus)
-    examples = parse_count(sft_examples, "sft-examples")
+    (count, gpu), examples = parse_gpus(gpus), parse_count(sft_examples, "sft-examples")
     setup, forced = training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank,
-                                     lora_targets, attention)
+                                     lora_targets, attention, qlora_bits)
     result = make_plan(resolve_shape(model), gpu, count, goal=goal, tokens=parse_count(tokens, "tokens"),
                        domain_tokens=parse_count(domain_tokens, "domain-tokens"),
                        unique_tokens=parse_count(unique_tokens, "unique-tokens"),
@@ -93,7 +93,8 @@ def _one_of(value: str, allowed: tuple[str, ...], flag: str) -> str:
     return value
 
 
-def training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank, lora_targets, attention):
+def training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank, lora_targets, attention,
+                     qlora_bits=4):
     """The plan options as the planner's TrainSetup fields and its forced choices, each value checked."""
     from lmlab.plan.memory import LORA_TARGETS, OPTIMIZER_BYTES
     from lmlab.plan.strategy import Forced
@@ -102,7 +103,8 @@ def training_options(sharding, micro_batch, checkpointing, optimizer, precision,
     setup = {"optimizer": _one_of(optimizer, tuple(OPTIMIZER_BYTES), "--optimizer"),
              "precision_bytes": 4 if precision == "fp32" else 2, "master_weights": precision != "bf16",
              "lora_rank": lora_rank, "lora_targets": _one_of(lora_targets, tuple(LORA_TARGETS), "--lora-targets"),
-             "attention": _one_of(attention, ("flash", "sdpa", "eager"), "--attention")}
+             "attention": _one_of(attention, ("flash", "sdpa", "eager"), "--attention"),
+             "quant_bits": int(_one_of(str(qlora_bits), ("4", "8"), "--qlora-bits"))}
     forced = Forced(sharding=_one_of(sharding, ("ddp", "zero1", "zero2", "zero3"), "--sharding") if sharding else None,
                     micro_batch=micro_batch,
                     checkpointing={"on": True, "off": False}[_one_of(checkpointing, ("on", "off"), "--checkpointing")]

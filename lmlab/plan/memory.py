@@ -34,6 +34,11 @@ Method = Literal["full", "lora", "qlora"]
 Optimizer = Literal["adamw", "adamw_8bit", "adafactor"]
 Sharding = Literal["ddp", "zero1", "zero2", "zero3"]
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def int8_bytes(in_features: int) -> float:
+    """LLM.int8 (bitsandbytes): one byte a weight and an fp32 absmax per output row (Dettmers et al. 2022)."""
+    return 1 + 4 / in_features
 OPTIMIZER_BYTES = {"adamw": 12.0, "adamw_8bit": 6.0, "adafactor": 4.0}  # fp32 master + states, per trained param
 # pure bf16 (no fp32 master copy; the states in bf16, 8-bit ones as they are): per trained param
 PURE_BF16_OPTIMIZER_BYTES = {"adamw": 4.0, "adamw_8bit": 2.0, "adafactor": 0.0}
@@ -58,6 +63,7 @@ class TrainSetup:
     attention: Literal["sdpa", "flash", "eager"] = "flash"
     precision_bytes: int = 2  # bf16 weights and activations; 4 for fp32 training
     master_weights: bool = True  # bf16 with an fp32 master copy (mixed precision); False: pure bf16
+    quant_bits: Literal[4, 8] = 4  # QLoRA's frozen base: NF4 with double quantisation, or LLM.int8
     lora_rank: int = 16
     lora_targets: str = "all-linear"
     paged_optimizer: bool = True  # QLoRA: bitsandbytes' paged AdamW pages its states to CPU under pressure
@@ -211,30 +217,34 @@ def loss_step_bytes(vocab: int, tokens: int, hidden: int = 0, precision_bytes: i
     return tile * precision_bytes + (vocab + tokens) * hidden * 4
 
 
-def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
+def model_states(shape: ModelShape, setup: TrainSetup, notes: list[str]) -> tuple[int, float, float, float]:
+    """(trained parameters, weight, gradient, optimizer bytes) before any sharding or offload."""
     counts = count_params(shape)
     n, e = counts.total, setup.precision_bytes
-    shards = setup.num_gpus
-    notes: list[str] = []
     if setup.method == "full":
-        trainable = n
-        weights, grads = n * e, n * e
         if e == 4:  # fp32 weights are their own master
-            master_and_states = n * (OPTIMIZER_BYTES[setup.optimizer] - 4)
+            states = n * (OPTIMIZER_BYTES[setup.optimizer] - 4)
         else:
-            master_and_states = n * (OPTIMIZER_BYTES if setup.master_weights else PURE_BF16_OPTIMIZER_BYTES)[
-                setup.optimizer]
+            states = n * (OPTIMIZER_BYTES if setup.master_weights else PURE_BF16_OPTIMIZER_BYTES)[setup.optimizer]
+        return n, n * e, n * e, states
+    trainable = lora_params(shape, setup.lora_rank, setup.lora_targets)
+    if setup.method == "qlora":
+        linear = n - counts.embedding - shape.hidden_size * (2 * shape.num_layers + 1)
+        per_weight = NF4_BYTES if setup.quant_bits == 4 else int8_bytes(shape.hidden_size)
+        weights = linear * per_weight + (n - linear) * 2 + trainable * 4
+        notes.append(("QLoRA: NF4 base with double quantisation" if setup.quant_bits == 4 else
+                      "QLoRA: LLM.int8 base") + ", bf16 compute; needs CUDA (bitsandbytes)")
     else:
-        trainable = lora_params(shape, setup.lora_rank, setup.lora_targets)
-        if setup.method == "qlora":
-            linear = n - counts.embedding - shape.hidden_size * (2 * shape.num_layers + 1)
-            weights = linear * NF4_BYTES + (n - linear) * 2 + trainable * 4
-            notes.append("QLoRA: NF4 base with double quantisation, bf16 compute; needs CUDA (bitsandbytes)")
-        else:
-            weights = n * e + trainable * 4
-        grads = trainable * 4
-        # fp32 adapters are their own master: the optimizer's states only
-        master_and_states = trainable * (OPTIMIZER_BYTES[setup.optimizer] - 4)
+        weights = n * e + trainable * 4
+    # fp32 adapters are their own master: the optimizer's states only
+    return trainable, weights, trainable * 4, trainable * (OPTIMIZER_BYTES[setup.optimizer] - 4)
+
+
+def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
+    counts = count_params(shape)
+    e, shards = setup.precision_bytes, setup.num_gpus
+    notes: list[str] = []
+    trainable, weights, grads, master_and_states = model_states(shape, setup, notes)
     optimizer = master_and_states
     offloaded = 0.0
     if setup.sharding in ("zero1", "zero2", "zero3"):

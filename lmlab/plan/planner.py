@@ -227,7 +227,8 @@ def _adapters(choice: Choice) -> dict[str, Any]:
     if method == "full":
         return {}
     rank, targets = choice.setup.lora_rank, choice.setup.lora_targets
-    return {"lora": {"enabled": True, "r": rank, "alpha": 2 * rank, "quantize": "nf4" if method == "qlora" else "none",
+    quantize = ("nf4" if choice.setup.quant_bits == 4 else "int8") if method == "qlora" else "none"
+    return {"lora": {"enabled": True, "r": rank, "alpha": 2 * rank, "quantize": quantize,
                      "target_modules": "all-linear" if targets == "all-linear" else
                      [f"{name}_proj" for name in LORA_TARGETS[targets]]}}
 
@@ -249,6 +250,8 @@ def setup_words(setup: TrainSetup) -> str:
              f"sharding {setup.sharding}" + (" + CPU offload" if setup.offload else "")]
     if setup.method != "full":
         words.append(f"LoRA rank {setup.lora_rank} on {setup.lora_targets}")
+    if setup.method == "qlora":
+        words.append("base in NF4" if setup.quant_bits == 4 else "base in LLM.int8")
     return ", ".join(words)
 
 

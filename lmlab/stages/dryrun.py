@@ -121,7 +121,7 @@ def memory_line(recipe: Recipe, shape) -> str:
     from lmlab.stages.arguments import use_bf16
 
     lora = recipe.lora
-    method = ("qlora" if lora.quantize == "nf4" else "lora") if lora.enabled else "full"
+    method = ("qlora" if lora.quantize != "none" else "lora") if lora.enabled else "full"
     mode = recipe.train.distributed  # zero1 / zero2 / zero3 (FSDP2 or DeepSpeed), with or without offload; else DDP
     sharding = next((stage for stage in ("zero3", "zero2", "zero1") if stage in mode), "ddp")
     setup = TrainSetup(method=method, sharding=sharding, offload="offload" in mode,
@@ -130,6 +130,7 @@ def memory_line(recipe: Recipe, shape) -> str:
                        gradient_checkpointing=recipe.train.gradient_checkpointing,
                        precision_bytes=2 if use_bf16(recipe.train.precision) else 4, lora_rank=lora.r,
                        optimizer=PLANNED_OPTIMIZER.get(recipe.optim.optimizer, "adamw"),
+                       quant_bits=8 if lora.quantize == "int8" else 4,
                        attention="sdpa", loss_tiling=stage_loss_tiling(recipe, shape.vocab_size), triton=cuda() and installed("triton"))
     m = training_memory(shape, setup)
     return (f"memory per device: {size(m.total)} (weights {size(m.weights)}, gradients {size(m.gradients)}, "

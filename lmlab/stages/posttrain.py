@@ -171,21 +171,24 @@ def lora_config(recipe: Recipe, examples: int, model) -> Any:
 
 
 def load_policy(recipe: Recipe, tokenizer):
-    """The base model; QLoRA loads it in NF4 with double quantisation (CUDA and bitsandbytes only)."""
+    """The base model; QLoRA loads it in NF4 with double quantisation, or in LLM.int8 (CUDA and bitsandbytes
+    only)."""
     import torch
 
     from lmlab.models.build import attention_kernel, check_vocab, installed, load_model
 
-    if recipe.lora.enabled and recipe.lora.quantize == "nf4":
+    if recipe.lora.enabled and recipe.lora.quantize != "none":
         if not torch.cuda.is_available():
-            raise LmlabError("QLoRA (lora.quantize: nf4) needs a CUDA GPU and bitsandbytes", field="lora.quantize",
+            raise LmlabError(f"QLoRA (lora.quantize: {recipe.lora.quantize}) needs a CUDA GPU and bitsandbytes",
+                             field="lora.quantize",
                              hint="use plain LoRA (lora.quantize: none) on CPU")
         if not installed("bitsandbytes"):
             raise LmlabError("QLoRA needs bitsandbytes: pip install 'lmlab[gpu]'", field="lora.quantize")
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        quant = BitsAndBytesConfig(load_in_8bit=True) if recipe.lora.quantize == "int8" else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(recipe.model.from_pretrained, quantization_config=quant,
                                                      use_safetensors=True, dtype=torch.bfloat16,
                                                      trust_remote_code=recipe.model.trust_remote_code,
@@ -240,7 +243,7 @@ def fine_tuning_lr(recipe: Recipe, model, ratio: float = 1.0, from_previous: boo
     from lmlab.models.build import count_parameters
     from lmlab.plan.rules import FT, learning_rate_range
 
-    method = ("qlora" if recipe.lora.quantize == "nf4" else "lora") if recipe.lora.enabled else "full"
+    method = ("qlora" if recipe.lora.quantize != "none" else "lora") if recipe.lora.enabled else "full"
     params = count_parameters(model)
     low, high = (bound * ratio for bound in learning_rate_range(params, method))
     manifest = read_manifest(recipe.model.from_pretrained or "")
