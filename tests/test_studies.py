@@ -49,7 +49,7 @@ def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir)
 
     report = run_study(_study(tmp_path, tok_dir))
     results = json.loads((report.parent / "study.json").read_text())
-    assert len(results["findings"]) == 5
+    assert len(results["findings"]) == 6
     for finding in results["findings"]:  # a verdict from margins with intervals, and the numbers behind it
         assert finding["verdict"] in ("reproduced", "not reproduced", "inconclusive") and finding["numbers"]
         assert all({"value", "ci_low", "ci_high"} <= set(m) for m in finding["margins"].values()), finding
@@ -58,7 +58,7 @@ def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir)
     assert results["distilled"]["loss"] > 0 and results["data_scaling"]["tokens"] == [400, 800, 1600]
     text = report.read_text()
     assert "## Findings" in text and "standard_epochs.png" in text and "resamples of the validation rows" in text
-    assert text.count("Rule, fixed before the run") == 5
+    assert text.count("Rule, fixed before the run") == 6
     for png in ("standard_epochs.png", "loss_vs_params.png"):
         assert (report.parent / png).stat().st_size > 5000
     # averaged logits (or log-probs): by Jensen on log-sum-exp, an ensemble's loss is at most its members' mean
@@ -96,7 +96,7 @@ def test_evolm_study_runs_every_finding_on_tiny_models(tmp_path, tok_dir):
     path.write_text(yaml.safe_dump(tree))
     report = run_study(path)
     results = json.loads((report.parent / "evolm.json").read_text())
-    assert len(results["findings"]) == 5
+    assert len(results["findings"]) == 6
     for finding in results["findings"]:  # a verdict, its rule and margins, and the numbers it was reached from
         assert isinstance(finding["reproduced"], bool) and finding["numbers"] and finding["claim"]
         assert finding["verdict"] in ("reproduced", "not reproduced", "inconclusive") and finding["rule"]
@@ -182,7 +182,8 @@ def _data_constrained_world(means: dict[str, float], tied: tuple[str, str] | Non
                      3: boot.full(f"ensemble-{m}-k3")} for m in "abc"}
     results = {"budget_tokens": 1000, "parameters": {"a": 10_000, "b": 20_000, "c": 40_000},
                "standard_best": best["standard"], "regularised_best": best["regularised"],
-               "distilled": {"student": "a", "loss": boot.full("distill-a")}}
+               "distilled": {"student": "a", "loss": boot.full("distill-a")},
+               "self_distilled": {"student": "a", "loss": boot.full("self-distill-a")}}
     return study, results, ensembles, runs, fit_study(study, results, ensembles, runs), boot
 
 
@@ -192,6 +193,7 @@ def _data_constrained_world(means: dict[str, float], tied: tuple[str, str] | Non
 HOLDS = {**{f"std-{m}-e{e}": v for m, curve in {"a": (3.5, 3.4, 3.35), "b": (3.3, 3.2, 3.25),
                                                  "c": (3.2, 3.1, 3.3)}.items() for e, v in zip((1, 2, 4), curve)},
          "reg-a": 3.3, "reg-b": 3.1, "reg-c": 2.95, "std-c-f0.25": 3.4, "std-c-f0.5": 3.224, "distill-a": 3.0,
+         "self-distill-a": 3.25,
          **{f"ensemble-{m}-k{k}": v for m, by_k in {"a": (3.2, 3.17), "b": (3.0, 2.97), "c": (2.85, 2.82)}.items()
             for k, v in zip((2, 3), by_k)}}
 
@@ -207,7 +209,7 @@ def test_data_constrained_verdicts_follow_the_rule_stated_before_the_run():
 
     study, results, ensembles, runs, fits, boot = _data_constrained_world(HOLDS)
     held = findings(study, results, ensembles, runs, fits, boot)
-    assert [f["verdict"] for f in held[:2]] + [held[3]["verdict"]] == ["reproduced"] * 3
+    assert [held[i]["verdict"] for i in (0, 1, 3, 5)] == ["reproduced"] * 4
     overfit = next(iter(held[0]["margins"].values()))
     assert overfit["value"] == pytest.approx(0.2, abs=0.01) and 0 < overfit["ci_low"] < 0.2 < overfit["ci_high"]
     params = [10_000, 20_000, 40_000]
@@ -222,9 +224,9 @@ def test_data_constrained_verdicts_follow_the_rule_stated_before_the_run():
         math.log10(fits.efficiency["joint_asymptote"]))
     assert all(f["rule"].startswith("margin:") and f["numbers"] for f in held)
 
-    fails = {**HOLDS, "std-c-e4": 3.0, "reg-b": 3.35, "distill-a": 3.3}  # falls, not monotone, student worse
+    fails = {**HOLDS, "std-c-e4": 3.0, "reg-b": 3.35, "distill-a": 3.3, "self-distill-a": 3.35}  # each reversed
     refuted = findings(*_data_constrained_world(fails))
-    assert [refuted[i]["verdict"] for i in (0, 1, 3)] == ["not reproduced"] * 3
+    assert [refuted[i]["verdict"] for i in (0, 1, 3, 5)] == ["not reproduced"] * 4
 
     tie = findings(*_data_constrained_world(HOLDS, tied=("std-c-e2", "std-c-e4")))
     assert tie[0]["verdict"] == "inconclusive" and next(iter(tie[0]["margins"].values()))["value"] == 0

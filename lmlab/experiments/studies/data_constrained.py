@@ -6,7 +6,8 @@ fixed unique-token budget and the grids; `lmlab study` then runs, in order:
 1. the standard recipe (weight decay 0.1) at every size over an epoch grid;
 2. the regularised recipe (weight decay up to 30x larger) at every size;
 3. ensembles of K members of each size's best regularised configuration (seeds differ);
-4. distillation of the largest ensemble into one student;
+4. distillation of the largest ensemble into one student, and self-distillation: the student size's best
+   single model distilled into a fresh model of its own size;
 5. the standard recipe on smaller budgets, for a data-scaling fit.
 
 Every model is scored by one function on the same held-out validation rows, so
@@ -196,14 +197,18 @@ def ensemble_runs(study: DataConstrainedStudy, runner: Runner, score: Scores, ru
     return ensembles, member_losses
 
 
-def distill_run(study: DataConstrainedStudy, runner: Runner, score: Scores, reg_best: dict) -> dict[str, Any]:
-    """The largest size's full ensemble distilled into one student (its best regularised configuration)."""
-    teacher = study.run_dir / "ensembles" / f"{list(study.models)[-1]}-k{study.ensemble.members}"
+def distill_run(study: DataConstrainedStudy, runner: Runner, score: Scores, reg_best: dict,
+                self_distill: bool = False) -> dict[str, Any]:
+    """The largest size's full ensemble distilled into one student (its best regularised configuration); with
+    `self_distill`, the student size's best regularised model is the teacher instead (the same size)."""
     d, cfg = study.distill, reg_best[study.distill.student]
-    student = runner.run(runner.tree(f"distill-{d.student}", d.student, cfg["weight_decay"], cfg["epochs"], extra={
+    teacher = runner.final(cfg["name"]) if self_distill else \
+        study.run_dir / "ensembles" / f"{list(study.models)[-1]}-k{study.ensemble.members}"
+    name = f"{'self-distill' if self_distill else 'distill'}-{d.student}"
+    student = runner.run(runner.tree(name, d.student, cfg["weight_decay"], cfg["epochs"], extra={
         "stage": "distill", "tokenizer": {"path": None},
         "distill": {"teacher": str(teacher), "alpha": d.alpha, "temperature": d.temperature, "top_k": d.top_k}}))
-    return {"student": d.student, "teacher": str(teacher), "loss": score(student, f"distill-{d.student}")}
+    return {"student": d.student, "teacher": str(teacher), "loss": score(student, name)}
 
 
 def run_data_constrained(path: str | Path) -> Path:
@@ -217,7 +222,7 @@ def run_data_constrained(path: str | Path) -> Path:
     study = load_study(path, DataConstrainedStudy)
     runner, sizes = Runner(study, str(path)), list(study.models)
     trees = plan_trees(study, runner)
-    console().print(f"[bold]{study.name}[/]: {len(trees)} single runs + ensembles + a distilled student, "
+    console().print(f"[bold]{study.name}[/]: {len(trees)} single runs + ensembles + two distilled students, "
                     f"{runner.budget:,} unique tokens -> {study.run_dir}")
     first = validate_recipe(next(iter(trees.values())) | {"tokenizer": study.base.get("tokenizer", {})},
                             file=str(path))
@@ -238,7 +243,8 @@ def run_data_constrained(path: str | Path) -> Path:
     results: dict[str, Any] = {
         "budget_tokens": runner.budget, "runs": by_name, "parameters": params, "standard_best": std_best,
         "regularised_best": reg_best, "ensembles": {m: {str(k): v for k, v in e.items()} for m, e in ensembles.items()},
-        "ensemble_members": member_losses, "distilled": distill_run(study, runner, score, reg_best)}
+        "ensemble_members": member_losses, "distilled": distill_run(study, runner, score, reg_best),
+        "self_distilled": distill_run(study, runner, score, reg_best, self_distill=True)}
     fits = fit_study(study, results, ensembles, runs)
     results |= fits.as_dict()
     results["findings"] = findings(study, results, ensembles, runs, fits, RowResamples(score.per_row))
@@ -314,7 +320,8 @@ def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, di
     return [_overfit_finding(study, runs, boot), _monotone_finding(study, results, boot),
             _ensemble_finding(study, results, ensembles, fits, refit, refit_draws),
             _distill_finding(study, results, ensembles, boot),
-            _efficiency_finding(study, results, ensembles, fits, refit, refit_draws)]
+            _efficiency_finding(study, results, ensembles, fits, refit, refit_draws),
+            _self_distill_finding(study, results, boot)]
 
 
 def ensemble_keys(study: DataConstrainedStudy, results: dict, size: str) -> dict[int, str]:
@@ -419,6 +426,18 @@ def _distill_finding(study, results, ensembles, boot) -> dict:
                   f"best {overall['loss']:.4f} ({overall['model']}); the student's own size: standard "
                   f"{std_best[student]['loss']:.4f}, regularised {reg_best[student]['loss']:.4f}; teacher ensemble "
                   f"{ensembles[sizes[-1]][k]:.4f}")
+
+
+def _self_distill_finding(study, results, boot) -> dict:
+    """6. self-distillation: a model of the student's size trained on its own size's best model beats it."""
+    student, teacher = results["self_distilled"]["student"], results["regularised_best"][study.distill.student]
+    key = f"self-distill-{student}"
+    margin = boot.paired(lambda L: L(teacher["name"]) - L(key))
+    return judged("self-distillation beats its teacher (the same size, the same data)",
+                  "margin: the teacher's loss (the student size's best regularised model) minus its self-distilled "
+                  "student's", {"teacher - self-distilled": margin},
+                  f"{student}: teacher {teacher['loss']:.4f} (wd {teacher['weight_decay']:g}, {teacher['epochs']:g} ep), "
+                  f"self-distilled {results['self_distilled']['loss']:.4f}")
 
 
 def _efficiency_finding(study, results, ensembles, fits, refit, draws) -> dict:
