@@ -87,3 +87,43 @@ def test_a_forked_variant_runs_in_the_callers_directory_with_its_own_log_and_exi
     log = (tmp_path / "bad.log").read_text()
     assert "bad.yaml" in log and "train.epochs" in log and "Traceback" not in log
     assert (tmp_path / "ok.log").read_text().strip()
+
+
+def test_with_gpus_each_variant_runs_on_its_own_gpu_and_jobs_default_to_one_per_gpu(tmp_path, monkeypatch):
+    """Variants that run at the same time never share a GPU (CUDA_VISIBLE_DEVICES per variant, the least busy
+    first); without GPUs they are started as before, and --jobs defaults to one per GPU."""
+    import lmlab.experiments.processes as processes
+    from lmlab.experiments.ablate import Variant, run_variants
+
+    class Running:
+        """Ends at its second poll: two variants are always in flight together."""
+
+        def __init__(self, env):
+            self.env, self.polls = env, 0
+
+        @property
+        def exitcode(self):
+            self.polls += 1
+            return 0 if self.polls > 2 else None
+
+        def join(self):
+            pass
+
+    started, in_flight = [], []
+
+    def start(args, log, env=None):
+        process = Running(env)
+        in_flight[:] = [p for p in in_flight if p.polls <= 2]
+        assert env["CUDA_VISIBLE_DEVICES"] not in {p.env["CUDA_VISIBLE_DEVICES"] for p in in_flight}
+        in_flight.append(process)
+        started.append(env["CUDA_VISIBLE_DEVICES"])
+        return process
+
+    monkeypatch.setattr(processes, "start_lmlab", start)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert processes.visible_gpus() == ["2", "5"] and processes.default_jobs() == 2
+    todo = [Variant(f"v{i}", {}, 0, []) for i in range(5)]
+    assert run_variants(tmp_path / "r.yaml", ["pretrain"], todo, tmp_path / "out", jobs=2) == []
+    assert sorted(set(started)) == ["2", "5"] and len(started) == 5
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert processes.visible_gpus() == [] and processes.default_jobs() >= 1

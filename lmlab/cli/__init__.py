@@ -175,7 +175,7 @@ def run(recipe: Path = typer.Argument(..., help="A pipeline recipe: `stages:` in
 def ablate(recipe: Path = typer.Argument(..., help="A stage recipe or a pipeline recipe."),
            grid: List[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeatable; e.g. sft.epochs=1,2,4)."),
            seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per grid point."),
-           jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs at a time (default: cores / 4)."),
+           jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs at a time (default: one per GPU, else cores / 4)."),
            set_: Optional[List[str]] = SetOption) -> None:
     """Run grid x seeds variants, then a mean ± std table per metric and plots against the swept value."""
     from lmlab.experiments.ablate import run_ablation

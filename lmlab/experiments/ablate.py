@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lmlab.errors import LmlabError
+from lmlab.experiments.processes import default_jobs
 from lmlab.loading import is_pipeline, read_yaml
 from lmlab.paths import write_json_atomic, write_text_atomic
 from lmlab.stats import mean_std
@@ -176,18 +177,20 @@ def _mean_cell(summary: tuple[float, float, int], values: list[float]) -> str:
 
 def run_variants(path: Path, command: list[str], todo: list[Variant], out_dir: Path, jobs: int,
                  extra: list[str] | None = None, overwrite: bool = True) -> list[str]:
-    """Run each variant as its own `lmlab` process, `jobs` at a time (threads split between them);
+    """Run each variant as its own `lmlab` process, `jobs` at a time (threads split between them; with GPUs,
+    each variant on the least busy one through CUDA_VISIBLE_DEVICES, so they never all land on GPU 0);
     returns the names of the variants that failed (their logs are in `out_dir/logs`)."""
     import time
 
     from lmlab.console import console as shared_console
-    from lmlab.experiments.processes import start_lmlab
+    from lmlab.experiments.processes import start_lmlab, visible_gpus
 
     console = shared_console()
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    running: list[tuple[Variant, Any]] = []
+    busy = {gpu: 0 for gpu in visible_gpus()}  # variants running on each GPU
+    running: list[tuple[Variant, Any, str | None]] = []
     failed: list[str] = []
     queue = list(todo)
     while queue or running:
@@ -198,11 +201,17 @@ def run_variants(path: Path, command: list[str], todo: list[Variant], out_dir: P
                 args += ["--set", item]
             if overwrite:
                 args.append("--overwrite")
-            running.append((variant, start_lmlab(args, logs / f"{variant.name}.log", env)))
-        for variant, proc in list(running):
+            gpu = min(busy, key=busy.get) if busy else None
+            if gpu is not None:
+                busy[gpu] += 1
+            variant_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
+            running.append((variant, start_lmlab(args, logs / f"{variant.name}.log", variant_env), gpu))
+        for variant, proc, gpu in list(running):
             if proc.exitcode is not None:
                 proc.join()
-                running.remove((variant, proc))
+                running.remove((variant, proc, gpu))
+                if gpu is not None:
+                    busy[gpu] -= 1
                 if proc.exitcode:
                     failed.append(variant.name)
                 console.print(f"{variant.name}: " + (f"failed (exit {proc.exitcode})" if proc.exitcode else "done"))
@@ -232,7 +241,7 @@ def run_ablation(recipe: str | os.PathLike, grid_specs: list[str], seeds: int = 
     for variant in todo:
         overrides = [*(extra or []), *variant.overrides, f"output.dir={out_dir}"]
         load_pipeline(path, overrides) if pipeline else load_recipe(path, overrides)
-    jobs = jobs or max(1, (os.cpu_count() or 1) // 4)
+    jobs = jobs or default_jobs()
     console.print(f"ablation: {len(todo)} runs ({len(todo) // seeds} grid points x {seeds} seeds), {jobs} at a time "
                   f"-> {out_dir}")
     logs = out_dir / "logs"

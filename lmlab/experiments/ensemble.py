@@ -17,11 +17,10 @@ from lmlab.models.ensemble import Combine
 def train_ensemble(recipe: str | Path, members: int, jobs: int | None = None, extra: list[str] | None = None,
                    combine: Combine = "logits") -> Path:
     """Train `members` copies of a stage recipe that differ by seed (init and data order), in parallel
-    processes when there are cores to spare, then save them as one ensemble."""
-    import os
-
+    processes when there are cores (or GPUs) to spare, then save them as one ensemble."""
     from lmlab.data.tokenizer import resolve_tokenizer
     from lmlab.experiments.ablate import Variant, run_variants
+    from lmlab.experiments.processes import default_jobs
     from lmlab.models.ensemble import save_ensemble
     from lmlab.loading import is_pipeline, load_recipe, read_yaml
 
@@ -43,7 +42,7 @@ def train_ensemble(recipe: str | Path, members: int, jobs: int | None = None, ex
         resolve_tokenizer(first.model_copy(update={"seed": 0}), out_dir)
         extra = [*(extra or []), f"tokenizer.path={out_dir / 'tokenizer'}"]
     failed = run_variants(path, [tree.get("stage", "pretrain")], todo, out_dir,
-                          jobs or max(1, (os.cpu_count() or 1) // 4), extra)
+                          jobs or default_jobs(), extra)
     if failed:
         raise LmlabError(f"ensemble members failed: {', '.join(failed)}", file=str(out_dir / "logs"))
     return save_ensemble([out_dir / v.name / "final" for v in todo], out_dir / "ensemble", combine)

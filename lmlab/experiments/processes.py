@@ -22,6 +22,23 @@ from pathlib import Path
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "datasets", "lmlab.cli"]
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices the variants share: CUDA_VISIBLE_DEVICES's entries when it is set (empty: none), else
+    every device torch counts (counting them does not initialise CUDA in this process)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [device.strip() for device in given.split(",") if device.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def default_jobs() -> int:
+    """Variants at a time: one per GPU when there are GPUs, else a quarter of the cores (threads split)."""
+    gpus = visible_gpus()
+    return len(gpus) if gpus else max(1, (os.cpu_count() or 1) // 4)
+
+
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)

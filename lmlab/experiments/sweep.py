@@ -22,6 +22,7 @@ from typing import Any
 
 
 from lmlab.experiments.ablate import Variant, run_variants
+from lmlab.experiments.processes import default_jobs
 from lmlab.errors import LmlabError
 from lmlab.paths import write_json_atomic, write_text_atomic
 from lmlab.stats import Estimate, paired
@@ -155,7 +156,7 @@ def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = Non
     start = {"optim.weight_decay": base.optim.weight_decay, "optim.lr": base.optim.lr,
              "train.epochs": base.train.epochs or 1}
     sweep = Sweep(path, base, Path(base.output.dir) / f"{tree.get('name', path.stem)}-sweep",
-                  jobs or max(1, (os.cpu_count() or 1) // 4), extra)
+                  jobs or default_jobs(), extra)
     best = sweep.descend({k: start.get(k, grid[k][0]) for k in grid}, grid, rounds)
     summary = sweep.summary(best, grid)
     sweep.write(summary, grid)
