@@ -34,12 +34,9 @@ Method = Literal["full", "lora", "qlora"]
 Optimizer = Literal["adamw", "adamw_8bit", "adafactor"]
 Sharding = Literal["ddp", "zero1", "zero2", "zero3"]
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-
-
-def int8_bytes(in_features: int) -> float:
-    """LLM.int8 (bitsandbytes): one byte a weight and an fp32 absmax per output row (Dettmers et al. 2022)."""
-    return 1 + 4 / in_features
 OPTIMIZER_BYTES = {"adamw": 12.0, "adamw_8bit": 6.0, "adafactor": 4.0}  # fp32 master + states, per trained param
+# each optimizer's HF Trainer `optim` name where it is not AdamW (what --emit writes and the dry run reads)
+HF_OPTIMIZER = {"adamw_8bit": "adamw_bnb_8bit", "adafactor": "adafactor"}
 # pure bf16 (no fp32 master copy; the states in bf16, 8-bit ones as they are): per trained param
 PURE_BF16_OPTIMIZER_BYTES = {"adamw": 4.0, "adamw_8bit": 2.0, "adafactor": 0.0}
 LORA_TARGETS = {
@@ -217,9 +214,14 @@ def loss_step_bytes(vocab: int, tokens: int, hidden: int = 0, precision_bytes: i
     return tile * precision_bytes + (vocab + tokens) * hidden * 4
 
 
-def model_states(shape: ModelShape, setup: TrainSetup, notes: list[str]) -> tuple[int, float, float, float]:
-    """(trained parameters, weight, gradient, optimizer bytes) before any sharding or offload."""
-    counts = count_params(shape)
+def int8_bytes(in_features: int) -> float:
+    """LLM.int8 (bitsandbytes): one byte a weight and an fp32 absmax per output row (Dettmers et al. 2022)."""
+    return 1 + 4 / in_features
+
+
+def model_states(shape: ModelShape, setup: TrainSetup, counts, notes: list[str]) -> tuple[int, float, float, float]:
+    """(trained parameters, weight, gradient, optimizer bytes) before any sharding or offload; `counts` is
+    count_params(shape), which training_memory has already made."""
     n, e = counts.total, setup.precision_bytes
     if setup.method == "full":
         if e == 4:  # fp32 weights are their own master
@@ -244,7 +246,7 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     counts = count_params(shape)
     e, shards = setup.precision_bytes, setup.num_gpus
     notes: list[str] = []
-    trainable, weights, grads, master_and_states = model_states(shape, setup, notes)
+    trainable, weights, grads, master_and_states = model_states(shape, setup, counts, notes)
     optimizer = master_and_states
     offloaded = 0.0
     if setup.sharding in ("zero1", "zero2", "zero3"):

@@ -11,7 +11,7 @@ from lmlab.plan import rules
 from lmlab.plan.compute import (DEFAULT_MFU, communication_seconds, flops_per_token, human_duration,
                                  training_seconds)
 from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, bus_bandwidth, nodes_for
-from lmlab.plan.memory import GB, LORA_TARGETS, TrainSetup, kv_cache_bytes, resolved_tiling
+from lmlab.plan.memory import GB, HF_OPTIMIZER, LORA_TARGETS, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
 from lmlab.plan.strategy import Choice, Forced, choose_strategy, tight_words, what_would_fit
 
@@ -23,6 +23,8 @@ MAX_SFT_EXAMPLES = 1e9
 BUILDABLE = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
 GENERAL_CORPUS_TOKENS = 2.7e6  # the embedded general corpus under a ~150k-entry tokenizer (3.3M at 4k entries)
 MAX_REPLAY_PASSES = 4  # data-constrained scaling: repeats up to ~4 epochs are nearly as good as fresh data
+
+
 def distributed_mode(setup: TrainSetup) -> str:
     """The recipe's train.distributed for a planned setup: FSDP2 where it has the mode, DeepSpeed where only it
     does (ZeRO-1; ZeRO-3 offloading the optimizer but not the weights)."""
@@ -259,9 +261,6 @@ def precision_name(setup: TrainSetup) -> str:
     if setup.precision_bytes == 4:
         return "fp32"
     return "bf16-mixed" if setup.master_weights else "bf16"
-
-
-HF_OPTIMIZER = {"adamw_8bit": "adamw_bnb_8bit", "adafactor": "adafactor"}  # the HF Trainer's `optim` names
 
 
 def _optimizer_and_precision(s: StagePlan, block: dict, notes: list[str]) -> None:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from lmlab.distributed import world_size
+from lmlab.plan.memory import HF_OPTIMIZER
 from lmlab.recipe import Recipe
 
 GB = 1024 ** 3
@@ -109,9 +110,10 @@ def stage_loss_tiling(recipe: Recipe, vocab_size: int) -> str:
     return loss_tiling(recipe, vocab_size) if recipe.stage in ("pretrain", "cpt", "distill") else "fused"
 
 
-# HF Trainer `optim` names -> the planner's optimizer memory (anything else is counted as AdamW)
-PLANNED_OPTIMIZER = {"adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit",
-                     "adafactor": "adafactor"}
+# HF Trainer `optim` names -> the planner's optimizer memory: the inverse of the planner's table, and HF's
+# other 8-bit AdamW names (anything else is counted as AdamW)
+PLANNED_OPTIMIZER = {**{hf: ours for ours, hf in HF_OPTIMIZER.items()}, "adamw_8bit": "adamw_8bit",
+                     "paged_adamw_8bit": "adamw_8bit"}
 
 
 def memory_line(recipe: Recipe, shape) -> str:

@@ -21,7 +21,7 @@ study picks up where it stopped.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -272,7 +272,7 @@ class Fits:
     data_tokens: list[float]
     data_losses: list[float]
     efficiency: dict[str, float] | None
-    data_runs: list[str] = field(default_factory=list)  # the run behind each data-scaling point
+    data_runs: list[str]  # the run behind each data-scaling point
 
     def as_dict(self) -> dict[str, Any]:
         """What study.json and the report read (fits as dicts)."""
@@ -309,7 +309,7 @@ def fit_study(study: DataConstrainedStudy, results: dict, ensembles: dict[str, d
         efficiency = {"joint_asymptote": inverse_power_law(d_fit, joint.E) / budget,
                       "best_joint_model": inverse_power_law(d_fit, best_joint) / budget,
                       "regularised_asymptote": inverse_power_law(d_fit, reg_fit.E) / budget if reg_fit else math.nan}
-    return Fits(std_fit, reg_fit, joint, d_fit, tokens, by_d, efficiency, [r.get("name", "") for r in best_d])
+    return Fits(std_fit, reg_fit, joint, d_fit, tokens, by_d, efficiency, [r["name"] for r in best_d])
 
 
 def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]],
@@ -346,7 +346,7 @@ def asymptotes(study: DataConstrainedStudy, results: dict, fits: Fits, loss) -> 
         out["E_joint"] = identified(joint_asymptote({params[m]: {k: loss(key) for k, key in
                                                                  ensemble_keys(study, results, m).items()}
                                                      for m in sizes}).E)
-        if fits.data_runs and not math.isnan(out["E_joint"]):
+        if not math.isnan(out["E_joint"]):
             d_fit = fit_power_law(fits.data_tokens, [loss(name) for name in fits.data_runs], bootstrap=0)
             if not math.isnan(identified(d_fit.E)):
                 out["log10_efficiency"] = math.log10(inverse_power_law(d_fit, out["E_joint"]) /
@@ -362,7 +362,7 @@ def identified(E: float) -> float:
 
 
 def _pinned(*named: tuple[str, float]) -> str:
-    pinned = [name for name, E in named if not E > 0]
+    pinned = [name for name, E in named if math.isnan(identified(E))]
     return f" ({', '.join(pinned)} at the bound 0: not identified by these points)" if pinned else ""
 
 
