@@ -262,7 +262,8 @@ def test_chat_records_are_cached_on_disk_and_not_read_or_measured_again(tmp_path
     with open(path, "a") as fh:  # an edited file is read again
         fh.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
                  + "\n")
-    assert load_sft_data(recipe, prepare_tokenizer(recipe)).examples + len(first.validation) >= 41
+    edited = load_sft_data(recipe, prepare_tokenizer(recipe))
+    assert edited.examples + len(edited.validation) == 41  # its own split: the new record may be held out
 
 
 @pytest.mark.parametrize("packing", [False, True])
