@@ -53,6 +53,7 @@ class EvalStage(Strict):
     n: int = Field(100, gt=0)
     samples: int = Field(4, ge=1)  # maj@k / pass@k and the ORM score
     orm: str | None = "math_exact"
+    temperature: float = Field(0.8, gt=0)  # of the samples; RL's own objective is the reward at its temperature
     general_bpb: bool = True  # bits per byte on held-out general text: forgetting, comparable across tokenizers
     math_bpb: bool = False  # bits per byte on held-out math problems with solutions: the domain's validation loss
     models: list[str] | Literal["all"] = "all"

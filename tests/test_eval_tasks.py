@@ -78,3 +78,25 @@ def test_eval_cli_writes_results(tmp_path, base_model):
     assert result.exit_code == 0, result.output
     assert set(json.loads(out.read_text())) == {"math_ood/greedy_accuracy", "math_ood/greedy_accuracy_flexible",
                                                 "general_cloze/accuracy"}
+
+
+def test_eval_cli_samples_at_the_temperature_asked(tmp_path, base_model, monkeypatch):
+    """RL's own objective is the reward at its training temperature: `--temperature` reaches the sampler
+    (0.8 when not given), and a temperature of 0 is refused before anything loads."""
+    import lmlab.evaluate.onpolicy as onpolicy
+
+    seen, real = [], onpolicy.sampled_and_scored
+
+    def recording(model, tokenizer, prompts, records, scorers, samples, temperature, *args, **kwargs):
+        seen.append(temperature)
+        return real(model, tokenizer, prompts, records, scorers, samples, temperature, *args, **kwargs)
+
+    monkeypatch.setattr(onpolicy, "sampled_and_scored", recording)
+    for extra, expected in (([], 0.8), (["--temperature", "1.3"], 1.3)):
+        seen.clear()
+        result = CliRunner().invoke(app, ["eval", str(base_model), "--tasks", "math_id", "--n", "4", "--samples", "2",
+                                          "--orm", "math_exact", *extra])
+        assert result.exit_code == 0, result.output
+        assert seen and set(seen) == {expected}
+    result = CliRunner().invoke(app, ["eval", str(base_model), "--tasks", "math_id", "--temperature", "0"])
+    assert result.exit_code == 2 and "--temperature must be above 0" in result.output

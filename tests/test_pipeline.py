@@ -68,6 +68,8 @@ def test_impossible_orders_and_missing_artifacts_fail_before_compute(tmp_path):
     _bad(tmp_path, [{"stage": "pretrain"}, {"stage": "sft", "from": "nope"}], r"'from: nope' names no earlier stage")
     _bad(tmp_path, [{"stage": "pretrain"}, {"stage": "eval", "models": ["sft"]}], r"eval names 'sft'")
     _bad(tmp_path, [{"stage": "eval"}], "needs an earlier stage that makes a model")
+    _bad(tmp_path, [{"stage": "pretrain"}, {"stage": "eval", "temperature": 0}],
+         r"bad\.yaml:\d+: stages\[1\]\.temperature: Input should be greater than 0")
     _bad(tmp_path, [{"stage": "pretrain"}, {"stage": "pretrain"}], "two stages are named 'pretrain'")
     _bad(tmp_path, [{"stage": "pretrian"}], r"unknown stage 'pretrian'")
     _bad(tmp_path, [{"stage": "pretrain", "optim": {"lrr": 1}}], r"bad\.yaml:\d+: stages\[0\]\.optim\.lrr: unknown key 'lrr'")

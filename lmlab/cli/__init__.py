@@ -318,6 +318,9 @@ def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint d
           samples: int = typer.Option(1, "--samples", min=1, help="Samples per prompt for maj@k and pass@k."),
           orm: Optional[str] = typer.Option(None, "--orm", help="ORM score of the samples: a verifier "
                                             "(math_exact) or a reward-model directory."),
+          temperature: float = typer.Option(0.8, "--temperature",
+                                            help="Sampling temperature of the samples (RL's own objective is "
+                                            "the reward at its training temperature)."),
           as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (value, ci_low, ci_high, "
                                        "n per metric) instead of a table."),
           out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON."),
@@ -336,6 +339,9 @@ def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint d
     from lmlab.models.build import check_checkpoint
     from lmlab.stats import Estimate
 
+    if temperature <= 0:
+        raise LmlabError(f"--temperature must be above 0 (greedy accuracy is always reported), not {temperature}",
+                         field="--temperature")
     if len(checkpoints) > 2:
         raise LmlabError(f"lmlab eval takes one checkpoint, or two to compare; got {len(checkpoints)}",
                          field="CHECKPOINTS")
@@ -343,7 +349,8 @@ def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint d
     for path in checkpoints:  # and bad checkpoints, before any launch
         check_checkpoint(path, "checkpoint")
     relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
-    results = {str(path): evaluate_checkpoint(path, loaded, samples, orm) for path in checkpoints}
+    results = {str(path): evaluate_checkpoint(path, loaded, samples, orm, temperature=temperature)
+               for path in checkpoints}
     changes = stage_changes(results)
     payload: dict = {name: {k: v.as_dict(items=False) if isinstance(v, Estimate) else v for k, v in row.items()}
                      for name, row in results.items()}

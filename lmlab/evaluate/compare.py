@@ -51,7 +51,7 @@ def run_comparison(stage, models: list[tuple[str, str]], out_dir: Path) -> dict[
             continue
         with console.status(f"evaluating {name}"):
             results[name] = evaluate_checkpoint(path, tasks, stage.samples, stage.orm, stage.general_bpb,
-                                                stage.math_bpb)
+                                                stage.math_bpb, temperature=stage.temperature)
         cache[name] = {"key": key, "artifact": path, "metrics": {k: float(v) for k, v in results[name].items()},
                        "estimates": {k: v.as_dict() if isinstance(v, Estimate) else v
                                      for k, v in results[name].items()}}

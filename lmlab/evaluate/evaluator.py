@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmlab.evaluate.tasks import SAMPLING_TEMPERATURE
+
 GENERAL_DOCS = 40  # held-out general documents for bits per byte (from the corpus's 1% validation split)
 MATH_DOCS = 200  # held-out math problems with solutions for the domain's bits per byte
 
@@ -24,8 +26,9 @@ def math_texts(n: int = MATH_DOCS) -> list[str]:
 
 
 def evaluate(model, tokenizer, tasks: list, samples: int = 1, scorer=None, general_bpb: bool = False,
-             math_bpb: bool = False, seed: int = 0) -> dict[str, float]:
-    """Bits per byte on held-out text (when asked) and every task's metrics; the ORM scores generative tasks."""
+             math_bpb: bool = False, seed: int = 0, temperature: float = SAMPLING_TEMPERATURE) -> dict[str, float]:
+    """Bits per byte on held-out text (when asked) and every task's metrics; the ORM scores generative tasks,
+    sampled at `temperature` (RL's own objective is the reward at its training temperature)."""
     from lmlab.data.split import held_out_general_texts
     from lmlab.evaluate.likelihood import text_bits_per_byte
     from lmlab.evaluate.tasks import run_task
@@ -39,14 +42,15 @@ def evaluate(model, tokenizer, tasks: list, samples: int = 1, scorer=None, gener
     if math_bpb:
         row["math_bpb"] = text_bits_per_byte(model, tokenizer, math_texts())
     for task in tasks:
-        row.update(run_task(model, tokenizer, task, samples=samples, seed=seed,
+        row.update(run_task(model, tokenizer, task, samples=samples, seed=seed, temperature=temperature,
                             scorer=scorer if task.kind == "generative" else None))
     model.train(was_training)
     return row
 
 
 def evaluate_checkpoint(path: str | Path, tasks: list, samples: int = 1, orm: str | None = None,
-                        general_bpb: bool = False, math_bpb: bool = False, **load: Any) -> dict[str, float]:
+                        general_bpb: bool = False, math_bpb: bool = False,
+                        temperature: float = SAMPLING_TEMPERATURE, **load: Any) -> dict[str, float]:
     """`evaluate` on a checkpoint or ensemble directory, with its own tokenizer and an ORM by name."""
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.evaluate.orm import load_scorer
@@ -56,4 +60,4 @@ def evaluate_checkpoint(path: str | Path, tasks: list, samples: int = 1, orm: st
     tokenizer = load_tokenizer(path)
     scorer = load_scorer(orm, tokenizer) if orm else None  # a bad ORM fails before the model loads
     model = to_own_device(load_model(path, **load))  # each rank of a launch scores its share on its own GPU
-    return evaluate(model, tokenizer, tasks, samples, scorer, general_bpb, math_bpb)
+    return evaluate(model, tokenizer, tasks, samples, scorer, general_bpb, math_bpb, temperature=temperature)

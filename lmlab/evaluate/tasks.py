@@ -24,6 +24,7 @@ from lmlab.errors import LmlabError
 
 EMBEDDED = ("math_id", "math_ood", "general_cloze")
 EVAL_SEED = 1234  # apart from the training seeds (0, ...) used by the recipes
+SAMPLING_TEMPERATURE = 0.8  # maj@k, pass@k and the ORM score, unless the caller asks for another
 
 
 @dataclass
@@ -116,7 +117,7 @@ def load_task(spec: str, n: int = 200) -> Task:
                              config.get("normalisation", "chars"), where=str(data)))
 
 
-def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float = 0.8,
+def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float = SAMPLING_TEMPERATURE,
              batch_size: int = 64, seed: int = 0, scorer=None) -> dict[str, "Estimate"]:
     """Each metric as an Estimate over the task's items (interval, n, and the per-item scores a paired
     comparison needs). Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k
