@@ -74,3 +74,26 @@ def test_fact_balance_draws_each_id_fact_alike_and_leaves_the_default_stream_alo
     assert [p.prompt for p in math_problems("id", 3, 0)] == [
         "What is 3 - 15?", "Calculate 14 + 10.", "Omar buys 3 bags with 2 sweets in each bag. How many sweets does "
         "Omar have?"]
+
+
+def test_each_ood_family_is_its_own_held_out_task_of_distinct_prompts():
+    """EvoLM's OOD may peak at different SFT epochs per family, so each is evaluated alone: every item of a
+    family task is OOD, held out, of that family (by construction: parentheses, an operand above ID_MAX, or
+    ID's numbers in an OOD phrasing), and counted once."""
+    from lmlab.data.mathgen import ID_MAX, OOD_FAMILIES, is_eval_prompt, ood_family
+    from lmlab.evaluate.tasks import load_task
+
+    mixed = math_problems("ood", 1000)
+    assert {ood_family(p.prompt) for p in mixed} == set(OOD_FAMILIES)
+    for family in OOD_FAMILIES:
+        items = load_task(f"math_ood_{family}", 300).items
+        prompts = [it["prompt"] for it in items]
+        assert len(set(prompts)) == len(prompts) > 100
+        assert all(is_ood(p) and is_eval_prompt(p) and ood_family(p) == family for p in prompts)
+        numbers = [int(n) for p in prompts for n in re.findall(r"\d+", p)]
+        if family == "two_step":
+            assert all("(" in p for p in prompts)
+        elif family == "operands":
+            assert all("(" not in p and any(int(n) > ID_MAX for n in re.findall(r"\d+", p)) for p in prompts)
+        else:
+            assert max(numbers) <= ID_MAX and not any("(" in p for p in prompts)

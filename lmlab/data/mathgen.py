@@ -116,13 +116,14 @@ def is_eval_prompt(prompt: str) -> bool:
 
 
 def math_problems(split: Split, n: int, seed: int = 0, part: Literal["train", "eval"] = "train",
-                  balance: Balance = "operations") -> list[MathProblem]:
+                  balance: Balance = "operations", family: str | None = None) -> list[MathProblem]:
     """`n` problems of one split, distinct while the space allows; the same seed gives the same list.
 
     `part="eval"` draws only from a held-out 5% slice of the prompt space and `"train"` never
     does, so evaluation never sees a trained prompt even though the ID space is small (about
     10k prompts). A large training corpus repeats problems once its part of the space is
-    nearly exhausted, as a drilled arithmetic table would. OOD items are always OOD.
+    nearly exhausted, as a drilled arithmetic table would. OOD items are always OOD; `family` keeps
+    only one of OOD_FAMILIES (the same stream, the other families skipped).
     """
     if split not in ("id", "ood"):
         raise ValueError(f"split must be 'id' or 'ood', not {split!r}")
@@ -134,6 +135,8 @@ def math_problems(split: Split, n: int, seed: int = 0, part: Literal["train", "e
     while len(problems) < n:
         problem = make(rng)
         if (split == "ood" and not is_ood(problem.prompt)) or is_eval_prompt(problem.prompt) != (part == "eval"):
+            continue
+        if family is not None and ood_family(problem.prompt) != family:
             continue
         if problem.prompt in seen and misses < 20:
             misses += 1
@@ -159,6 +162,21 @@ def is_ood(prompt: str) -> bool:
         return True
     stems = [p.split("{")[0] for p in OOD_PHRASES] + [w.split("{")[0] for w in OOD_WORD.values()]
     return any(prompt.startswith(stem) for stem in stems)
+
+
+OOD_FAMILIES = ("phrasing", "two_step", "operands")  # how an OOD prompt differs from ID (they may peak apart)
+
+
+def ood_family(prompt: str) -> str:
+    """Which way an OOD prompt leaves ID: `two_step` (a parenthesised expression), `operands` (a number above
+    ID_MAX in one step) or `phrasing` (ID's numbers in a phrasing ID never uses)."""
+    import re
+
+    if "(" in prompt:
+        return "two_step"
+    if any(int(num) > ID_MAX for num in re.findall(r"\d+", prompt)):
+        return "operands"
+    return "phrasing"
 
 
 def as_text(problem: MathProblem) -> str:

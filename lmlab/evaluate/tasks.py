@@ -8,7 +8,9 @@
 A cloze item is {"prompt", "choices": [...], "gold": index}; a generative item is
 {"prompt", "answer": integer}. Embedded tasks need no files: `math_id` and
 `math_ood` (generative, from the math generator at a seed apart from training
-data) and `general_cloze` (pick the true next line of standard-library text).
+data), each OOD family alone (`math_ood_phrasing`, `math_ood_two_step`,
+`math_ood_operands`: distinct held-out prompts, at most n) and `general_cloze`
+(pick the true next line of standard-library text).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 from lmlab.errors import LmlabError
 
-EMBEDDED = ("math_id", "math_ood", "general_cloze")
+EMBEDDED = ("math_id", "math_ood", "math_ood_phrasing", "math_ood_two_step", "math_ood_operands", "general_cloze")
 EVAL_SEED = 1234  # apart from the training seeds (0, ...) used by the recipes
 SAMPLING_TEMPERATURE = 0.8  # maj@k, pass@k and the ORM score, unless the caller asks for another
 
@@ -63,6 +65,14 @@ def embedded_task(name: str, n: int = 200) -> Task:
 
         items = [as_prompt_record(p) for p in math_problems(name.split("_")[1], n, EVAL_SEED, part="eval")]
         return Task(name, "generative", items)
+    if name.startswith("math_ood_") and name in EMBEDDED:  # one OOD family alone: they may peak at different epochs
+        from lmlab.data.mathgen import as_prompt_record, math_problems
+
+        # distinct prompts only: the held-out slice of the phrasing family has fewer than 200, and a repeated
+        # item would narrow the interval without adding evidence
+        problems = {p.prompt: p for p in math_problems("ood", n, EVAL_SEED, part="eval",
+                                                       family=name.removeprefix("math_ood_"))}
+        return Task(name, "generative", [as_prompt_record(p) for p in problems.values()])
     if name == "general_cloze":
         return Task(name, "cloze", general_cloze_items(n))
     raise LmlabError(f"unknown task '{name}'", field="--tasks",
