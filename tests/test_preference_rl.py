@@ -188,9 +188,20 @@ def test_reward_model_stage_learns_pairs_and_scores_like_an_orm(tmp_path, base_m
     assert manifest["stage"] == "rm" and manifest["held_out_pairs"] >= 5 and manifest["overlong_dropped"] == 0
     # a worked answer against a bare wrong one is learnable in a few steps: the held-out pairs rank right
     assert manifest["metrics"]["eval_accuracy"] >= 0.8, manifest["metrics"]
+    accuracy = manifest["pairwise_accuracy"]  # with its interval over the held-out pairs
+    assert accuracy["value"] == manifest["metrics"]["eval_accuracy"] and accuracy["n"] == manifest["held_out_pairs"]
+    assert accuracy["ci_low"] < accuracy["value"] <= accuracy["ci_high"]
     scorer = RewardModelScorer(final)
     good, bad = scorer(["What is 3 + 2?"] * 2, ["3 + 2 = 5. The answer is 5.", "The answer is 8."], [{}, {}])
     assert good > bad
+
+
+def test_pairwise_accuracy_is_above_chance_only_when_its_interval_is():
+    from lmlab.stages.rm import pairwise_accuracy
+
+    assert pairwise_accuracy(0.7, 20)["above_chance"] is False  # 14 of 20: Wilson [0.48, 0.85]
+    assert pairwise_accuracy(0.7, 200)["above_chance"] is True  # 140 of 200: [0.63, 0.76]
+    assert pairwise_accuracy(None, 0) is None
 
 
 def test_grpo_logs_reward_kl_entropy_length_and_kl_starts_at_zero(tmp_path, base_model):

@@ -81,6 +81,16 @@ def reward_pairs(recipe: Recipe, tokenizer):
     return pairs.select(train), pairs.select(held) if len(held) else None, overlong
 
 
+def pairwise_accuracy(accuracy: float | None, n: int) -> dict[str, float] | None:
+    """The held-out pairwise accuracy with its 95% Wilson interval: above chance only when the interval is."""
+    from lmlab.stats import wilson
+
+    if accuracy is None or n == 0:
+        return None
+    low, high = wilson(round(accuracy * n), n)
+    return {"value": accuracy, "ci_low": low, "ci_high": high, "n": n, "above_chance": low > 0.5}
+
+
 def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = False, checked=None) -> Path:
     """Train an ORM on pairs (given, or sampled and verifier-ranked); returns the artifact directory."""
     from trl import RewardConfig, RewardTrainer
@@ -110,10 +120,13 @@ def run_reward_model(recipe: Recipe, resume: bool = False, overwrite: bool = Fal
     out.print(f"[bold]{recipe.name}[/]: reward model on {len(train_rows):,} pairs ({held_out} held out), {steps} steps")
     train(trainer, start)
     metrics = trainer.evaluate() if validation is not None else {}
+    accuracy = pairwise_accuracy(metrics.get("eval_accuracy"), held_out)
     manifest = stage_manifest(recipe, lr=lr, pairs=len(train_rows), held_out_pairs=held_out,
-                              overlong_dropped=overlong, steps=trainer.state.global_step, metrics=metrics)
+                              overlong_dropped=overlong, steps=trainer.state.global_step, metrics=metrics,
+                              pairwise_accuracy=accuracy)
     final = save_final(trainer, tokenizer, recipe.run_dir / "final", manifest)
-    if "eval_accuracy" in metrics:
-        out.print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}")
+    if accuracy is not None:
+        out.print(f"held-out pairwise accuracy {accuracy['value']:.3f} [{accuracy['ci_low']:.3f}, "
+                  f"{accuracy['ci_high']:.3f}] over {held_out} pairs (chance is 0.5)")
     out.print(f"[bold green]reward model:[/] {final}")
     return final
