@@ -76,7 +76,7 @@ def test_evaluation_runs_on_an_ensemble_directory(tmp_path, tok_dir):
     assert {k: v.num for k, v in result.items()} == \
         {k: v.num for k, v in run_task(in_memory, tokenizer, task, samples=2).items()}
     assert set(result) == {"math_id/greedy_accuracy", "math_id/greedy_accuracy_flexible", "math_id/maj@2",
-                           "math_id/pass@2"}
+                           "math_id/pass@2", "math_id/mean@2"}
     # the ensemble predicts the normalised geometric mean of its members: on held-out text its bits per byte equal the
     # in-memory ensemble's, differ from each member's, and are no worse than the members' mean (its normaliser <= 1)
     from lmlab.data.split import held_out_general_texts

@@ -56,7 +56,7 @@ def test_tasks_run_on_a_checkpoint(tmp_path, base_model):
     generative = load_task("math_id", n=4)
     metrics = run_task(model, tok, generative, samples=2)
     assert set(metrics) == {"math_id/greedy_accuracy", "math_id/greedy_accuracy_flexible", "math_id/maj@2",
-                            "math_id/pass@2"}
+                            "math_id/pass@2", "math_id/mean@2"}
     assert all(0 <= v <= 1 for v in metrics.values())
 
 
@@ -100,3 +100,27 @@ def test_eval_cli_samples_at_the_temperature_asked(tmp_path, base_model, monkeyp
         assert seen and set(seen) == {expected}
     result = CliRunner().invoke(app, ["eval", str(base_model), "--tasks", "math_id", "--temperature", "0"])
     assert result.exit_code == 2 and "--temperature must be above 0" in result.output
+
+
+def test_mean_at_k_is_the_share_of_right_samples_and_equals_the_verifiers_score(base_model, monkeypatch):
+    """mean@k (pass@1's unbiased estimate) is the verifier's own score of the samples: a learned ORM's score is
+    compared with it, so it must count exactly the samples the exact-match verifier scores 1."""
+    import lmlab.evaluate.onpolicy as onpolicy
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.evaluate.orm import load_scorer
+    from lmlab.models.build import load_model
+
+    task = load_task("math_id", n=3)
+    right = [f"The answer is {it['answer']}." for it in task.items]
+    groups = [[right[0]] * 4, [right[1], "The answer is 1000.", right[1], "no number"], ["The answer is 1000."] * 4]
+
+    def fixed(model, tokenizer, prompts, items, scorers, samples, temperature, *args, first=0, **kwargs):
+        chosen = groups[first:first + len(prompts)]
+        return [(g, [scorer(prompts, g, [item] * len(g)) for scorer in scorers]) for g, item in zip(chosen, items)]
+
+    monkeypatch.setattr(onpolicy, "sampled_and_scored", fixed)
+    tok = load_tokenizer(base_model)
+    metrics = run_task(load_model(base_model), tok, task, samples=4, scorer=load_scorer("math_exact", tok))
+    assert metrics["math_id/mean@4"].num == [1.0, 0.5, 0.0]
+    assert metrics["math_id/orm_score"].num == metrics["math_id/mean@4"].num
+    assert metrics["math_id/pass@4"].num == [1.0, 1.0, 0.0] and metrics["math_id/maj@4"].num[2] == 0.0

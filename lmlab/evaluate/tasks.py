@@ -130,8 +130,9 @@ def load_task(spec: str, n: int = 200) -> Task:
 def run_task(model, tokenizer, task: Task, samples: int = 1, temperature: float = SAMPLING_TEMPERATURE,
              batch_size: int = 64, seed: int = 0, scorer=None) -> dict[str, "Estimate"]:
     """Each metric as an Estimate over the task's items (interval, n, and the per-item scores a paired
-    comparison needs). Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k and pass@k
-    (k = samples); with a scorer, also the ORM score: its mean over the same sampled responses.
+    comparison needs). Cloze: accuracy. Generative: greedy accuracy, and with samples > 1 maj@k, pass@k and
+    mean@k (k = samples; mean@k is the share of samples that are right); with a scorer, also the ORM score: its
+    mean over the same sampled responses.
 
     Under a launcher the items are split over the processes in whole batches and gathered back
     (`map_in_chunks`): every rank must call this, each scores its share, and the result is the same
@@ -195,4 +196,8 @@ def _sampled_metrics(model, tokenizer, task: Task, prompts: list[str], samples: 
                                                       for a, it in zip(answers, task.items)], binary=True)
         out[f"{task.name}/pass@{samples}"] = Estimate([pass_at_k(samples, sum(x == it["answer"] for x in a), samples)
                                                        for a, it in zip(answers, task.items)])
+        # the share of the samples that are right (pass@1's unbiased estimate): the verifier's own score of the
+        # samples, which a learned ORM's score is compared with
+        out[f"{task.name}/mean@{samples}"] = Estimate([sum(x == it["answer"] for x in a) / samples
+                                                       for a, it in zip(answers, task.items)], binary=False)
     return out
