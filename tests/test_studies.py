@@ -43,6 +43,19 @@ def test_study_file_errors_name_the_field(tmp_path, tok_dir):
         run_study(_study(tmp_path, tok_dir, study="nope"))
 
 
+def test_study_keys_are_overridden_from_the_command_line(tmp_path, tok_dir):
+    """`lmlab study FILE --set key=value` runs the same study larger (on a GPU, say) without editing the file;
+    a bad override is an error naming the --set, before any run."""
+    from lmlab.experiments.studies import load_study_file, run_study
+
+    path = _study(tmp_path, tok_dir)
+    study = load_study_file(path, ["validation_rows=8", "models.a.hidden_size=12", "standard.epochs=[1, 2, 4]"])
+    assert study.validation_rows == 8 and study.models["a"]["hidden_size"] == 12 and study.standard.epochs == [1, 2, 4]
+    with pytest.raises(LmlabError, match=r"--set standard\.epoch: unknown key 'epoch'"):
+        run_study(path, ["standard.epoch=[1]"])
+    assert not (tmp_path / "runs" / "dc").exists()
+
+
 @pytest.mark.slow  # over 25 s on 2 cores: make test-slow
 def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir):
     from lmlab.experiments.studies import run_study

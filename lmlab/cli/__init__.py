@@ -272,12 +272,15 @@ def sweep(recipe: Path = typer.Argument(..., help="A stage recipe with a validat
 
 @app.command()
 @user_errors
-def study(path: Path = typer.Argument(..., help="A study file, e.g. recipes/data_constrained_small.yaml.")) -> None:
+def study(path: Path = typer.Argument(..., help="A study file, e.g. recipes/data_constrained_small.yaml."),
+          set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a study key, e.g. --set "
+                                                   "seeds=5 or --set base.train.tokens=2e8 (repeatable): the same "
+                                                   "study, larger on a GPU.")) -> None:
     """Reproduce a paper's findings from one study file; finished runs are reused, and the report says per
     finding whether it reproduced."""
     from lmlab.experiments.studies import run_study
 
-    typer.echo(f"report: {run_study(path)}")
+    typer.echo(f"report: {run_study(path, set_)}")
 
 
 @app.command()

@@ -20,19 +20,19 @@ def _kind(path: str | Path) -> tuple[str, str]:
     return STUDIES[kind]
 
 
-def load_study_file(path: str | Path):
-    """The study file validated against its study's schema (no compute)."""
+def load_study_file(path: str | Path, overrides: list[str] | None = None):
+    """The study file (with --set overrides) validated against its study's schema (no compute)."""
     import importlib
 
     from lmlab.experiments.studies.common import load_study
 
     module = importlib.import_module(_kind(path)[0])
-    return load_study(path, module.SCHEMA)
+    return load_study(path, module.SCHEMA, overrides)
 
 
-def run_study(path: str | Path) -> Path:
+def run_study(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Dispatch on the file's `study:` key; returns the study's markdown report."""
     import importlib
 
     module, function = _kind(path)
-    return getattr(importlib.import_module(module), function)(path)
+    return getattr(importlib.import_module(module), function)(path, overrides)

@@ -10,12 +10,15 @@ from pydantic import BaseModel
 from lmlab.recipe import merge_blocks
 
 
-def load_study(path: str | Path, model: type[BaseModel]):
-    """The study file validated by its pydantic model; errors name file, line and field."""
-    from lmlab.loading import read_yaml, validate_recipe
+def load_study(path: str | Path, model: type[BaseModel], overrides: list[str] | None = None):
+    """The study file, with `--set key=value` overrides (to run the same study larger on a GPU, say), validated
+    by its pydantic model; errors name file, line and field, or the --set that caused them."""
+    from lmlab.loading import apply_override, override_keys, read_yaml, validate_recipe
 
     tree, root = read_yaml(path, "study")
-    return validate_recipe(tree, str(path), root, model=model)
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    return validate_recipe(tree, str(path), root, model=model, overridden=override_keys(overrides))
 
 
 class StudyRunner:

@@ -211,7 +211,7 @@ def distill_run(study: DataConstrainedStudy, runner: Runner, score: Scores, reg_
     return {"student": d.student, "teacher": str(teacher), "loss": score(student, name)}
 
 
-def run_data_constrained(path: str | Path) -> Path:
+def run_data_constrained(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Run the whole study (reusing finished runs); writes study.json, study.md and plots; returns the md."""
     from lmlab.console import console
     from lmlab.data.pretrain_data import build_packed_data
@@ -219,7 +219,7 @@ def run_data_constrained(path: str | Path) -> Path:
     from lmlab.recipe import DataConfig
     from lmlab.loading import validate_recipe
 
-    study = load_study(path, DataConstrainedStudy)
+    study = load_study(path, DataConstrainedStudy, overrides)
     runner, sizes = Runner(study, str(path)), list(study.models)
     trees = plan_trees(study, runner)
     console().print(f"[bold]{study.name}[/]: {len(trees)} single runs + ensembles + two distilled students, "

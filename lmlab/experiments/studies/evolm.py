@@ -223,12 +223,12 @@ def orm_fits(points: list[dict], k: int) -> dict[str, float | None]:
             "r_orm": r_orm, "r_math_bpb": r_loss}
 
 
-def run_evolm(path: str | Path) -> Path:
+def run_evolm(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Run the study (reusing finished runs); writes evolm.json, evolm.md and plots; returns the md."""
     from lmlab.data.tokenizer import resolve_tokenizer
     from lmlab.loading import validate_recipe
 
-    study = load_study(path, EvolmStudy)
+    study = load_study(path, EvolmStudy, overrides)
     runs = plan_runs(study, path)
     tokenizer = resolve_tokenizer(validate_recipe(merge_blocks(study.defaults, {
         "name": "tokenizer", "tokenizer": study.tokenizer, "data": study.base.get("data", {})}), file=str(path)),
