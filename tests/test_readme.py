@@ -96,6 +96,9 @@ def _tiny_evolm(tree: dict) -> dict:
     _merge(tree["sft"], {"data": {"train": {"num_examples": 32}}})
     _merge(tree["rl"], {"data": {"train": {"num_examples": 4}}, "train": {"micro_batch_size": 8},
                         "rl": {"num_generations": 4, "max_completion_length": 8}})
+    tree["rl_sweep"] = {"steps": [1, 2], "variants": {"grpo": {}, "rloo": {"rl": {"algorithm": "rloo"}}},
+                        "primary": "grpo"}
+    tree["orm"] = None  # a model this small answers nothing right, so no pair would rank (tests/test_studies.py)
     return tree
 
 

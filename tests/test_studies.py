@@ -105,42 +105,65 @@ def test_evolm_study_runs_every_finding_on_tiny_models(tmp_path, tok_dir):
     tree["rl"]["data"]["train"]["num_examples"] = 4
     tree["rl"]["rl"].update(num_generations=4, max_completion_length=8)
     tree["rl"]["train"]["micro_batch_size"] = 8
+    tree["rl_sweep"] = {"steps": [1, 2], "variants": {"grpo": {}, "rloo": {"rl": {"algorithm": "rloo"}}},
+                        "primary": "grpo"}
+    # a model this small answers nothing right, so its samples tie: the reward model learns from given pairs
+    from tests.test_preference_rl import write_pairs_file
+
+    pairs = write_pairs_file(tmp_path / "pairs.jsonl", n=20)
+    tree["orm"]["rm"]["data"] = {"train": {"kind": "jsonl", "path": str(pairs)}, "seq_len": 128}
     path = tmp_path / "evolm.yaml"
     path.write_text(yaml.safe_dump(tree))
     report = run_study(path)
     results = json.loads((report.parent / "evolm.json").read_text())
-    assert len(results["findings"]) == 5
+    assert len(results["findings"]) == 6
     for finding in results["findings"]:  # a verdict, its rule and margins, and the numbers it was reached from
         assert isinstance(finding["reproduced"], bool) and finding["numbers"] and finding["claim"]
         assert finding["verdict"] in ("reproduced", "not reproduced", "inconclusive") and finding["rule"]
         assert finding["margins"] and finding["reproduced"] == (finding["verdict"] == "reproduced")
     assert sorted(results["pretrain_scaling"]["by_budget"]) == ["1", "2", "4"]
     assert len(results["pretrain_scaling"]["by_budget"]["4"]["general_bpb"]) == 2  # one value per seed
-    assert len(results["checkpoints"]) == 2 * 3 + 2  # SFT epochs x seeds + RL x seeds
-    assert "## Findings" in report.read_text() and (report.parent / "f3_sft_epochs.png").is_file()
+    assert len(results["checkpoints"]) == 2 * 3 + 2 * 2 * 2  # SFT epochs x seeds + RL variants x budgets x seeds
+    assert set(results["rl_sweep"]) == {"grpo", "rloo"} and set(results["rl_sweep"]["rloo"]) == {"1", "2"}
+    assert len(results["rl_sweep"]["rloo"]["2"]["ood/greedy_accuracy"]) == 2  # a change per seed
+    sft = results["sft_epochs"]["3"]  # each OOD family alone, and pooled
+    assert {"math_ood_two_step/greedy_accuracy", "ood/pass@4", "math_id/mean@4"} <= set(sft)
+    assert results["orm"]["pairwise_accuracy"]["n"] >= 1  # the learned ORM scored the samples from then on
+    margins = results["findings"][2]["margins"]
+    assert {"ID rises", "ID saturates", "two_step OOD falls after 2-4 epochs"} <= set(margins)
+    assert "of the pretraining tokens" in results["findings"][1]["numbers"]
+    text = report.read_text()
+    assert "## Findings" in text and "pairwise accuracy" in text
+    for png in ("f3_sft_epochs.png", "f4_rl_budget.png", "f5_orm_vs_maj.png", "f5_verifier_vs_maj.png"):
+        assert (report.parent / png).is_file(), png
 
 
 def _evolm_results(seeds: int) -> dict:
     """Made-up study results whose verdicts are known: pretraining gains flatten (reproduced), replay keeps the
-    gain with less forgetting (reproduced), OOD is flat across SFT epochs (inconclusive), RL lowers OOD (not
-    reproduced), and the ORM score tracks maj@4 while loss does not (reproduced)."""
+    gain with less forgetting (reproduced), ID saturates but OOD is flat across SFT epochs (inconclusive), RL
+    lowers OOD (not reproduced), the ORM score tracks maj@4 while loss does not (reproduced), and long RL raises
+    maj@4 while pass@4 falls (reproduced)."""
     noise = [0.002 * (i - (seeds - 1) / 2) for i in range(seeds)]
     budgets = {"5": 3.0, "10": 2.6, "20": 2.3, "40": 2.1, "80": 2.0, "160": 1.99, "320": 1.985}
     by_budget = {b: {"general_bpb": [v + n for n in noise], "general_cloze/accuracy": [0.3] * seeds}
                  for b, v in budgets.items()}
     replay = {r: {"forgetting": [f + n for n in noise], "domain_gain": [g + n for n in noise]}
-              for r, f, g in (("0.0", 0.5, 1.0), ("0.16", 0.2, 0.95), ("0.5", 0.1, 0.7))}
-    sft = {e: {"math_id/greedy_accuracy": [a + n for n in noise],
-               "math_ood/greedy_accuracy": [0.10 + (5 * n if (i % 2) == (e == "8") else -5 * n)
-                                            for i, n in enumerate(noise)],
-               "math_ood/maj@4": [0.1] * seeds} for e, a in (("1", 0.2), ("2", 0.4), ("4", 0.6), ("8", 0.7))}
-    rl = {"math_ood/greedy_accuracy": [-0.05 + n for n in noise], "math_ood/maj@4": [0.0] * seeds,
-          "math_id/greedy_accuracy": [0.0] * seeds}
+              for r, f, g in (("0", 0.5, 1.0), ("0.16", 0.2, 0.95), ("0.5", 0.1, 0.7))}
+    flat = lambda e: [0.10 + (5 * n if (i % 2) == (e == "16") else -5 * n) for i, n in enumerate(noise)]  # noqa: E731
+    sft = {e: {"math_id/greedy_accuracy": [a + n for n in noise], "ood/maj@4": [0.1] * seeds,
+               **{f"{t}/greedy_accuracy": flat(e) for t in OOD}}
+           for e, a in (("1", 0.2), ("2", 0.4), ("4", 0.6), ("8", 0.7), ("16", 0.7))}
+    rl = {"grpo": {"64": {"ood/greedy_accuracy": [-0.05 + n for n in noise], "ood/maj@4": [0.03 + n for n in noise],
+                          "ood/pass@4": [-0.02 + n for n in noise], "math_id/greedy_accuracy": [0.0] * seeds,
+                          "math_id/maj@4": [0.0] * seeds, "math_id/pass@4": [0.0] * seeds}}}
     points = [{"model": f"m{i}", "math_id/maj@4": i / 10, "math_id/orm_score": i / 10 + 0.01 * (i % 2),
-               "math_bpb": 1.0 + 0.1 * ((i * 7) % 3), "math_id/greedy_accuracy": 0, "math_ood/greedy_accuracy": 0,
-               "math_ood/maj@4": 0, "general_bpb": 2} for i in range(8)]
-    return {"pretrain_scaling": {"by_budget": by_budget, "parameters": 1000}, "replay": {"by_ratio": replay},
-            "sft_epochs": sft, "rl_minus_sft": rl, "checkpoints": points}
+               "math_id/mean@4": i / 10 - 0.01 * (i % 3), "math_bpb": 1.0 + 0.1 * ((i * 7) % 3)} for i in range(8)]
+    return {"pretrain_scaling": {"by_budget": by_budget, "parameters": 1000},
+            "replay": {"by_ratio": replay, "cpt_tokens": 1000, "base_tokens": 2000},
+            "sft_epochs": sft, "rl_sweep": rl, "checkpoints": points}
+
+
+OOD = ("math_ood_phrasing", "math_ood_two_step", "math_ood_operands")
 
 
 @pytest.mark.parametrize("seeds", [3, 1])
@@ -153,12 +176,19 @@ def test_evolm_verdicts_follow_the_rule_stated_before_the_run(seeds):
 
     results = _evolm_results(seeds)
     results["r2"] = orm_fits(results["checkpoints"], 4)
-    study = SimpleNamespace(samples=4, rl_from_epochs=2, eval_n=200)
-    verdicts = [f["verdict"] for f in findings(study, results)]
+    study = SimpleNamespace(samples=4, rl_from_epochs=2, eval_n=200, ood_tasks=list(OOD),
+                            rl_sweep=SimpleNamespace(steps=[64], primary="grpo"))
+    found = findings(study, results)
+    verdicts = [f["verdict"] for f in found]
     if seeds == 3:
-        assert verdicts == ["reproduced", "reproduced", "inconclusive", "not reproduced", "reproduced"]
+        assert verdicts == ["reproduced", "reproduced", "inconclusive", "not reproduced", "reproduced", "reproduced"]
+        sft = found[2]["margins"]  # the saturation part holds; the flat OOD families leave the claim open
+        assert sft["ID rises"]["ci_low"] > 0 and sft["ID saturates"]["ci_low"] > 0
+        assert all(m["ci_low"] < 0 < m["ci_high"] for name, m in sft.items() if "OOD" in name)
     else:
-        assert verdicts == ["inconclusive"] * 4 + ["reproduced"]
+        assert verdicts == ["inconclusive"] * 4 + ["reproduced", "inconclusive"]
+    # the favoured replay ratio is said in both denominators: 0.16 of a 1,000-token CPT mix over 2,000 base tokens
+    assert "0.16 of the CPT mix = 8.0% of the pretraining tokens" in found[1]["numbers"]
 
 
 def _data_constrained_world(means: dict[str, float], tied: tuple[str, str] | None = None):
