@@ -352,8 +352,7 @@ def eval_(checkpoints: list[Path] = typer.Argument(..., help="An HF checkpoint d
     for path in checkpoints:  # and bad checkpoints, before any launch
         check_checkpoint(path, "checkpoint")
     relaunch(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config)
-    results = {str(path): evaluate_checkpoint(path, loaded, samples, orm, temperature=temperature)
-               for path in checkpoints}
+    results = {str(p): evaluate_checkpoint(p, loaded, samples, orm, temperature=temperature) for p in checkpoints}
     changes = stage_changes(results)
     payload: dict = {name: {k: v.as_dict(items=False) if isinstance(v, Estimate) else v for k, v in row.items()}
                      for name, row in results.items()}
