@@ -643,3 +643,36 @@ def test_qlora_in_8_bits_holds_the_base_in_about_a_byte_a_weight_and_is_emitted_
     assert load_pipeline(tmp_path / "q8.yaml")[1][0].recipe.lora.quantize == "int8"
     bad = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--qlora-bits", "2"])
     assert bad.exit_code == 2 and "--qlora-bits: unknown value '2'" in bad.output
+
+
+def test_rl_time_includes_sampling_its_completions():
+    """RL's stage time adds decoding its completions (half its tokens) to the training FLOPs: memory-bound at
+    small generation batches, so a QLoRA policy (NF4 weights) decodes about four times faster than bf16, and a
+    card with more bandwidth faster still; only the RL stage samples."""
+    from lmlab.plan.compute import GENERATION_BANDWIDTH_SHARE, generation_seconds
+
+    # 1e6 completion tokens, 8 sequences a step on one GPU: 125,000 steps, each reading 16 GB at 20% of 2 TB/s
+    assert generation_seconds(1e6, 16e9, 8e9, 8, 1, 2000, 312, 0.4) == pytest.approx(
+        125_000 * 16e9 / (2000e9 * GENERATION_BANDWIDTH_SHARE))
+    # at 4,096 sequences a step the 2 FLOPs per parameter per sequence take longer than reading the weights
+    assert generation_seconds(1e6, 16e9, 8e9, 4096, 1, 2000, 312, 0.4) == pytest.approx(
+        1e6 / 4096 * 2 * 8e9 * 4096 / (312e12 * 0.4))
+
+    shape = resolve_shape("qwen3-1.7b")
+    plans = {gpu: make_plan(shape, lookup_gpu(gpu), 1, goal="general-reasoning", sft_examples=100_000)
+             for gpu in ("a100-80gb", "h200")}
+    for plan in plans.values():
+        rl = next(s for s in plan.stages if s.stage == "rl")
+        assert rl.generation_seconds > 0 and rl.seconds == pytest.approx(rl.compute_seconds + rl.generation_seconds)
+        assert all(s.generation_seconds is None for s in plan.stages if s.stage != "rl")
+        assert plan.to_dict()["stages"][-1]["generation_seconds"] == rl.generation_seconds
+    a100, h200 = (next(s for s in p.stages if s.stage == "rl") for p in plans.values())
+    assert h200.generation_seconds < a100.generation_seconds  # 4.8 against 2.0 TB/s, where memory-bound
+    qlora = make_plan(shape, lookup_gpu("a100-80gb"), 1, goal="general-reasoning", sft_examples=100_000,
+                      method="qlora")
+    rl_q = next(s for s in qlora.stages if s.stage == "rl")
+    per_sequence = lambda s: s.generation_seconds * s.strategy.setup.micro_batch * s.strategy.grad_accum  # noqa: E731
+    assert per_sequence(a100) / per_sequence(rl_q) == pytest.approx(2 / 0.5161, rel=0.05)  # bf16 vs NF4 bytes
+    text = CliRunner().invoke(__import__("lmlab.cli", fromlist=["app"]).app,
+                              ["plan", "--model", "qwen3-1.7b", "--gpus", "h200", "--goal", "general-reasoning"]).output
+    assert "then sampling" in text and "HF generate at 20% of 4,800 GB/s" in text

@@ -45,6 +45,24 @@ def communication_seconds(setup, trainable_params: int, total_params: int, optim
     return optimizer_steps * all_reduces / busbw_gbps
 
 
+# RL samples its completions with HF generate (TRL without vLLM, as lmlab's rl stage runs). A decoding step is
+# memory-bound at small batches and generate adds per-step overhead: Llama-2-7B in bf16 at batch 1 decodes about
+# 30 tokens/s on an A100-80GB where its 2,039 GB/s would allow 151, so about a fifth of the bandwidth bound
+GENERATION_BANDWIDTH_SHARE = 0.2
+RL_COMPLETION_SHARE = 0.5  # of an RL stage's tokens, the sampled completions (the rest are the prompts)
+
+
+def generation_seconds(completion_tokens: float, weight_bytes: float, active_params: int, sequences_per_gpu: int,
+                       num_gpus: int, bandwidth_gbs: float, tflops_per_gpu: float, mfu: float) -> float:
+    """Decoding RL's completions: each step extends `sequences_per_gpu` sequences on every GPU by one token and
+    reads every weight once (memory-bound, at GENERATION_BANDWIDTH_SHARE of the card's bandwidth), or does 2
+    FLOPs per active parameter per sequence (compute-bound, at the MFU), whichever takes longer."""
+    steps = completion_tokens / (num_gpus * sequences_per_gpu)
+    memory_bound = weight_bytes / (bandwidth_gbs * 1e9 * GENERATION_BANDWIDTH_SHARE)
+    compute_bound = 2 * active_params * sequences_per_gpu / (tflops_per_gpu * 1e12 * mfu)
+    return steps * max(memory_bound, compute_bound)
+
+
 def human_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"

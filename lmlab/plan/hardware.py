@@ -1,4 +1,4 @@
-"""A catalogue of accelerators: memory and dense bf16 tensor throughput (vendor datasheets)."""
+"""A catalogue of accelerators: memory, its bandwidth and dense bf16 tensor throughput (vendor datasheets)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class Accelerator:
     # comes from; None: not known to lmlab, so communication is not modelled (lmlab plan --allreduce-gbps)
     allreduce_gbps: float | None = None
     allreduce_source: str = ""
+    memory_bandwidth_gbs: float | None = None  # device memory bandwidth, GB/s (datasheet): RL's decoding steps
 
     @property
     def precision(self) -> str:
@@ -53,34 +54,38 @@ def nodes_for(num_gpus: int) -> int:
 
 
 CATALOGUE = {
-    "rtx3090": Accelerator("RTX 3090", 24, 71, "PCIe 4.0"),
+    "rtx3090": Accelerator("RTX 3090", 24, 71, "PCIe 4.0", memory_bandwidth_gbs=936),
     "rtx4090": Accelerator("RTX 4090", 24, 165.2, "PCIe 4.0 (no NVLink)", allreduce_gbps=13,
                            allreduce_source="no peer-to-peer: a copy between two cards moves 25.8 GB/s in both "
                                             "directions together (tinygrad/open-gpu-kernel-modules#6), about 13 "
-                                            "each way; eight cards share the host's lanes, so this is a ceiling"),
+                                            "each way; eight cards share the host's lanes, so this is a ceiling",
+                           memory_bandwidth_gbs=1008),
     "rtx5090": Accelerator("RTX 5090", 32, 209.5, "PCIe 5.0 (no NVLink)", allreduce_gbps=28,
                            allreduce_source="nccl all_reduce_perf on 8 x RTX 5090 over PCIe 5.0: 28 GB/s bus "
-                                            "bandwidth (NVIDIA/nccl#1639)"),
-    "a10g": Accelerator("A10G", 24, 70, "PCIe 4.0"),  # AWS variant of the A10; vendor figure as reported by AWS
-    "a10": Accelerator("A10", 24, 125, "PCIe 4.0"),
-    "t4": Accelerator("T4", 16, 65, "PCIe 3.0", bf16=False),  # fp16 tensor cores only
-    "v100": Accelerator("V100 SXM2 32GB", 32, 125, "NVLink 300 GB/s", bf16=False),  # fp16 tensor cores only
-    "a6000": Accelerator("RTX A6000", 48, 154.8, "PCIe 4.0 (NVLink bridge between pairs)"),
-    "l4": Accelerator("L4", 24, 121, "PCIe 4.0"),
-    "l40s": Accelerator("L40S", 48, 362, "PCIe 4.0"),
-    "a100-40gb": Accelerator("A100 40GB", 40, 312, "NVLink 600 GB/s"),
-    "a100-80gb": Accelerator("A100 80GB", 80, 312, "NVLink 600 GB/s"),
+                                            "bandwidth (NVIDIA/nccl#1639)", memory_bandwidth_gbs=1792),
+    # AWS variant of the A10; vendor figure as reported by AWS
+    "a10g": Accelerator("A10G", 24, 70, "PCIe 4.0", memory_bandwidth_gbs=600),
+    "a10": Accelerator("A10", 24, 125, "PCIe 4.0", memory_bandwidth_gbs=600),
+    "t4": Accelerator("T4", 16, 65, "PCIe 3.0", bf16=False, memory_bandwidth_gbs=320),  # fp16 tensor cores only
+    "v100": Accelerator("V100 SXM2 32GB", 32, 125, "NVLink 300 GB/s", bf16=False,  # fp16 tensor cores only
+                        memory_bandwidth_gbs=900),
+    "a6000": Accelerator("RTX A6000", 48, 154.8, "PCIe 4.0 (NVLink bridge between pairs)", memory_bandwidth_gbs=768),
+    "l4": Accelerator("L4", 24, 121, "PCIe 4.0", memory_bandwidth_gbs=300),
+    "l40s": Accelerator("L40S", 48, 362, "PCIe 4.0", memory_bandwidth_gbs=864),
+    "a100-40gb": Accelerator("A100 40GB", 40, 312, "NVLink 600 GB/s", memory_bandwidth_gbs=1555),
+    "a100-80gb": Accelerator("A100 80GB", 80, 312, "NVLink 600 GB/s", memory_bandwidth_gbs=2039),
     "h100": Accelerator("H100 SXM 80GB", 80, 989, "NVLink 900 GB/s", allreduce_gbps=480,
                         allreduce_source="8 x H100 SXM, NVLink SHARP: peak all-reduce bus bandwidth ~480 GB/s, "
-                                         "per NCCL's maintainers (NVIDIA/nccl-tests#212)"),
-    "h100-pcie": Accelerator("H100 PCIe 80GB", 80, 756, "PCIe 5.0"),
+                                         "per NCCL's maintainers (NVIDIA/nccl-tests#212)", memory_bandwidth_gbs=3350),
+    "h100-pcie": Accelerator("H100 PCIe 80GB", 80, 756, "PCIe 5.0", memory_bandwidth_gbs=2000),
     "h200": Accelerator("H200 141GB", 141, 989, "NVLink 900 GB/s", allreduce_gbps=475,
                         allreduce_source="nccl all_reduce_perf on 8 x H200: 475 GB/s bus bandwidth "
-                                         "(NVIDIA/nccl-tests#272)"),
-    "b200": Accelerator("B200 180GB", 180, 2250, "NVLink 1.8 TB/s"),
-    "h20": Accelerator("H20 96GB", 96, 148, "NVLink 900 GB/s"),
-    "mi300x": Accelerator("AMD MI300X 192GB", 192, 1307.4, "Infinity Fabric 896 GB/s"),
-    "cpu": Accelerator("CPU (laptop, 2-8 cores)", 16, 0.1, "none"),  # order of magnitude, for tiny demos only
+                                         "(NVIDIA/nccl-tests#272)", memory_bandwidth_gbs=4800),
+    "b200": Accelerator("B200 180GB", 180, 2250, "NVLink 1.8 TB/s", memory_bandwidth_gbs=8000),
+    "h20": Accelerator("H20 96GB", 96, 148, "NVLink 900 GB/s", memory_bandwidth_gbs=4000),
+    "mi300x": Accelerator("AMD MI300X 192GB", 192, 1307.4, "Infinity Fabric 896 GB/s", memory_bandwidth_gbs=5300),
+    # order of magnitude, for tiny demos only
+    "cpu": Accelerator("CPU (laptop, 2-8 cores)", 16, 0.1, "none", memory_bandwidth_gbs=50),
 }
 ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "5090": "rtx5090", "a100": "a100-80gb", "rtxa6000": "a6000",
            "v100-sxm2": "v100", "tesla-t4": "t4", "tesla-v100": "v100",

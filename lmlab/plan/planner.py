@@ -8,10 +8,10 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.plan import rules
-from lmlab.plan.compute import (DEFAULT_MFU, communication_seconds, flops_per_token, human_duration,
-                                 training_seconds)
+from lmlab.plan.compute import (DEFAULT_MFU, GENERATION_BANDWIDTH_SHARE, RL_COMPLETION_SHARE, communication_seconds,
+                                flops_per_token, generation_seconds, human_duration, training_seconds)
 from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, bus_bandwidth, nodes_for
-from lmlab.plan.memory import GB, HF_OPTIMIZER, LORA_TARGETS, TrainSetup, kv_cache_bytes, resolved_tiling
+from lmlab.plan.memory import GB, HF_OPTIMIZER, LORA_TARGETS, NF4_BYTES, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
 from lmlab.plan.strategy import Choice, Forced, choose_strategy, tight_words, what_would_fit
 
@@ -57,6 +57,7 @@ class StagePlan:
     cannot_fit: list[str] = field(default_factory=list)
     compute_seconds: float | None = None  # FLOPs at the assumed MFU (x3 for CPU optimizer steps)
     communication_seconds: float | None = None  # None: not modelled (no bandwidth figure)
+    generation_seconds: float | None = None  # RL: sampling the completions, before the training steps on them
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Plan:
         def stage(s: StagePlan) -> dict[str, Any]:
             out = {"stage": s.stage, "tokens": s.tokens, "seconds": s.seconds, "settings": s.settings,
                    "cannot_fit": s.cannot_fit, "compute_seconds": s.compute_seconds,
-                   "communication_seconds": s.communication_seconds}
+                   "communication_seconds": s.communication_seconds, "generation_seconds": s.generation_seconds}
             if s.strategy:
                 out["strategy"] = {"name": s.strategy.name, "micro_batch": s.strategy.setup.micro_batch,
                                    "grad_accum": s.strategy.grad_accum, "global_batch": s.strategy.global_batch,
@@ -167,6 +168,21 @@ def stage_times(choice: Choice | None, tokens: float, fpt: float, gpu: Accelerat
     return max(compute, comm), compute, comm
 
 
+def rl_generation_seconds(choice: Choice | None, tokens: float, params, gpu: Accelerator, num_gpus: int,
+                          mfu: float) -> float | None:
+    """Sampling an RL stage's completions (RL_COMPLETION_SHARE of its tokens) with HF generate: each decoding
+    step extends the GPU's generation batch (micro-batch x accumulation, as TRL generates it) and reads the
+    policy's weights in their stored precision (NF4 or LLM.int8 under QLoRA)."""
+    if choice is None or gpu.memory_bandwidth_gbs is None:
+        return None
+    setup = choice.setup
+    per_weight = ((NF4_BYTES if setup.quant_bits == 4 else 1.0) if setup.method == "qlora"
+                  else setup.precision_bytes)
+    return generation_seconds(tokens * RL_COMPLETION_SHARE, per_weight * params.total, params.active,
+                              setup.micro_batch * choice.grad_accum, num_gpus, gpu.memory_bandwidth_gbs,
+                              gpu.bf16_tflops, mfu)
+
+
 def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
               tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
               sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
@@ -191,8 +207,10 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
                                  host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
         times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, mfu, params.total, busbw)
-        plan = StagePlan(stage, stage_tokens, choice, times[0], settings,
-                         [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len), *times[1:])
+        generation = rl_generation_seconds(choice, stage_tokens, params, gpu, num_gpus, mfu) if stage == "rl" else None
+        plan = StagePlan(stage, stage_tokens, choice, times[0] + (generation or 0) if times[0] is not None else None,
+                         settings, [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len), *times[1:],
+                         generation)
         stages.append(plan)
         return plan
 
@@ -236,8 +254,12 @@ def _adapters(choice: Choice) -> dict[str, Any]:
 
 
 def time_words(plan: Plan, s: StagePlan) -> str:
-    """A stage's time, split into compute and communication, the larger being the stage's."""
+    """A stage's time, split into compute and communication, the larger being the stage's, plus RL's sampling."""
     words = f"compute {human_duration(s.compute_seconds)} at MFU {plan.mfu:.0%}"
+    if s.generation_seconds is not None:
+        words += (f", then sampling {human_duration(s.generation_seconds)} (completions {RL_COMPLETION_SHARE:.0%} "
+                  f"of the tokens, decoded by HF generate at {GENERATION_BANDWIDTH_SHARE:.0%} of "
+                  f"{plan.gpu.memory_bandwidth_gbs:,.0f} GB/s)")
     if s.communication_seconds is None:
         return words + ", communication not modelled"
     if plan.num_gpus == 1:
