@@ -676,3 +676,32 @@ def test_rl_time_includes_sampling_its_completions():
     text = CliRunner().invoke(__import__("lmlab.cli", fromlist=["app"]).app,
                               ["plan", "--model", "qwen3-1.7b", "--gpus", "h200", "--goal", "general-reasoning"]).output
     assert "then sampling" in text and "HF generate at 20% of 4,800 GB/s" in text
+
+
+def test_mfu_comes_from_the_card_class_measured_anchor_and_says_so():
+    """Time assumes the MFU a published run measured on that card class (torchtitan's Llama-3.1-8B on H100,
+    recomputed with lmlab's own FLOPs count), compiled for the stages lmlab compiles and eager for the rest; a
+    card without a measured run gets 40% and says it is assumed; --mfu overrides both."""
+    from lmlab.plan.compute import MFU_ANCHORS, flops_per_token
+
+    llama = resolve_shape("llama-3.1-8b")
+    per_token = flops_per_token(count_params(llama).active, llama, 8192)
+    anchor = MFU_ANCHORS["H100 SXM 80GB"]
+    assert anchor.eager == pytest.approx(5762 * per_token / 989e12, abs=1e-3)  # torchtitan's tokens/s per GPU
+    assert anchor.compiled == pytest.approx(6667 * per_token / 989e12, abs=1e-3)
+
+    shape = resolve_shape("qwen3-1.7b")
+    h100 = make_plan(shape, lookup_gpu("h100"), 8, goal="domain-expert", domain_tokens=1e9, sft_examples=10_000)
+    by_stage = {s.stage: s for s in h100.stages}
+    assert by_stage["cpt"].mfu == anchor.compiled and by_stage["sft"].mfu == anchor.eager
+    assert "torchtitan" in by_stage["sft"].mfu_source and by_stage["cpt"].mfu_source.startswith("compiled")
+    assert h100.to_dict()["stages"][0]["mfu"] == anchor.compiled and h100.mfu == anchor.compiled
+    slower = make_plan(shape, lookup_gpu("h100"), 8, goal="cpt", domain_tokens=1e9, mfu=anchor.compiled / 2)
+    assert slower.stages[0].compute_seconds == pytest.approx(2 * by_stage["cpt"].compute_seconds)
+    assert slower.stages[0].mfu_source == "given with --mfu"
+    consumer = make_plan(shape, lookup_gpu("4090"), 8, goal="cpt", domain_tokens=1e9).stages[0]
+    assert consumer.mfu == 0.40 and "no measured run on RTX 4090" in consumer.mfu_source
+    text = CliRunner().invoke(__import__("lmlab.cli", fromlist=["app"]).app,
+                              ["plan", "--model", "qwen3-1.7b", "--gpus", "8xh100", "--goal", "cpt",
+                               "--domain-tokens", "1B"]).output
+    assert "MFU 39.0% for cpt: compiled: torchtitan" in text

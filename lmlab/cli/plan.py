@@ -36,7 +36,7 @@ def plan(
     method: Optional[str] = typer.Option(None, "--method", help="Force full, lora or qlora."),
     seq_len: int = typer.Option(2048, "--seq-len"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1, help="Sequences per optimizer step."),
-    mfu: float = typer.Option(0.40, "--mfu", help="Assumed model-FLOPs utilisation."),
+    mfu: Optional[float] = typer.Option(None, "--mfu", help="MFU (default: measured on the card class, else 0.40)."),
     host_ram: Optional[float] = typer.Option(None, "--host-ram", min=1, max=1e5,
                                              help="CPU memory per node in GB (8 GPUs to a node): CPU offload must "
                                                   "fit in it. Without it the plan prints what offload needs."),

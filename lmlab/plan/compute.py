@@ -2,9 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lmlab.plan.params import ModelShape
 
-DEFAULT_MFU = 0.40  # a well-tuned dense run on modern GPUs reaches 35-50%; printed with every estimate
+DEFAULT_MFU = 0.40  # where no run was measured: a well-tuned dense run on modern GPUs reaches 35-50%
+
+
+@dataclass(frozen=True)
+class MfuAnchor:
+    """MFU measured on a card class by a published run, recomputed with lmlab's FLOPs count (flops_per_token)."""
+
+    eager: float
+    compiled: float
+    source: str
+
+
+# torchtitan's Llama-3.1-8B on 8 x H100 SXM (bf16, FSDP, seq 8192): 5,762 tokens/s per GPU eager and 6,667
+# compiled; at lmlab's 57.9 GFLOPs a token that is 333.6 and 386.0 TFLOPS of 989. nanochat's d32 reports 50.9%
+# on the same cards with its own kernels (FlashAttention-3, Muon): a ceiling, not what HF models reach
+_TORCHTITAN_H100 = ("torchtitan, Llama-3.1-8B on 8 x H100 SXM, bf16 FSDP, seq 8192: 5,762 tokens/s/GPU eager, "
+                    "6,667 compiled, by lmlab's FLOPs count")
+MFU_ANCHORS = {
+    "H100 SXM 80GB": MfuAnchor(0.337, 0.390, _TORCHTITAN_H100),
+    "H200 141GB": MfuAnchor(0.337, 0.390, "the H100's anchor (the same tensor cores and peak): " + _TORCHTITAN_H100),
+}
+COMPILED_STAGES = ("pretrain", "cpt")  # train.compile: auto compiles packed rows on CUDA (lmlab.stages.speed)
+
+
+def stage_mfu(gpu_name: str, stage: str, given: float | None) -> tuple[float, str]:
+    """The MFU a stage's time assumes and where it comes from: the user's figure, else the card class's measured
+    anchor (compiled for the stages lmlab compiles, eager for the rest), else DEFAULT_MFU, said to be assumed."""
+    if given is not None:
+        return given, "given with --mfu"
+    anchor = MFU_ANCHORS.get(gpu_name)
+    if anchor is None:
+        return DEFAULT_MFU, (f"no measured run on {gpu_name} in lmlab's table: {DEFAULT_MFU:.0%} assumed "
+                             "(well-tuned dense runs reach 35-50%; give --mfu)")
+    compiled = stage in COMPILED_STAGES
+    return (anchor.compiled if compiled else anchor.eager), f"{'compiled' if compiled else 'eager'}: {anchor.source}"
 
 
 def flops_per_token(active_params: int, shape: ModelShape, seq_len: int) -> float:

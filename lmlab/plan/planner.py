@@ -8,8 +8,8 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.plan import rules
-from lmlab.plan.compute import (DEFAULT_MFU, GENERATION_BANDWIDTH_SHARE, RL_COMPLETION_SHARE, communication_seconds,
-                                flops_per_token, generation_seconds, human_duration, training_seconds)
+from lmlab.plan.compute import (GENERATION_BANDWIDTH_SHARE, RL_COMPLETION_SHARE, communication_seconds,
+                                flops_per_token, generation_seconds, human_duration, stage_mfu, training_seconds)
 from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, bus_bandwidth, nodes_for
 from lmlab.plan.memory import GB, HF_OPTIMIZER, LORA_TARGETS, NF4_BYTES, TrainSetup, kv_cache_bytes, resolved_tiling
 from lmlab.plan.params import ModelShape, ParamCount, count_params
@@ -58,6 +58,8 @@ class StagePlan:
     compute_seconds: float | None = None  # FLOPs at the assumed MFU (x3 for CPU optimizer steps)
     communication_seconds: float | None = None  # None: not modelled (no bandwidth figure)
     generation_seconds: float | None = None  # RL: sampling the completions, before the training steps on them
+    mfu: float | None = None  # what the compute time assumes, and where it comes from (stage_mfu)
+    mfu_source: str = ""
 
 
 @dataclass
@@ -79,7 +81,8 @@ class Plan:
         def stage(s: StagePlan) -> dict[str, Any]:
             out = {"stage": s.stage, "tokens": s.tokens, "seconds": s.seconds, "settings": s.settings,
                    "cannot_fit": s.cannot_fit, "compute_seconds": s.compute_seconds,
-                   "communication_seconds": s.communication_seconds, "generation_seconds": s.generation_seconds}
+                   "communication_seconds": s.communication_seconds, "generation_seconds": s.generation_seconds,
+                   "mfu": s.mfu, "mfu_source": s.mfu_source}
             if s.strategy:
                 out["strategy"] = {"name": s.strategy.name, "micro_batch": s.strategy.setup.micro_batch,
                                    "grad_accum": s.strategy.grad_accum, "global_batch": s.strategy.global_batch,
@@ -112,8 +115,8 @@ def _check_budget(name: str, value: float | None) -> None:
         raise LmlabError(f"{name} must be positive and below {MAX_TOKENS:.0e}, not {value:g}", field=f"--{name}")
 
 
-def _check_request(goal: str, budgets: dict[str, float | None], sft_examples: int | None, mfu: float, seq_len: int,
-                   shape: ModelShape) -> None:
+def _check_request(goal: str, budgets: dict[str, float | None], sft_examples: int | None, mfu: float | None,
+                   seq_len: int, shape: ModelShape) -> None:
     """Every planning input within its range, each error naming its flag."""
     if goal not in GOALS:
         raise LmlabError(f"unknown goal '{goal}'", field="--goal", hint=f"one of {', '.join(GOALS)}")
@@ -122,7 +125,7 @@ def _check_request(goal: str, budgets: dict[str, float | None], sft_examples: in
     if sft_examples is not None and not 0 < sft_examples <= MAX_SFT_EXAMPLES:
         raise LmlabError(f"sft-examples must be from 1 to {MAX_SFT_EXAMPLES:.0e}, not {sft_examples:g} (the largest "
                          "public SFT sets hold tens of millions of conversations)", field="--sft-examples")
-    if not 0 < mfu <= 1:
+    if mfu is not None and not 0 < mfu <= 1:
         raise LmlabError(f"MFU must be in (0, 1], not {mfu}", field="--mfu")
     if seq_len < 16 or (shape.max_position_embeddings and seq_len > shape.max_position_embeddings):
         raise LmlabError(f"sequence length {seq_len} is outside 16..{shape.max_position_embeddings}", field="--seq-len")
@@ -186,7 +189,7 @@ def rl_generation_seconds(choice: Choice | None, tokens: float, params, gpu: Acc
 def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "pretrain",
               tokens: float | None = None, domain_tokens: float | None = None, unique_tokens: float | None = None,
               sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
-              mfu: float = DEFAULT_MFU, method: str | None = None, host_ram_gb: float | None = None,
+              mfu: float | None = None, method: str | None = None, host_ram_gb: float | None = None,
               setup: dict[str, Any] | None = None, forced: Forced = Forced(),
               allreduce_gbps: float | None = None) -> Plan:
     """The plan for a goal. `setup`: TrainSetup fields the user fixed (optimizer, LoRA rank and targets,
@@ -206,11 +209,12 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         base = TrainSetup(loss_tiling=STAGE_LOSS_TILING.get(stage, "fused"), **(setup or {}))
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
                                  host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
-        times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, mfu, params.total, busbw)
-        generation = rl_generation_seconds(choice, stage_tokens, params, gpu, num_gpus, mfu) if stage == "rl" else None
+        at, source = stage_mfu(gpu.name, stage, mfu)
+        times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, at, params.total, busbw)
+        generation = rl_generation_seconds(choice, stage_tokens, params, gpu, num_gpus, at) if stage == "rl" else None
         plan = StagePlan(stage, stage_tokens, choice, times[0] + (generation or 0) if times[0] is not None else None,
                          settings, [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len), *times[1:],
-                         generation)
+                         generation, at, source)
         stages.append(plan)
         return plan
 
@@ -231,7 +235,8 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
     if goal in ("sft", "domain-expert", "general-reasoning"):
         advice += _post_training(goal, params, sft_examples, method, add_stage, stages, num_gpus)
     advice.append(rules.stability())
-    return Plan(shape, params, gpu, num_gpus, seq_len, mfu, goal, stages, advice,
+    return Plan(shape, params, gpu, num_gpus, seq_len, stages[0].mfu if stages else stage_mfu(gpu.name, goal, mfu)[0],
+                goal, stages, advice,
                 kv_cache_bytes(shape, seq_len) / GB, busbw, busbw_source)
 
 
@@ -255,7 +260,7 @@ def _adapters(choice: Choice) -> dict[str, Any]:
 
 def time_words(plan: Plan, s: StagePlan) -> str:
     """A stage's time, split into compute and communication, the larger being the stage's, plus RL's sampling."""
-    words = f"compute {human_duration(s.compute_seconds)} at MFU {plan.mfu:.0%}"
+    words = f"compute {human_duration(s.compute_seconds)} at MFU {s.mfu:.0%}"
     if s.generation_seconds is not None:
         words += (f", then sampling {human_duration(s.generation_seconds)} (completions {RL_COMPLETION_SHARE:.0%} "
                   f"of the tokens, decoded by HF generate at {GENERATION_BANDWIDTH_SHARE:.0%} of "
@@ -412,8 +417,12 @@ def render(plan: Plan, console) -> None:
     if p.active != p.total:
         head += f" ({p.active / 1e9:.3f}B active, {shape.num_experts} experts, top-{shape.experts_per_token})"
     console.print(head + f", on {plan.num_gpus} x {plan.gpu.name} ({plan.gpu.memory_gb:g} GB, "
-                  f"{plan.gpu.bf16_tflops:g} {plan.gpu.precision} TFLOPS), seq {plan.seq_len}, "
-                  f"assuming MFU {plan.mfu:.0%}")
+                  f"{plan.gpu.bf16_tflops:g} {plan.gpu.precision} TFLOPS), seq {plan.seq_len}")
+    assumed: dict[tuple[float, str], list[str]] = {}
+    for s in plan.stages:
+        assumed.setdefault((s.mfu, s.mfu_source), []).append(s.stage)
+    for (mfu, source), names in assumed.items():
+        console.print(f"MFU {mfu:.1%} for {', '.join(names)}: {source}")
     if not plan.gpu.bf16:
         console.print(f"[yellow]{plan.gpu.name} has no bf16 tensor cores: train in fp16 with loss scaling "
                       "(train.precision: fp16); `auto` would fall back to fp32[/]")
