@@ -111,7 +111,8 @@ def _tiny_data_constrained(tree: dict) -> dict:
                       "b": {"hidden_size": 16, "intermediate_size": 32, **one_layer},
                       "c": {"hidden_size": 24, "intermediate_size": 48, **one_layer}}
     tree.update({"standard": {"weight_decay": 0.1, "epochs": [1, 2]},
-                 "regularised": {"weight_decay": [1.0], "epochs": [2]}, "distill": {"student": "a"},
+                 "regularised": {"weight_decay": [0.1, 1.0], "lr": [1.0], "epochs": [2], "rounds": 1,
+                                 "start": {"weight_decay": 1.0, "lr": 1.0, "epochs": 2}}, "distill": {"student": "a"},
                  "data_scaling": {"fractions": [0.25, 0.5], "models": ["a"], "epochs": [1]}, "validation_rows": 16})
     return tree
 

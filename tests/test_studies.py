@@ -22,7 +22,9 @@ def _study(tmp_path, tok_dir, **changes) -> dict:
         "models": {"a": {"hidden_size": 8, "intermediate_size": 16, **tiny},
                    "b": {"hidden_size": 16, "intermediate_size": 32, **tiny},
                    "c": {"hidden_size": 24, "intermediate_size": 48, **tiny}},
-        "standard": {"epochs": [1, 2]}, "regularised": {"weight_decay": [1.0], "epochs": [2]},
+        "standard": {"epochs": [1, 2]},
+        "regularised": {"weight_decay": [0.1, 1.0], "lr": [1.0, 2.0], "epochs": [1, 2], "rounds": 1,
+                        "start": {"weight_decay": 1.0, "lr": 1.0, "epochs": 2}},
         "ensemble": {"members": 3}, "distill": {"student": "a"},
         "data_scaling": {"fractions": [0.25, 0.5], "models": ["a"], "epochs": [1]}, "validation_rows": 16,
     }
@@ -69,6 +71,15 @@ def test_data_constrained_study_runs_and_states_every_finding(tmp_path, tok_dir)
     assert results["data_scaling"]["runs"] and all(name in results["runs"] for name in results["data_scaling"]["runs"])
     assert set(results["ensembles"]["c"]) == {"1", "2", "3"}
     assert results["distilled"]["loss"] > 0 and results["data_scaling"]["tokens"] == [400, 800, 1600]
+    for size in "abc":  # the regularised recipe was tuned by coordinate descent: each ladder tried from the start
+        visited = [r for r in results["runs"].values() if r["recipe"] == "regularised" and r["model"] == size]
+        assert len({(r["weight_decay"], r["lr"], r["epochs"]) for r in visited}) >= 4
+        assert results["regularised_best"][size]["name"] in {r["name"] for r in visited}
+        members = results["ensemble_config"][size]  # and its ensemble members retuned between two candidates
+        best = results["regularised_best"][size]
+        shifted = members["candidates"][1]
+        assert shifted["epochs"] == 2 * best["epochs"] and shifted["weight_decay"] == best["weight_decay"] / 2
+        assert members["epochs"] == (shifted if members["retuned"] else best)["epochs"]
     text = report.read_text()
     assert "## Findings" in text and "standard_epochs.png" in text and "resamples of the validation rows" in text
     assert text.count("Rule, fixed before the run") == 6
@@ -209,11 +220,12 @@ def _data_constrained_world(means: dict[str, float], tied: tuple[str, str] | Non
     study = DataConstrainedStudy.model_validate({
         "study": "data_constrained", "name": "dc", "base": {"data": {"unique_tokens": 1000}},
         "models": {"a": {}, "b": {}, "c": {}}, "standard": {"epochs": [1, 2, 4]},
-        "regularised": {"weight_decay": [1.0], "epochs": [4]}, "distill": {"student": "a"},
-        "data_scaling": {"fractions": [0.25, 0.5], "models": ["c"], "epochs": [1]}})
+        "regularised": {"weight_decay": [1.0], "lr": [1.0], "epochs": [4],
+                        "start": {"weight_decay": 1.0, "lr": 1.0, "epochs": 4}},
+        "distill": {"student": "a"}, "data_scaling": {"fractions": [0.25, 0.5], "models": ["c"], "epochs": [1]}})
     runs = [{"name": f"std-{m}-e{e}", "recipe": "standard", "model": m, "weight_decay": 0.1, "epochs": e,
              "fraction": 1.0} for m in "abc" for e in (1, 2, 4)]
-    runs += [{"name": f"reg-{m}", "recipe": "regularised", "model": m, "weight_decay": 1.0, "epochs": 4,
+    runs += [{"name": f"reg-{m}", "recipe": "regularised", "model": m, "weight_decay": 1.0, "lr": 1.0, "epochs": 4,
               "fraction": 1.0} for m in "abc"]
     runs += [{"name": f"std-c-f{f}", "recipe": "standard", "model": "c", "weight_decay": 0.1, "epochs": 1 / f,
               "fraction": f} for f in (0.25, 0.5)]
@@ -225,6 +237,8 @@ def _data_constrained_world(means: dict[str, float], tied: tuple[str, str] | Non
                      3: boot.full(f"ensemble-{m}-k3")} for m in "abc"}
     results = {"budget_tokens": 1000, "parameters": {"a": 10_000, "b": 20_000, "c": 40_000},
                "standard_best": best["standard"], "regularised_best": best["regularised"],
+               "ensemble_config": {m: {"keys": [f"reg-{m}", f"ensemble-{m}-k2", f"ensemble-{m}-k3"], "retuned": False}
+                                   for m in "abc"},
                "distilled": {"student": "a", "loss": boot.full("distill-a")},
                "self_distilled": {"student": "a", "loss": boot.full("self-distill-a")}}
     return study, results, ensembles, runs, fit_study(study, results, ensembles, runs), boot

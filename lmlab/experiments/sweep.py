@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from lmlab.experiments.ablate import Variant, run_variants
@@ -56,6 +56,30 @@ def beats(candidate: dict[str, Any], incumbent: dict[str, Any]) -> bool:
     if loss(incumbent) == float("inf") or not candidate.get("rows") or not incumbent.get("rows"):
         return True
     return paired(Estimate.from_dict(incumbent["rows"]), Estimate.from_dict(candidate["rows"])).distinguishable
+
+
+def coordinate_descent(current: dict[str, Any], grid: dict[str, list[Any]], rounds: int,
+                       run: Callable[[list[dict[str, Any]]], None], loss: Callable[[dict[str, Any]], float],
+                       better: Callable[[dict[str, Any], dict[str, Any]], bool]) -> dict[str, Any]:
+    """Kotha et al.'s tuning: one key at a time, every value of its ladder with the others held (`run` trains
+    the configurations not trained yet, together), moving only to a configuration `better` than the current
+    one beyond the noise; stops after `rounds` or a round that changes nothing. `lmlab sweep` and the
+    data-constrained study both tune this way."""
+    from lmlab.console import console
+
+    run([current])
+    for round_no in range(1, rounds + 1):
+        changed = False
+        for name, values in grid.items():
+            candidates = [{**current, name: v} for v in values]
+            run(candidates)
+            best = min(candidates, key=loss)
+            if better(best, current):
+                current, changed = best, True
+        console().print(f"round {round_no}: best {_key(current)} (loss {loss(current):.4f})")
+        if not changed:
+            break
+    return current
 
 
 class Sweep:
@@ -96,22 +120,7 @@ class Sweep:
         return beats(self.results[_key(candidate)], self.results[_key(than)])
 
     def descend(self, current: dict[str, Any], grid: dict[str, list[Any]], rounds: int) -> dict[str, Any]:
-        """Coordinate descent: one key at a time, moving only to a configuration better beyond the noise."""
-        from lmlab.console import console
-
-        self.run([current])
-        for round_no in range(1, rounds + 1):
-            changed = False
-            for name, values in grid.items():
-                candidates = [{**current, name: v} for v in values]
-                self.run(candidates)
-                best = min(candidates, key=self.loss)
-                if self.better(best, current):
-                    current, changed = best, True
-            console().print(f"round {round_no}: best {_key(current)} ({METRIC} {self.loss(current):.4f})")
-            if not changed:
-                break
-        return current
+        return coordinate_descent(current, grid, rounds, self.run, self.loss, self.better)
 
     def summary(self, best: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
         winner = self.results[_key(best)]["name"]

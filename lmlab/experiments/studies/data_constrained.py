@@ -4,8 +4,11 @@ One study file (`recipes/data_constrained_small.yaml`) names the model sizes, th
 fixed unique-token budget and the grids; `lmlab study` then runs, in order:
 
 1. the standard recipe (weight decay 0.1) at every size over an epoch grid;
-2. the regularised recipe (weight decay up to 30x larger) at every size;
-3. ensembles of K members of each size's best regularised configuration (seeds differ);
+2. the regularised recipe at every size, weight decay (up to 30x the usual), LR and epochs tuned jointly by
+   coordinate descent, as the paper tunes them;
+3. ensembles of K members (seeds differ) at each size, the members retuned for the ensemble: the single
+   model's best configuration or the paper's shift for members (2x epochs, half the weight decay), whichever
+   ensemble of K scores lower beyond the noise;
 4. distillation of the largest ensemble into one student, and self-distillation: the student size's best
    single model distilled into a fresh model of its own size;
 5. the standard recipe on smaller budgets, for a data-scaling fit.
@@ -30,7 +33,7 @@ from pydantic import Field, model_validator
 
 from lmlab.errors import LmlabError
 from lmlab.paths import NAME_PATTERN, write_json_atomic, write_text_atomic
-from lmlab.recipe import OutputConfig, Strict, merge_blocks
+from lmlab.recipe import OptimConfig, OutputConfig, Strict, merge_blocks
 from lmlab.experiments.studies.common import StudyRunner, finding_line, judged, load_study
 from lmlab.experiments.studies.paired import SCOPE, RowResamples, interval
 
@@ -41,13 +44,32 @@ class StandardGrid(Strict):
 
 
 class RegularisedGrid(Strict):
-    weight_decay: list[float] = Field(default_factory=lambda: [0.8, 3.2], min_length=1)
-    epochs: list[float] = Field(default_factory=lambda: [16], min_length=1)
+    """The regularised recipe, tuned per size as Kotha et al. tune it: coordinate descent over these ladders
+    (the LR as multiples of base.optim.lr) from `start`, one at a time with the others held, moving only to
+    a configuration whose validation loss is lower beyond the noise of the held-out rows."""
+
+    weight_decay: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.4, 0.8, 1.6, 3.2], min_length=1)
+    lr: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
+    epochs: list[float] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    start: dict[str, float] = Field(default_factory=lambda: {"weight_decay": 0.8, "lr": 1.0, "epochs": 8})
+    rounds: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _start_on_the_ladders(self) -> "RegularisedGrid":
+        for key in ("weight_decay", "lr", "epochs"):
+            if self.start.get(key) not in getattr(self, key):
+                raise ValueError(f"start.{key} {self.start.get(key)} must be one of {key} {getattr(self, key)}")
+        if set(self.start) - {"weight_decay", "lr", "epochs"}:
+            raise ValueError("start names weight_decay, lr and epochs only")
+        return self
 
 
 class EnsembleSpec(Strict):
     members: int = Field(3, ge=3)  # three K values per size for the K-fit
     combine: Literal["logits", "logprobs"] = "logits"
+    # members retuned for the ensemble: the paper finds they want about 2x the epochs and half the weight decay
+    # of the best single model; the shifted configuration is kept when its K-member ensemble is better
+    retune: bool = True
 
 
 class DistillSpec(Strict):
@@ -109,12 +131,14 @@ class Runner(StudyRunner):
         self.tokenizer_dir = Path(given) if given else study.run_dir / "tokenizer"  # trained once when not given
         super().__init__(study.run_dir, file, {str(self.tokenizer_dir)})
         self.study, self.budget = study, int(study.base["data"]["unique_tokens"])
+        self.base_lr = float((study.base.get("optim") or {}).get("lr", OptimConfig().lr))
 
     def tree(self, name: str, model: str, wd: float, epochs: float, seed: int = 0, fraction: float = 1.0,
-             extra: dict | None = None) -> dict:
+             extra: dict | None = None, lr: float = 1.0) -> dict:
+        """One pretraining run; `lr` is a multiple of the base LR."""
         tree = merge_blocks(self.study.base, {
             "name": name, "seed": seed, "model": self.study.models[model],
-            "optim": {"weight_decay": wd}, "train": {"epochs": epochs},
+            "optim": {"weight_decay": wd, "lr": self.base_lr * lr}, "train": {"epochs": epochs},
             "data": {"unique_tokens": max(1, int(self.budget * fraction))},
             "output": {"report_to": []}, "tokenizer": {"path": str(self.tokenizer_dir)}})
         return merge_blocks(tree, extra or {})
@@ -129,18 +153,25 @@ def inverse_power_law(fit, loss: float) -> float:
     return math.inf if loss <= fit.E else (fit.A / (loss - fit.E)) ** (1 / fit.alpha)
 
 
+def run_name(recipe: str, model: str, wd: float, epochs: float, fraction: float = 1.0, lr: float = 1.0) -> str:
+    return f"{recipe}-{model}-wd{_tag(wd)}-lr{_tag(lr)}-ep{_tag(epochs)}-d{_tag(fraction)}"
+
+
 def plan_trees(study: DataConstrainedStudy, runner: Runner) -> dict[tuple, dict]:
-    """Every single-model configuration (recipe, size, weight decay, epochs, data share), validated before compute."""
+    """The standard recipe's configurations (size, weight decay, epochs, data share), planned; and every
+    configuration the regularised descent may visit, validated with them before any compute."""
     sizes, std, reg, scaling = list(study.models), study.standard, study.regularised, study.data_scaling
     plan = {("standard", m, std.weight_decay, e, 1.0) for m in sizes for e in std.epochs}
-    plan |= {("regularised", m, wd, e, 1.0) for m in sizes for wd in reg.weight_decay for e in reg.epochs}
     plan |= {("standard", m, std.weight_decay, e, f) for f in scaling.fractions
              for m in (scaling.models or sizes) for e in (round(x / f, 6) for x in scaling.epochs or std.epochs)}
-    trees = {key: runner.tree(f"{key[0]}-{key[1]}-wd{_tag(key[2])}-ep{_tag(key[3])}-d{_tag(key[4])}", key[1],
-                              key[2], key[3], fraction=key[4])
-             for key in sorted(plan, key=str)}
+    trees = {key: runner.tree(run_name(*key), key[1], key[2], key[3], fraction=key[4]) for key in sorted(plan, key=str)}
     for tree in trees.values():
         runner.validate(tree)
+    for m in sizes:
+        for wd in reg.weight_decay:
+            for lr in reg.lr:
+                for e in reg.epochs:
+                    runner.validate(runner.tree(run_name("regularised", m, wd, e, lr=lr), m, wd, e, lr=lr))
     return trees
 
 
@@ -163,49 +194,108 @@ class Scores:
         return self.losses[key]
 
 
+def better(score: Scores, candidate: str, incumbent: str) -> bool:
+    """Whether one scored model's validation loss is lower than another's beyond the noise of the held-out rows:
+    the paired 95% interval of the difference (rows resampled) excludes zero."""
+    from lmlab.stats import Estimate, paired
+
+    if score.losses[candidate] >= score.losses[incumbent]:
+        return False
+    rows = {key: Estimate(*score.per_row[key], binary=False) for key in (candidate, incumbent)}
+    return paired(rows[incumbent], rows[candidate]).distinguishable
+
+
+def _record(tree: dict, recipe: str, model: str, wd: float, epochs: float, fraction: float, lr: float,
+            loss: float) -> dict:
+    return {"name": tree["name"], "recipe": recipe, "model": model, "weight_decay": wd, "lr": lr, "epochs": epochs,
+            "fraction": fraction, "loss": loss}
+
+
 def single_runs(trees: dict[tuple, dict], runner: Runner, score: Scores) -> tuple[dict, dict[str, int]]:
-    """Every configuration trained and scored; the parameter count each size's run itself made."""
+    """Every planned configuration trained and scored; the parameter count each size's run itself made."""
     from lmlab.artifacts import read_manifest
 
     runs, params = {}, {}
     for key, tree in trees.items():
         final = runner.run(tree)
         params.setdefault(key[1], read_manifest(final)["parameters"])
-        runs[tree["name"]] = {"name": tree["name"], "recipe": key[0], "model": key[1], "weight_decay": key[2], "epochs": key[3],
-                              "fraction": key[4], "loss": score(final, tree["name"])}
+        runs[tree["name"]] = _record(tree, *key, 1.0, score(final, tree["name"]))
     return runs, params
 
 
-def ensemble_runs(study: DataConstrainedStudy, runner: Runner, score: Scores, runs: dict,
-                  reg_best: dict) -> tuple[dict[str, dict[int, float]], dict[str, list[float]]]:
-    """Ensembles of K = 1..members of each size's best regularised configuration (member 0 is that run),
-    and each member alone, to set every ensemble against its members."""
-    from lmlab.models.ensemble import save_ensemble
+def regularised_runs(study: DataConstrainedStudy, runner: Runner, score: Scores, runs: dict) -> dict[str, dict]:
+    """Each size's regularised recipe tuned by coordinate descent (lmlab.experiments.sweep) over weight decay,
+    LR and epochs; every visited configuration joins `runs`. Returns each size's best record."""
+    from lmlab.experiments.sweep import coordinate_descent
 
-    ensembles, member_losses = {}, {}
+    reg, best = study.regularised, {}
+    grid = {"weight_decay": reg.weight_decay, "lr": reg.lr, "epochs": reg.epochs}
+    for m in study.models:
+        def name(c: dict) -> str:
+            return run_name("regularised", m, c["weight_decay"], c["epochs"], lr=c["lr"])
+
+        def train(configs: list[dict]) -> None:
+            for c in configs:
+                tree = runner.tree(name(c), m, c["weight_decay"], c["epochs"], lr=c["lr"])
+                if tree["name"] not in runs:
+                    runs[tree["name"]] = _record(tree, "regularised", m, c["weight_decay"], c["epochs"], 1.0,
+                                                 c["lr"], score(runner.run(tree), tree["name"]))
+
+        chosen = coordinate_descent(dict(reg.start), grid, reg.rounds, train, lambda c: runs[name(c)]["loss"],
+                                    lambda a, b: better(score, name(a), name(b)))
+        best[m] = runs[name(chosen)]
+    return best
+
+
+def ensemble_runs(study: DataConstrainedStudy, runner: Runner, score: Scores, runs: dict,
+                  reg_best: dict) -> tuple[dict[str, dict[int, float]], dict[str, list[float]], dict[str, dict]]:
+    """Ensembles of K = 1..members at each size (member 0 is the configuration's seed-0 run), and each member
+    alone, to set every ensemble against its members. With ensemble.retune the members' configuration is the
+    best single model's or the paper's shift for members (2x epochs, half the weight decay), whichever
+    K-member ensemble is lower beyond the noise of the rows."""
+    ensembles, member_losses, chosen = {}, {}, {}
     for m in study.models:
         cfg = reg_best[m]
-        members = [runner.final(next(n for n, r in runs.items() if r is cfg))]
-        for seed in range(1, study.ensemble.members):
-            members.append(runner.run(runner.tree(f"member-{m}-s{seed}", m, cfg["weight_decay"], cfg["epochs"],
-                                                  seed=seed)))
-        ensembles[m] = {1: cfg["loss"]}
-        member_losses[m] = [cfg["loss"]] + [score(d, f"member-{m}-s{i}") for i, d in enumerate(members[1:], 1)]
-        for k in range(2, study.ensemble.members + 1):
-            out = save_ensemble(members[:k], study.run_dir / "ensembles" / f"{m}-k{k}", study.ensemble.combine)
-            ensembles[m][k] = score(out, f"ensemble-{m}-k{k}")
-    return ensembles, member_losses
+        candidates = [cfg] + ([{**cfg, "weight_decay": cfg["weight_decay"] / 2, "epochs": cfg["epochs"] * 2}]
+                              if study.ensemble.retune else [])
+        built = [_ensemble_of(study, runner, score, m, c, shifted=i > 0) for i, c in enumerate(candidates)]
+        pick = 1 if len(built) > 1 and better(score, built[1]["keys"][-1], built[0]["keys"][-1]) else 0
+        ensembles[m], member_losses[m] = built[pick]["curve"], built[pick]["members"]
+        chosen[m] = {"weight_decay": candidates[pick]["weight_decay"], "lr": candidates[pick]["lr"],
+                     "epochs": candidates[pick]["epochs"], "retuned": pick == 1, "keys": built[pick]["keys"],
+                     "candidates": [{"weight_decay": c["weight_decay"], "epochs": c["epochs"], "loss": b["curve"][
+                         study.ensemble.members]} for c, b in zip(candidates, built)]}
+    return ensembles, member_losses, chosen
+
+
+def _ensemble_of(study: DataConstrainedStudy, runner: Runner, score: Scores, m: str, cfg: dict,
+                 shifted: bool) -> dict:
+    """One configuration's members (seeds 0..K-1) and its ensembles of K = 2..members, scored."""
+    from lmlab.models.ensemble import save_ensemble
+
+    tag = "shifted-" if shifted else ""
+    members, keys = [], []
+    for seed in range(study.ensemble.members):
+        key = cfg["name"] if seed == 0 and not shifted else f"member-{tag}{m}-s{seed}"
+        members.append(runner.run(runner.tree(key, m, cfg["weight_decay"], cfg["epochs"], seed=seed, lr=cfg["lr"])))
+        keys.append(key)
+    losses = [score(d, k) for d, k in zip(members, keys)]
+    curve, names = {1: losses[0]}, [keys[0]]
+    for k in range(2, study.ensemble.members + 1):
+        out = save_ensemble(members[:k], study.run_dir / "ensembles" / f"{tag}{m}-k{k}", study.ensemble.combine)
+        names.append(f"ensemble-{tag}{m}-k{k}")
+        curve[k] = score(out, names[-1])
+    return {"curve": curve, "members": losses, "keys": names}
 
 
 def distill_run(study: DataConstrainedStudy, runner: Runner, score: Scores, reg_best: dict,
-                self_distill: bool = False) -> dict[str, Any]:
+                self_distill: bool = False, teacher_ensemble: Path | None = None) -> dict[str, Any]:
     """The largest size's full ensemble distilled into one student (its best regularised configuration); with
     `self_distill`, the student size's best regularised model is the teacher instead (the same size)."""
     d, cfg = study.distill, reg_best[study.distill.student]
-    teacher = runner.final(cfg["name"]) if self_distill else \
-        study.run_dir / "ensembles" / f"{list(study.models)[-1]}-k{study.ensemble.members}"
+    teacher = runner.final(cfg["name"]) if self_distill else teacher_ensemble
     name = f"{'self-distill' if self_distill else 'distill'}-{d.student}"
-    student = runner.run(runner.tree(name, d.student, cfg["weight_decay"], cfg["epochs"], extra={
+    student = runner.run(runner.tree(name, d.student, cfg["weight_decay"], cfg["epochs"], lr=cfg["lr"], extra={
         "stage": "distill", "tokenizer": {"path": None},
         "distill": {"teacher": str(teacher), "alpha": d.alpha, "temperature": d.temperature, "top_k": d.top_k}}))
     return {"student": d.student, "teacher": str(teacher), "loss": score(student, name)}
@@ -222,7 +312,8 @@ def run_data_constrained(path: str | Path, overrides: list[str] | None = None) -
     study = load_study(path, DataConstrainedStudy, overrides)
     runner, sizes = Runner(study, str(path)), list(study.models)
     trees = plan_trees(study, runner)
-    console().print(f"[bold]{study.name}[/]: {len(trees)} single runs + ensembles + two distilled students, "
+    console().print(f"[bold]{study.name}[/]: {len(trees)} standard runs + the regularised descent per size + "
+                    "ensembles + two distilled students, "
                     f"{runner.budget:,} unique tokens -> {study.run_dir}")
     first = validate_recipe(next(iter(trees.values())) | {"tokenizer": study.base.get("tokenizer", {})},
                             file=str(path))
@@ -232,18 +323,18 @@ def run_data_constrained(path: str | Path, overrides: list[str] | None = None) -
         raise LmlabError("the study needs a validation split", file=str(path), field="base.data.validation_fraction")
     score = Scores(rows)
     by_name, params = single_runs(trees, runner, score)
+    reg_best = regularised_runs(study, runner, score, by_name)
     runs = list(by_name.values())
-
-    def best(recipe: str, model: str) -> dict:
-        return min((r for r in runs if r["recipe"] == recipe and r["model"] == model and r["fraction"] == 1.0),
-                   key=lambda r: r["loss"])
-
-    std_best, reg_best = {m: best("standard", m) for m in sizes}, {m: best("regularised", m) for m in sizes}
-    ensembles, member_losses = ensemble_runs(study, runner, score, by_name, reg_best)
+    std_best = {m: min((r for r in runs if r["recipe"] == "standard" and r["model"] == m and r["fraction"] == 1.0),
+                       key=lambda r: r["loss"]) for m in sizes}
+    ensembles, member_losses, members_cfg = ensemble_runs(study, runner, score, by_name, reg_best)
+    tag = "shifted-" if members_cfg[sizes[-1]]["retuned"] else ""
+    teacher = study.run_dir / "ensembles" / f"{tag}{sizes[-1]}-k{study.ensemble.members}"  # the largest, all K
     results: dict[str, Any] = {
         "budget_tokens": runner.budget, "runs": by_name, "parameters": params, "standard_best": std_best,
         "regularised_best": reg_best, "ensembles": {m: {str(k): v for k, v in e.items()} for m, e in ensembles.items()},
-        "ensemble_members": member_losses, "distilled": distill_run(study, runner, score, reg_best),
+        "ensemble_members": member_losses, "ensemble_config": members_cfg,
+        "distilled": distill_run(study, runner, score, reg_best, teacher_ensemble=teacher),
         "self_distilled": distill_run(study, runner, score, reg_best, self_distill=True)}
     fits = fit_study(study, results, ensembles, runs)
     results |= fits.as_dict()
@@ -325,9 +416,8 @@ def findings(study: DataConstrainedStudy, results: dict, ensembles: dict[str, di
 
 
 def ensemble_keys(study: DataConstrainedStudy, results: dict, size: str) -> dict[int, str]:
-    """The scored model behind each K of one size's ensemble curve (K = 1 is the best regularised run)."""
-    return {1: results["regularised_best"][size]["name"],
-            **{k: f"ensemble-{size}-k{k}" for k in range(2, study.ensemble.members + 1)}}
+    """The scored model behind each K of one size's ensemble curve (K = 1 is its members' seed-0 run)."""
+    return dict(enumerate(results["ensemble_config"][size]["keys"], start=1))
 
 
 def asymptotes(study: DataConstrainedStudy, results: dict, fits: Fits, loss) -> dict[str, float]:
@@ -392,7 +482,8 @@ def _monotone_finding(study, results, boot) -> dict:
     return judged("the regularised recipe is monotone in N (loss falls at every size step)",
                   "margin: the smallest drop in the best regularised loss from one size to the next "
                   "(each size's configuration chosen on all rows)", {"smallest drop": margin},
-                  ", ".join(f"{m} ({params[m]:,} params, wd {best[m]['weight_decay']:g}, {best[m]['epochs']:g} ep): "
+                  ", ".join(f"{m} ({params[m]:,} params, wd {best[m]['weight_decay']:g}, lr x{best[m]['lr']:g}, "
+                            f"{best[m]['epochs']:g} ep): "
                             f"{best[m]['loss']:.4f}" for m in sizes))
 
 
@@ -408,7 +499,9 @@ def _ensemble_finding(study, results, ensembles, fits, refit, draws) -> dict:
                   + (f"{fits.regularised.E:.4f}" if fits.regularised else "no fit")
                   + _pinned(("E_joint", fits.joint.E), ("E_reg", fits.regularised.E if fits.regularised else 0.0))
                   + f"; K=1 -> K={k}: "
-                  + ", ".join(f"{m} {ensembles[m][1]:.4f} -> {ensembles[m][k]:.4f}" for m in sizes))
+                  + ", ".join(f"{m} {ensembles[m][1]:.4f} -> {ensembles[m][k]:.4f}" for m in sizes)
+                  + "; members retuned to 2x epochs and half the weight decay (a lower K-member ensemble beyond the "
+                  "noise) at: " + (", ".join(m for m in sizes if results["ensemble_config"][m]["retuned"]) or "none"))
 
 
 def _distill_finding(study, results, ensembles, boot) -> dict:
@@ -436,8 +529,8 @@ def _self_distill_finding(study, results, boot) -> dict:
     return judged("self-distillation beats its teacher (the same size, the same data)",
                   "margin: the teacher's loss (the student size's best regularised model) minus its self-distilled "
                   "student's", {"teacher - self-distilled": margin},
-                  f"{student}: teacher {teacher['loss']:.4f} (wd {teacher['weight_decay']:g}, {teacher['epochs']:g} ep), "
-                  f"self-distilled {results['self_distilled']['loss']:.4f}")
+                  f"{student}: teacher {teacher['loss']:.4f} (wd {teacher['weight_decay']:g}, lr x{teacher['lr']:g}, "
+                  f"{teacher['epochs']:g} ep), self-distilled {results['self_distilled']['loss']:.4f}")
 
 
 def _efficiency_finding(study, results, ensembles, fits, refit, draws) -> dict:
@@ -510,17 +603,31 @@ def write_report(study: DataConstrainedStudy, results: dict, ensembles: dict[str
              f"({study.validation_rows} rows).", "", "## Findings", ""]
     lines += [f"Verdicts ({SCOPE}):", ""]
     lines += [finding_line(i, f) for i, f in enumerate(results["findings"], 1)]
-    lines += ["", "## Runs", "", "| run | recipe | model | weight decay | epochs | data share | validation loss |",
-              "|---|---|---|---|---|---|---|"]
-    for name, r in sorted(results["runs"].items(), key=lambda kv: (kv[1]["fraction"], kv[1]["recipe"], kv[0])):
-        lines.append(f"| {name} | {r['recipe']} | {r['model']} | {r['weight_decay']:g} | {r['epochs']:g} | "
-                     f"{r['fraction']:g} | {r['loss']:.4f} |")
-    lines += ["", "| model | parameters | K=1 | " + " | ".join(f"K={k}" for k in range(2, study.ensemble.members + 1))
-              + " |", "|---" * (study.ensemble.members + 2) + "|"]
-    for m in sizes:
-        lines.append(f"| {m} | {params[m]:,} | " + " | ".join(f"{ensembles[m][k]:.4f}"
-                                                           for k in range(1, study.ensemble.members + 1)) + " |")
+    lines += _tables(study, results, ensembles)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     report = out_dir / "study.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report
+
+
+def _tables(study: DataConstrainedStudy, results: dict, ensembles: dict[str, dict[int, float]]) -> list[str]:
+    """The report's tables: every run, then each size's ensembles with their members' configuration."""
+    sizes, params, lines = list(study.models), results["parameters"], []
+    lines += ["", "## Runs", "", "Regularised runs are the configurations the coordinate descent visited (weight "
+              f"decay {study.regularised.weight_decay}, LR x {study.regularised.lr}, epochs "
+              f"{study.regularised.epochs}, from {study.regularised.start}).", "",
+              "| run | recipe | model | weight decay | LR x | epochs | data share | validation loss |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(results["runs"].items(), key=lambda kv: (kv[1]["fraction"], kv[1]["recipe"], kv[0])):
+        lines.append(f"| {name} | {r['recipe']} | {r['model']} | {r['weight_decay']:g} | {r.get('lr', 1.0):g} | "
+                     f"{r['epochs']:g} | {r['fraction']:g} | {r['loss']:.4f} |")
+    lines += ["", "| model | parameters | members (wd, epochs) | K=1 | "
+              + " | ".join(f"K={k}" for k in range(2, study.ensemble.members + 1)) + " |",
+              "|---" * (study.ensemble.members + 3) + "|"]
+    for m in sizes:
+        cfg = results["ensemble_config"][m]
+        members = f"{cfg['weight_decay']:g}, {cfg['epochs']:g}" + (" (retuned: 2x epochs, wd / 2)" if cfg["retuned"]
+                                                                  else "")
+        lines.append(f"| {m} | {params[m]:,} | {members} | " + " | ".join(
+            f"{ensembles[m][k]:.4f}" for k in range(1, study.ensemble.members + 1)) + " |")
+    return lines
