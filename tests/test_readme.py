@@ -93,6 +93,7 @@ def _tiny_evolm(tree: dict) -> dict:
                                       "data": data, "train": {"micro_batch_size": 8}})
     _merge(tree["base"], {"model": TINY_MODEL, "data": data, "train": {"tokens": 4_000, "micro_batch_size": 8}})
     _merge(tree["cpt"], {"data": {"seq_len": 64, "replay": GENERAL}, "train": {"tokens": 2_000, "micro_batch_size": 8}})
+    _merge(tree["chain_cpt"], {"data": {"train": {"num_examples": 200}}, "train": {"tokens": 2_000, "micro_batch_size": 8}})
     _merge(tree["sft"], {"data": {"train": {"num_examples": 32}}})
     _merge(tree["rl"], {"data": {"train": {"num_examples": 4}}, "train": {"micro_batch_size": 8},
                         "rl": {"num_generations": 4, "max_completion_length": 8}})

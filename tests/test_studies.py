@@ -111,6 +111,7 @@ def test_evolm_study_runs_every_finding_on_tiny_models(tmp_path, tok_dir):
     tree["base"] = {**tree["base"], "model": tiny, "train": {"tokens": 20_000, "micro_batch_size": 8},
                     "data": {**tree["base"]["data"], "train": {"kind": "general", "limit": 200}, "seq_len": 64}}
     tree["cpt"]["train"] = {"tokens": 6_000, "micro_batch_size": 8}
+    tree["chain_cpt"] = {"data": {"train": {"num_examples": 200}}, "train": {"tokens": 4_000, "micro_batch_size": 8}}
     tree["cpt"]["data"].update(seq_len=64, replay={"kind": "general", "limit": 200})
     tree["sft"]["data"]["train"]["num_examples"] = 64
     tree["rl"]["data"]["train"]["num_examples"] = 4
@@ -140,6 +141,8 @@ def test_evolm_study_runs_every_finding_on_tiny_models(tmp_path, tok_dir):
     sft = results["sft_epochs"]["3"]  # each OOD family alone, and pooled
     assert {"math_ood_two_step/greedy_accuracy", "ood/pass@4", "math_id/mean@4"} <= set(sft)
     assert results["orm"]["pairwise_accuracy"]["n"] >= 1  # the learned ORM scored the samples from then on
+    assert set(results["chain_cpt"]) == {"0", "1"}  # the SFT sweep's own CPT per seed, scored on text
+    assert (report.parent / "runs" / "cpt-chain-s1" / "final").is_dir()
     margins = results["findings"][2]["margins"]
     assert {"ID rises", "ID saturates", "two_step OOD falls after 2-4 epochs"} <= set(margins)
     assert "of the pretraining tokens" in results["findings"][1]["numbers"]

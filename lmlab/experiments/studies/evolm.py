@@ -94,6 +94,9 @@ class EvolmStudy(Strict):
     cpt: dict[str, Any]
     replay_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.03, 0.05, 0.16, 0.32], min_length=2)
     sft_from_replay: float = 0.16
+    # the chain's own CPT (per seed, at sft_from_replay), merged over `cpt`: long enough for the facts to be
+    # learned, so SFT can saturate in-domain; empty: the replay run at sft_from_replay is the chain's CPT
+    chain_cpt: dict[str, Any] = Field(default_factory=dict)
     sft: dict[str, Any]
     sft_epochs: list[float] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=3)
     # each OOD family alone: they may peak at different epochs; `ood/...` pools their items
@@ -169,6 +172,7 @@ class EvolmRuns:
     scale: list[dict]
     base: dict
     cpt: dict
+    chain: dict  # seed -> the CPT run the SFT sweep starts from
     sft: dict
     rl: dict  # (seed, variant) -> the run whose checkpoints are the budgets of rl_sweep.steps
     orm: dict | None
@@ -201,14 +205,18 @@ def plan_runs(study: EvolmStudy, path: str | Path) -> EvolmRuns:
         base=tree("base", "pretrain", study.base),
         cpt={(s, r): tree(f"cpt-r{r:g}-s{s}", "cpt", study.cpt, s, model={"from_pretrained": final("base")},
                           data={"replay_ratio": r}) for s in seeds for r in study.replay_ratios},
+        chain={s: tree(f"cpt-chain-s{s}", "cpt", merge_blocks(study.cpt, study.chain_cpt), s,
+                       model={"from_pretrained": final("base")}, data={"replay_ratio": study.sft_from_replay})
+               for s in seeds} if study.chain_cpt else {},
         sft={(s, e): tree(f"sft-ep{e:g}-s{s}", "sft", study.sft, s, train={"epochs": e},
-                          model={"from_pretrained": final(f"cpt-r{study.sft_from_replay:g}-s{s}")})
+                          model={"from_pretrained": final(f"cpt-chain-s{s}" if study.chain_cpt else
+                                                          f"cpt-r{study.sft_from_replay:g}-s{s}")})
              for s in seeds for e in study.sft_epochs},
         rl={(s, v): tree(f"rl-{v}-s{s}", "rl", merge_blocks(study.rl, block), s, train=checkpoints,
                          model={"from_pretrained": sft_for_rl(s)})
             for s in seeds for v, block in sweep.variants.items()},
         orm=tree("orm", "rm", study.orm.rm, 0, model={"from_pretrained": sft_for_rl(0)}) if study.orm else None)
-    every = [*runs.scale, runs.base, *runs.cpt.values(), *runs.sft.values(), *runs.rl.values(),
+    every = [*runs.scale, runs.base, *runs.cpt.values(), *runs.chain.values(), *runs.sft.values(), *runs.rl.values(),
              *([runs.orm] if runs.orm else [])]
     runner.future |= {final(t["name"]) for t in every}
     for t in every:
@@ -254,10 +262,15 @@ def replay_runs(runs: EvolmRuns) -> dict[str, Any]:
     return {"base": base, "by_ratio": replay, "cpt_tokens": cpt_tokens, "base_tokens": base_tokens}
 
 
-def sft_runs(runs: EvolmRuns) -> None:
-    """3. the SFT epoch sweep, trained (evaluated once the learned ORM exists)."""
+def sft_runs(runs: EvolmRuns) -> dict[str, Any]:
+    """3. the chain's CPT and the SFT epoch sweep, trained (evaluated once the learned ORM exists); the chain's
+    CPT models scored on general and math text."""
+    chain = {}
+    for s, t in runs.chain.items():
+        chain[str(s)] = runs.evaluate(t["name"], runs.runner.run(t), generative=False)
     for t in runs.sft.values():
         runs.runner.run(t)
+    return chain
 
 
 def learned_orm(runs: EvolmRuns) -> dict[str, Any] | None:
@@ -344,7 +357,7 @@ def run_evolm(path: str | Path, overrides: list[str] | None = None) -> Path:
         study.run_dir)  # trained once into <study>/tokenizer
     results: dict[str, Any] = {"seeds": study.seeds, "pretrain_scaling": pretrain_scaling(runs, tokenizer),
                                "replay": replay_runs(runs)}
-    sft_runs(runs)
+    results["chain_cpt"] = sft_runs(runs)
     results["orm"] = learned_orm(runs)
     results.update(post_training_runs(runs))
     results["r2"] = orm_fits(results["checkpoints"], study.samples)
