@@ -290,3 +290,31 @@ def test_data_constrained_verdicts_follow_the_rule_stated_before_the_run():
 
     tie = findings(*_data_constrained_world(HOLDS, tied=("std-c-e2", "std-c-e4")))
     assert tie[0]["verdict"] == "inconclusive" and next(iter(tie[0]["margins"].values()))["value"] == 0
+
+
+def test_a_finished_run_is_reused_only_while_it_is_still_the_same_run(tmp_path, tok_dir):
+    """A study reuses a finished run by name; if the study file now describes it differently (or the model it
+    starts from was trained again), reusing it would report numbers from another run: the study stops first,
+    naming the run and what changed. Logging keys are free."""
+    import os
+
+    from lmlab.experiments.studies.common import StudyRunner
+
+    tree = {"name": "pt", "stage": "pretrain", "seed": 0, "tokenizer": {"path": str(tok_dir)},
+            "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32,
+                      "max_position_embeddings": 64},
+            "data": {"train": {"kind": "general", "limit": 40}, "seq_len": 32, "validation_fraction": 0.1},
+            "train": {"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "save_every": 100},
+            "output": {"report_to": []}}
+    runner = StudyRunner(tmp_path / "study", "study.yaml")
+    final = runner.run(tree)
+    stamp = (final / "lmlab.json").stat().st_mtime
+    assert runner.run({**tree, "train": {**tree["train"], "log_every": 7}}) == final  # logging is free
+    with pytest.raises(LmlabError, match=r"study\.yaml: run pt was made by a different recipe \(optim\.lr changed\)"):
+        runner.run({**tree, "optim": {"lr": 1e-4}})
+    assert (final / "lmlab.json").stat().st_mtime == stamp
+    child = {**tree, "name": "child", "stage": "cpt", "model": {"from_pretrained": str(final)}, "tokenizer": {}}
+    runner.run(child)
+    os.utime(final / "lmlab.json", (stamp + 100, stamp + 100))  # the parent trained again after its child
+    with pytest.raises(LmlabError, match=r"run child starts from .*pt/final, which was trained again after it"):
+        runner.run(child)

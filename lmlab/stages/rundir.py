@@ -37,6 +37,28 @@ FREE_ON_RESUME = ("name", "output.", "eval.", "train.log_every", "train.eval_eve
                   "train.micro_batch_size", "train.grad_accum")  # the last two: the global batch is compared
 
 
+# what a finished run may differ in and still be the same run (a study reuses it): logging and saving only
+FREE_ON_REUSE = ("name", "output.", "eval.", "train.log_every", "train.eval_every", "train.eval_batches",
+                 "train.save_every", "train.keep_last", "train.num_workers", "train.peak_tflops", "train.guard.",
+                 "train.collective_timeout")
+
+
+def changed_keys(recipe: Recipe, free: tuple[str, ...]) -> list[str]:
+    """The keys (dotted) in which `recipe` differs from the one its run directory was made with, those that
+    start with a `free` prefix aside; empty when the directory has no recipe."""
+    import yaml
+
+    from lmlab.recipe import Recipe as RecipeModel
+
+    saved_file = recipe.run_dir / "recipe.yaml"
+    if not saved_file.is_file():
+        return []
+    saved = RecipeModel.model_validate(yaml.safe_load(saved_file.read_text()))
+    before = _dotted_keys(saved.model_dump(mode="json"))
+    return [key for key, value in _dotted_keys(recipe.model_dump(mode="json")).items()
+            if not key.startswith(free) and before.get(key) != value]
+
+
 def check_resumable(recipe: Recipe) -> None:
     """`--resume` continues the same run: a changed budget, data, model, LR or global batch is refused."""
     import yaml
@@ -47,9 +69,7 @@ def check_resumable(recipe: Recipe) -> None:
     if not saved_file.is_file():
         return
     saved = RecipeModel.model_validate(yaml.safe_load(saved_file.read_text()))
-    before = _dotted_keys(saved.model_dump(mode="json"))
-    changed = [key for key, value in _dotted_keys(recipe.model_dump(mode="json")).items()
-               if not key.startswith(FREE_ON_RESUME) and before.get(key) != value]
+    changed = changed_keys(recipe, FREE_ON_RESUME)
     launch = recipe.run_dir / LAUNCH
     saved_world = json.loads(launch.read_text()).get("world_size", 1) if launch.is_file() else 1
     batch = lambda r, world: r.train.micro_batch_size * r.train.grad_accum * world  # noqa: E731

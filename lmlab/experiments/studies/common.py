@@ -22,7 +22,10 @@ def load_study(path: str | Path, model: type[BaseModel], overrides: list[str] | 
 
 
 class StudyRunner:
-    """Runs stage recipe trees under `<study dir>/runs/<name>/`; a run with a final artifact is not run again."""
+    """Runs stage recipe trees under `<study dir>/runs/<name>/`; a run with a final artifact is not run again,
+    unless it is no longer the same run: its recipe changed (an edited study file, a --set) or the model it
+    starts from was trained again after it. Then the study stops and says which run to delete, rather than
+    report numbers from a run the file no longer describes."""
 
     def __init__(self, study_dir: Path, file: str, future: set[str] | None = None):
         self.dir, self.file, self.future = Path(study_dir), file, set(future or ())
@@ -39,9 +42,27 @@ class StudyRunner:
     def run(self, tree: dict) -> Path:
         from lmlab.stages import run_stage
 
-        if (self.final(tree["name"]) / "lmlab.json").is_file():
+        recipe = self.validate(tree)
+        done = self.final(tree["name"]) / "lmlab.json"
+        if done.is_file():
+            self._check_reusable(recipe, done)
             return self.final(tree["name"])
-        return run_stage(self.validate(tree), overwrite=True)
+        return run_stage(recipe, overwrite=True)
+
+    def _check_reusable(self, recipe, done: Path) -> None:
+        from lmlab.errors import LmlabError
+        from lmlab.stages.rundir import FREE_ON_REUSE, changed_keys
+
+        hint = f"delete {recipe.run_dir} and the runs that start from it, or give the study another name"
+        changed = changed_keys(recipe, FREE_ON_REUSE)
+        if changed:
+            raise LmlabError(f"run {recipe.name} was made by a different recipe ({', '.join(changed[:4])}"
+                             + (f" and {len(changed) - 4} more" if len(changed) > 4 else "") + " changed)",
+                             file=self.file, hint=hint)
+        source = Path(recipe.model.from_pretrained or "") / "lmlab.json"
+        if recipe.model.from_pretrained and source.is_file() and source.stat().st_mtime > done.stat().st_mtime:
+            raise LmlabError(f"run {recipe.name} starts from {recipe.model.from_pretrained}, which was trained "
+                             "again after it", file=self.file, hint=hint)
 
 
 def mean_std_text(values: list[float], digits: int = 3) -> str:
