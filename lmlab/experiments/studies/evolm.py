@@ -475,11 +475,16 @@ def _sweep_numbers(study: EvolmStudy, sweep: dict, keys: list[str]) -> str:
                      for variant, by_step in sweep.items() for step, deltas in by_step.items())
 
 
+def _primary_at_largest_budget(study: EvolmStudy, results: dict):
+    """(k, the sweep, every variant's changes, the primary variant's changes at its largest budget)."""
+    sweep, rl = study.rl_sweep, results["rl_sweep"]
+    return study.samples, sweep, rl, rl[sweep.primary][str(sweep.steps[-1])]
+
+
 def _rl_finding(study: EvolmStudy, results: dict) -> dict:
     """4. RL lifts OOD: the margin is the primary variant's pooled OOD greedy accuracy at the largest budget minus
     its SFT model's, per seed; every variant and budget is reported beside it."""
-    k, sweep, rl = study.samples, study.rl_sweep, results["rl_sweep"]
-    top = rl[sweep.primary][str(sweep.steps[-1])]
+    k, sweep, rl, top = _primary_at_largest_budget(study, results)
     return judged(
         f"RL after SFT ({study.rl_from_epochs:g} epochs) lifts out-of-domain accuracy",
         f"margin = pooled OOD greedy accuracy of the primary variant ({sweep.primary}, named before the run) at "
@@ -491,8 +496,7 @@ def _rl_finding(study: EvolmStudy, results: dict) -> dict:
 
 def _rl_sampling_finding(study: EvolmStudy, results: dict) -> dict:
     """6. long RL sharpens: pooled OOD maj@k rises while pass@k falls, at the primary variant's largest budget."""
-    k, sweep, rl = study.samples, study.rl_sweep, results["rl_sweep"]
-    top = rl[sweep.primary][str(sweep.steps[-1])]
+    k, sweep, rl, top = _primary_at_largest_budget(study, results)
     return judged(
         f"long RL raises maj@{k} while pass@{k} falls",
         f"two margins per seed, pooled OOD, the primary variant ({sweep.primary}) at {sweep.steps[-1]} steps minus "
