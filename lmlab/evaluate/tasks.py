@@ -194,10 +194,9 @@ def _sampled_metrics(model, tokenizer, task: Task, prompts: list[str], samples: 
         answers = [[extract_integer(s) for s in group] for group, _ in scored]
         out[f"{task.name}/maj@{samples}"] = Estimate([maj_at_k(a, it["answer"], samples)
                                                       for a, it in zip(answers, task.items)], binary=True)
-        out[f"{task.name}/pass@{samples}"] = Estimate([pass_at_k(samples, sum(x == it["answer"] for x in a), samples)
-                                                       for a, it in zip(answers, task.items)])
+        right = [sum(x == it["answer"] for x in a) for a, it in zip(answers, task.items)]
+        out[f"{task.name}/pass@{samples}"] = Estimate([pass_at_k(samples, c, samples) for c in right])
         # the share of the samples that are right (pass@1's unbiased estimate): the verifier's own score of the
         # samples, which a learned ORM's score is compared with
-        out[f"{task.name}/mean@{samples}"] = Estimate([sum(x == it["answer"] for x in a) / samples
-                                                       for a, it in zip(answers, task.items)], binary=False)
+        out[f"{task.name}/mean@{samples}"] = Estimate([c / samples for c in right], binary=False)
     return out

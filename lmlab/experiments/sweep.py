@@ -45,17 +45,29 @@ def _key(config: dict[str, Any]) -> str:
     return ",".join(f"{k}={norm(config[k])}" for k in sorted(config))
 
 
+def lower_beyond_noise(candidate: float, incumbent: float, candidate_rows: Estimate | None,
+                       incumbent_rows: Estimate | None) -> bool:
+    """Whether a validation loss is lower than another beyond the noise of their held-out rows: the paired 95%
+    interval of the difference excludes zero (without rows, or against a failed run, the losses alone decide).
+    The sweep's descent and the data-constrained study's both move only on this."""
+    if candidate >= incumbent:
+        return False
+    if incumbent == float("inf") or candidate_rows is None or incumbent_rows is None:
+        return True
+    return paired(incumbent_rows, candidate_rows).distinguishable
+
+
 def beats(candidate: dict[str, Any], incumbent: dict[str, Any]) -> bool:
-    """Whether a run's validation loss is lower than another's beyond the noise of their held-out rows: the
-    paired 95% interval of the difference excludes zero (a run without rows is judged on its loss alone)."""
+    """lower_beyond_noise for two sweep runs (a failed run's loss is infinite)."""
     def loss(run: dict[str, Any]) -> float:
         return run[METRIC] if run.get(METRIC) is not None else float("inf")
 
-    if loss(candidate) >= loss(incumbent):
+    def rows(run: dict[str, Any]) -> Estimate | None:
+        return Estimate.from_dict(run["rows"]) if run.get("rows") else None
+
+    if loss(candidate) >= loss(incumbent):  # before the rows are read: most candidates lose outright
         return False
-    if loss(incumbent) == float("inf") or not candidate.get("rows") or not incumbent.get("rows"):
-        return True
-    return paired(Estimate.from_dict(incumbent["rows"]), Estimate.from_dict(candidate["rows"])).distinguishable
+    return lower_beyond_noise(loss(candidate), loss(incumbent), rows(candidate), rows(incumbent))
 
 
 def coordinate_descent(current: dict[str, Any], grid: dict[str, list[Any]], rounds: int,

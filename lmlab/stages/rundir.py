@@ -30,30 +30,25 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, root: Path) ->
 
 
 LAUNCH = "launch.json"  # how the run was launched (world size), to compare global batches on resume
-# what a resumed run may change freely: where and how often it logs, evaluates and saves, and its guard
-FREE_ON_RESUME = ("name", "output.", "eval.", "train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.save_every", "train.keep_last", "train.num_workers", "train.peak_tflops", "train.guard.",
-                  "train.collective_timeout",  # a run that timed out resumes with a longer wait
-                  "train.micro_batch_size", "train.grad_accum")  # the last two: the global batch is compared
-
-
 # what a finished run may differ in and still be the same run (a study reuses it): logging and saving only
 FREE_ON_REUSE = ("name", "output.", "eval.", "train.log_every", "train.eval_every", "train.eval_batches",
                  "train.save_every", "train.keep_last", "train.num_workers", "train.peak_tflops", "train.guard.",
                  "train.collective_timeout")
+# what a resumed run may change freely: the same (a run that timed out resumes with a longer collective wait),
+# and how its global batch is made (the global batch itself is compared)
+FREE_ON_RESUME = FREE_ON_REUSE + ("train.micro_batch_size", "train.grad_accum")
 
 
-def changed_keys(recipe: Recipe, free: tuple[str, ...]) -> list[str]:
-    """The keys (dotted) in which `recipe` differs from the one its run directory was made with, those that
-    start with a `free` prefix aside; empty when the directory has no recipe."""
+def saved_recipe(run_dir: Path) -> Recipe | None:
+    """The recipe a run directory was made with (its recipe.yaml), or None."""
     import yaml
 
-    from lmlab.recipe import Recipe as RecipeModel
+    saved_file = run_dir / "recipe.yaml"
+    return Recipe.model_validate(yaml.safe_load(saved_file.read_text())) if saved_file.is_file() else None
 
-    saved_file = recipe.run_dir / "recipe.yaml"
-    if not saved_file.is_file():
-        return []
-    saved = RecipeModel.model_validate(yaml.safe_load(saved_file.read_text()))
+
+def changed_keys(recipe: Recipe, saved: Recipe, free: tuple[str, ...]) -> list[str]:
+    """The keys (dotted) in which `recipe` differs from `saved`, those that start with a `free` prefix aside."""
     before = _dotted_keys(saved.model_dump(mode="json"))
     return [key for key, value in _dotted_keys(recipe.model_dump(mode="json")).items()
             if not key.startswith(free) and before.get(key) != value]
@@ -61,15 +56,11 @@ def changed_keys(recipe: Recipe, free: tuple[str, ...]) -> list[str]:
 
 def check_resumable(recipe: Recipe) -> None:
     """`--resume` continues the same run: a changed budget, data, model, LR or global batch is refused."""
-    import yaml
-
-    from lmlab.recipe import Recipe as RecipeModel
-
-    saved_file = recipe.run_dir / "recipe.yaml"
-    if not saved_file.is_file():
+    saved = saved_recipe(recipe.run_dir)
+    if saved is None:
         return
-    saved = RecipeModel.model_validate(yaml.safe_load(saved_file.read_text()))
-    changed = changed_keys(recipe, FREE_ON_RESUME)
+    saved_file = recipe.run_dir / "recipe.yaml"
+    changed = changed_keys(recipe, saved, FREE_ON_RESUME)
     launch = recipe.run_dir / LAUNCH
     saved_world = json.loads(launch.read_text()).get("world_size", 1) if launch.is_file() else 1
     batch = lambda r, world: r.train.micro_batch_size * r.train.grad_accum * world  # noqa: E731

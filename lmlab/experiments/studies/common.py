@@ -51,10 +51,11 @@ class StudyRunner:
 
     def _check_reusable(self, recipe, done: Path) -> None:
         from lmlab.errors import LmlabError
-        from lmlab.stages.rundir import FREE_ON_REUSE, changed_keys
+        from lmlab.stages.rundir import FREE_ON_REUSE, changed_keys, saved_recipe
 
         hint = f"delete {recipe.run_dir} and the runs that start from it, or give the study another name"
-        changed = changed_keys(recipe, FREE_ON_REUSE)
+        saved = saved_recipe(recipe.run_dir)
+        changed = changed_keys(recipe, saved, FREE_ON_REUSE) if saved is not None else []
         if changed:
             raise LmlabError(f"run {recipe.name} was made by a different recipe ({', '.join(changed[:4])}"
                              + (f" and {len(changed) - 4} more" if len(changed) > 4 else "") + " changed)",

@@ -195,14 +195,15 @@ class Scores:
 
 
 def better(score: Scores, candidate: str, incumbent: str) -> bool:
-    """Whether one scored model's validation loss is lower than another's beyond the noise of the held-out rows:
-    the paired 95% interval of the difference (rows resampled) excludes zero."""
-    from lmlab.stats import Estimate, paired
+    """Whether one scored model's validation loss is lower than another's beyond the noise of the held-out rows
+    (lmlab.experiments.sweep.lower_beyond_noise, paired row by row)."""
+    from lmlab.experiments.sweep import lower_beyond_noise
+    from lmlab.stats import Estimate
 
-    if score.losses[candidate] >= score.losses[incumbent]:
+    if score.losses[candidate] >= score.losses[incumbent]:  # before any resampling: most candidates lose outright
         return False
-    rows = {key: Estimate(*score.per_row[key], binary=False) for key in (candidate, incumbent)}
-    return paired(rows[incumbent], rows[candidate]).distinguishable
+    return lower_beyond_noise(score.losses[candidate], score.losses[incumbent],
+                              *(Estimate(*score.per_row[key], binary=False) for key in (candidate, incumbent)))
 
 
 def _record(tree: dict, recipe: str, model: str, wd: float, epochs: float, fraction: float, lr: float,
@@ -263,6 +264,7 @@ def ensemble_runs(study: DataConstrainedStudy, runner: Runner, score: Scores, ru
         ensembles[m], member_losses[m] = built[pick]["curve"], built[pick]["members"]
         chosen[m] = {"weight_decay": candidates[pick]["weight_decay"], "lr": candidates[pick]["lr"],
                      "epochs": candidates[pick]["epochs"], "retuned": pick == 1, "keys": built[pick]["keys"],
+                     "ensemble": built[pick]["ensemble"],  # all K members: the distillation teacher at the largest
                      "candidates": [{"weight_decay": c["weight_decay"], "epochs": c["epochs"], "loss": b["curve"][
                          study.ensemble.members]} for c, b in zip(candidates, built)]}
     return ensembles, member_losses, chosen
@@ -285,11 +287,11 @@ def _ensemble_of(study: DataConstrainedStudy, runner: Runner, score: Scores, m: 
         out = save_ensemble(members[:k], study.run_dir / "ensembles" / f"{tag}{m}-k{k}", study.ensemble.combine)
         names.append(f"ensemble-{tag}{m}-k{k}")
         curve[k] = score(out, names[-1])
-    return {"curve": curve, "members": losses, "keys": names}
+    return {"curve": curve, "members": losses, "keys": names, "ensemble": str(out)}
 
 
 def distill_run(study: DataConstrainedStudy, runner: Runner, score: Scores, reg_best: dict,
-                self_distill: bool = False, teacher_ensemble: Path | None = None) -> dict[str, Any]:
+                self_distill: bool = False, teacher_ensemble: str | None = None) -> dict[str, Any]:
     """The largest size's full ensemble distilled into one student (its best regularised configuration); with
     `self_distill`, the student size's best regularised model is the teacher instead (the same size)."""
     d, cfg = study.distill, reg_best[study.distill.student]
@@ -328,13 +330,11 @@ def run_data_constrained(path: str | Path, overrides: list[str] | None = None) -
     std_best = {m: min((r for r in runs if r["recipe"] == "standard" and r["model"] == m and r["fraction"] == 1.0),
                        key=lambda r: r["loss"]) for m in sizes}
     ensembles, member_losses, members_cfg = ensemble_runs(study, runner, score, by_name, reg_best)
-    tag = "shifted-" if members_cfg[sizes[-1]]["retuned"] else ""
-    teacher = study.run_dir / "ensembles" / f"{tag}{sizes[-1]}-k{study.ensemble.members}"  # the largest, all K
     results: dict[str, Any] = {
         "budget_tokens": runner.budget, "runs": by_name, "parameters": params, "standard_best": std_best,
         "regularised_best": reg_best, "ensembles": {m: {str(k): v for k, v in e.items()} for m, e in ensembles.items()},
         "ensemble_members": member_losses, "ensemble_config": members_cfg,
-        "distilled": distill_run(study, runner, score, reg_best, teacher_ensemble=teacher),
+        "distilled": distill_run(study, runner, score, reg_best, teacher_ensemble=members_cfg[sizes[-1]]["ensemble"]),
         "self_distilled": distill_run(study, runner, score, reg_best, self_distill=True)}
     fits = fit_study(study, results, ensembles, runs)
     results |= fits.as_dict()

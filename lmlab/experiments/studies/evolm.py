@@ -341,7 +341,7 @@ def orm_intervals(points: list[dict], k: int, rounds: int = 1000) -> dict[str, t
         fit = orm_fits(resampled, k)
         for name in ORM_PREDICTORS:
             samples[name].append(fit[name] if fit[name] is not None else 0.0)
-        samples["margin"].append(_orm_signal(resampled, k))
+        samples["margin"].append(_orm_signal(fit))
     return {name: (quantile(v, 0.025), quantile(v, 0.975)) for name, v in samples.items()}
 
 
@@ -507,10 +507,9 @@ def _rl_sampling_finding(study: EvolmStudy, results: dict) -> dict:
                                                                  f"math_id/maj@{k}", f"math_id/pass@{k}"]))
 
 
-def _orm_signal(points: list[dict], k: int) -> float:
-    """r^2 of the ORM score against maj@k where it points the right way (r > 0), minus the same for validation
-    loss (a loss predicts accuracy only when lower loss goes with higher accuracy, r < 0)."""
-    fit = orm_fits(points, k)
+def _orm_signal(fit: dict[str, float | None]) -> float:
+    """From orm_fits: r^2 of the ORM score against maj@k where it points the right way (r > 0), minus the same
+    for validation loss (a loss predicts accuracy only when lower loss goes with higher accuracy, r < 0)."""
     orm = fit["orm"] if (fit["r_orm"] or 0) > 0 else 0.0
     loss = fit["math_bpb"] if (fit["r_math_bpb"] or 0) < 0 else 0.0
     return orm - loss
@@ -533,7 +532,7 @@ def _orm_finding(study: EvolmStudy, results: dict) -> dict:
         f"across post-training checkpoints the ORM score tracks maj@{k} (r^2) and validation loss does not",
         f"margin = r^2(ORM score, ID maj@{k}) counted only when r > 0, minus r^2(math validation bpb, ID maj@{k}) "
         "counted only when r < 0; interval: 1,000 bootstrap resamples of the checkpoints",
-        {"ORM over loss": margin([_orm_signal(points, k)], tuple(ci["margin"]))},
+        {"ORM over loss": margin([_orm_signal(fit)], tuple(ci["margin"]))},
         f"{len(points)} checkpoints (SFT epochs and RL budgets x seeds): r^2 with ID maj@{k} (95% bootstrap "
         f"interval): ORM score {_r2(fit['orm'])} {_ci(ci['orm'])} (r = {_r2(fit['r_orm'])}), the verifier's "
         f"mean@{k} {_r2(fit['verifier'])} {_ci(ci['verifier'])}, math validation bits/byte {_r2(fit['math_bpb'])} "
