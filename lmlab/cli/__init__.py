@@ -258,6 +258,8 @@ def sweep(recipe: Path = typer.Argument(..., help="A stage recipe with a validat
           grid: Optional[List[str]] = typer.Option(None, "--grid", help="key=v1,v2 to replace a default coordinate "
                                                    "(optim.weight_decay, optim.lr with x-multiples, train.epochs)."),
           rounds: int = typer.Option(2, "--rounds", min=1, help="Passes of coordinate descent."),
+          extend: int = typer.Option(1, "--extend", min=0, help="Rungs a ladder may grow past an end where its "
+                                     "best value sits (geometric: epochs 16 -> 32)."),
           jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs at a time."),
           set_: Optional[List[str]] = SetOption) -> None:
     """Coordinate descent over weight decay, LR and epochs for fixed data and model (Kotha et al.)."""
@@ -265,7 +267,7 @@ def sweep(recipe: Path = typer.Argument(..., help="A stage recipe with a validat
     from lmlab.experiments.sweep import DEFAULT_GRID, run_sweep
 
     chosen = {**DEFAULT_GRID, **(parse_grid(grid) if grid else {})}
-    summary = run_sweep(recipe, chosen, rounds, jobs, set_)
+    summary = run_sweep(recipe, chosen, rounds, jobs, set_, extend)
     best = summary["best"]
     typer.echo(f"best of {len(summary['runs'])} runs: {best['config']} (eval_loss {best['eval_loss']:.4f})")
 

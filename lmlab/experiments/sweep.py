@@ -70,22 +70,50 @@ def beats(candidate: dict[str, Any], incumbent: dict[str, Any]) -> bool:
     return lower_beyond_noise(loss(candidate), loss(incumbent), rows(candidate), rows(incumbent))
 
 
+def next_rung(ladder: list[Any], upward: bool) -> Any | None:
+    """The rung one step beyond the top (or below the bottom) of a geometric ladder, at the ratio of its two
+    rungs at that end; None for a ladder that is not increasing positive numbers, or when an integer ladder
+    would leave the integers (epochs 1, 2, 4 do not extend to 0.5)."""
+    if len(ladder) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in ladder):
+        return None
+    if any(b <= a for a, b in zip(ladder, ladder[1:])):
+        return None
+    rung = ladder[-1] * ladder[-1] / ladder[-2] if upward else ladder[0] * ladder[0] / ladder[1]
+    if all(float(v).is_integer() for v in ladder):
+        return int(round(rung)) if float(round(rung, 9)).is_integer() and rung >= 1 else None
+    return round(rung, 12)
+
+
 def coordinate_descent(current: dict[str, Any], grid: dict[str, list[Any]], rounds: int,
                        run: Callable[[list[dict[str, Any]]], None], loss: Callable[[dict[str, Any]], float],
-                       better: Callable[[dict[str, Any], dict[str, Any]], bool]) -> dict[str, Any]:
+                       better: Callable[[dict[str, Any], dict[str, Any]], bool], extend: int = 0) -> dict[str, Any]:
     """Kotha et al.'s tuning: one key at a time, every value of its ladder with the others held (`run` trains
     the configurations not trained yet, together), moving only to a configuration `better` than the current
-    one beyond the noise; stops after `rounds` or a round that changes nothing. `lmlab sweep` and the
-    data-constrained study both tune this way."""
+    one beyond the noise; stops after `rounds` or a round that changes nothing. A ladder whose lowest loss
+    sits at one of its ends grows one rung past that end (next_rung), at most `extend` rungs per end over
+    the whole descent, so the optimum is not reported at an edge the ladder happened to stop at.
+    `lmlab sweep` and the data-constrained study both tune this way."""
     from lmlab.console import console
 
+    ladders = {name: list(values) for name, values in grid.items()}
+    grown = {(name, upward): 0 for name in grid for upward in (True, False)}
     run([current])
     for round_no in range(1, rounds + 1):
         changed = False
-        for name, values in grid.items():
-            candidates = [{**current, name: v} for v in values]
-            run(candidates)
-            best = min(candidates, key=loss)
+        for name in ladders:
+            while True:
+                candidates = [{**current, name: v} for v in ladders[name]]
+                run(candidates)
+                best = min(candidates, key=loss)
+                if best[name] not in (ladders[name][0], ladders[name][-1]) or len(ladders[name]) < 2:
+                    break
+                upward = best[name] == ladders[name][-1]
+                rung = next_rung(ladders[name], upward) if grown[name, upward] < extend else None
+                if rung is None:
+                    break
+                grown[name, upward] += 1
+                ladders[name] = [*ladders[name], rung] if upward else [rung, *ladders[name]]
+                console().print(f"{name}: best at the ladder's {'top' if upward else 'bottom'}, trying {rung}")
             if better(best, current):
                 current, changed = best, True
         console().print(f"round {round_no}: best {_key(current)} (loss {loss(current):.4f})")
@@ -131,8 +159,9 @@ class Sweep:
     def better(self, candidate: dict[str, Any], than: dict[str, Any]) -> bool:
         return beats(self.results[_key(candidate)], self.results[_key(than)])
 
-    def descend(self, current: dict[str, Any], grid: dict[str, list[Any]], rounds: int) -> dict[str, Any]:
-        return coordinate_descent(current, grid, rounds, self.run, self.loss, self.better)
+    def descend(self, current: dict[str, Any], grid: dict[str, list[Any]], rounds: int,
+                extend: int = 0) -> dict[str, Any]:
+        return coordinate_descent(current, grid, rounds, self.run, self.loss, self.better, extend)
 
     def summary(self, best: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
         winner = self.results[_key(best)]["name"]
@@ -161,7 +190,7 @@ class Sweep:
 
 
 def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = None, rounds: int = 2,
-              jobs: int | None = None, extra: list[str] | None = None) -> dict[str, Any]:
+              jobs: int | None = None, extra: list[str] | None = None, extend: int = 0) -> dict[str, Any]:
     """Coordinate descent from the recipe's own values; returns {"best": ..., "runs": [...]}, also written as
     sweep.json and sweep.md in `<output.dir>/<name>-sweep/`."""
     from lmlab.loading import load_recipe, read_yaml
@@ -178,7 +207,7 @@ def run_sweep(recipe: str | os.PathLike, grid: dict[str, list[Any]] | None = Non
              "train.epochs": base.train.epochs or 1}
     sweep = Sweep(path, base, Path(base.output.dir) / f"{tree.get('name', path.stem)}-sweep",
                   jobs or default_jobs(), extra)
-    best = sweep.descend({k: start.get(k, grid[k][0]) for k in grid}, grid, rounds)
+    best = sweep.descend({k: start.get(k, grid[k][0]) for k in grid}, grid, rounds, extend)
     summary = sweep.summary(best, grid)
     sweep.write(summary, grid)
     return summary

@@ -53,6 +53,7 @@ class RegularisedGrid(Strict):
     epochs: list[float] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
     start: dict[str, float] = Field(default_factory=lambda: {"weight_decay": 0.8, "lr": 1.0, "epochs": 8})
     rounds: int = Field(2, ge=1)
+    extend: int = Field(2, ge=0)  # rungs a ladder may grow past an end where its best value sits
 
     @model_validator(mode="after")
     def _start_on_the_ladders(self) -> "RegularisedGrid":
@@ -243,7 +244,7 @@ def regularised_runs(study: DataConstrainedStudy, runner: Runner, score: Scores,
                                                  c["lr"], score(runner.run(tree), tree["name"]))
 
         chosen = coordinate_descent(dict(reg.start), grid, reg.rounds, train, lambda c: runs[name(c)]["loss"],
-                                    lambda a, b: better(score, name(a), name(b)))
+                                    lambda a, b: better(score, name(a), name(b)), reg.extend)
         best[m] = runs[name(chosen)]
     return best
 
