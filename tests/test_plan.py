@@ -705,3 +705,85 @@ def test_mfu_comes_from_the_card_class_measured_anchor_and_says_so():
                               ["plan", "--model", "qwen3-1.7b", "--gpus", "8xh100", "--goal", "cpt",
                                "--domain-tokens", "1B"]).output
     assert "MFU 39.0% for cpt: compiled: torchtitan" in text
+
+
+def test_tensor_pipeline_and_context_parallelism_split_what_megatron_splits():
+    from dataclasses import replace
+
+    from lmlab.plan.memory import activation_bytes
+
+    shape = load_preset_shape("llama-3.1-70b")
+    counts = count_params(shape)
+    base = TrainSetup(num_gpus=64, seq_len=8192, micro_batch=1, gradient_checkpointing=True, loss_tiling="off")
+    plain = training_memory(shape, base)
+    # tensor parallel 8: every parameter (the vocabulary too) and every activation split 8 ways
+    tp = training_memory(shape, replace(base, tensor_parallel=8))
+    assert tp.weights == pytest.approx(plain.weights / 8) and tp.optimizer == pytest.approx(plain.optimizer / 8)
+    assert tp.activations == pytest.approx(plain.activations / 8)
+    # pipeline of 4: a stage's 20 layers plus the larger end (the embedding or the untied head)
+    pp = training_memory(shape, replace(base, pipeline_parallel=4))
+    h = shape.hidden_size
+    per_layer = (counts.total - counts.embedding - h) / shape.num_layers
+    assert pp.weights == pytest.approx((20 * per_layer + shape.vocab_size * h + h) * 2)
+    # ... its first stage holds 4 micro-batches of 20 layers: every layer's kept input, as without the pipeline,
+    # while the loss sits on the last stage, which keeps only its own 20 layers
+    no_loss = activation_bytes(shape, replace(base, pipeline_parallel=4, loss_tiling="chunks"), include_recompute=False)
+    assert pp.activations < plain.activations and pp.activations >= no_loss
+    # context parallel 4: each GPU holds a quarter of every sequence
+    cp = training_memory(shape, replace(base, context_parallel=4))
+    assert cp.activations == pytest.approx(plain.activations / 4) and cp.weights == plain.weights
+    # ZeRO shards over the replicas and the context-parallel GPUs only: 64 / (tp 8) = 8
+    sharded = training_memory(shape, replace(base, tensor_parallel=8, sharding="zero1"))
+    assert sharded.optimizer == pytest.approx(tp.optimizer / 8)
+    assert replace(base, tensor_parallel=8, context_parallel=2).data_parallel == 4
+
+
+def load_preset_shape(name):
+    return shape_from_config(load_preset(name))
+
+
+def test_model_parallel_plans_size_a_405b_run_count_the_bubble_and_refuse_to_emit(tmp_path):
+    from lmlab.cli import app
+
+    config = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 16384, "intermediate_size": 53248,
+              "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
+              "max_position_embeddings": 131072, "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    shape = shape_from_config(config)
+    gpu = lookup_gpu("h100")
+    # on 512 GPUs ZeRO-3 holds the model states (16 bytes a parameter over 512) but not one 8k sequence's
+    # activations and a gathered layer beside them; the planner names the layout that fits
+    alone = make_plan(shape, gpu, 512, tokens=1e12, seq_len=8192)
+    assert alone.stages[0].strategy is None
+    assert any("tensor parallel 2 with ZeRO-3" in s and "(--tp 2;" in s for s in alone.stages[0].cannot_fit)
+    layout = {"tensor_parallel": 8, "pipeline_parallel": 4}
+    planned = make_plan(shape, gpu, 512, tokens=1e12, seq_len=8192, setup=layout, global_batch=512)
+    choice = planned.stages[0].strategy
+    assert choice is not None and choice.setup.data_parallel == 16 and choice.setup.micro_batch == 1
+    assert choice.grad_accum == 32 and choice.global_batch == 512  # 32 micro-batches of one sequence per replica
+    # the 1F1B bubble, (p - 1) / m, stretches the compute: 3 / 32 of it here, 3 / 256 at 8 x the batch
+    from lmlab.plan.compute import flops_per_token, training_seconds
+
+    bare = training_seconds(1e12, flops_per_token(count_params(shape).active, shape, 8192), 512, gpu.bf16_tflops,
+                            planned.stages[0].mfu)
+    bigger = make_plan(shape, gpu, 512, tokens=1e12, seq_len=8192, setup=layout, global_batch=4096).stages[0]
+    assert planned.stages[0].compute_seconds - bigger.compute_seconds == pytest.approx(bare * (3 / 32 - 3 / 256))
+    # tensor parallelism's collectives stall the compute: more than the bare compute and the bubble
+    assert bigger.compute_seconds > bare * (1 + 3 / 256)
+    runner = CliRunner()
+    out = runner.invoke(app, ["plan", "-m", str(path), "--gpus", "512xh100", "--seq-len", "8192", "--tokens", "1T",
+                              "--tp", "8", "--pp", "4", "--json"])
+    strategy = json.loads(out.output)["stages"][0]["strategy"]
+    assert (strategy["tensor_parallel"], strategy["pipeline_parallel"], strategy["data_parallel"]) == (8, 4, 16)
+    emitted = runner.invoke(app, ["plan", "-m", str(path), "--gpus", "512xh100", "--seq-len", "8192", "--tokens", "1T",
+                                  "--tp", "8", "--pp", "4", "--emit", str(tmp_path / "p.yaml")])
+    assert emitted.exit_code == 2 and "for sizing only" in emitted.output and not (tmp_path / "p.yaml").exists()
+    for flags, message in ((["--tp", "16"], "spans nodes"), (["--tp", "3", "--gpus", "6xh100"], "does not split 128 attention heads"),
+                           (["--tp", "8", "--pp", "16", "--gpus", "64xh100"], "does not divide the 64 GPUs"),
+                           (["--pp", "127", "--gpus", "127xh100"], "more stages than the model's 126 layers"),
+                           (["--cp", "3", "--gpus", "3xh100"], "divisible by 6"),
+                           (["--tp", "0"], "at least 1")):
+        bad = runner.invoke(app, ["plan", "-m", str(path), "--gpus", "64xh100", "--seq-len", "8192", *flags])
+        assert bad.exit_code == 2 and message in bad.output, (flags, bad.output)
+        assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1

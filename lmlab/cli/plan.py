@@ -49,6 +49,9 @@ def plan(
     lora_targets: str = typer.Option("all-linear", "--lora-targets", help="all-linear, attention, qv."),
     qlora_bits: int = typer.Option(4, "--qlora-bits", help="QLoRA's base: 4 (NF4) or 8 (LLM.int8)."),
     attention: str = typer.Option("flash", "--attention", help="flash, sdpa or eager (eager keeps the softmax)."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree within a node (sizing only)."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline stages, 1F1B (sizing only)."),
+    cp: int = typer.Option(1, "--cp", help="Context-parallel degree, ring attention (sizing only)."),
     allreduce_gbps: Optional[float] = typer.Option(None, "--allreduce-gbps", min=0.1, max=10_000,
                                                    help="NCCL all-reduce bus bandwidth (default: measured figure)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -60,16 +63,16 @@ def plan(
 ) -> None:
     """Answer: what do I run on these GPUs, how long does it take, and does it fit?"""
     from lmlab.console import console as shared_console
-
     from lmlab.plan.hardware import parse_gpus
     from lmlab.plan.params import resolve_shape
-    from lmlab.plan.planner import launch_command, make_plan, render
+    from lmlab.plan.planner import make_plan, render
 
     if method not in (None, "full", "lora", "qlora"):
         raise LmlabError(f"unknown method '{method}'", field="--method", hint="full, lora or qlora")
     (count, gpu), examples = parse_gpus(gpus), parse_count(sft_examples, "sft-examples")
     setup, forced = training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank,
                                      lora_targets, attention, qlora_bits)
+    setup.update(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp)  # checked against the model by make_plan
     result = make_plan(resolve_shape(model), gpu, count, goal=goal, tokens=parse_count(tokens, "tokens"),
                        domain_tokens=parse_count(domain_tokens, "domain-tokens"),
                        unique_tokens=parse_count(unique_tokens, "unique-tokens"),
@@ -81,10 +84,16 @@ def plan(
     else:
         render(result, shared_console())
     if emit:
-        notes = emit_pipeline(result, emit, data=data, checkpoint=checkpoint, sft_data=sft_data, rl_prompts=rl_prompts)
-        for note in notes:
-            typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
-        typer.echo(f"pipeline written to {emit}: run it with `{launch_command(result, str(emit))}`")
+        _emit(result, emit, data=data, checkpoint=checkpoint, sft_data=sft_data, rl_prompts=rl_prompts)
+
+
+def _emit(result, emit: Path, **sources) -> None:
+    """Write the pipeline, then its notes and the command that runs it."""
+    from lmlab.plan.planner import launch_command
+
+    for note in emit_pipeline(result, emit, **sources):
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"pipeline written to {emit}: run it with `{launch_command(result, str(emit))}`")
 
 
 def _one_of(value: str, allowed: tuple[str, ...], flag: str) -> str:

@@ -68,7 +68,7 @@ def communication_seconds(setup, trainable_params: int, total_params: int, optim
     shards are where they accumulate), then gathers the weights; ZeRO-3 gathers every weight for each
     micro-batch's forward and again for its backward (a third time when checkpointing recomputes the
     forward) and reduce-scatters each micro-batch's gradients. LoRA's gradients are the adapters' only."""
-    if setup.num_gpus == 1:
+    if setup.shard_group == 1:
         return 0.0
     grads, weights = 2 * trainable_params / 1e9, 2 * total_params / 1e9  # GB of one full payload
     if setup.sharding in ("ddp", "zero1"):
@@ -79,6 +79,36 @@ def communication_seconds(setup, trainable_params: int, total_params: int, optim
         gathers = 3 if setup.gradient_checkpointing else 2
         all_reduces = grad_accum * (0.5 * gathers * weights + 0.5 * grads)
     return optimizer_steps * all_reduces / busbw_gbps
+
+
+def model_parallel_seconds(setup, shape: ModelShape, tokens: float, grad_accum: int, tp_busbw: float | None,
+                           busbw: float | None) -> tuple[float, float]:
+    """(seconds added to the compute, seconds overlapped with it) of model parallelism for a stage of `tokens`,
+    on the busiest GPU. The 1F1B pipeline's bubble idles (p - 1) / m of the compute time for m micro-batches a
+    step (Narayanan et al. 2021): returned as a factor by pipeline_bubble, not here. Tensor parallelism with
+    sequence parallelism all-gathers and reduce-scatters each layer's activations twice in the forward and twice
+    in the backward (twice more when checkpointing recomputes the forward), on the critical path; pipeline stages
+    pass activations forward and gradients back; ring attention passes each layer's K and V around the c GPUs
+    in the forward and K, V and their gradients in the backward, overlapped with the attention."""
+    t, p, c = setup.tensor_parallel, setup.pipeline_parallel, setup.context_parallel
+    local = tokens / (setup.data_parallel * c)  # tokens that pass through one GPU's layers
+    layers = -(-shape.num_layers // p)
+    e = setup.precision_bytes
+    critical = overlapped = 0.0
+    if t > 1 and tp_busbw:
+        all_reduces = 6 if setup.gradient_checkpointing else 4
+        critical += local * layers * all_reduces * shape.hidden_size * e / (tp_busbw * 1e9)
+    if p > 1 and busbw:
+        critical += 2 * local * shape.hidden_size * e / (busbw * 1e9)
+    if c > 1 and busbw:
+        kv = 2 * shape.num_kv_heads * shape.head_dim * local / t * e
+        overlapped += 3 * (c - 1) * layers * kv / (busbw * 1e9)
+    return critical, overlapped
+
+
+def pipeline_bubble(setup, grad_accum: int) -> float:
+    """The 1F1B schedule's idle share relative to the compute: (p - 1) / m, m micro-batches per step."""
+    return (setup.pipeline_parallel - 1) / max(1, grad_accum)
 
 
 # RL samples its completions with HF generate (TRL without vLLM, as lmlab's rl stage runs). A decoding step is

@@ -20,11 +20,20 @@ flash attention), per layer and token: 8h + 2*kv_dim + 4*ffn + heads + 2 element
 eager attention also keeps the softmax, heads*seq per token. Outside the layers:
 3h elements plus the logits, kept in fp32 for the loss. With gradient
 checkpointing a layer keeps only its input (h) and one layer is recomputed at a time.
+
+Model parallelism (sizing only: lmlab itself runs data parallelism through accelerate), as
+Korthikanti et al. (2022) count it for Megatron: tensor parallelism over t GPUs splits
+every matrix and the vocabulary t ways and, with sequence parallelism, every activation
+too; a 1F1B pipeline of p stages gives each stage ceil(L/p) layers (the first the input
+embedding, the last the head), and its first stage holds p micro-batches in flight, so
+L layers' activations of one micro-batch, while the last holds its own layers and the
+loss; context parallelism over c GPUs (ring attention) splits each sequence c ways.
+ZeRO shards over the remaining data-parallel GPUs and the context-parallel ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from lmlab.plan.params import ModelShape, count_params
@@ -69,6 +78,19 @@ class TrainSetup:
     # exceed one chunk, fused on CUDA with Triton, else lmlab's chunks; z-loss or tiled_loss: false: "off"
     loss_tiling: Literal["off", "chunks", "fused", "auto"] = "fused"
     triton: bool = True  # TRL's fused head runs its Triton kernel (CUDA); without it, a torch fallback
+    tensor_parallel: int = 1  # t: every matrix, the vocabulary and (sequence parallel) the activations split t ways
+    pipeline_parallel: int = 1  # p: 1F1B stages of ceil(L/p) layers
+    context_parallel: int = 1  # c: each sequence split c ways (ring attention)
+
+    @property
+    def shard_group(self) -> int:
+        """GPUs that hold the same parameters, over which ZeRO shards: data-parallel x context-parallel."""
+        return max(1, self.num_gpus // (self.tensor_parallel * self.pipeline_parallel))
+
+    @property
+    def data_parallel(self) -> int:
+        """Model replicas, each taking its own micro-batches."""
+        return max(1, self.shard_group // self.context_parallel)
 
 
 @dataclass
@@ -132,17 +154,27 @@ def activation_elements_per_token(shape: ModelShape, setup: TrainSetup) -> dict[
 
 def activation_bytes(shape: ModelShape, setup: TrainSetup, include_recompute: bool = True) -> float:
     """Peak activation bytes; without the recompute term, only what the forward pass keeps (a tiled loss
-    keeps nothing vocabulary-sized: it recomputes its tiles in the backward)."""
-    tokens = setup.micro_batch * setup.seq_len
+    keeps nothing vocabulary-sized: it recomputes its tiles in the backward). Under model parallelism the
+    busier of a pipeline's first stage (every layer's kept activations: p micro-batches of L/p layers) and
+    its last (its own layers and the loss), each split by t and the sequence by c."""
+    t, p = setup.tensor_parallel, setup.pipeline_parallel
+    tokens = setup.micro_batch * setup.seq_len / setup.context_parallel
     parts = activation_elements_per_token(shape, setup)
-    elements = parts["kept"] + parts["outside"] + (parts["recompute"] if include_recompute else 0)
+    per_layer_kept = parts["kept"] / shape.num_layers
+    outside = parts["outside"] + (parts["recompute"] if include_recompute else 0)
+    if t > 1:
+        shape = replace(shape, vocab_size=-(-shape.vocab_size // t))  # vocabulary-parallel head and loss
     tiling = resolved_tiling(setup, shape.vocab_size)
     if tiling == "off" or not include_recompute:
         loss = tokens * loss_bytes_per_token(shape, setup, peak=include_recompute) if tiling == "off" else 0.0
     else:
         loss = loss_step_bytes(shape.vocab_size, tokens, shape.hidden_size, setup.precision_bytes, tiling,
                                setup.triton)
-    return tokens * elements * setup.precision_bytes + loss
+    last = tokens * (per_layer_kept * -(-shape.num_layers // p) + outside) * setup.precision_bytes / t + loss
+    if p == 1:
+        return last
+    first = tokens * (per_layer_kept * shape.num_layers + outside) * setup.precision_bytes / t
+    return max(first, last)
 
 
 def loss_bytes_per_token(shape: ModelShape, setup: TrainSetup, peak: bool = True) -> float:
@@ -219,6 +251,19 @@ def int8_bytes(in_features: int) -> float:
     return 1 + 4 / in_features
 
 
+def parameter_share(shape: ModelShape, setup: TrainSetup, counts) -> float:
+    """The share of the model's parameters on the busiest GPU under tensor and pipeline parallelism: a stage's
+    ceil(L/p) layers plus the larger of its ends (the input embedding, or the head and final norm), all split
+    t ways. 1.0 without model parallelism."""
+    t, p = setup.tensor_parallel, setup.pipeline_parallel
+    if t == 1 and p == 1:
+        return 1.0
+    h, layers = shape.hidden_size, shape.num_layers
+    per_layer = (counts.total - counts.embedding - h) / layers
+    ends = counts.embedding + h if p == 1 else shape.vocab_size * h + h  # a tied matrix has a copy at each end
+    return (-(-layers // p) * per_layer + ends) / t / counts.total
+
+
 def model_states(shape: ModelShape, setup: TrainSetup, counts, notes: list[str]) -> tuple[int, float, float, float]:
     """(trained parameters, weight, gradient, optimizer bytes) before any sharding or offload; `counts` is
     count_params(shape), which training_memory has already made."""
@@ -244,9 +289,11 @@ def model_states(shape: ModelShape, setup: TrainSetup, counts, notes: list[str])
 
 def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     counts = count_params(shape)
-    e, shards = setup.precision_bytes, setup.num_gpus
+    e, shards = setup.precision_bytes, setup.shard_group
     notes: list[str] = []
-    trainable, weights, grads, master_and_states = model_states(shape, setup, counts, notes)
+    share = parameter_share(shape, setup, counts)
+    trainable, weights, grads, master_and_states = (x * share for x in model_states(shape, setup, counts, notes))
+    trainable = round(trainable)
     optimizer = master_and_states
     offloaded = 0.0
     if setup.sharding in ("zero1", "zero2", "zero3"):
@@ -259,7 +306,7 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         # (embeddings, head, final norm) stays gathered from its forward to its backward
         largest_layer = counts.per_layer_attention + counts.per_layer_mlp_total
         root = counts.embedding + shape.hidden_size
-        gathered = (2 * largest_layer + root) * e
+        gathered = (2 * largest_layer + root) * e / setup.tensor_parallel
         weight_shards = weights / shards
         weights = weight_shards + gathered
     if setup.method == "qlora" and setup.paged_optimizer and not setup.offload:
@@ -267,16 +314,16 @@ def training_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         optimizer = 0.0
         notes.append("paged AdamW: adapter optimizer states page to CPU memory when the GPU runs short")
     if setup.offload:
-        offloaded += optimizer * shards if setup.sharding != "ddp" else optimizer
+        offloaded += optimizer * setup.num_gpus if setup.sharding != "ddp" else optimizer
         optimizer = 0.0
         if setup.sharding == "zero3":
             # the optimizer step runs on the CPU, so the gradient shards go there (ZeRO-Offload): the GPU keeps
             # a gathered unit's gradients until they are reduce-scattered; with offload_params (FSDP2's CPU
             # offload, DeepSpeed's offload_param) the weight shards live in CPU memory too
-            offloaded += grads * shards
+            offloaded += grads * setup.num_gpus
             grads = gathered
             if setup.offload_params:
-                offloaded += weight_shards * shards
+                offloaded += weight_shards * setup.num_gpus
                 weights -= weight_shards
         notes.append(f"CPU offload: optimizer step on CPU, expect 2-5x slower steps; {offloaded / GB:,.0f} GB of "
                      "CPU memory across the nodes (check the hosts have it)")

@@ -9,9 +9,11 @@ from typing import Any
 from lmlab.errors import LmlabError
 from lmlab.plan import rules
 from lmlab.plan.compute import (GENERATION_BANDWIDTH_SHARE, RL_COMPLETION_SHARE, communication_seconds,
-                                flops_per_token, generation_seconds, human_duration, stage_mfu, training_seconds)
+                                flops_per_token, generation_seconds, human_duration, model_parallel_seconds,
+                                pipeline_bubble, stage_mfu, training_seconds)
 from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, bus_bandwidth, nodes_for
-from lmlab.plan.memory import GB, HF_OPTIMIZER, LORA_TARGETS, NF4_BYTES, TrainSetup, kv_cache_bytes, resolved_tiling
+from lmlab.plan.memory import (GB, HF_OPTIMIZER, LORA_TARGETS, NF4_BYTES, TrainSetup, kv_cache_bytes, parameter_share,
+                               resolved_tiling)
 from lmlab.plan.params import ModelShape, ParamCount, count_params
 from lmlab.plan.strategy import Choice, Forced, choose_strategy, tight_words, what_would_fit
 
@@ -97,6 +99,10 @@ class Plan:
                                        "lora_targets": s.strategy.setup.lora_targets}
                                       if s.strategy.setup.method != "full" else {}),
                                    "loss_tiling": resolved_tiling(s.strategy.setup, self.model.vocab_size),
+                                   "tensor_parallel": s.strategy.setup.tensor_parallel,
+                                   "pipeline_parallel": s.strategy.setup.pipeline_parallel,
+                                   "context_parallel": s.strategy.setup.context_parallel,
+                                   "data_parallel": s.strategy.setup.data_parallel,
                                    "memory_gb": s.strategy.memory.as_gb(),
                                    "within_headroom": s.strategy.within_headroom}
             return out
@@ -131,6 +137,28 @@ def _check_request(goal: str, budgets: dict[str, float | None], sft_examples: in
         raise LmlabError(f"sequence length {seq_len} is outside 16..{shape.max_position_embeddings}", field="--seq-len")
 
 
+def _check_parallel(setup: dict[str, Any], shape: ModelShape, num_gpus: int, seq_len: int) -> None:
+    """Tensor, pipeline and context degrees that a Megatron-style layout can take, each error naming its flag."""
+    t, p, c = (setup.get(k, 1) for k in ("tensor_parallel", "pipeline_parallel", "context_parallel"))
+    for flag, degree in (("--tp", t), ("--pp", p), ("--cp", c)):
+        if not isinstance(degree, int) or degree < 1:
+            raise LmlabError(f"{flag} must be a whole number of GPUs, at least 1, not {degree}", field=flag)
+    if num_gpus % (t * p * c):
+        raise LmlabError(f"tp x pp x cp = {t * p * c} does not divide the {num_gpus} GPUs", field="--gpus",
+                         hint="the GPUs are data-parallel replicas of one tp x pp x cp layout")
+    if t > GPUS_PER_NODE:
+        raise LmlabError(f"tensor parallel {t} spans nodes: its per-layer collectives need NVLink, so it stays within "
+                         f"one node of {GPUS_PER_NODE} GPUs", field="--tp")
+    if shape.num_heads % t or (shape.num_kv_heads % t and t % shape.num_kv_heads):
+        raise LmlabError(f"tensor parallel {t} does not split {shape.num_heads} attention heads ({shape.num_kv_heads} "
+                         "key/value heads) evenly", field="--tp")
+    if p > shape.num_layers:
+        raise LmlabError(f"pipeline parallel {p} is more stages than the model's {shape.num_layers} layers", field="--pp")
+    if seq_len % (2 * c):
+        raise LmlabError(f"context parallel {c} needs a sequence length divisible by {2 * c} (each GPU takes two "
+                         "balanced chunks of every sequence)", field="--cp")
+
+
 def _post_training(goal: str, params, sft_examples: int | None, method: str | None, add_stage, stages,
                    num_gpus: int) -> list[rules.Advice]:
     """SFT (and RL where the goal or the budget calls for it), with their advice (docs/rules.md §1, §4-5)."""
@@ -156,18 +184,25 @@ def _post_training(goal: str, params, sft_examples: int | None, method: str | No
 
 
 def stage_times(choice: Choice | None, tokens: float, fpt: float, gpu: Accelerator, num_gpus: int, seq_len: int,
-                mfu: float, total_params: int, busbw: float | None) -> tuple[float | None, float | None, float | None]:
+                mfu: float, shape: ModelShape, busbw: float | None) -> tuple[float | None, float | None, float | None]:
     """(seconds, compute seconds, communication seconds) of a stage: compute at the assumed MFU (three times
-    longer when the optimizer steps on the CPU), communication from the collectives at `busbw`; the two
-    overlap (DDP's gradient buckets, FSDP's prefetch), so the stage takes the larger."""
+    longer when the optimizer steps on the CPU; plus a pipeline's bubble and tensor parallelism's collectives,
+    which stall it), communication from the data-parallel collectives at `busbw`; the two overlap (DDP's
+    gradient buckets, FSDP's prefetch), so the stage takes the larger."""
     if choice is None:
         return None, None, None
-    compute = training_seconds(tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) * (3 if choice.setup.offload else 1)
+    setup = choice.setup
+    compute = training_seconds(tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) * (3 if setup.offload else 1)
+    compute *= 1 + pipeline_bubble(setup, choice.grad_accum)
+    tp_busbw = bus_bandwidth(gpu, setup.tensor_parallel)[0] if setup.tensor_parallel > 1 else None
+    stalls, overlapped = model_parallel_seconds(setup, shape, tokens, choice.grad_accum, tp_busbw, busbw)
+    compute += stalls
     if num_gpus == 1 or busbw is None:
         return compute, compute, (0.0 if num_gpus == 1 else None)
     steps = tokens / (choice.global_batch * seq_len)
-    comm = communication_seconds(choice.setup, choice.memory.trainable_params, total_params, steps,
-                                 choice.grad_accum, busbw)
+    share = parameter_share(shape, setup, count_params(shape))
+    comm = overlapped + communication_seconds(setup, choice.memory.trainable_params, count_params(shape).total * share,
+                                              steps, choice.grad_accum, busbw)
     return max(compute, comm), compute, comm
 
 
@@ -196,6 +231,7 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
     precision, attention); `forced`: the sharding, micro-batch and checkpointing the user fixed."""
     _check_request(goal, {"tokens": tokens, "domain-tokens": domain_tokens, "unique-tokens": unique_tokens},
                    sft_examples, mfu, seq_len, shape)
+    _check_parallel(setup or {}, shape, num_gpus, seq_len)
     params = count_params(shape)
     fpt = flops_per_token(params.active, shape, seq_len)
     busbw, busbw_source = bus_bandwidth(gpu, num_gpus, allreduce_gbps)
@@ -210,10 +246,10 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
                                  host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
         at, source = stage_mfu(gpu.name, stage, mfu)
-        times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, at, params.total, busbw)
+        times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, at, shape, busbw)
         generation = rl_generation_seconds(choice, stage_tokens, params, gpu, num_gpus, at) if stage == "rl" else None
         plan = StagePlan(stage, stage_tokens, choice, times[0] + (generation or 0) if times[0] is not None else None,
-                         settings, [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len), *times[1:],
+                         settings, [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len, base), *times[1:],
                          generation, at, source)
         stages.append(plan)
         return plan
@@ -258,9 +294,20 @@ def _adapters(choice: Choice) -> dict[str, Any]:
                      [f"{name}_proj" for name in LORA_TARGETS[targets]]}}
 
 
+def layout_words(setup: TrainSetup) -> str:
+    """' (tp 8 x pp 16)': the model-parallel layout of each replica, empty without one."""
+    degrees = [f"{name} {d}" for name, d in (("tp", setup.tensor_parallel), ("pp", setup.pipeline_parallel),
+                                             ("cp", setup.context_parallel)) if d > 1]
+    return f" ({' x '.join(degrees)})" if degrees else ""
+
+
 def time_words(plan: Plan, s: StagePlan) -> str:
     """A stage's time, split into compute and communication, the larger being the stage's, plus RL's sampling."""
     words = f"compute {human_duration(s.compute_seconds)} at MFU {s.mfu:.0%}"
+    bubble = pipeline_bubble(s.strategy.setup, s.strategy.grad_accum) if s.strategy else 0.0
+    if bubble:
+        words += (f" (including the 1F1B pipeline's bubble, {bubble:.0%} of the compute with {s.strategy.grad_accum}"
+                  " micro-batches a step: a larger --global-batch or fewer stages shrink it)")
     if s.generation_seconds is not None:
         words += (f", then sampling {human_duration(s.generation_seconds)} (completions {RL_COMPLETION_SHARE:.0%} "
                   f"of the tokens, decoded by HF generate at {GENERATION_BANDWIDTH_SHARE:.0%} of "
@@ -377,6 +424,10 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
     stages: list[dict[str, Any]] = []
     sources = {"pretrain": data, "cpt": data, "sft": sft_data, "rl": rl_prompts}
     for s in plan.stages:
+        if s.strategy is not None and s.strategy.setup.shard_group != s.strategy.setup.num_gpus:
+            raise LmlabError("a plan with tensor, pipeline or context parallelism is for sizing only: lmlab runs data "
+                             "parallelism (DDP, ZeRO, FSDP2) through accelerate", field="--emit",
+                             hint="emit without --tp/--pp/--cp, or run the layout with Megatron or torchtitan")
         if s.strategy is None:
             raise LmlabError(f"the {s.stage} stage does not fit on these GPUs, so there is nothing to emit",
                              field="--emit", hint="; ".join(s.cannot_fit) or None)
@@ -427,7 +478,7 @@ def render(plan: Plan, console) -> None:
         console.print(f"[yellow]{plan.gpu.name} has no bf16 tensor cores: train in fp16 with loss scaling "
                       "(train.precision: fp16); `auto` would fall back to fp32[/]")
     table = Table(title=f"plan for goal '{plan.goal}'")
-    for col in ("stage", "tokens", "strategy", "micro x accum x GPUs", "ckpt", "weights", "grads", "optim",
+    for col in ("stage", "tokens", "strategy", "micro x accum x replicas", "ckpt", "weights", "grads", "optim",
                 "activ.", "total/GPU", "time"):
         table.add_column(col, justify="right" if col not in ("stage", "strategy") else "left")
     for s in plan.stages:
@@ -436,7 +487,7 @@ def render(plan: Plan, console) -> None:
             continue
         m, c = s.strategy.memory, s.strategy
         table.add_row(s.stage, f"{s.tokens:.3g}", c.name + ("" if c.within_headroom else " [yellow](tight)[/]"),
-                      f"{c.setup.micro_batch} x {c.grad_accum} x {plan.num_gpus}",
+                      f"{c.setup.micro_batch} x {c.grad_accum} x {c.setup.data_parallel}" + layout_words(c.setup),
                       "yes" if c.setup.gradient_checkpointing else "no",
                       *(f"{v / GB:.1f} GB" for v in (m.weights, m.gradients, m.optimizer, m.activations, m.total)),
                       human_duration(s.seconds) if s.seconds else "-")

@@ -26,7 +26,7 @@ class Choice:
     setup: TrainSetup
     memory: MemoryBreakdown
     grad_accum: int
-    global_batch: int  # sequences per optimizer step = micro x accum x GPUs
+    global_batch: int  # sequences per optimizer step = micro x accum x data-parallel replicas
     within_headroom: bool = True  # False: fits the whole card, not the recommended 70% of it
 
 
@@ -94,14 +94,17 @@ def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len:
     memory per node, hardware.GPUS_PER_NODE GPUs to a node), a candidate that offloads more than the nodes hold is skipped."""
     nodes = nodes_for(num_gpus)
     base = replace(base or TrainSetup(), num_gpus=num_gpus, seq_len=seq_len)
-    max_micro = forced.micro_batch or max(1, min(64, 2 ** int(math.log2(max(1, global_batch // num_gpus)))))
+    replicas = base.data_parallel
+    max_micro = forced.micro_batch or max(1, min(64, 2 ** int(math.log2(max(1, global_batch // replicas)))))
+    if base.pipeline_parallel > 1 and not forced.micro_batch:
+        max_micro = 1  # a pipeline wants many micro-batches a step: its bubble is (p - 1) / their number
     for headroom in (HEADROOM, 0.0):
         for name, overrides in forced.candidates():
             if method is not None and overrides["method"] != method:
                 continue
             if overrides["method"] != "full" and not allow_adapters and method is None:
                 continue
-            if (num_gpus == 1 and overrides["sharding"] != "ddp" and not overrides.get("offload")
+            if (base.shard_group == 1 and overrides["sharding"] != "ddp" and not overrides.get("offload")
                     and forced.sharding is None):
                 continue  # sharding over one GPU saves nothing
             # within the headroom the largest micro-batch that fits; on a tight card the smallest footprint
@@ -116,8 +119,8 @@ def choose_strategy(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len:
             setup, memory = found
             if host_ram is not None and memory.cpu_offloaded / nodes > host_ram:
                 continue  # the GPUs would hold it, the hosts would not
-            accum = max(1, math.ceil(global_batch / (setup.micro_batch * num_gpus)))
-            return Choice(name, setup, memory, accum, setup.micro_batch * accum * num_gpus,
+            accum = max(1, math.ceil(global_batch / (setup.micro_batch * replicas)))
+            return Choice(name, setup, memory, accum, setup.micro_batch * accum * replicas,
                           within_headroom=headroom > 0)
     return None
 
@@ -129,14 +132,17 @@ def tight_words(choice: Choice, gpu: Accelerator) -> str:
             "spikes): it may run out of memory; a shorter sequence, more GPUs or a larger card give it room")
 
 
-def what_would_fit(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len: int) -> list[str]:
+def what_would_fit(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len: int,
+                   base: TrainSetup | None = None) -> list[str]:
     """Concrete changes that make a plan fit, each checked against the memory model."""
     suggestions = []
-    base = TrainSetup(num_gpus=num_gpus, seq_len=seq_len, micro_batch=1, gradient_checkpointing=True)
+    base = replace(base or TrainSetup(), num_gpus=num_gpus, seq_len=seq_len, micro_batch=1,
+                   gradient_checkpointing=True)
     for gpus in (num_gpus * 2, num_gpus * 4, num_gpus * 8):
         if training_memory(shape, replace(base, num_gpus=gpus, sharding="zero3")).total <= budget_bytes(gpu):
             suggestions.append(f"{gpus} GPUs with ZeRO-3 / FSDP2 fit a full fine-tune")
             break
+    suggestions += _model_parallel_fits(shape, gpu, base)
     shorter = seq_len // 2
     while shorter >= 256:
         if training_memory(shape, replace(base, seq_len=shorter, method="qlora")).total <= budget_bytes(gpu):
@@ -146,3 +152,21 @@ def what_would_fit(shape: ModelShape, gpu: Accelerator, num_gpus: int, seq_len: 
     if not suggestions:
         suggestions.append("use a smaller model (fewer parameters), or GPUs with more memory")
     return suggestions
+
+
+def _model_parallel_fits(shape: ModelShape, gpu: Accelerator, base: TrainSetup) -> list[str]:
+    """The smallest tensor-parallel degree within a node (then pipeline stages) under which ZeRO-3 fits these
+    GPUs, for a user whose runtime has them (Megatron, torchtitan, nanotron); lmlab runs data parallelism only."""
+    if base.tensor_parallel * base.pipeline_parallel * base.context_parallel > 1:
+        return []
+    for tp in (2, 4, 8):
+        for pp in (1, 2, 4, 8, 16):
+            if (tp * pp > base.num_gpus or base.num_gpus % (tp * pp) or shape.num_heads % tp
+                    or pp > shape.num_layers):
+                continue
+            setup = replace(base, sharding="zero3", tensor_parallel=tp, pipeline_parallel=pp)
+            if training_memory(shape, setup).total <= budget_bytes(gpu):
+                return [f"tensor parallel {tp}" + (f" x pipeline {pp}" if pp > 1 else "") + " with ZeRO-3 over the "
+                        f"other GPUs fits (--tp {tp}" + (f" --pp {pp}" if pp > 1 else "") + "; sizing "
+                        "only: lmlab itself runs data parallelism)"]
+    return []
