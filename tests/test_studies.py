@@ -318,3 +318,32 @@ def test_a_finished_run_is_reused_only_while_it_is_still_the_same_run(tmp_path, 
     os.utime(final / "lmlab.json", (stamp + 100, stamp + 100))  # the parent trained again after its child
     with pytest.raises(LmlabError, match=r"run child starts from .*pt/final, which was trained again after it"):
         runner.run(child)
+
+
+def test_an_evaluation_is_reused_only_while_the_model_it_scored_is_unchanged(tmp_path, monkeypatch):
+    import os
+
+    import lmlab.evaluate.evaluator as evaluator
+    from types import SimpleNamespace
+
+    from lmlab.experiments.studies.evolm import Evaluator
+
+    calls = []
+
+    def evaluate(path, tasks, samples, orm, **kw):
+        calls.append(path)
+        return {"general_bpb": float(len(calls))}
+
+    monkeypatch.setattr(evaluator, "evaluate_checkpoint", evaluate)
+    model = tmp_path / "sft-ep2-s0" / "final"
+    model.mkdir(parents=True)
+    (model / "lmlab.json").write_text("{}")
+    study = SimpleNamespace(eval_n=1, ood_tasks=[], samples=1)  # what the scorer reads of the study
+    cache = tmp_path / "evaluations.json"
+    first = Evaluator(study, cache)("sft-ep2-s0", model, generative=False)
+    assert Evaluator(study, cache)("sft-ep2-s0", model, generative=False) == first and len(calls) == 1
+    written = (model / "lmlab.json").stat().st_mtime
+    os.utime(model / "lmlab.json", (written + 60, written + 60))  # the run was trained again under its name
+    again = Evaluator(study, cache)("sft-ep2-s0", model, generative=False)
+    assert len(calls) == 2 and again == {"general_bpb": 2.0} != first
+    assert "_written" not in again and json.loads(cache.read_text())["sft-ep2-s0"]["_written"] == written + 60

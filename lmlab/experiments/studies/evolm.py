@@ -119,15 +119,17 @@ SCHEMA = EvolmStudy  # what `lmlab.experiments.studies.load_study_file` validate
 class Evaluator:
     """One cached row of numbers per model directory (general and math bits per byte, ID and each OOD family's
     tasks, `ood/...` pooled over the families' items, the ORM score), from the pipeline's closing comparison.
-    `orm` is the verifier until the study's learned reward model exists."""
+    `orm` is the verifier until the study's learned reward model exists. A row is stamped with the time its
+    model was written, so a run trained again under the same name is evaluated again."""
 
     def __init__(self, study: EvolmStudy, cache: Path):
         self.study, self.cache_file, self.orm = study, cache, "math_exact"
         self.cache: dict[str, dict[str, float]] = json.loads(cache.read_text()) if cache.is_file() else {}
 
     def __call__(self, name: str, path: Path, generative: bool = True, cloze: int = 0) -> dict[str, float]:
-        if name in self.cache:
-            return self.cache[name]
+        stamp = model_stamp(path)
+        if self.cache.get(name, {}).get(STAMP) == stamp:
+            return {k: v for k, v in self.cache[name].items() if k != STAMP}
         from lmlab.evaluate.evaluator import evaluate_checkpoint
         from lmlab.evaluate.tasks import load_task
 
@@ -137,10 +139,21 @@ class Evaluator:
         row = evaluate_checkpoint(path, tasks, self.study.samples, self.orm if generative else None,
                                   general_bpb=True, math_bpb=True)
         row = {**row, **pooled(row, self.study.ood_tasks)} if generative else row
-        self.cache[name] = {k: float(v) for k, v in row.items()}
+        self.cache[name] = {STAMP: stamp, **{k: float(v) for k, v in row.items()}}
         write_json_atomic(self.cache_file, self.cache)
         console().print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-        return self.cache[name]
+        return {k: float(v) for k, v in row.items()}
+
+
+STAMP = "_written"  # in an evaluation row: when the model it scores was written
+
+
+def model_stamp(path: Path) -> float:
+    """When a model directory's weights were written (its manifest, else its weights or config)."""
+    for file in ("lmlab.json", "model.safetensors", "config.json"):
+        if (path / file).is_file():
+            return (path / file).stat().st_mtime
+    return 0.0
 
 
 def pooled(row: dict, tasks: list[str]) -> dict[str, float]:
