@@ -94,6 +94,12 @@ def test_a_ladder_does_not_grow_when_its_best_is_inside_or_the_next_rung_would_l
     # epochs best at 1: an integer ladder does not go to 0.5
     best, trained = _descend(lambda c: c["epochs"], {"epochs": [1, 2, 4]}, {"epochs": 2}, extend=3)
     assert best == {"epochs": 1} and len(trained) == 3
+    # a minimum at the edge that only ties its neighbour (within the noise) is no slope to follow
+    def flat(c):
+        return 3.0 - 1e-12 * c["weight_decay"]
+
+    best, trained = _descend(flat, {"weight_decay": [0.1, 0.2, 0.4]}, {"weight_decay": 0.2}, extend=3)
+    assert len(trained) == 3
     assert next_rung([0.1, 0.2, 0.4], upward=True) == 0.8 and next_rung([0.1, 0.2, 0.4], upward=False) == 0.05
     assert next_rung([1, 2, 4], upward=False) is None and next_rung([4, 2, 1], upward=True) is None
     assert next_rung(["x1", "x2"], upward=True) is None and next_rung([3], upward=True) is None

@@ -90,8 +90,9 @@ def coordinate_descent(current: dict[str, Any], grid: dict[str, list[Any]], roun
     """Kotha et al.'s tuning: one key at a time, every value of its ladder with the others held (`run` trains
     the configurations not trained yet, together), moving only to a configuration `better` than the current
     one beyond the noise; stops after `rounds` or a round that changes nothing. A ladder whose lowest loss
-    sits at one of its ends grows one rung past that end (next_rung), at most `extend` rungs per end over
-    the whole descent, so the optimum is not reported at an edge the ladder happened to stop at.
+    sits at one of its ends, better beyond the noise than the rung next to it, grows one rung past that end
+    (next_rung), at most `extend` rungs per end over the whole descent, so the optimum is not reported at an
+    edge the ladder happened to stop at.
     `lmlab sweep` and the data-constrained study both tune this way."""
     from lmlab.console import console
 
@@ -108,6 +109,9 @@ def coordinate_descent(current: dict[str, Any], grid: dict[str, list[Any]], roun
                 if best[name] not in (ladders[name][0], ladders[name][-1]) or len(ladders[name]) < 2:
                     break
                 upward = best[name] == ladders[name][-1]
+                inner = {**current, name: ladders[name][-2] if upward else ladders[name][1]}
+                if not better(best, inner):  # the edge rung only ties its neighbour: no slope to follow
+                    break
                 rung = next_rung(ladders[name], upward) if grown[name, upward] < extend else None
                 if rung is None:
                     break
