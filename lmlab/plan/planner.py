@@ -12,8 +12,8 @@ from lmlab.plan.compute import (GENERATION_BANDWIDTH_SHARE, RL_COMPLETION_SHARE,
                                 flops_per_token, generation_seconds, human_duration, model_parallel_seconds,
                                 pipeline_bubble, stage_mfu, training_seconds)
 from lmlab.plan.hardware import GPUS_PER_NODE, Accelerator, bus_bandwidth, nodes_for
-from lmlab.plan.memory import (GB, HF_OPTIMIZER, LORA_TARGETS, NF4_BYTES, TrainSetup, kv_cache_bytes, parameter_share,
-                               resolved_tiling)
+from lmlab.plan.memory import (GB, HF_OPTIMIZER, LORA_TARGETS, TrainSetup, kv_cache_bytes, model_states,
+                               parameter_share, resolved_tiling)
 from lmlab.plan.params import ModelShape, ParamCount, count_params
 from lmlab.plan.strategy import Choice, Forced, choose_strategy, tight_words, what_would_fit
 
@@ -206,17 +206,18 @@ def stage_times(choice: Choice | None, tokens: float, fpt: float, gpu: Accelerat
     return max(compute, comm), compute, comm
 
 
-def rl_generation_seconds(choice: Choice | None, tokens: float, params, gpu: Accelerator, num_gpus: int,
-                          mfu: float) -> float | None:
+def rl_generation_seconds(choice: Choice | None, tokens: float, shape: ModelShape, params, gpu: Accelerator,
+                          num_gpus: int, mfu: float) -> float | None:
     """Sampling an RL stage's completions (RL_COMPLETION_SHARE of its tokens) with HF generate: each decoding
     step extends the GPU's generation batch (micro-batch x accumulation, as TRL generates it) and reads the
-    policy's weights in their stored precision (NF4 or LLM.int8 under QLoRA)."""
+    policy's weights as they are stored (memory.model_states: under QLoRA the linear layers in NF4 or
+    LLM.int8, the embeddings and norms in bf16, the adapters in fp32), its model-parallel share of them."""
     if choice is None or gpu.memory_bandwidth_gbs is None:
         return None
     setup = choice.setup
-    per_weight = ((NF4_BYTES if setup.quant_bits == 4 else 1.0) if setup.method == "qlora"
-                  else setup.precision_bytes)
-    return generation_seconds(tokens * RL_COMPLETION_SHARE, per_weight * params.total, params.active,
+    counts = count_params(shape)
+    weight_bytes = model_states(shape, setup, counts, [])[1] * parameter_share(shape, setup, counts)
+    return generation_seconds(tokens * RL_COMPLETION_SHARE, weight_bytes, params.active,
                               setup.micro_batch * choice.grad_accum, num_gpus, gpu.memory_bandwidth_gbs,
                               gpu.bf16_tflops, mfu)
 
@@ -247,7 +248,7 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
                                  host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
         at, source = stage_mfu(gpu.name, stage, mfu)
         times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, at, shape, busbw)
-        generation = rl_generation_seconds(choice, stage_tokens, params, gpu, num_gpus, at) if stage == "rl" else None
+        generation = rl_generation_seconds(choice, stage_tokens, shape, params, gpu, num_gpus, at) if stage == "rl" else None
         plan = StagePlan(stage, stage_tokens, choice, times[0] + (generation or 0) if times[0] is not None else None,
                          settings, [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len, base), *times[1:],
                          generation, at, source)
