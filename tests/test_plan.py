@@ -794,3 +794,34 @@ def test_model_parallel_plans_size_a_405b_run_count_the_bubble_and_refuse_to_emi
         bad = runner.invoke(app, ["plan", "-m", str(path), "--gpus", "64xh100", "--seq-len", "8192", *flags])
         assert bad.exit_code == 2 and message in bad.output, (flags, bad.output)
         assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_the_loss_option_sets_how_pretraining_holds_the_logits_and_reaches_the_recipe(tmp_path):
+    from lmlab.cli import app
+    from lmlab.pipeline import load_pipeline
+
+    shape = resolve_shape("qwen3-1.7b")
+    plans = {loss: make_plan(shape, lookup_gpu("h100"), 1, tokens=1e9, seq_len=4096, loss=loss)
+             for loss in ("auto", "full", "chunks")}
+    memory = {loss: p.stages[0].strategy.setup for loss, p in plans.items()}
+    assert (memory["full"].loss_tiling, memory["chunks"].loss_tiling, memory["auto"].loss_tiling) == \
+        ("off", "chunks", "auto")
+    full = training_memory(shape, replace_setup(memory["auto"], loss_tiling="off")).activations
+    tiled = training_memory(shape, replace_setup(memory["auto"], loss_tiling="chunks")).activations
+    assert full > tiled  # 151,936-entry logits of 4,096 tokens: gigabytes, against one chunk
+    sft = make_plan(shape, lookup_gpu("h100"), 1, goal="sft", sft_examples=10_000, loss="full")
+    assert sft.stages[0].strategy.setup.loss_tiling == "fused"  # TRL's trainers always use their fused head
+    runner = CliRunner()
+    emitted = runner.invoke(app, ["plan", "--model", "qwen3-1.7b", "--gpus", "h100", "--tokens", "1B", "--loss",
+                                  "full", "--emit", str(tmp_path / "p.yaml")])
+    assert emitted.exit_code == 0, emitted.output
+    assert "the whole logits (--loss full" in emitted.output
+    assert load_pipeline(tmp_path / "p.yaml")[1][0].recipe.train.tiled_loss is False
+    bad = runner.invoke(app, ["plan", "--model", "qwen3-1.7b", "--loss", "liger"])
+    assert bad.exit_code == 2 and "--loss: unknown value 'liger'" in bad.output
+
+
+def replace_setup(setup, **changes):
+    from dataclasses import replace
+
+    return replace(setup, **changes)

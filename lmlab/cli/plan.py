@@ -49,6 +49,8 @@ def plan(
     lora_targets: str = typer.Option("all-linear", "--lora-targets", help="all-linear, attention, qv."),
     qlora_bits: int = typer.Option(4, "--qlora-bits", help="QLoRA's base: 4 (NF4) or 8 (LLM.int8)."),
     attention: str = typer.Option("flash", "--attention", help="flash, sdpa or eager (eager keeps the softmax)."),
+    loss: str = typer.Option("auto", "--loss", help="Pretraining/CPT loss: auto, full (whole logits), chunks or "
+                             "fused (tiles; SFT, DPO and RL always use TRL's fused head)."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree within a node (sizing only)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline stages, 1F1B (sizing only)."),
     cp: int = typer.Option(1, "--cp", help="Context-parallel degree, ring attention (sizing only)."),
@@ -67,18 +69,16 @@ def plan(
     from lmlab.plan.params import resolve_shape
     from lmlab.plan.planner import make_plan, render
 
-    if method not in (None, "full", "lora", "qlora"):
-        raise LmlabError(f"unknown method '{method}'", field="--method", hint="full, lora or qlora")
     (count, gpu), examples = parse_gpus(gpus), parse_count(sft_examples, "sft-examples")
     setup, forced = training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank,
-                                     lora_targets, attention, qlora_bits)
+                                     lora_targets, attention, qlora_bits, method)
     setup.update(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp)  # checked against the model by make_plan
     result = make_plan(resolve_shape(model), gpu, count, goal=goal, tokens=parse_count(tokens, "tokens"),
                        domain_tokens=parse_count(domain_tokens, "domain-tokens"),
                        unique_tokens=parse_count(unique_tokens, "unique-tokens"),
                        sft_examples=int(examples) if examples else None, seq_len=seq_len,
                        global_batch=global_batch, mfu=mfu, method=method, host_ram_gb=host_ram, setup=setup,
-                       forced=forced, allreduce_gbps=allreduce_gbps)
+                       forced=forced, allreduce_gbps=allreduce_gbps, loss=loss)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -103,11 +103,13 @@ def _one_of(value: str, allowed: tuple[str, ...], flag: str) -> str:
 
 
 def training_options(sharding, micro_batch, checkpointing, optimizer, precision, lora_rank, lora_targets, attention,
-                     qlora_bits=4):
+                     qlora_bits=4, method=None):
     """The plan options as the planner's TrainSetup fields and its forced choices, each value checked."""
     from lmlab.plan.memory import LORA_TARGETS, OPTIMIZER_BYTES
     from lmlab.plan.strategy import Forced
 
+    if method not in (None, "full", "lora", "qlora"):
+        raise LmlabError(f"unknown method '{method}'", field="--method", hint="full, lora or qlora")
     precision = _one_of(precision, ("bf16-mixed", "fp32", "bf16"), "--precision")
     setup = {"optimizer": _one_of(optimizer, tuple(OPTIMIZER_BYTES), "--optimizer"),
              "precision_bytes": 4 if precision == "fp32" else 2, "master_weights": precision != "bf16",

@@ -38,11 +38,15 @@ def distributed_mode(setup: TrainSetup) -> str:
 # how each stage's loss step holds the logits, as lmlab runs it (lmlab.stages.packed.loss_tiling): pretraining
 # and CPT under train.tiled_loss: auto, TRL's trainers (SFT, DPO, RL) always in their fused LM head
 STAGE_LOSS_TILING = {"pretrain": "auto", "cpt": "auto"}
+# `lmlab plan --loss`: how pretraining and CPT hold the logits (train.tiled_loss), by the planner's name for it
+LOSS_CHOICES = {"auto": "auto", "full": "off", "chunks": "chunks", "fused": "fused"}
 
 
 def loss_step_words(s: "StagePlan", vocab_size: int) -> str:
     """How a planned stage's loss step holds the logits, in words."""
     tiling = resolved_tiling(s.strategy.setup, vocab_size)
+    if s.strategy.setup.loss_tiling == "off":
+        return f"{s.stage}: the whole logits (--loss full: the model's own loss)"
     if tiling == "off":
         return f"{s.stage}: the whole logits (one micro-batch's fit in one 128 MiB chunk, so tiles would save nothing)"
     how = "TRL's fused LM head" if tiling == "fused" else "lmlab's checkpointed chunks"
@@ -227,9 +231,12 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
               sft_examples: int | None = None, seq_len: int = 2048, global_batch: int | None = None,
               mfu: float | None = None, method: str | None = None, host_ram_gb: float | None = None,
               setup: dict[str, Any] | None = None, forced: Forced = Forced(),
-              allreduce_gbps: float | None = None) -> Plan:
+              allreduce_gbps: float | None = None, loss: str = "auto") -> Plan:
     """The plan for a goal. `setup`: TrainSetup fields the user fixed (optimizer, LoRA rank and targets,
-    precision, attention); `forced`: the sharding, micro-batch and checkpointing the user fixed."""
+    precision, attention); `forced`: the sharding, micro-batch and checkpointing the user fixed; `loss`:
+    how pretraining and CPT hold the logits (LOSS_CHOICES; TRL's stages always use its fused head)."""
+    if loss not in LOSS_CHOICES:
+        raise LmlabError(f"unknown value '{loss}'", field="--loss", hint=", ".join(LOSS_CHOICES))
     _check_request(goal, {"tokens": tokens, "domain-tokens": domain_tokens, "unique-tokens": unique_tokens},
                    sft_examples, mfu, seq_len, shape)
     _check_parallel(setup or {}, shape, num_gpus, seq_len)
@@ -243,7 +250,8 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
                   settings: dict[str, Any]) -> StagePlan:
         """A stage at its cheapest strategy that fits; `batch_sequences` of seq_len unless --global-batch."""
         batch = global_batch or max(1, int(batch_sequences))
-        base = TrainSetup(loss_tiling=STAGE_LOSS_TILING.get(stage, "fused"), **(setup or {}))
+        tiling = LOSS_CHOICES[loss] if stage in STAGE_LOSS_TILING and loss != "auto" else None
+        base = TrainSetup(loss_tiling=tiling or STAGE_LOSS_TILING.get(stage, "fused"), **(setup or {}))
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
                                  host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
         at, source = stage_mfu(gpu.name, stage, mfu)
@@ -438,6 +446,8 @@ def plan_to_pipeline(plan: Plan, name: str = "planned", data: str | None = None,
             notes.append(f"{s.stage}: train.distributed: {distributed_mode(s.strategy.setup)} runs through DeepSpeed "
                          "(pip install deepspeed)")
         block: dict[str, Any] = {"stage": s.stage, "train": _train_block(s.strategy), "data": {"seq_len": plan.seq_len}}
+        if s.stage in STAGE_LOSS_TILING and s.strategy.setup.loss_tiling != "auto":  # --loss, as the stage runs it
+            block["train"]["tiled_loss"] = s.strategy.setup.loss_tiling != "off"
         STAGE_BLOCKS[s.stage](plan, s, block, float(f"{s.settings['lr']:.3g}"), sources[s.stage], notes)
         _optimizer_and_precision(s, block, notes)
         stages.append(block)
