@@ -271,7 +271,8 @@ def run_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) ->
                 _run_eval(stage.recipe, planned, run_dir)
                 continue
             recipe, kind, artifact = stage.recipe, stage.kind, stage.artifact
-            inputs = [recipe.model.from_pretrained, recipe.tokenizer.path, recipe.distill.teacher]
+            inputs = [recipe.model.from_pretrained, recipe.tokenizer.path, recipe.distill.teacher,
+                      recipe.preference.policy]
             fp = stage_fingerprint(recipe, run_dir, "".join(upstream.get(i or "", "") for i in inputs))
             stage_dir = run_dir / recipe.name
             record = state.get(recipe.name, {})

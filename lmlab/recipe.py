@@ -356,6 +356,9 @@ class PreferenceConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(48, gt=0)
     scorer: str = "math_exact"  # a verifier or a reward-model directory that ranks the samples
+    # rm only: the model whose samples are ranked into pairs (the policy the reward model will judge), when the
+    # reward model starts from another, usually stronger, model; default: model.from_pretrained samples itself
+    policy: str | None = None
     lr_ratio: float = Field(0.1, gt=0, le=1)  # without optim.lr: the input model's SFT LR x this
 
     _list = field_validator("loss_type", mode="before")(classmethod(lambda cls, v: [v] if isinstance(v, str) else v))

@@ -417,3 +417,43 @@ def test_rl_difficulty_filter_trains_on_the_prompts_the_policy_does_not_always_s
         prepare_rl(recipe("solved", ["always"]))
     with pytest.raises(LmlabError, match="is a reward model, whose scores have no pass mark"):
         prepare_rl(recipe("rm", ["math_exact", str(base_model)]))
+
+
+def test_a_reward_model_can_learn_from_another_models_samples(tmp_path, base_model, monkeypatch):
+    """preference.policy: the pairs are the policy's samples, ranked by the verifier, while the reward model
+    starts from model.from_pretrained; only the rm stage takes it, and a missing policy is refused first."""
+    import shutil
+
+    import lmlab.models.build as build
+    from lmlab.stages.preflight import check_artifacts
+    from lmlab.stages.rm import run_reward_model
+
+    from types import SimpleNamespace
+
+    import lmlab.evaluate.onpolicy as onpolicy
+
+    policy = tmp_path / "policy"
+    shutil.copytree(base_model, policy)
+    loaded, sampled_by = [], []
+    real = build.load_model
+    monkeypatch.setattr(build, "load_model", lambda path, *a, **k: loaded.append(str(path)) or real(path, *a, **k))
+    # the tiny model answers no sum right, so its samples tie: the given pairs train, the sampler is observed
+    monkeypatch.setattr(onpolicy, "sample_pairs", lambda model, *a, **k: sampled_by.append(model) or (
+        [], SimpleNamespace(pairs=0, prompts=4, ties_dropped=4)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "chosen": f"The answer is {i + 2}.",
+                                         "rejected": f"The answer is {i + 5}."}) + "\n" for i in range(20)))
+    data = {"train": [{"kind": "jsonl", "path": str(pairs)},
+                      {"kind": "math", "format": "prompt", "num_examples": 4, "split": "id"}], "seq_len": 160}
+    recipe = post_recipe(tmp_path, base_model, "rm", data=data, train={"max_steps": 2, "micro_batch_size": 8},
+                         preference={"policy": str(policy), "samples": 2, "max_new_tokens": 8},
+                         sft={"validation_fraction": 0.25})
+    run_reward_model(recipe)
+    assert loaded == [str(policy)] and len(sampled_by) == 1  # the policy sampled; the RM started from base_model
+    dpo = post_recipe(tmp_path, base_model, "dpo", preference={"policy": str(policy)})
+    with pytest.raises(LmlabError, match="only a reward model samples its pairs from another model"):
+        check_artifacts(dpo, set())
+    missing = post_recipe(tmp_path, base_model, "rm", data=data, preference={"policy": str(tmp_path / "nope")})
+    with pytest.raises(LmlabError) as error:
+        check_artifacts(missing, set())
+    assert error.value.field == "preference.policy"

@@ -83,13 +83,24 @@ def check_artifacts(recipe: Recipe, future: set[str]) -> None:
                    ("tokenizer.path", recipe.tokenizer.path)]
     directories += [("rl.rewards", r) for r in recipe.rl.rewards if recipe.stage == "rl"]
     directories += [("preference.scorer", recipe.preference.scorer)] if recipe.stage in PAIR_STAGES else []
+    if recipe.preference.policy and recipe.stage != "rm":
+        raise LmlabError("only a reward model samples its pairs from another model", field="preference.policy",
+                         hint="drop preference.policy: this stage samples from the model it trains")
+    directories += [("preference.policy", recipe.preference.policy)] if recipe.preference.policy else []
     directories += [("eval.orm", recipe.eval.orm)] if recipe.eval.orm else []
     for field, path in directories:
-        named_directory = field.endswith(("pretrained", "teacher", "path"))  # scorers may be verifier names
+        named_directory = field.endswith(("pretrained", "teacher", "path", "policy"))  # scorers may be verifiers
         if path and str(path) not in future and (named_directory or Path(path).is_dir()):
             check_checkpoint(Path(path), field, tokenizer_only=field == "tokenizer.path",
                              needs_tokenizer=not (field == "model.from_pretrained" and recipe.tokenizer.path),
                              trust_remote_code=recipe.model.trust_remote_code and field == "model.from_pretrained")
+    policy, base = recipe.preference.policy, recipe.tokenizer.path or recipe.model.from_pretrained
+    if policy and recipe.stage == "rm" and base and not {policy, base} & future:
+        from lmlab.data.tokenizer import load_tokenizer
+
+        if load_tokenizer(policy).get_vocab() != load_tokenizer(base).get_vocab():
+            raise LmlabError("the policy's tokenizer differs from the reward model's", file=policy,
+                             field="preference.policy", hint="sample from a model of the same tokenizer")
     if recipe.stage in PAIR_STAGES + CHAT_STAGES and recipe.model.from_pretrained not in future:
         from lmlab.stages.posttrain import prepare_tokenizer
 

@@ -48,6 +48,7 @@ def reward_pairs(recipe: Recipe, tokenizer):
 
     from lmlab.data.pairs import drop_overlong, pairs_table, preference_inputs, write_pairs
     from lmlab.data.split import doc_hash, held_out_indices
+    from lmlab.data.tokenizer import load_tokenizer
     from lmlab.distributed import is_main
     from lmlab.evaluate.onpolicy import sample_pairs
     from lmlab.evaluate.orm import load_scorer
@@ -60,7 +61,11 @@ def reward_pairs(recipe: Recipe, tokenizer):
         if p.scorer not in ("math_exact", "math_format"):
             raise LmlabError("a reward model learns from a verifier's rankings or from given pairs",
                              field="preference.scorer", hint="use a verifier such as math_exact, or give pairs")
-        sampled, stats = sample_pairs(load_model(recipe.model.from_pretrained), tokenizer, prompts,
+        policy = p.policy or recipe.model.from_pretrained
+        if p.policy and load_tokenizer(p.policy).get_vocab() != tokenizer.get_vocab():
+            raise LmlabError("the policy's tokenizer differs from the reward model's", file=p.policy,
+                             field="preference.policy", hint="sample from a model of the same tokenizer")
+        sampled, stats = sample_pairs(load_model(policy), tokenizer, prompts,
                                       load_scorer(p.scorer), p.samples, p.temperature, p.max_new_tokens,
                                       seed=recipe.seed)
         if is_main():

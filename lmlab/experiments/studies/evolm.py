@@ -77,7 +77,10 @@ class RLSweep(Strict):
 
 class LearnedOrm(Strict):
     """Finding 5's outcome reward model: an `rm` stage block (prompts, samples per prompt, temperature, epochs)
-    trained from the first seed's SFT model at rl_from_epochs on its own samples, ranked by the verifier."""
+    trained on the samples of the policy RL starts from (the first seed's SFT model at rl_from_epochs), ranked
+    by the verifier, from the chain's strongest model (its longest SFT): EvoLM's ORM is far larger than the
+    policies it scores, and a reward model that starts from the policy it judges knows no more than it
+    (run E3: pairwise accuracy at chance)."""
 
     rm: dict[str, Any]
 
@@ -228,7 +231,8 @@ def plan_runs(study: EvolmStudy, path: str | Path) -> EvolmRuns:
         rl={(s, v): tree(f"rl-{v}-s{s}", "rl", merge_blocks(study.rl, block), s, train=checkpoints,
                          model={"from_pretrained": sft_for_rl(s)})
             for s in seeds for v, block in sweep.variants.items()},
-        orm=tree("orm", "rm", study.orm.rm, 0, model={"from_pretrained": sft_for_rl(0)}) if study.orm else None)
+        orm=tree("orm", "rm", study.orm.rm, 0, preference={"policy": sft_for_rl(0)},
+                 model={"from_pretrained": final(f"sft-ep{max(study.sft_epochs):g}-s0")}) if study.orm else None)
     every = [*runs.scale, runs.base, *runs.cpt.values(), *runs.chain.values(), *runs.sft.values(), *runs.rl.values(),
              *([runs.orm] if runs.orm else [])]
     runner.future |= {final(t["name"]) for t in every}
