@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/planner_references.py
 	$(BIN)/python benchmarks/eval_throughput.py
 
-# Slow: the two paper reproductions (EvoLM about 50 minutes on 2 CPU cores, docs/experiments/evolm.md; the
+# Slow: the two paper reproductions (EvoLM about 65 minutes on 2 CPU cores, docs/experiments/evolm.md; the
 # data-constrained study not yet timed at six sizes); reports: runs/*/evolm.md, study.md
 repro: $(STAMP)
 	$(BIN)/lmlab study recipes/evolm_small.yaml
