@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_throughput.py
 
 # Slow: the two paper reproductions (EvoLM about 65 minutes on 2 CPU cores, docs/experiments/evolm.md; the
-# data-constrained study not yet timed at six sizes); reports: runs/*/evolm.md, study.md
+# data-constrained study about 56 minutes, run D3); reports: runs/*/evolm.md, study.md
 repro: $(STAMP)
 	$(BIN)/lmlab study recipes/evolm_small.yaml
 	$(BIN)/lmlab study recipes/data_constrained_small.yaml
