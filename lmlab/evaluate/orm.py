@@ -79,10 +79,10 @@ class RewardModelScorer:
         return scores
 
 
-def check_same_tokenizer(reward_tokenizer, policy_tokenizer, where: str) -> None:
+def check_same_tokenizer(reward_tokenizer, policy_tokenizer, where: str, field: str = "tokenizer") -> None:
     """A reward model reads the policy's rendered text; a different vocabulary would score other tokens."""
     if reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
-        raise LmlabError("the reward model's tokenizer differs from the policy's", file=where, field="tokenizer",
+        raise LmlabError("the reward model's tokenizer differs from the policy's", file=where, field=field,
                          hint="train the reward model from the same base (lmlab rm) so both share one tokenizer")
 
 

@@ -81,7 +81,7 @@ def communication_seconds(setup, trainable_params: int, total_params: int, optim
     return optimizer_steps * all_reduces / busbw_gbps
 
 
-def model_parallel_seconds(setup, shape: ModelShape, tokens: float, grad_accum: int, tp_busbw: float | None,
+def model_parallel_seconds(setup, shape: ModelShape, tokens: float, tp_busbw: float | None,
                            busbw: float | None) -> tuple[float, float]:
     """(seconds added to the compute, seconds overlapped with it) of model parallelism for a stage of `tokens`,
     on the busiest GPU. The 1F1B pipeline's bubble idles (p - 1) / m of the compute time for m micro-batches a

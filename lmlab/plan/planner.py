@@ -188,7 +188,8 @@ def _post_training(goal: str, params, sft_examples: int | None, method: str | No
 
 
 def stage_times(choice: Choice | None, tokens: float, fpt: float, gpu: Accelerator, num_gpus: int, seq_len: int,
-                mfu: float, shape: ModelShape, busbw: float | None) -> tuple[float | None, float | None, float | None]:
+                mfu: float, shape: ModelShape, params: ParamCount,
+                busbw: float | None) -> tuple[float | None, float | None, float | None]:
     """(seconds, compute seconds, communication seconds) of a stage: compute at the assumed MFU (three times
     longer when the optimizer steps on the CPU; plus a pipeline's bubble and tensor parallelism's collectives,
     which stall it), communication from the data-parallel collectives at `busbw`; the two overlap (DDP's
@@ -199,19 +200,19 @@ def stage_times(choice: Choice | None, tokens: float, fpt: float, gpu: Accelerat
     compute = training_seconds(tokens, fpt, num_gpus, gpu.bf16_tflops, mfu) * (3 if setup.offload else 1)
     compute *= 1 + pipeline_bubble(setup, choice.grad_accum)
     tp_busbw = bus_bandwidth(gpu, setup.tensor_parallel)[0] if setup.tensor_parallel > 1 else None
-    stalls, overlapped = model_parallel_seconds(setup, shape, tokens, choice.grad_accum, tp_busbw, busbw)
+    stalls, overlapped = model_parallel_seconds(setup, shape, tokens, tp_busbw, busbw)
     compute += stalls
     if num_gpus == 1 or busbw is None:
         return compute, compute, (0.0 if num_gpus == 1 else None)
     steps = tokens / (choice.global_batch * seq_len)
-    share = parameter_share(shape, setup, count_params(shape))
-    comm = overlapped + communication_seconds(setup, choice.memory.trainable_params, count_params(shape).total * share,
-                                              steps, choice.grad_accum, busbw)
+    comm = overlapped + communication_seconds(setup, choice.memory.trainable_params,
+                                              params.total * parameter_share(shape, setup, params), steps,
+                                              choice.grad_accum, busbw)
     return max(compute, comm), compute, comm
 
 
-def rl_generation_seconds(choice: Choice | None, tokens: float, shape: ModelShape, params, gpu: Accelerator,
-                          num_gpus: int, mfu: float) -> float | None:
+def rl_generation_seconds(choice: Choice | None, tokens: float, shape: ModelShape, params: ParamCount,
+                          gpu: Accelerator, num_gpus: int, mfu: float) -> float | None:
     """Sampling an RL stage's completions (RL_COMPLETION_SHARE of its tokens) with HF generate: each decoding
     step extends the GPU's generation batch (micro-batch x accumulation, as TRL generates it) and reads the
     policy's weights as they are stored (memory.model_states: under QLoRA the linear layers in NF4 or
@@ -219,8 +220,7 @@ def rl_generation_seconds(choice: Choice | None, tokens: float, shape: ModelShap
     if choice is None or gpu.memory_bandwidth_gbs is None:
         return None
     setup = choice.setup
-    counts = count_params(shape)
-    weight_bytes = model_states(shape, setup, counts, [])[1] * parameter_share(shape, setup, counts)
+    weight_bytes = model_states(shape, setup, params, [])[1] * parameter_share(shape, setup, params)
     return generation_seconds(tokens * RL_COMPLETION_SHARE, weight_bytes, params.active,
                               setup.micro_batch * choice.grad_accum, num_gpus, gpu.memory_bandwidth_gbs,
                               gpu.bf16_tflops, mfu)
@@ -255,7 +255,7 @@ def make_plan(shape: ModelShape, gpu: Accelerator, num_gpus: int, goal: str = "p
         choice = choose_strategy(shape, gpu, num_gpus, seq_len, batch, allow_adapters, base=base, method=method,
                                  host_ram=host_ram_gb * GB if host_ram_gb else None, forced=forced)
         at, source = stage_mfu(gpu.name, stage, mfu)
-        times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, at, shape, busbw)
+        times = stage_times(choice, stage_tokens, fpt, gpu, num_gpus, seq_len, at, shape, params, busbw)
         generation = rl_generation_seconds(choice, stage_tokens, shape, params, gpu, num_gpus, at) if stage == "rl" else None
         plan = StagePlan(stage, stage_tokens, choice, times[0] + (generation or 0) if times[0] is not None else None,
                          settings, [] if choice else what_would_fit(shape, gpu, num_gpus, seq_len, base), *times[1:],

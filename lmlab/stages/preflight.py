@@ -97,10 +97,9 @@ def check_artifacts(recipe: Recipe, future: set[str]) -> None:
     policy, base = recipe.preference.policy, recipe.tokenizer.path or recipe.model.from_pretrained
     if policy and recipe.stage == "rm" and base and not {policy, base} & future:
         from lmlab.data.tokenizer import load_tokenizer
+        from lmlab.evaluate.orm import check_same_tokenizer
 
-        if load_tokenizer(policy).get_vocab() != load_tokenizer(base).get_vocab():
-            raise LmlabError("the policy's tokenizer differs from the reward model's", file=policy,
-                             field="preference.policy", hint="sample from a model of the same tokenizer")
+        check_same_tokenizer(load_tokenizer(base), load_tokenizer(policy), policy, "preference.policy")
     if recipe.stage in PAIR_STAGES + CHAT_STAGES and recipe.model.from_pretrained not in future:
         from lmlab.stages.posttrain import prepare_tokenizer
 

@@ -51,7 +51,7 @@ def reward_pairs(recipe: Recipe, tokenizer):
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.distributed import is_main
     from lmlab.evaluate.onpolicy import sample_pairs
-    from lmlab.evaluate.orm import load_scorer
+    from lmlab.evaluate.orm import check_same_tokenizer, load_scorer
     from lmlab.models.build import load_model
 
     p, out = recipe.preference, console()
@@ -62,9 +62,8 @@ def reward_pairs(recipe: Recipe, tokenizer):
             raise LmlabError("a reward model learns from a verifier's rankings or from given pairs",
                              field="preference.scorer", hint="use a verifier such as math_exact, or give pairs")
         policy = p.policy or recipe.model.from_pretrained
-        if p.policy and load_tokenizer(p.policy).get_vocab() != tokenizer.get_vocab():
-            raise LmlabError("the policy's tokenizer differs from the reward model's", file=p.policy,
-                             field="preference.policy", hint="sample from a model of the same tokenizer")
+        if p.policy:  # preflight could not check a policy that did not exist yet (a study's later run)
+            check_same_tokenizer(tokenizer, load_tokenizer(p.policy), p.policy, "preference.policy")
         sampled, stats = sample_pairs(load_model(policy), tokenizer, prompts,
                                       load_scorer(p.scorer), p.samples, p.temperature, p.max_new_tokens,
                                       seed=recipe.seed)

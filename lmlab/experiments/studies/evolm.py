@@ -142,10 +142,11 @@ class Evaluator:
         row = evaluate_checkpoint(path, tasks, self.study.samples, self.orm if generative else None,
                                   general_bpb=True, math_bpb=True)
         row = {**row, **pooled(row, self.study.ood_tasks)} if generative else row
-        self.cache[name] = {STAMP: stamp, **{k: float(v) for k, v in row.items()}}
+        scores = {k: float(v) for k, v in row.items()}
+        self.cache[name] = {STAMP: stamp, **scores}
         write_json_atomic(self.cache_file, self.cache)
-        console().print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-        return {k: float(v) for k, v in row.items()}
+        console().print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return scores
 
 
 STAMP = "_written"  # in an evaluation row: when the model it scores was written
